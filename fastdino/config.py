@@ -1,0 +1,302 @@
+"""One config tree for the whole engine.
+
+Defaults live here as dataclasses (the official DINO ViT-S/16 recipe); configs/*.json hold
+overrides only; the command line overrides both with `--set section.key=value` (or the short form
+`--section.key=value`). Unknown keys, wrong types and impossible values are one-line errors that
+name the key. The resolved config is written to the output folder and into every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line that names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base
+    patch_size: int = 16  # 16 or 8; /8 models see 785 tokens at 224 px
+    drop_path_rate: float = 0.1  # stochastic depth of the student (teacher has none)
+    out_dim: int = 65536  # K: dimension of the DINO head output
+    norm_last_layer: bool = True  # weight_g fixed to 1: logits are cosines. False helps ViT-B stability
+    use_bn_in_head: bool = False
+    attn: str = "auto"  # auto | flash_attn | sdpa_flash | sdpa_cudnn | sdpa_efficient | sdpa | math
+    packed_multicrop: bool = False  # student: all crops through each block together (varlen attention)
+    activation_checkpointing: bool = False  # recompute each block in backward (memory for /8 models)
+    compile: bool = False  # torch.compile the backbone blocks
+    fused_head: bool = False  # fuse the head's last layer (256 -> K) with the loss: no [n*B, K] logits
+
+
+@dataclass
+class LossConfig:
+    impl: str = "auto"  # auto (fused on CUDA) | fused | reference
+    warmup_teacher_temp: float = 0.04  # initial teacher temperature
+    teacher_temp: float = 0.04  # final teacher temperature; anything above 0.07 is unstable
+    warmup_teacher_temp_epochs: int = 0  # linear warmup of the teacher temperature (30 for ViT-B)
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw (torch fused where available) | apex_adamw (needs NVIDIA apex)
+    epochs: int = 100
+    batch_size_per_gpu: int = 64
+    lr: float = 0.0005  # peak lr at batch 256; scaled linearly by the global batch / 256
+    min_lr: float = 1e-6  # end of the cosine schedule
+    warmup_epochs: int = 10  # linear lr warmup
+    weight_decay: float = 0.04  # cosine from weight_decay to weight_decay_end; none on biases/norms
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per-tensor gradient norm clip; 0 disables
+    freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
+    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1 over training (per iteration)
+    ema_impl: str = "auto"  # auto | flat_triton | multi_tensor | foreach | loop
+    clip_impl: str = "auto"  # auto | flat_triton | multi_tensor | foreach | loop
+
+
+@dataclass
+class DataConfig:
+    backend: str = "auto"  # auto (dali when importable and on GPU) | dali | torch
+    path: str = "data/imagenet/train"  # folder of images, nested at any depth; labels optional
+    generate_demo: bool = False  # create the procedural demo dataset at `path` if it is missing
+    demo_num_images: int = 512
+    demo_num_classes: int = 4
+    demo_image_size: int = 96
+    global_crops_scale: tuple = (0.4, 1.0)
+    local_crops_scale: tuple = (0.05, 0.4)
+    local_crops_number: int = 8  # N local crops per image (0 allowed)
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    num_workers: int = 10  # DataLoader workers per process (torch backend)
+    dtype: str = "auto"  # dtype of the crops on the device: auto (follows train.precision) | fp32 | bf16
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 uses a grad scaler); the loss is always fp32
+    device: str = "auto"  # auto | cuda | cpu
+    log_every: int = 10  # host reads loss and metrics only every N steps (no per-step sync)
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
+    saveckp_freq: int = 20  # keep a numbered copy every N epochs
+    max_steps: int = 0  # stop after N steps in total (0: train all epochs)
+    progress: bool = True  # progress bar with loss, images/s and ETA
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False  # True: deepspeed.initialize with the dict built from this config
+    zero_stage: int = 0  # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False  # ZeRO CPU offload of the optimizer state
+    offload_param: bool = False  # ZeRO-3 CPU offload of the parameters
+    gradient_accumulation_steps: int = 1
+    extra: dict = field(default_factory=dict)  # merged last into the DeepSpeed dict (advanced keys)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+CHOICES = {
+    "model.arch": ("vit_tiny", "vit_small", "vit_base"),
+    "model.patch_size": (8, 16),
+    "model.attn": ("auto", "flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa", "math"),
+    "loss.impl": ("auto", "fused", "reference"),
+    "optim.optimizer": ("adamw", "apex_adamw"),
+    "optim.ema_impl": ("auto", "flat_triton", "multi_tensor", "foreach", "loop"),
+    "optim.clip_impl": ("auto", "flat_triton", "multi_tensor", "foreach", "loop"),
+    "data.backend": ("auto", "dali", "torch"),
+    "data.dtype": ("auto", "fp32", "bf16"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cuda", "cpu"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a JSON or command-line value to the field's type, or raise ConfigError naming key."""
+    if isinstance(value, str) and typ is not str:
+        try:  # command-line values arrive as strings: parse them as JSON (1e-3, true, [0.4, 1])
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"config key '{key}': cannot parse {value!r} as {getattr(typ, '__name__', typ)}")
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    if typ is tuple or get_origin(typ) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"config key '{key}': expected a pair of numbers like [0.4, 1.0], got {value!r}")
+        return (float(value[0]), float(value[1]))
+    if typ is dict or get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected an object, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {typ}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config key '{key}': expected section.key (e.g. optim.lr)")
+    section_name, name = parts
+    section = getattr(cfg, section_name, None) if section_name in {f.name for f in dataclasses.fields(cfg)} else None
+    if section is None:
+        sections = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ConfigError(f"config key '{key}': unknown section '{section_name}' (sections: {sections})")
+    hints = get_type_hints(type(section))
+    if name not in hints:
+        raise ConfigError(f"config key '{key}': unknown key (known in '{section_name}': {', '.join(hints)})")
+    setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            section, name = key.split(".")
+            raise ConfigError(f"config key '{key}': {what}, got {getattr(getattr(cfg, section), name)!r}")
+
+    o, d, lo, t, m = cfg.optim, cfg.data, cfg.loss, cfg.train, cfg.model
+    need(m.out_dim >= 2, "model.out_dim", "must be >= 2")
+    need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    need(o.epochs >= 1, "optim.epochs", "must be >= 1")
+    need(o.batch_size_per_gpu >= 1, "optim.batch_size_per_gpu", "must be >= 1")
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(0 <= o.min_lr <= o.lr, "optim.min_lr", "must be in [0, optim.lr]")
+    need(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", "must be in [0, optim.epochs]")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(o.weight_decay_end >= 0, "optim.weight_decay_end", "must be >= 0")
+    need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    need(o.freeze_last_layer >= 0, "optim.freeze_last_layer", "must be >= 0")
+    need(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
+    need(lo.student_temp > 0, "loss.student_temp", "must be > 0")
+    need(lo.teacher_temp > 0, "loss.teacher_temp", "must be > 0")
+    need(lo.warmup_teacher_temp > 0, "loss.warmup_teacher_temp", "must be > 0")
+    need(0 <= lo.warmup_teacher_temp_epochs <= o.epochs, "loss.warmup_teacher_temp_epochs", "must be in [0, optim.epochs]")
+    need(0.0 <= lo.center_momentum <= 1.0, "loss.center_momentum", "must be in [0, 1]")
+    for key in ("data.global_crops_scale", "data.local_crops_scale"):
+        lo_s, hi_s = getattr(d, key.split(".")[1])
+        need(0 < lo_s <= hi_s <= 1, key, "must satisfy 0 < min <= max <= 1")
+    need(d.local_crops_number >= 0, "data.local_crops_number", "must be >= 0")
+    need(d.global_crop_size >= m.patch_size, "data.global_crop_size", "must be >= model.patch_size")
+    need(d.local_crop_size >= m.patch_size, "data.local_crop_size", "must be >= model.patch_size")
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(bool(d.path), "data.path", "must name a folder of images")
+    need(d.demo_num_images >= 1, "data.demo_num_images", "must be >= 1")
+    need(d.demo_num_classes >= 1, "data.demo_num_classes", "must be >= 1")
+    need(d.demo_image_size >= 8, "data.demo_image_size", "must be >= 8")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    need(t.saveckp_freq >= 1, "train.saveckp_freq", "must be >= 1")
+    need(t.max_steps >= 0, "train.max_steps", "must be >= 0")
+    need(bool(t.output_dir), "train.output_dir", "must name a folder")
+    need(cfg.deepspeed.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps", "must be >= 1")
+    if cfg.deepspeed.gradient_accumulation_steps != 1:
+        raise ConfigError("config key 'deepspeed.gradient_accumulation_steps': only 1 is supported "
+                          "(the DINO center and teacher update are per step)")
+
+
+def merge(cfg: Config, overrides: dict, prefix: str = "") -> Config:
+    """Apply a nested dict of overrides ({"optim": {"lr": 1e-3}}) to cfg, checking every key."""
+    for section_name, values in overrides.items():
+        if section_name.startswith("_"):  # "_comment" keys are allowed at the top level of a JSON file
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config key '{prefix}{section_name}': expected a section object, got {values!r}")
+        for name, value in values.items():
+            _set(cfg, f"{section_name}.{name}", value)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the JSON file at `path`, then `key=value` overrides; validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' not found")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file '{path}': invalid JSON ({e})")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}': expected a JSON object")
+        merge(cfg, data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected section.key=value")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value)
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from to_dict() output (e.g. the copy stored in a checkpoint)."""
+    cfg = merge(Config(), data)
+    _validate(cfg)
+    return cfg
+
+
+def split_cli_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--set a.b=v`, `--a.b=v` and `--a.b v` overrides from the other arguments."""
+    overrides, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--set" and i + 1 < len(argv):
+            overrides.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--set="):
+            overrides.append(arg[len("--set="):])
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            if "=" in arg:
+                overrides.append(arg[2:])
+            elif i + 1 < len(argv):
+                overrides.append(f"{arg[2:]}={argv[i + 1]}")
+                i += 1
+            else:
+                raise ConfigError(f"override '{arg}': missing a value")
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
