@@ -18,14 +18,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 stay (the reference is float64-capable)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def dino_loss_pairs_ref(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
                         ncrops: int, student_temp: float, teacher_temp: float) -> torch.Tensor:
     """The official double loop over (teacher global view, student view) pairs; fp32 math.
 
     student_output: (ncrops*B, K) crop-major; teacher_output: (2*B, K); center: (1, K).
     """
-    student_out = (student_output.float() / student_temp).chunk(ncrops)
-    teacher_out = F.softmax((teacher_output.float() - center) / teacher_temp, dim=-1).detach().chunk(2)
+    student_out = (_upcast(student_output) / student_temp).chunk(ncrops)
+    teacher_out = F.softmax((_upcast(teacher_output) - center) / teacher_temp, dim=-1).detach().chunk(2)
     total_loss, n_loss_terms = 0.0, 0
     for iq, q in enumerate(teacher_out):
         for v in range(len(student_out)):
@@ -75,7 +80,7 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_output: torch.Tensor, ok: torch.Tensor | None = None) -> None:
         """c <- m c + (1 - m) * batch mean of the teacher logits over all ranks; kept as is where
         `ok` (a device bool) is False."""
-        batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
+        batch_center = torch.sum(_upcast(teacher_output), dim=0, keepdim=True).to(self.center.dtype)
         count = torch.tensor(float(teacher_output.shape[0]), device=batch_center.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
