@@ -156,8 +156,17 @@ def clip_and_check(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     return all_finite
 
 
-def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, with_stats: bool = False):
-    """One DINO iteration. Returns (loss as a device tensor, stats dict of device tensors)."""
+def _no_mark(phase: str) -> None:
+    pass
+
+
+def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, with_stats: bool = False,
+               mark=_no_mark):
+    """One DINO iteration. Returns (loss as a device tensor, stats dict of device tensors).
+
+    `mark(phase)` is called as each phase ends (benchmarks/throughput.py records CUDA events there):
+    teacher_forward, student_forward, loss, backward, optimizer, teacher_update.
+    """
     cfg = t.cfg
     # ============ schedules ============
     set_lr_wd(t.optimizer, float(t.schedules.lr[it]), float(t.schedules.wd[it]))
@@ -168,10 +177,13 @@ def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, 
                         enabled=t.autocast_dtype is not None):
         with torch.no_grad():
             teacher_output = t.teacher(crops[:2])  # only the 2 global views pass through the teacher
+        mark("teacher_forward")
         student_output = t.student(crops)
+        mark("student_forward")
     if with_stats:  # collapse monitor: teacher entropy with the center before this step's update
         stats["teacher_entropy"] = t.dino_loss.teacher_entropy(teacher_output, epoch)
     loss = t.dino_loss(student_output, teacher_output, epoch)  # fp32 math; updates the center
+    mark("loss")
 
     # ============ student update ============
     t.optimizer.zero_grad(set_to_none=True)
@@ -183,6 +195,7 @@ def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, 
     if epoch < cfg.optim.freeze_last_layer:  # official cancel_gradients_last_layer: no update at all
         for p in t.last_layer_params:
             p.grad = None
+    mark("backward")
     grads_finite = clip_and_check(t.trainable, cfg.optim.clip_grad)
     ok = torch.isfinite(loss.detach()) & grads_finite  # a device flag: no host sync
     if t.scaler is not None:
@@ -192,9 +205,12 @@ def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, 
         t.optimizer.found_inf = (~ok).float()  # fused AdamW skips the whole step when set
         t.optimizer.step()
 
+    mark("optimizer")
+
     # ============ teacher EMA ============
     momentum = torch.where(ok, t.momentum_schedule[it], torch.ones_like(t.momentum_schedule[it]))
     ema_update_foreach(t.teacher_params, t.student_params, momentum)
+    mark("teacher_update")
 
     # ============ bookkeeping on the device ============
     bad = (~ok).int()
