@@ -1,0 +1,57 @@
+"""Data: image sources, the DINO multi-crop recipe, and the two loaders (DALI on GPU, torch fallback).
+
+    loader = build_train_loader(cfg.data, batch_size=B, rank=r, world_size=W, seed=cfg.train.seed,
+                                device=device, dtype=torch.bfloat16)
+    for crops in loader.epoch(epoch, start_step):   # crop-major list of 2+N [B,3,S,S] on device
+        ...
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdino.data.augment import DataAugmentationDINORef, crop_specs
+from fastdino.data.demo import generate_demo_dataset
+from fastdino.data.folder import DataError, ImageFolder, ImageSource
+
+__all__ = ["build_train_loader", "DataError", "generate_demo_dataset", "ImageFolder", "ImageSource",
+           "DataAugmentationDINORef", "crop_specs", "dali_available", "resolve_backend"]
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install raising at import
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto -> dali when DALI imports and the device is CUDA, else torch. dali is also allowed on
+    CPU (DALI's CPU operators: slower, used by the tests)."""
+    if backend == "auto":
+        return "dali" if device.type == "cuda" and dali_available() else "torch"
+    if backend == "dali" and not dali_available():
+        raise DataError("data.backend 'dali': nvidia.dali is not importable (pip install nvidia-dali-cuda130, "
+                        "or set data.backend=torch)")
+    if backend not in ("dali", "torch"):
+        raise ValueError(f"data.backend {backend!r} is not one of ['auto', 'dali', 'torch']")
+    return backend
+
+
+def build_train_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                       device=None, dtype: torch.dtype = torch.float32):
+    """The training loader for this rank: `.epoch(e, start_step)`, `.steps_per_epoch`, `.num_images`,
+    `.num_corrupt`, `.backend`. Generates the demo dataset first when data_cfg.generate_demo is set
+    (safe when every rank calls it)."""
+    device = torch.device(device or "cpu")
+    if data_cfg.generate_demo:
+        generate_demo_dataset(data_cfg.path, data_cfg.demo_num_images, data_cfg.demo_num_classes,
+                              data_cfg.demo_image_size, seed)
+    backend = resolve_backend(data_cfg.backend, device)
+    if backend == "dali":
+        from fastdino.data.dali import DaliMultiCropLoader
+
+        return DaliMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype)
+    from fastdino.data.torch_loader import TorchMultiCropLoader
+
+    return TorchMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype)

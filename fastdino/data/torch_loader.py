@@ -1,0 +1,177 @@
+"""Fallback data path: DataLoader workers decode (PIL) and crop; photometric ops run batched on the device.
+
+Workers: decode, RandomResizedCrop (PIL bicubic, antialiased) + flip, and draw every photometric
+parameter of every crop (augment.draw_params). They send uint8 crops (4x less traffic than float) and
+the parameters. The main process copies them to the device (pinned memory, non_blocking on CUDA) and
+runs augment.photometric on each group of same-size crops (the 2 globals together, the N locals
+together), then splits them into the crop-major list.
+
+Order of samples: one permutation per (seed, epoch), the same on every rank; global batch g is
+positions [g*B*W, (g+1)*B*W) of it, rank r takes [g*B*W + r*B, g*B*W + (r+1)*B); the last partial
+global batch is dropped. Draws are keyed by (seed, epoch, dataset index, crop), so the crops do not
+depend on rank, world size, num_workers, start_step or torch's global RNG.
+
+Unreadable files: sample i is replaced by the deterministic draw index (seed, epoch, i, try k); each
+distinct bad file is counted in num_corrupt; a batch where more than half of the files fail raises
+DataError naming one of them.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from fastdino.data.augment import crop_specs, draw_params, photometric, pil_to_uint8, resized_crop_pil, stack_params, uniforms
+from fastdino.data.folder import DataError, ImageSource
+
+MAX_REPLACEMENTS = 16
+
+
+def _decode(data: bytes):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decode now: a truncated or corrupt file raises here, not later
+    return img.convert("RGB")
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Map-style dataset over keys (epoch, index); `__getitems__` makes a whole batch in the worker:
+    {'crops': list of uint8 [B,3,S,S] per crop, 'params': list of param dicts per crop,
+     'bad': names of unreadable files met, 'primary_bad': how many of the batch's own files failed}."""
+
+    def __init__(self, source: ImageSource, specs, seed: int):
+        self.source, self.specs, self.seed = source, specs, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _load(self, epoch: int, index: int, bad: list) -> tuple[int, object]:
+        n = len(self.source)
+        for k in range(MAX_REPLACEMENTS + 1):
+            i = index if k == 0 else int(uniforms(self.seed, epoch, index, -2 - k, 1)[0] * n)
+            try:
+                return i, _decode(self.source.read(i))
+            except Exception:  # any decode or read failure (OSError, SyntaxError, DecompressionBomb...)
+                bad.append(self.source.name(i))
+        raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
+                        f"e.g. '{bad[-1]}'")
+
+    def sample(self, epoch: int, index: int, bad: list) -> tuple[list, list]:
+        """(list of uint8 [3,S,S] crops, list of param dicts) of one image."""
+        i, img = self._load(epoch, index, bad)
+        crops, params = [], []
+        for c, spec in enumerate(self.specs):
+            p = draw_params(self.seed, epoch, i, c, spec, img.width, img.height)
+            crops.append(pil_to_uint8(resized_crop_pil(img, p["box"], spec.size, p["flip"])))
+            params.append(p)
+        return crops, params
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])
+
+    def __getitems__(self, keys):
+        bad, primary_bad, per_image = [], 0, []
+        for epoch, index in keys:
+            before = len(bad)
+            per_image.append(self.sample(epoch, index, bad))
+            primary_bad += len(bad) > before
+        crops = [torch.stack([im[0][c] for im in per_image]) for c in range(len(self.specs))]
+        params = [stack_params([im[1][c] for im in per_image]) for c in range(len(self.specs))]
+        return {"crops": crops, "params": params, "bad": bad, "primary_bad": primary_bad}
+
+
+def _first(batch):
+    return batch  # __getitems__ already collated
+
+
+class EpochBatches:
+    """Batch sampler: this rank's lists of (epoch, index) for steps start_step..steps_per_epoch-1."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.n, self.B, self.rank, self.W, self.seed = n, batch_size, rank, world_size, seed
+        self.steps_per_epoch = n // (batch_size * world_size)
+        self.epoch, self.start_step = 0, 0
+
+    def indices(self, epoch: int, step: int) -> np.ndarray:
+        """Dataset indices of this rank's rows of global batch `step`."""
+        from fastdino.data.augment import permutation
+
+        if getattr(self, "_perm_epoch", None) != epoch:
+            self._perm, self._perm_epoch = permutation(self.seed, epoch, self.n), epoch
+        start = step * self.B * self.W + self.rank * self.B
+        return self._perm[start:start + self.B]
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps_per_epoch):
+            yield [(self.epoch, int(i)) for i in self.indices(self.epoch, step)]
+
+    def __len__(self) -> int:
+        return max(self.steps_per_epoch - self.start_step, 0)
+
+
+def check_batch_geometry(n: int, batch_size: int, rank: int, world_size: int, path: str) -> int:
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"data loader: need batch_size >= 1 and 0 <= rank < world_size, got "
+                         f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    steps = n // (batch_size * world_size)
+    if steps == 0:
+        raise DataError(f"data source '{path}' has {n} images, fewer than one global batch "
+                        f"({batch_size} x {world_size} ranks)")
+    return steps
+
+
+class TorchMultiCropLoader:
+    """The torch backend of build_train_loader (see fastdino.data)."""
+
+    backend = "torch"
+
+    def __init__(self, data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device=None, dtype: torch.dtype = torch.float32, source: ImageSource | None = None):
+        self.source = source or ImageSource(data_cfg.path)
+        self.num_images = len(self.source)
+        self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
+        self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
+                                data_cfg.global_crops_scale, data_cfg.local_crops_scale)
+        self.batch_size, self.device, self.dtype = batch_size, torch.device(device or "cpu"), dtype
+        self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed)
+        workers = int(data_cfg.num_workers)
+        self._loader = torch.utils.data.DataLoader(
+            MultiCropDataset(self.source, self.specs, seed), batch_sampler=self.sampler, collate_fn=_first,
+            num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=2 if workers > 0 else None,
+            generator=torch.Generator(),  # the loader's base seed must not consume torch's global RNG
+        )
+        self._bad: set[str] = set()
+
+    @property
+    def num_corrupt(self) -> int:
+        """Distinct unreadable files met so far on this rank."""
+        return len(self._bad)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors
+        [B,3,S,S] on the device, normalized, in self.dtype."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
+        self.sampler.epoch, self.sampler.start_step = int(epoch), int(start_step)
+        for batch in self._loader:
+            self._bad.update(batch["bad"])
+            if 2 * batch["primary_bad"] > self.batch_size:
+                raise DataError(f"{batch['primary_bad']} of {self.batch_size} images of a batch are unreadable, "
+                                f"e.g. '{batch['bad'][0]}' (check data.path)")
+            yield self.to_device(batch["crops"], batch["params"])
+
+    def to_device(self, crops: list, params: list) -> list:
+        """uint8 crops + host params -> normalized device crops; same-size crops are processed together."""
+        out = [None] * len(crops)
+        groups = {}
+        for c, spec in enumerate(self.specs):
+            groups.setdefault(spec.size, []).append(c)
+        for ids in groups.values():
+            x = torch.cat([crops[c] for c in ids]).to(self.device, non_blocking=True)
+            p = {k: torch.cat([params[c][k] for c in ids]) for k in params[ids[0]]}
+            for c, y in zip(ids, photometric(x, p, self.dtype).split(self.batch_size)):
+                out[c] = y
+        return out
