@@ -1,0 +1,206 @@
+"""Attention for the ViT blocks: one switch over the PyTorch SDPA kernels and the flash-attn package.
+
+    out = softmax(q k^T * scale) v,     q, k, v: (rows, heads, seq, head_dim),  scale = head_dim^-0.5
+
+Backends (config model.attn):
+    flash_attn      flash-attn package: flash_attn_qkvpacked_func, or flash_attn_varlen_qkvpacked_func
+                    over the packed multi-crop tokens (one call for all crops, cu_seqlens per crop)
+    sdpa_flash      torch SDPA, FlashAttention kernel only (CUDA fp16/bf16; PyTorch also has a CPU one)
+    sdpa_cudnn      torch SDPA, cuDNN attention only (CUDA)
+    sdpa_efficient  torch SDPA, memory-efficient kernel only (CUDA, any float dtype)
+    sdpa            torch SDPA, PyTorch's own dispatch (picks one of the above, else math)
+    math            torch SDPA, math kernel only: materializes the (seq x seq) matrix (reference speed)
+    auto            resolved at build by AUTO_ORDER below (first one available on the device)
+
+The fused kernels never store the attention matrix: backward recomputes it from q, k, v and the
+per-row log-sum-exp. The matrix is only ever materialized by `attention_ref` (tests, the
+visualization path get_last_selfattention) and by the `math` backend.
+
+Packed multi-crop layout: tokens of all crops concatenated as (T, 3*dim) qkv rows, described by
+`groups` = ((rows_0, seq_0), (rows_1, seq_1), ...): rows_g sequences of seq_g tokens each, in order.
+Attention never crosses a sequence: flash_attn gets cu_seqlens (variable-length attention), the SDPA
+backends run one call per group (a group is a dense (rows_g, heads, seq_g, head_dim) batch).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover
+    SDPBackend = sdpa_kernel = None
+
+BACKENDS = ("auto", "flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa", "math")
+_SDPA_KERNEL = {
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+# `auto` takes the first backend of this list that is available on the device. Order from
+# benchmarks/attention.py (fwd+bwd of ViT blocks, bf16): edit here when the measurements say so.
+AUTO_ORDER = {"cuda": ("flash_attn", "sdpa"), "cpu": ("sdpa",)}
+
+
+class AttentionBackendError(ValueError):
+    """An attention backend that cannot run here: the message is one line naming model.attn."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference: explicit softmax, fp32 math (tests and the visualization path)
+# ------------------------------------------------------------------------------------------------
+def attention_weights_ref(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) in fp32: (rows, heads, seq, seq). The matrix the fused kernels never store."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v with fp32 math, returned in q's dtype. q, k, v: (rows, heads, seq, head_dim)."""
+    return (attention_weights_ref(q, k, scale) @ v.float()).to(q.dtype)
+
+
+def packed_attention_ref(qkv: torch.Tensor, groups, num_heads: int) -> torch.Tensor:
+    """Reference for packed_attention: each sequence separately through attention_ref. (T, 3*dim) -> (T, dim)."""
+    dim = qkv.shape[-1] // 3
+    outs, start = [], 0
+    for rows, seq in groups:
+        for _ in range(rows):
+            q, k, v = qkv[start:start + seq].view(seq, 3, num_heads, dim // num_heads).permute(1, 2, 0, 3)
+            outs.append(attention_ref(q, k, v).transpose(0, 1).reshape(seq, dim))
+            start += seq
+    return torch.cat(outs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Availability: checked once at model build, so a wrong model.attn fails before training starts
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _flash_attn_module():
+    try:
+        import flash_attn  # noqa: F401
+        from flash_attn import flash_attn_qkvpacked_func, flash_attn_varlen_qkvpacked_func
+    except ImportError:
+        return None
+    return flash_attn_qkvpacked_func, flash_attn_varlen_qkvpacked_func
+
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_probe(name: str, device_type: str) -> str | None:
+    """Run a tiny SDPA call with only this kernel enabled (fwd+bwd); None if it works, else why not."""
+    if sdpa_kernel is None:
+        return "torch.nn.attention.sdpa_kernel needs torch >= 2.3"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    q = torch.randn(1, 2, 17, 64, device=device_type, dtype=dtype, requires_grad=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns once per disabled kernel; we report ourselves
+            with sdpa_kernel(getattr(SDPBackend, _SDPA_KERNEL[name])):
+                F.scaled_dot_product_attention(q, q, q).sum().backward()
+    except RuntimeError as e:
+        return str(e).splitlines()[0][:160]
+    return None
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_unavailable(name: str, device_type: str) -> str | None:
+    """None if backend `name` can run on `device_type`, else a short reason."""
+    if name in ("sdpa", "math"):
+        return None if name == "sdpa" or sdpa_kernel is not None else "needs torch >= 2.3"
+    if name == "flash_attn":
+        if device_type != "cuda" or not torch.cuda.is_available():
+            return "flash-attn runs on CUDA only"
+        if _flash_attn_module() is None:
+            return "the flash-attn package is not installed (pip install flash-attn --no-build-isolation)"
+        return None
+    if name in _SDPA_KERNEL:
+        return _sdpa_probe(name, device_type)
+    return f"unknown backend (choose one of {list(BACKENDS)})"
+
+
+def resolve_backend(name: str, device_type: str | None = None) -> str:
+    """Check model.attn=`name` on the device (default: cuda if available, else cpu) and resolve
+    `auto`. Raises AttentionBackendError (one line) for an unknown or unavailable backend."""
+    device_type = device_type or default_device_type()
+    if name not in BACKENDS:
+        raise AttentionBackendError(f"model.attn={name!r}: unknown attention backend (choose one of {list(BACKENDS)})")
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device_type, ("sdpa",)):
+            if backend_unavailable(candidate, device_type) is None:
+                return candidate
+        return "sdpa"
+    why = backend_unavailable(name, device_type)
+    if why is not None:
+        raise AttentionBackendError(f"model.attn={name!r} is not available on {device_type}: {why}")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast path
+# ------------------------------------------------------------------------------------------------
+def _sdpa(q, k, v, backend: str):
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    try:
+        with sdpa_kernel(getattr(SDPBackend, _SDPA_KERNEL[backend])):
+            return F.scaled_dot_product_attention(q, k, v)
+    except RuntimeError as e:
+        if "No available kernel" not in str(e) and "No viable backend" not in str(e):
+            raise
+        raise AttentionBackendError(
+            f"model.attn={backend!r} cannot run q of shape {tuple(q.shape)}, dtype {q.dtype} on {q.device.type} "
+            f"(try model.attn=sdpa or auto)") from None
+
+
+def packed_attention(qkv: torch.Tensor, groups, num_heads: int, backend: str,
+                     cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0) -> torch.Tensor:
+    """Attention over packed sequences.
+
+    qkv: (T, 3*dim), rows laid out as (token, [q|k|v], head, head_dim) like the standard ViT qkv
+    Linear; groups: ((rows_g, seq_g), ...) with sum rows_g*seq_g = T; cu_seqlens (int32, rows+1)
+    and max_seqlen are needed by flash_attn only. Returns (T, dim).
+    """
+    T, dim3 = qkv.shape
+    dim = dim3 // 3
+    head_dim = dim // num_heads
+    if backend == "flash_attn" and qkv.dtype in (torch.float16, torch.bfloat16):
+        dense, varlen = _flash_attn_module()
+        if len(groups) == 1:  # one resolution: dense batch, no cu_seqlens needed
+            rows, seq = groups[0]
+            out = dense(qkv.view(rows, seq, 3, num_heads, head_dim))
+        else:
+            if cu_seqlens is None:
+                raise ValueError("packed_attention: flash_attn over several groups needs cu_seqlens")
+            out = varlen(qkv.view(T, 3, num_heads, head_dim), cu_seqlens, max_seqlen)
+        return out.reshape(T, dim)
+    if backend == "flash_attn":
+        if qkv.is_cuda and torch.is_autocast_enabled():
+            raise AttentionBackendError("model.attn='flash_attn' needs fp16/bf16 qkv, got " + str(qkv.dtype))
+        backend = "sdpa"  # fp32 model (e.g. an fp32 eval): PyTorch's dispatch
+    outs, start = [], 0
+    for rows, seq in groups:
+        # (rows, seq, 3, heads, hd) -> 3 x (rows, heads, seq, hd): strided views, last dim contiguous
+        q, k, v = qkv[start:start + rows * seq].view(rows, seq, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = _sdpa(q, k, v, backend)  # (rows, heads, seq, hd)
+        outs.append(out.transpose(1, 2).reshape(rows * seq, dim))
+        start += rows * seq
+    if start != T:
+        raise ValueError(f"packed_attention: groups {groups} cover {start} tokens, qkv has {T}")
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def cu_seqlens_for(groups, device) -> tuple[torch.Tensor, int]:
+    """Cumulative sequence starts (int32, n_seq+1) and the longest sequence, for flash_attn varlen."""
+    lens = torch.tensor([seq for rows, seq in groups for _ in range(rows)], dtype=torch.int32)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    torch.cumsum(lens, 0, out=cu[1:])
+    return cu.to(device, non_blocking=True), max(seq for _, seq in groups)
