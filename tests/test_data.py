@@ -1,0 +1,334 @@
+"""Data pipeline (torch backend): sources, demo data, the recipe's distributions, the batched
+photometric ops against references, sharding, determinism and bad files."""
+import colorsys
+import io
+import math
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdino.config import DataConfig
+from fastdino.data import DataError, ImageFolder, ImageSource, build_train_loader, generate_demo_dataset, resolve_backend
+from fastdino.data.augment import (IMAGENET_MEAN, IMAGENET_STD, N_DRAWS, RATIO, DataAugmentationDINORef, adjust_hue,
+                                   crop_specs, gaussian_blur, photometric, photometric_params, pil_to_uint8,
+                                   resized_crop_boxes, resized_crop_pil, stack_params, uniforms)
+from fastdino.data.folder import image_size_from_header
+from fastdino.data.torch_loader import EpochBatches
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def binomial_ok(hits, n, p, sigmas=4.5):
+    return abs(hits - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    return generate_demo_dataset(str(tmp_path_factory.mktemp("demo") / "d"), num_images=48, num_classes=3,
+                                 image_size=40, seed=1)
+
+
+def small_cfg(path, **kw):
+    base = dict(path=path, backend="torch", num_workers=0, global_crop_size=32, local_crop_size=16,
+                local_crops_number=3)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+# ----------------------------------------------------------------------------- sources
+def test_image_folder_labels_nesting_and_errors(tmp_path):
+    img = Image.new("RGB", (8, 8), (10, 20, 30))
+    (tmp_path / "b" / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "a").mkdir()
+    img.save(tmp_path / "b" / "deep" / "er" / "x.JPEG")
+    img.save(tmp_path / "a" / "y.png")
+    img.save(tmp_path / "root.jpg")
+    (tmp_path / "a" / "notes.txt").write_text("no image")
+    f = ImageFolder(str(tmp_path))
+    assert f.classes == ["a", "b"]
+    assert sorted((os.path.basename(p), l) for p, l in f.samples) == [("root.jpg", -1), ("x.JPEG", 1), ("y.png", 0)]
+    with pytest.raises(DataError, match="data folder '.*nope' does not exist"):
+        ImageFolder(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="data folder '.*empty' holds no") as e:
+        ImageFolder(str(tmp_path / "empty"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="does not exist"):
+        build_train_loader(small_cfg(str(tmp_path / "nope")), 2)
+
+
+def test_image_source_list_and_tar_shards(demo, tmp_path):
+    folder = ImageSource(demo)
+    names = [folder.name(i) for i in range(len(folder))]
+    lst = tmp_path / "files.txt"
+    lst.write_text("".join(f"{os.path.relpath(n, tmp_path)} {folder.labels[i]}\n" for i, n in enumerate(names)))
+    from_list = ImageSource(str(lst))
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    for s in range(2):
+        with tarfile.open(shard_dir / f"shard-{s}.tar", "w") as tf:
+            for i in range(s, len(names), 2):
+                key = f"sample{i:04d}"
+                tf.add(names[i], arcname=key + ".jpg")
+                cls = str(folder.labels[i]).encode()
+                info = tarfile.TarInfo(key + ".cls")
+                info.size = len(cls)
+                tf.addfile(info, io.BytesIO(cls))
+    shards = ImageSource(str(shard_dir))
+    glob_shards = ImageSource(str(shard_dir / "shard-*.tar"))
+    assert len(from_list) == len(shards) == len(glob_shards) == len(folder) == 48
+    by_bytes = {folder.read(i): folder.labels[i] for i in range(len(folder))}
+    for src in (from_list, shards):
+        got = {src.read(i): src.labels[i] for i in range(len(src))}
+        assert got == by_bytes
+    with pytest.raises(DataError, match="match no file"):
+        ImageSource(str(tmp_path / "none-*.tar"))
+
+
+def test_header_check(demo):
+    src = ImageSource(demo)
+    data = src.read(0)
+    assert image_size_from_header(data) == (40, 40)
+    buf = io.BytesIO()
+    Image.new("RGB", (7, 5)).save(buf, "PNG")
+    assert image_size_from_header(buf.getvalue()) == (7, 5)
+    for bad in (data[: len(data) // 2], b"garbage" * 10, b""):
+        with pytest.raises(ValueError):
+            image_size_from_header(bad)
+
+
+def test_demo_dataset_deterministic_atomic_and_skipped(tmp_path, demo):
+    a = generate_demo_dataset(str(tmp_path / "a"), 9, 3, 24, seed=5)
+    b = generate_demo_dataset(str(tmp_path / "b"), 9, 3, 24, seed=5)
+    fa, fb = ImageFolder(a), ImageFolder(b)
+    assert fa.classes == ["class_00", "class_01", "class_02"] and len(fa) == 9
+    assert [open(p, "rb").read() for p, _ in fa.samples] == [open(p, "rb").read() for p, _ in fb.samples]
+    assert os.path.basename(fa.samples[0][0]) == "img_00000.jpg"
+    c = generate_demo_dataset(str(tmp_path / "c"), 9, 3, 24, seed=6)
+    assert open(ImageFolder(c).samples[0][0], "rb").read() != open(fa.samples[0][0], "rb").read()
+    mtime = os.path.getmtime(fa.samples[0][0])
+    generate_demo_dataset(a, 9, 3, 24, seed=5)  # already complete: skipped
+    assert os.path.getmtime(fa.samples[0][0]) == mtime
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    with pytest.raises(DataError, match="exists with 9 images"):
+        generate_demo_dataset(a, 10, 3, 24)
+    # images vary within a class (random position, scale, colours, noise): no two are equal
+    pix = [np.asarray(Image.open(p), np.float32) for p, l in ImageFolder(demo).samples if l == 0]
+    assert all(np.abs(pix[i] - pix[j]).mean() > 5 for i in range(len(pix)) for j in range(i))
+
+
+# ----------------------------------------------------------------------------- random draws
+def test_uniforms_pure_and_vectorized():
+    u = uniforms(3, 7, np.arange(50)[:, None], np.arange(4)[None, :])
+    assert u.shape == (50, 4, N_DRAWS) and (u >= 0).all() and (u < 1).all()
+    assert np.array_equal(u[17, 2], uniforms(3, 7, 17, 2))
+    assert not np.array_equal(uniforms(3, 7, 17, 2), uniforms(3, 8, 17, 2))
+    assert not np.array_equal(uniforms(3, 7, 17, 2), uniforms(4, 7, 17, 2))
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
+
+
+def _rrc_loop(u, width, height, scale, ratio=RATIO):
+    """torchvision RandomResizedCrop.get_params, written as the original loop, fed the same uniforms."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for t in range(10):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[2 * t])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[2 * t + 1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[20] * (height - h + 1)), int(u[21] * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("scale", [(0.4, 1.0), (0.05, 0.4)])
+def test_crop_boxes_match_torchvision_algorithm_and_bounds(scale):
+    rng = np.random.default_rng(0)
+    n = 6000
+    width = rng.integers(20, 600, n)
+    height = np.where(rng.random(n) < 0.1, width * 5, rng.integers(20, 600, n))  # some extreme ratios
+    u = uniforms(0, 0, np.arange(n), 0)
+    boxes = resized_crop_boxes(u, width, height, scale)
+    for i in range(0, n, 7):
+        assert tuple(boxes[i]) == _rrc_loop(u[i], int(width[i]), int(height[i]), scale)
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    normal = (width * 3 >= height) & (height * 3 >= width)  # not forced into the fallback
+    frac = (h * w / (width * height))[normal]
+    ar = (w / h)[normal]
+    big = (width * height)[normal] > 10000  # rounding to integer pixels blurs the bounds of tiny images
+    assert frac[big].min() >= scale[0] * 0.97 and frac[big].max() <= scale[1] * 1.03
+    assert ar[big].min() >= RATIO[0] * 0.97 and ar[big].max() <= RATIO[1] * 1.03
+    # log aspect ratio is uniform: its mean is ~0 and it spans the range
+    assert abs(np.log(ar[big]).mean()) < 0.02 and np.log(ar[big]).std() > 0.15
+
+
+def test_application_rates_and_ranges():
+    specs = crop_specs(32, 16, 4)
+    n = 4000
+    u = uniforms(11, 2, np.arange(n)[:, None], np.arange(len(specs))[None, :])
+    p = photometric_params(u, np.array([s.p_blur for s in specs]), np.array([s.p_solarize for s in specs]))
+    for c, s in enumerate(specs):
+        for key, rate in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", s.p_blur), ("solarize", s.p_solarize)):
+            hits = int(p[key][:, c].sum())
+            assert binomial_ok(hits, n, rate), (c, key, hits / n, rate)
+    for key, lo, hi in (("brightness", .6, 1.4), ("contrast", .6, 1.4), ("saturation", .8, 1.2), ("hue", -.1, .1),
+                        ("sigma", .1, 2.0)):
+        v = p[key]
+        assert v.min() >= lo and v.max() <= hi and abs(v.mean() - (lo + hi) / 2) < 0.02 * (hi - lo), key
+    perms, counts = np.unique(p["order"].reshape(-1, 4), axis=0, return_counts=True)
+    assert len(perms) == 24 and all(binomial_ok(k, counts.sum(), 1 / 24) for k in counts)
+    # crops of one image draw independently (not one shared draw)
+    assert binomial_ok(int((p["flip"][:, 0] == p["flip"][:, 1]).sum()), n, 0.5)
+
+
+# ----------------------------------------------------------------------------- photometric ops vs references
+def test_adjust_hue_matches_colorsys():
+    x = torch.rand(3, 3, 5, 7, dtype=torch.float64)
+    x[0, :, 0, 0] = 0.3  # gray pixel (hue undefined: unchanged)
+    x[1, 0, 1, 1] = x[1, 1, 1, 1]  # ties of the max
+    shift = torch.tensor([0.07, -0.1, 0.0], dtype=torch.float64)
+    y = adjust_hue(x, shift)
+    for b in range(3):
+        for i in range(5):
+            for j in range(7):
+                h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
+                want = colorsys.hsv_to_rgb((h + shift[b].item()) % 1.0, s, v)
+                assert torch.allclose(y[b, :, i, j], torch.tensor(want, dtype=torch.float64), atol=1e-9)
+
+
+def test_gaussian_blur_matches_direct_convolution():
+    x = torch.rand(3, 3, 11, 9, dtype=torch.float64)
+    sigma = torch.tensor([0.1, 0.9, 2.0], dtype=torch.float64)
+    y = gaussian_blur(x, sigma)
+    for b in range(3):
+        t = torch.arange(-6, 7, dtype=torch.float64)
+        k1 = torch.exp(-t ** 2 / (2 * sigma[b] ** 2))
+        k1 = k1 / k1.sum()
+        pad = torch.nn.functional.pad(x[b:b + 1], (6, 6, 6, 6), mode="reflect")
+        want = torch.nn.functional.conv2d(pad, (k1[:, None] * k1[None, :]).expand(3, 1, 13, 13).contiguous(), groups=3)
+        assert torch.allclose(y[b], want[0], atol=1e-12)
+    assert torch.allclose(gaussian_blur(x, torch.full((3,), 0.1, dtype=torch.float64)), x, atol=1e-10)
+
+
+def test_photometric_matches_pil_reference(demo):
+    """The batched ops from the same draws agree with the image-by-image PIL recipe (the official
+    pipeline) up to PIL's uint8 rounding of every step and its box-approximated blur."""
+    ref = DataAugmentationDINORef(local_crops_number=4, global_crop_size=48, local_crop_size=24)
+    src = ImageSource(demo)
+    diffs = []
+    for idx in range(12):
+        img = Image.open(io.BytesIO(src.read(idx))).convert("RGB")
+        params = ref.params(img, 0, 3, idx)
+        want = ref(img, params=params)
+        for c, (s, p) in enumerate(zip(ref.specs, params)):
+            x = pil_to_uint8(resized_crop_pil(img, p["box"], s.size, p["flip"]))[None]
+            got = photometric(x, stack_params([p]))[0]
+            diffs.append(((got - want[c]) * STD[0]).abs().mean().item())
+    assert np.mean(diffs) < 0.01 and max(diffs) < 0.04, (np.mean(diffs), max(diffs))
+    # every op alone, exactly (no PIL rounding): identity parameters leave the image unchanged
+    x = torch.randint(0, 256, (4, 3, 10, 10), dtype=torch.uint8)
+    none = dict(jitter=torch.ones(4, dtype=torch.bool), brightness=torch.ones(4), contrast=torch.ones(4),
+                saturation=torch.ones(4), hue=torch.zeros(4), order=torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]] * 2),
+                gray=torch.zeros(4, dtype=torch.bool), blur=torch.zeros(4, dtype=torch.bool), sigma=torch.ones(4),
+                solarize=torch.zeros(4, dtype=torch.bool))
+    y = photometric(x, none) * STD + MEAN
+    assert torch.allclose(y, x.float() / 255, atol=1e-5)
+    solar = dict(none, jitter=torch.zeros(4, dtype=torch.bool), solarize=torch.tensor([True, False, True, False]))
+    y = photometric(x, solar) * STD + MEAN
+    xf = x.float() / 255
+    want = torch.where((xf >= 128 / 255) & torch.tensor([True, False, True, False]).view(4, 1, 1, 1), 1 - xf, xf)
+    assert torch.allclose(y, want, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the loader
+def test_loader_shapes_dtypes_normalization(demo):
+    for dtype in (torch.float32, torch.bfloat16):
+        loader = build_train_loader(small_cfg(demo), 8, seed=0, dtype=dtype)
+        assert loader.backend == "torch" and loader.num_images == 48 and loader.steps_per_epoch == 6
+        crops = next(iter(loader.epoch(0)))
+        assert [tuple(c.shape) for c in crops] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3
+        assert all(c.dtype == dtype and c.device.type == "cpu" for c in crops)
+        for c in crops:
+            pix = c.float() * STD + MEAN
+            assert pix.min() >= -0.01 and pix.max() <= 1.01 and pix.std() > 0.05
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        build_train_loader(small_cfg(demo), 16, rank=0, world_size=4)
+
+
+def test_observed_grayscale_rate(demo):
+    """Rate of grayscale crops as seen in the pixels (R == G == B), not only in the draws."""
+    loader = build_train_loader(small_cfg(demo, local_crops_number=8), 48, seed=3)
+    crops = next(iter(loader.epoch(0)))
+    locals_ = torch.cat(crops[2:]) * STD + MEAN
+    gray = ((locals_[:, 0] - locals_[:, 1]).abs().amax((1, 2)) < 1e-5) & ((locals_[:, 1] - locals_[:, 2]).abs().amax((1, 2)) < 1e-5)
+    assert binomial_ok(int(gray.sum()), gray.numel(), 0.2), gray.float().mean()
+
+
+def test_sharding_covers_each_image_once_per_epoch():
+    n, B, W = 103, 4, 3
+    steps = n // (B * W)
+    for epoch in (0, 1):
+        seen = []
+        for r in range(W):
+            s = EpochBatches(n, B, r, W, seed=5)
+            s.epoch = epoch
+            seen += [i for batch in s for _, i in batch]
+        assert len(seen) == steps * B * W == len(set(seen))
+    one = EpochBatches(n, B * W, 0, 1, seed=5)
+    rows = [i for batch in one for _, i in batch]
+    assert rows == [i for g in range(steps) for r in range(W) for i in EpochBatches(n, B, r, W, 5).indices(0, g)]
+    e0, e1 = EpochBatches(n, B, 0, 1, 5).indices(0, 0), EpochBatches(n, B, 0, 1, 5).indices(1, 0)
+    assert not np.array_equal(e0, e1)  # reshuffled every epoch
+
+
+def test_determinism_workers_resume_world_size_and_global_rng(demo):
+    cfg = small_cfg(demo)
+    state = torch.get_rng_state()
+    single = list(build_train_loader(cfg, 8, seed=7).epoch(2))
+    assert torch.equal(torch.get_rng_state(), state)  # the loader never touches torch's global RNG
+    workers = list(build_train_loader(small_cfg(demo, num_workers=2), 8, seed=7).epoch(2, start_step=3))
+    ranks = [list(build_train_loader(cfg, 4, rank=r, world_size=2, seed=7).epoch(2, start_step=1)) for r in range(2)]
+    assert len(single) == 6 and len(workers) == 3 and len(ranks[0]) == 5
+    for a, b in zip(single[3:], workers):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for step in range(1, 6):
+        joined = [torch.cat([ranks[0][step - 1][c], ranks[1][step - 1][c]]) for c in range(5)]
+        assert all(torch.equal(x, y) for x, y in zip(single[step], joined))
+    other = next(iter(build_train_loader(cfg, 8, seed=8).epoch(2)))
+    assert not torch.equal(other[0], single[0][0])
+    again = next(iter(build_train_loader(cfg, 8, seed=7).epoch(3)))
+    assert not torch.equal(again[0], single[0][0])
+
+
+def test_corrupt_files_skipped_counted_or_raise(demo, tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(demo, root)
+    files = sorted(ImageFolder(str(root)).samples)
+    data = open(files[0][0], "rb").read()
+    open(files[0][0], "wb").write(data[: len(data) // 3])  # truncated JPEG
+    open(files[5][0], "wb").write(b"not an image at all")
+    loader = build_train_loader(small_cfg(str(root)), 8, seed=0)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 6 and loader.num_corrupt == 2
+    assert all(tuple(b[0].shape) == (8, 3, 32, 32) and torch.isfinite(b[0]).all() for b in batches)
+    again = list(loader.epoch(0))  # the replacement is deterministic
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again)) and loader.num_corrupt == 2
+    for p, _ in files[: 30]:
+        open(p, "wb").write(b"\xff\xd8garbage")
+    with pytest.raises(DataError, match=r"of 8 images of a batch are unreadable, e.g. '.*\.jpg'"):
+        list(build_train_loader(small_cfg(str(root)), 8, seed=0).epoch(0))
