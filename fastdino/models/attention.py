@@ -54,14 +54,17 @@ class AttentionBackendError(ValueError):
 # Reference: explicit softmax, fp32 math (tests and the visualization path)
 # ------------------------------------------------------------------------------------------------
 def attention_weights_ref(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) in fp32: (rows, heads, seq, seq). The matrix the fused kernels never store."""
+    """softmax(q k^T * scale) in fp32 (fp64 for fp64 inputs): (rows, heads, seq, seq). The matrix the
+    fused kernels never store."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)
+    ct = torch.promote_types(q.dtype, torch.float32)
+    return torch.softmax((q.to(ct) @ k.to(ct).transpose(-2, -1)) * scale, dim=-1)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v with fp32 math, returned in q's dtype. q, k, v: (rows, heads, seq, head_dim)."""
-    return (attention_weights_ref(q, k, scale) @ v.float()).to(q.dtype)
+    """softmax(q k^T * scale) v with fp32 (or fp64) math, returned in q's dtype. q, k, v: (rows, heads, seq, head_dim)."""
+    a = attention_weights_ref(q, k, scale)
+    return (a @ v.to(a.dtype)).to(q.dtype)
 
 
 def packed_attention_ref(qkv: torch.Tensor, groups, num_heads: int) -> torch.Tensor:
