@@ -1,0 +1,466 @@
+"""What every evaluation shares: loading a frozen backbone from any DINO checkpoint, the eval
+transform, labeled sample lists and their splits, and feature extraction with an on-disk cache.
+
+Checkpoints understood by `load_backbone` (the `which` entry is picked where there is a choice):
+  - fastdino training checkpoints: {"student", "teacher", ..., "config": Config.to_dict()}, the
+    entries being MultiCropWrapper state dicts ("backbone.*", "head.*"; "module." from DDP);
+  - official DINO training checkpoints: {"student", "teacher", ..., "args": argparse.Namespace};
+  - plain backbone state dicts (the official `dino_vits16_pretrain.pth` files), possibly wrapped
+    in {"state_dict": ...} / {"model": ...}.
+"module." and "backbone." prefixes are stripped, the projection head ("head.*") is dropped, and a
+position embedding of another grid size is resized (bicubic, as the official code does at runtime).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import random
+import sys
+import warnings
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# embed_dim -> arch, for checkpoints that carry no arch name (plain backbone state dicts)
+ARCH_BY_DIM = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+
+
+class EvalError(ValueError):
+    """A bad evaluation input (checkpoint, folder, mask, option): one line naming the culprit."""
+
+
+# ------------------------------------------------------------------------------------------------
+# device, images, transforms
+# ------------------------------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def load_image(path: str, mode: str = "RGB"):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"cannot read image '{path}': {e}") from None
+
+
+def resize_shorter(img, size: int, resample=None):
+    """Resize a PIL image so that its shorter side is `size` (aspect kept)."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(new, Image.BICUBIC if resample is None else resample)
+
+
+def center_crop(img, crop_w: int, crop_h: int):
+    w, h = img.size
+    left, top = (w - crop_w) // 2, (h - crop_h) // 2
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def to_tensor(img) -> torch.Tensor:
+    """PIL RGB -> float [3, H, W] in [0, 1] (no torchvision)."""
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(img.size[1], img.size[0], len(img.getbands())).permute(2, 0, 1).float().div_(255)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class EvalTransform:
+    """Official DINO eval transform: bicubic resize of the shorter side to image_size * 256/224,
+    center crop image_size, ImageNet normalization. Returns [3, image_size, image_size]."""
+
+    def __init__(self, image_size: int = 224, resize_size: int | None = None):
+        if image_size < 1:
+            raise EvalError(f"image_size must be >= 1, got {image_size}")
+        self.image_size = image_size
+        self.resize_size = resize_size or int(round(image_size * 256 / 224))
+
+    def __call__(self, img) -> torch.Tensor:
+        img = center_crop(resize_shorter(img, self.resize_size), self.image_size, self.image_size)
+        return normalize(to_tensor(img))
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """(path, label) list -> (image tensor, label)."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(load_image(path)), label
+
+
+# ------------------------------------------------------------------------------------------------
+# labeled samples and splits
+# ------------------------------------------------------------------------------------------------
+def labeled_samples(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """Samples and class names of a labeled folder (one sub-folder per class)."""
+    from fastdino.data import DataError, ImageFolder
+
+    if not os.path.isdir(root):
+        raise EvalError(f"data folder '{root}' does not exist")
+    try:
+        ds = ImageFolder(root)
+    except DataError as e:
+        raise EvalError(f"data folder '{root}': {e}") from None
+    samples = [(p, int(y)) for p, y in ds.samples]
+    if not samples:
+        raise EvalError(f"data folder '{root}' holds no images")
+    unlabeled = sum(1 for _, y in samples if y < 0)
+    if unlabeled:
+        raise EvalError(f"data folder '{root}': {unlabeled} images have no class folder; evaluation "
+                        "needs one sub-folder per class")
+    return samples, list(ds.classes)
+
+
+def split_samples(samples, val_fraction: float = 0.2, seed: int = 0):
+    """Stratified split: per class, a `val_fraction` share (at least one image when the class has
+    two or more) goes to val. Deterministic for a given seed."""
+    if not 0.0 < val_fraction < 1.0:
+        raise EvalError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    by_class = defaultdict(list)
+    for s in samples:
+        by_class[s[1]].append(s)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        rng.shuffle(items)
+        n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction))) if len(items) > 1 else 0
+        val += items[:n_val]
+        train += items[n_val:]
+    if not val or not train:
+        raise EvalError(f"split of {len(samples)} images with val_fraction={val_fraction} leaves an empty side")
+    return train, val
+
+
+def holdout_split(samples, n_per_class: int, val_fraction: float = 0.5, seed: int = 0):
+    """A small labeled holdout for the online k-NN: at most n_per_class images per class, split
+    into bank (train) and queries (val)."""
+    by_class = defaultdict(list)
+    for s in samples:
+        if s[1] >= 0:
+            by_class[s[1]].append(s)
+    if len(by_class) < 2:
+        raise EvalError("online k-NN needs labeled images of at least two classes (one sub-folder per class)")
+    rng = random.Random(seed)
+    picked = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        rng.shuffle(items)
+        picked += items[:n_per_class]
+    return split_samples(picked, val_fraction, seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+def _safe_globals() -> list:
+    """What DINO checkpoints pickle besides tensors: the official `args` Namespace and numpy arrays
+    (the RNG state of fastdino checkpoints). Nothing here executes code on load."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [argparse.Namespace, np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
+
+
+def torch_load(path: str) -> object:
+    """torch.load on CPU with safe unpickling (weights_only) extended to what DINO checkpoints hold;
+    other files fall back to full unpickling with a note (load only checkpoints you trust)."""
+    if not os.path.isfile(path):
+        raise EvalError(f"checkpoint '{path}' does not exist")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_error:  # noqa: BLE001 - any failure of the safe path
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise EvalError(f"checkpoint '{path}' cannot be loaded: {type(e).__name__}: {e}") from None
+        print(f"note: '{path}' needed full unpickling ({type(safe_error).__name__}); load only "
+              "checkpoints you trust", file=sys.stderr)
+        return obj
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Drop "module." (DDP) and "backbone." (MultiCropWrapper) prefixes and the DINO head."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ("module.", "backbone.", "_orig_mod."):
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        if key.startswith("head.") or key == "head":
+            continue  # projection head (or a classification head): not part of the backbone
+        out[key] = value
+    return out
+
+
+def backbone_state_dict(checkpoint, which: str = "teacher") -> tuple[dict, dict]:
+    """(backbone state dict, meta) from a loaded checkpoint. meta may hold "arch", "patch_size"
+    and "source" (fastdino | official | state_dict)."""
+    if which not in ("teacher", "student"):
+        raise EvalError(f"which must be 'teacher' or 'student', got {which!r}")
+    meta: dict = {}
+    if not isinstance(checkpoint, dict):
+        raise EvalError(f"checkpoint holds a {type(checkpoint).__name__}, expected a dict")
+    if which in checkpoint and isinstance(checkpoint[which], dict):
+        sd = checkpoint[which]
+        cfg = checkpoint.get("config")
+        args = checkpoint.get("args")
+        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+            meta.update(source="fastdino", arch=cfg["model"].get("arch"), patch_size=cfg["model"].get("patch_size"))
+        elif args is not None:
+            meta.update(source="official", arch=getattr(args, "arch", None), patch_size=getattr(args, "patch_size", None))
+        else:
+            meta["source"] = "training"
+    else:
+        other = "student" if which == "teacher" else "teacher"
+        if other in checkpoint and isinstance(checkpoint[other], dict):
+            raise EvalError(f"checkpoint has a '{other}' entry but no '{which}' entry")
+        sd = checkpoint
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+        meta["source"] = "state_dict"
+    if not _is_state_dict(sd):
+        raise EvalError(f"checkpoint entry '{which}' is not a state dict of tensors")
+    sd = strip_prefixes(sd)
+    if "patch_embed.proj.weight" not in sd:
+        raise EvalError("checkpoint has no 'patch_embed.proj.weight': not a ViT backbone "
+                        f"(keys start with: {', '.join(list(sd)[:4])})")
+    return sd, meta
+
+
+def infer_arch(state_dict: dict) -> tuple[str, int]:
+    """(arch, patch_size) from the tensor shapes of a ViT backbone state dict."""
+    w = state_dict["patch_embed.proj.weight"]  # [D, 3, p, p]
+    dim, patch = int(w.shape[0]), int(w.shape[-1])
+    if dim not in ARCH_BY_DIM:
+        raise EvalError(f"cannot infer the arch from embed_dim={dim}; pass --arch")
+    return ARCH_BY_DIM[dim], patch
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[1, 1+n, D] -> [1, 1+num_patches, D]: bicubic resize of the square patch grid."""
+    n_old = pos_embed.shape[1] - 1
+    if n_old == num_patches:
+        return pos_embed
+    g_old, g_new = int(math.isqrt(n_old)), int(math.isqrt(num_patches))
+    if g_old * g_old != n_old or g_new * g_new != num_patches:
+        raise EvalError(f"pos_embed: cannot resize a {n_old}-token grid to {num_patches} tokens (not square)")
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, g_old, g_old, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, dim).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)
+
+
+def build_vit(arch: str, patch_size: int) -> torch.nn.Module:
+    from fastdino import models
+
+    if arch not in ARCH_BY_DIM.values():
+        raise EvalError(f"arch {arch!r} is not supported (choose from {', '.join(ARCH_BY_DIM.values())})")
+    return getattr(models, arch)(patch_size=patch_size, drop_path_rate=0.0)
+
+
+def load_backbone(path: str | None, which: str = "teacher", arch: str | None = None,
+                  patch_size: int | None = None, device="cpu") -> torch.nn.Module:
+    """A frozen ViT backbone in eval mode. `path=None` gives the random initialization of `arch`
+    (the baseline the trained features are compared with)."""
+    if path is None:
+        if arch is None:
+            raise EvalError("a random-init backbone needs --arch")
+        with torch.random.fork_rng(devices=[]):  # a fixed init, without touching the caller's RNG
+            torch.manual_seed(0)
+            model = build_vit(arch, patch_size or 16)
+    else:
+        sd, meta = backbone_state_dict(torch_load(path), which)
+        arch_sd, patch_sd = infer_arch(sd)
+        arch = arch or meta.get("arch") or arch_sd
+        patch_size = patch_size or meta.get("patch_size") or patch_sd
+        if arch not in ARCH_BY_DIM.values():
+            arch = arch_sd  # e.g. official "deit_small"-style names: trust the shapes
+        if patch_sd != patch_size:
+            raise EvalError(f"checkpoint '{path}' has patch size {patch_sd}, not {patch_size}")
+        if ARCH_BY_DIM.get(int(sd["patch_embed.proj.weight"].shape[0])) != arch:
+            raise EvalError(f"checkpoint '{path}' holds a {arch_sd}, not a {arch}")
+        model = build_vit(arch, patch_size)
+        own = model.state_dict()
+        if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], own["pos_embed"].shape[1] - 1)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise EvalError(f"checkpoint '{path}' ({which}) does not match {arch}/{patch_size}: "
+                            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    model.eval().requires_grad_(False)
+    model.arch, model.patch_size = arch, patch_size or 16
+    return model.to(device)
+
+
+def add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None,
+                        help="training checkpoint (fastdino or official DINO) or backbone state dict")
+    parser.add_argument("--which", default="teacher", choices=("teacher", "student"),
+                        help="network of a training checkpoint (the teacher is the one DINO evaluates)")
+    parser.add_argument("--random_init", action="store_true",
+                        help="evaluate a randomly initialized --arch instead (baseline)")
+    parser.add_argument("--arch", default=None, choices=tuple(ARCH_BY_DIM.values()),
+                        help="default: from the checkpoint")
+    parser.add_argument("--patch_size", type=int, default=None, help="default: from the checkpoint")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data_path", default=None, help="one labeled folder (class sub-folders), split into train/val")
+    parser.add_argument("--val_fraction", type=float, default=0.2, help="val share per class with --data_path")
+    parser.add_argument("--train_path", default=None, help="labeled train folder (with --val_path)")
+    parser.add_argument("--val_path", default=None, help="labeled val folder (with --train_path)")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=128, help="images per feature-extraction batch")
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/eval")
+    parser.add_argument("--no_cache", action="store_true", help="recompute the features (default: cached)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (and of training)")
+
+
+def check_data_args(parser: argparse.ArgumentParser, args) -> None:
+    if bool(args.data_path) == bool(args.train_path or args.val_path):
+        parser.error("give either --data_path or both --train_path and --val_path")
+    if bool(args.train_path) != bool(args.val_path):
+        parser.error("--train_path and --val_path go together")
+
+
+def samples_from_args(args):
+    """(train samples, val samples, class names) from --data_path or --train_path/--val_path."""
+    if args.data_path:
+        samples, classes = labeled_samples(args.data_path)
+        train, val = split_samples(samples, args.val_fraction, args.seed)
+        return train, val, classes
+    train, classes = labeled_samples(args.train_path)
+    val, val_classes = labeled_samples(args.val_path)
+    if val_classes != classes:
+        raise EvalError(f"class folders differ between '{args.train_path}' and '{args.val_path}'")
+    return train, val, classes
+
+
+def default_output_dir(args) -> str:
+    if args.output_dir:
+        return args.output_dir
+    if args.random_init:
+        return os.path.join("runs", f"eval-random-{args.arch}")
+    return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+
+
+def backbone_from_args(args) -> torch.nn.Module:
+    if args.random_init == (args.checkpoint is not None):
+        raise EvalError("give exactly one of --checkpoint PATH or --random_init (with --arch)")
+    return load_backbone(None if args.random_init else args.checkpoint, args.which, args.arch,
+                         args.patch_size, resolve_device(args.device))
+
+
+def backbone_id(args) -> str:
+    """Identifies the weights in a feature cache key."""
+    if args.random_init:
+        return f"random:{args.arch}:{args.patch_size or 16}"
+    st = os.stat(args.checkpoint)
+    return f"{os.path.abspath(args.checkpoint)}:{st.st_mtime_ns}:{st.st_size}:{args.which}"
+
+
+# ------------------------------------------------------------------------------------------------
+# features
+# ------------------------------------------------------------------------------------------------
+def cls_features(model, x: torch.Tensor) -> torch.Tensor:
+    """[CLS] token after the final norm: the k-NN features (normalized by the caller)."""
+    return model(x)
+
+
+@torch.no_grad()
+def extract_features(model, samples, feature_fn=cls_features, image_size: int = 224, batch_size: int = 64,
+                     num_workers: int = 0, device=None, progress: bool = False) -> torch.Tensor:
+    """feature_fn(model, images) for every sample, in order: [N, D] float32 on the CPU."""
+    device = device or next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(SampleDataset(samples, EvalTransform(image_size)), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else _null()
+    feats = []
+    it = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc="features", leave=False)
+    for images, _ in it:
+        with amp:
+            out = feature_fn(model, images.to(device, non_blocking=True))
+        feats.append(out.float().cpu())
+    return torch.cat(feats) if feats else torch.empty(0)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cache_key(*parts) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def cached_features(cache_dir: str | None, key_parts: tuple, compute):
+    """compute() once per key: the result (a tensor or a dict of tensors) is saved under cache_dir."""
+    if not cache_dir:
+        return compute()
+    path = os.path.join(cache_dir, f"features-{cache_key(*key_parts)}.pt")
+    if os.path.isfile(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a broken cache file is recomputed
+            warnings.warn(f"feature cache '{path}' is unreadable; recomputing")
+    out = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
