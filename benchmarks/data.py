@@ -1,0 +1,130 @@
+"""Data pipeline throughput: images/s of each backend (torch, dali) for 2+8 and 2+10 crops.
+
+Images/s counts source images (each giving 2 global 224 px + N local 96 px crops) delivered as
+normalized device tensors, after a warm-up batch (pipeline build, worker start). Baseline: the torch
+backend (PIL decode + crop in DataLoader workers, photometric ops batched on the device). Issue-6
+target: DALI >= 4,000 images/s for 2+10 crops on an H100 from ImageNet-size JPEGs.
+
+    python benchmarks/data.py --backend all --device cuda            # GPU machine (DALI importable)
+    python benchmarks/data.py --quick                                # CPU smoke test (CI)
+The JPEG folder (~500x375 images, ImageNet-like size and quality) is generated when absent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from multiprocessing import Pool
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from fastdino.config import DataConfig  # noqa: E402
+from fastdino.data import build_train_loader, dali_available  # noqa: E402
+
+
+def _write_one(args):
+    from PIL import Image
+
+    from fastdino.data.demo import render_demo_image
+
+    root, i, w, h = args
+    label = i % 4
+    pixels = render_demo_image(i, label, 4, max(w, h), seed=0)[:h, :w]
+    Image.fromarray(pixels).save(os.path.join(root, f"class_{label:02d}", f"img_{i:05d}.jpg"), quality=90)
+
+
+def make_jpeg_folder(root: str, n: int, w: int = 500, h: int = 375) -> str:
+    """n JPEGs of w x h in root/class_XX/ (skipped if present with n images)."""
+    from fastdino.data import ImageFolder
+
+    try:
+        if len(ImageFolder(root)) == n:
+            return root
+    except Exception:
+        pass
+    tmp = root + ".tmp"
+    for c in range(4):
+        os.makedirs(os.path.join(tmp, f"class_{c:02d}"), exist_ok=True)
+    with Pool(min(os.cpu_count() or 1, 16)) as pool:
+        pool.map(_write_one, [(tmp, i, w, h) for i in range(n)], chunksize=16)
+    if os.path.isdir(root):
+        import shutil
+
+        shutil.rmtree(root)
+    os.rename(tmp, root)
+    return root
+
+
+def bench(backend: str, n_local: int, args, device: torch.device) -> dict:
+    cfg = DataConfig(path=args.data, backend=backend, num_workers=args.workers, local_crops_number=n_local,
+                     global_crop_size=args.global_size, local_crop_size=args.local_size)
+    loader = build_train_loader(cfg, args.batch_size, seed=0, device=device, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    it = loader.epoch(0)
+    t0 = time.perf_counter()
+    next(it)  # warm-up: pipeline build / worker start / first decode
+    sync()
+    warm = time.perf_counter() - t0
+    steps, epoch = 0, 0
+    t0 = time.perf_counter()
+    while steps < args.steps:
+        try:
+            next(it)
+        except StopIteration:
+            epoch += 1
+            it = loader.epoch(epoch)
+            continue
+        steps += 1
+    sync()
+    dt = time.perf_counter() - t0
+    return {"backend": loader.backend, "crops": f"2+{n_local}", "batch": args.batch_size, "steps": steps,
+            "images_per_s": steps * args.batch_size / dt, "ms_per_batch": 1e3 * dt / steps, "warmup_s": warm,
+            "cpu_cores": len(os.sched_getaffinity(0)), "workers_or_threads": args.workers, "device": str(device)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backend", default="all", choices=["all", "torch", "dali"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default=None, help="JPEG folder (default: generated under /tmp)")
+    p.add_argument("--num-images", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30, help="timed batches after the warm-up batch")
+    p.add_argument("--workers", type=int, default=min(len(os.sched_getaffinity(0)), 16),
+                   help="DataLoader workers (torch) / DALI CPU threads")
+    p.add_argument("--locals", default="8,10", help="local crop counts to measure")
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=96)
+    p.add_argument("--quick", action="store_true", help="CPU smoke test: few small batches")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_images, args.batch_size, args.steps, args.workers = 32, 4, 2, 2
+        args.global_size, args.local_size = 96, 48
+    args.data = args.data or f"/tmp/fastdino_bench_jpegs_{args.num_images}"
+    make_jpeg_folder(args.data, args.num_images)
+    device = torch.device(args.device)
+    backends = ["torch", "dali"] if args.backend == "all" else [args.backend]
+    if "dali" in backends and not dali_available():
+        print("dali: not importable, skipped")
+        backends.remove("dali")
+    rows = [bench(b, int(n), args, device) for b in backends for n in args.locals.split(",")]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n### data pipeline throughput ({name}, {rows[0]['cpu_cores'] if rows else '?'} CPU cores, "
+          f"{args.global_size}/{args.local_size} px crops, bf16 out)\n")
+    print("| backend | crops | batch | images/s | ms/batch | warm-up s | workers/threads |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['backend']} | {r['crops']} | {r['batch']} | {r['images_per_s']:.0f} | {r['ms_per_batch']:.1f} | "
+              f"{r['warmup_s']:.1f} | {r['workers_or_threads']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
