@@ -1,0 +1,221 @@
+"""Flat parameter storage: every nn.Parameter a view into one contiguous buffer per (device, dtype).
+
+    flat = FlatParams(student)            # after .to(device), before DDP / optimizer / checkpoint load
+    flat.buffers[i].data                  # (N_i,) the parameters, one segment per parameter
+    flat.buffers[i].grad                  # (N_i,) the gradients (p.grad are views into it)
+    flat.params_with_grad                 # what the optimizer gets (requires_grad parameters)
+    flat.zero_grad()                      # instead of optimizer.zero_grad(): zeros the flat grads
+
+Then the teacher EMA is one elementwise kernel per buffer (kernels/ema.py) and per-tensor clipping
+one segmented pass (kernels/clip_grad.py). The views survive what the engine does to them:
+load_state_dict and DDP's broadcast copy in place, fused AdamW updates its tensor lists in place,
+and autograd accumulates into an existing .grad in place. What breaks them: module.to()/.cuda()/
+.half() afterwards (they replace .data), load_state_dict(assign=True), optimizer.zero_grad() with
+set_to_none=True (grads re-allocated by the next backward) and DDP(gradient_as_bucket_view=True).
+`check()` raises if a view is broken; `zero_grad()` re-attaches grads that were set to None (the
+official freeze_last_layer code does that; the optimizer skips them for that step).
+
+Segments start on multiples of ALIGN elements and the padding between them holds zeros (in data
+and grad), so kernels can vectorize and pad reads change no norm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+ALIGN = 16  # elements: 64 bytes for fp32, vector loads in the kernels
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _named(params) -> list[tuple[str, torch.Tensor]]:
+    """nn.Module, iterable of (name, tensor) or iterable of tensors -> [(name, tensor)], deduplicated."""
+    if isinstance(params, nn.Module):
+        items = list(params.named_parameters())
+    else:
+        items = list(params)
+        if items and not isinstance(items[0], tuple):
+            items = [(str(i), p) for i, p in enumerate(items)]
+    seen, out = set(), []
+    for name, p in items:
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"FlatParams: parameter '{name}' is a {type(p).__name__}, not a tensor")
+        if id(p) in seen:  # tied weights: one segment
+            continue
+        seen.add(id(p))
+        if p.is_sparse or p.layout != torch.strided:
+            raise ValueError(f"FlatParams: parameter '{name}' is not a dense strided tensor")
+        if not (p.is_floating_point()):
+            raise ValueError(f"FlatParams: parameter '{name}' has dtype {p.dtype}, expected a floating dtype")
+        out.append((name, p))
+    return out
+
+
+@dataclass
+class FlatBuffer:
+    """One (device, dtype) group: data (N,), grad (N,) or None, and the segments in it."""
+    device: torch.device
+    dtype: torch.dtype
+    data: torch.Tensor
+    grad: torch.Tensor | None
+    index: list[int] = field(default_factory=list)  # indices into FlatParams.params
+    starts: list[int] = field(default_factory=list)  # segment start (multiple of ALIGN)
+    numels: list[int] = field(default_factory=list)
+
+    def segments(self, padded: bool = True) -> list[tuple[int, int]]:
+        """[(start, end)] per segment; padded ends are rounded up to ALIGN (the padding is zero)."""
+        return [(s, s + (_align(n) if padded else n)) for s, n in zip(self.starts, self.numels)]
+
+
+class FlatParams:
+    """Re-point parameters (and their gradients) into flat contiguous buffers, once.
+
+    params: nn.Module, iterable of (name, parameter) or of parameters. grads: also allocate flat
+    gradient buffers and attach p.grad views for the parameters that require grad.
+    """
+
+    def __init__(self, params, grads: bool = True):
+        named = _named(params)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.has_grads = grads
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(self.params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        self.buffers: list[FlatBuffer] = []
+        with torch.no_grad():
+            for (device, dtype), idx in groups.items():
+                starts, pos = [], 0
+                for i in idx:
+                    starts.append(pos)
+                    pos += _align(self.params[i].numel())
+                data = torch.zeros(pos, dtype=dtype, device=device)
+                need_grad = grads and any(self.params[i].requires_grad for i in idx)
+                grad = torch.zeros(pos, dtype=dtype, device=device) if need_grad else None
+                buf = FlatBuffer(device, dtype, data, grad, list(idx), starts, [self.params[i].numel() for i in idx])
+                for i, s in zip(idx, starts):
+                    p = self.params[i]
+                    view = data[s:s + p.numel()].view(p.shape)
+                    view.copy_(p.detach())
+                    p.data = view
+                    if grad is not None and p.requires_grad:
+                        gview = grad[s:s + p.numel()].view(p.shape)
+                        if p.grad is not None:
+                            gview.copy_(p.grad)
+                        p.grad = gview
+                self.buffers.append(buf)
+        self._grad_views = [(p, self._view(p, grad=True)) for p in self.params_with_grad] if grads else []
+
+    # ----- views ---------------------------------------------------------------------------------
+    def _locate(self, i: int) -> tuple[FlatBuffer, int]:
+        for buf in self.buffers:
+            if i in buf.index:
+                return buf, buf.starts[buf.index.index(i)]
+        raise KeyError(i)
+
+    def _view(self, p: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        i = next(k for k, q in enumerate(self.params) if q is p)
+        buf, s = self._locate(i)
+        src = buf.grad if grad else buf.data
+        return src[s:s + p.numel()].view(p.shape)
+
+    @property
+    def params_with_grad(self) -> list[torch.Tensor]:
+        """The parameters that require grad, in module order (give these to the optimizer)."""
+        return [p for p in self.params if p.requires_grad]
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return list(zip(self.names, self.params))
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def layout(self) -> list[tuple]:
+        """(dtype, device, shapes) per buffer: equal layouts mean segment-by-segment equal buffers."""
+        return [(b.dtype, b.device, [tuple(self.params[i].shape) for i in b.index]) for b in self.buffers]
+
+    # ----- gradients -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        """Zero the flat gradient buffers (one launch each) and re-attach grads set to None since the
+        last call (e.g. the head's last layer during freeze_last_layer). Use instead of
+        optimizer.zero_grad(). Host cost: one `is None` test per parameter, no launch, no sync."""
+        for buf in self.buffers:
+            if buf.grad is not None:
+                buf.grad.zero_()
+        for p, gview in self._grad_views:
+            if p.grad is None:
+                p.grad = gview
+
+    def drop_grads(self, params) -> None:
+        """p.grad = None for these parameters (the optimizer skips them this step; clipping of the
+        flat buffer still runs over their segments, harmlessly); zero_grad() re-attaches them."""
+        for p in params:
+            p.grad = None
+
+    def check(self) -> None:
+        """Raise if a parameter's data (or an attached grad) is no longer a view into its buffer."""
+        for buf in self.buffers:
+            for i, s in zip(buf.index, buf.starts):
+                p, name = self.params[i], self.names[i]
+                if p.data_ptr() != buf.data[s:].data_ptr() or not p.is_contiguous():
+                    raise RuntimeError(f"FlatParams: parameter '{name}' is no longer a view into its flat buffer "
+                                       "(module.to()/load_state_dict(assign=True) after FlatParams?)")
+                if buf.grad is not None and p.requires_grad and p.grad is not None \
+                        and p.grad.data_ptr() != buf.grad[s:].data_ptr():
+                    raise RuntimeError(f"FlatParams: grad of '{name}' is no longer a view into the flat grad buffer "
+                                       "(optimizer.zero_grad(set_to_none=True)? use FlatParams.zero_grad())")
+
+    # ----- teacher copies ------------------------------------------------------------------------
+    def half_copy(self, dtype: torch.dtype = torch.bfloat16) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """New flat buffers of `dtype` mirroring these (one per buffer, filled with the current
+        values) and {name: view} into them, e.g. for torch.func.functional_call(teacher, views, x)."""
+        halves, views = [], {}
+        with torch.no_grad():
+            for buf in self.buffers:
+                h = buf.data.to(dtype) if buf.dtype.is_floating_point else buf.data.clone()
+                halves.append(h)
+                for i, s in zip(buf.index, buf.starts):
+                    p = self.params[i]
+                    views[self.names[i]] = h[s:s + p.numel()].view(p.shape)
+        return halves, views
+
+
+def build_optimizer(param_groups, optimizer: str = "adamw", **kwargs) -> torch.optim.Optimizer:
+    """AdamW for the student: torch's fused kernel by default, NVIDIA apex's FusedAdam (AdamW mode)
+    with optimizer="apex_adamw" when apex is installed. param_groups: as for torch.optim (lists of
+    parameters or dicts); kwargs: lr, betas, eps, weight_decay. Fused AdamW honours
+    `optimizer.found_inf` (a 0-dim fp32 device tensor, 1.0 = skip the step) without a host sync."""
+    groups = list(param_groups)
+    first = groups[0]["params"][0] if groups and isinstance(groups[0], dict) else (groups[0] if groups else None)
+    if isinstance(first, (list, tuple)):
+        first = first[0]
+    device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+    if optimizer == "adamw":
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # no fused kernel for this device/dtype: multi-tensor path
+            return torch.optim.AdamW(groups, foreach=device.type != "cpu", **kwargs)
+    if optimizer == "apex_adamw":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise ValueError("optim.optimizer='apex_adamw' needs NVIDIA apex (apex.optimizers.FusedAdam), "
+                             "which is not installed; use 'adamw'")
+        if device.type != "cuda":
+            raise ValueError(f"optim.optimizer='apex_adamw' runs on CUDA only, parameters are on {device}")
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    raise ValueError(f"build_optimizer: optimizer={optimizer!r} is not one of ['adamw', 'apex_adamw']")
+
+
+def apex_available() -> bool:
+    try:
+        from apex.optimizers import FusedAdam  # noqa: F401
+    except ImportError:
+        return False
+    return True

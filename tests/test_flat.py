@@ -1,0 +1,208 @@
+"""FlatParams: parameters and grads stay views into the flat buffers through backward, checkpoint
+load, DDP wrapping, fused AdamW; freeze_last_layer (grads set to None) keeps its meaning."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastdino.flat import ALIGN, FlatParams, apex_available, build_optimizer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Tiny(nn.Module):
+    """Odd shapes, a frozen parameter (like the head's weight_g) and a 'last_layer'."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(7, 13)
+        self.norm = nn.LayerNorm(13)
+        self.cls = nn.Parameter(torch.randn(1, 1, 13))
+        self.last_layer = nn.Linear(13, 5, bias=False)
+        self.weight_g = nn.Parameter(torch.ones(5, 1), requires_grad=False)
+
+    def forward(self, x):
+        return self.last_layer(self.norm(self.embed(x) + self.cls[0])) * self.weight_g.T
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return Tiny().to(DEVICE)
+
+
+def _assert_views(flat: FlatParams):
+    flat.check()
+    for buf in flat.buffers:
+        for i, s in zip(buf.index, buf.starts):
+            p = flat.params[i]
+            assert s % ALIGN == 0
+            assert p.data_ptr() == buf.data[s:].data_ptr()
+            if p.requires_grad and buf.grad is not None and p.grad is not None:
+                assert p.grad.data_ptr() == buf.grad[s:].data_ptr()
+
+
+def test_views_and_values_preserved():
+    model = _model()
+    ref = copy.deepcopy(model)
+    flat = FlatParams(model)
+    _assert_views(flat)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+        assert p.grad is not None if p.requires_grad else p.grad is None
+    assert flat.params_with_grad == [p for p in model.parameters() if p.requires_grad]
+    mask = torch.ones_like(flat.buffers[0].data, dtype=torch.bool)
+    for s, e in flat.buffers[0].segments(padded=False):
+        mask[s:e] = False
+    assert (flat.buffers[0].data[mask] == 0).all() and mask.any()  # padding holds zeros
+
+
+def test_backward_accumulates_into_flat_grads():
+    model, ref = _model(), _model()
+    flat = FlatParams(model)
+    x = torch.randn(4, 7, device=DEVICE)
+    for _ in range(2):  # two accumulations
+        model(x).square().sum().backward()
+        ref(x).square().sum().backward()
+    _assert_views(flat)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
+    flat.zero_grad()
+    assert all((b.grad == 0).all() for b in flat.buffers if b.grad is not None)
+    _assert_views(flat)
+
+
+def test_checkpoint_load_keeps_views():
+    model, other = _model(0), _model(1)
+    flat = FlatParams(model)
+    f = io.BytesIO()
+    torch.save(other.state_dict(), f)
+    f.seek(0)
+    model.load_state_dict(torch.load(f, map_location=DEVICE))
+    _assert_views(flat)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+    buf = flat.buffers[0]
+    k = next(k for k, i in enumerate(buf.index) if flat.params[i] is model.embed.weight)
+    assert torch.equal(buf.data[buf.starts[k]:][:91], other.embed.weight.reshape(-1))  # the buffer holds it
+
+
+def test_fused_adamw_step_on_views_matches_plain_and_reloads():
+    model, ref = _model(), _model()
+    flat = FlatParams(model)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.04)
+    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.04)
+    assert opt.defaults.get("fused"), "torch fused AdamW should be the default"
+    x = torch.randn(6, 7, device=DEVICE)
+    for _ in range(3):
+        flat.zero_grad()
+        opt_ref.zero_grad()
+        model(x).square().mean().backward()
+        ref(x).square().mean().backward()
+        opt.step()
+        opt_ref.step()
+    _assert_views(flat)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    state = copy.deepcopy(opt.state_dict())
+    opt2 = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt2.load_state_dict(state)
+    model(x).square().mean().backward()
+    opt2.step()
+    _assert_views(flat)
+
+
+def test_freeze_last_layer_with_flat_grads():
+    """The official cancel_gradients_last_layer sets p.grad = None: AdamW skips those parameters
+    (no update, no weight decay, no state); zero_grad() re-attaches the views for the next step."""
+    model = _model()
+    flat = FlatParams(model)
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x = torch.randn(6, 7, device=DEVICE)
+    last = list(model.last_layer.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    flat.zero_grad()
+    model(x).square().mean().backward()
+    for p in last:  # exactly the official code
+        p.grad = None
+    opt.step()
+    for p, b in zip(model.parameters(), before):
+        changed = not torch.equal(p, b)
+        assert changed == (p.requires_grad and all(p is not q for q in last))
+    assert all(p not in opt.state for p in last)
+    flat.zero_grad()  # re-attaches
+    _assert_views(flat)
+    assert all(p.grad is not None for p in last)
+    model(x).square().mean().backward()
+    flat.drop_grads(last)  # the same through the API
+    assert all(p.grad is None for p in last)
+    flat.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    assert not torch.equal(model.last_layer.weight, before[3])
+
+
+def test_found_inf_skips_fused_step():
+    """The engine's device-side guard: optimizer.found_inf = 1 skips the step without a sync."""
+    model = _model()
+    flat = FlatParams(model)
+    opt = build_optimizer(flat.params_with_grad, lr=1e-2)
+    model(torch.randn(3, 7, device=DEVICE)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.found_inf = torch.ones((), device=DEVICE)
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.found_inf = torch.zeros((), device=DEVICE)
+    opt.step()
+    assert not torch.equal(model.embed.weight, before[0])
+    _assert_views(flat)
+
+
+def test_ddp_wrapping_keeps_views(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model, ref = _model(), _model()
+        flat = FlatParams(model)
+        ddp = DDP(model, device_ids=[0] if DEVICE == "cuda" else None)
+        x = torch.randn(4, 7, device=DEVICE)
+        ddp(x).square().sum().backward()
+        ref(x).square().sum().backward()
+        _assert_views(flat)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mixed_dtypes_make_one_buffer_each():
+    ps = [nn.Parameter(torch.randn(5, 3, device=DEVICE)), nn.Parameter(torch.randn(7, device=DEVICE).bfloat16()),
+          nn.Parameter(torch.randn(2, 2, device=DEVICE))]
+    vals = [p.detach().clone() for p in ps]
+    flat = FlatParams(ps)
+    assert sorted(str(b.dtype) for b in flat.buffers) == ["torch.bfloat16", "torch.float32"]
+    assert all(torch.equal(p, v) for p, v in zip(ps, vals))
+    _assert_views(flat)
+
+
+def test_broken_views_are_detected_and_bad_input_refused():
+    model = _model()
+    flat = FlatParams(model)
+    model.double()  # replaces .data: the views are gone
+    with pytest.raises(RuntimeError, match="no longer a view"):
+        flat.check()
+    with pytest.raises(ValueError, match="'1'.*dtype"):
+        FlatParams([torch.zeros(3), torch.zeros(3, dtype=torch.int64)])
+    if not apex_available():
+        with pytest.raises(ValueError, match="apex"):
+            build_optimizer([nn.Parameter(torch.zeros(2))], optimizer="apex_adamw")
+    with pytest.raises(ValueError, match="sgd"):
+        build_optimizer([nn.Parameter(torch.zeros(2))], optimizer="sgd")
