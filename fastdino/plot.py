@@ -17,7 +17,7 @@ import sys
 
 PANELS = (  # (title, metric keys, y scale)
     ("loss", ("loss",), "linear"),
-    ("learning rate / weight decay", ("lr", "wd"), "linear"),
+    ("learning rate (weight decay dashed, right axis)", ("lr", "wd"), "linear"),
     ("teacher entropy (nats)", ("teacher_entropy",), "linear"),
     ("KL(teacher || student) (nats)", ("kl",), "linear"),
     ("online k-NN top-1 (%)", ("knn_top1",), "linear"),
@@ -105,14 +105,19 @@ def plot_runs(paths: list[str], out: str, x: str = "step") -> str:
             name = os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path)))
             for key in keys:
                 xs, ys = series(recs, key, x)
-                if xs:
-                    label = name if len(keys) == 1 else f"{name} {key}"
-                    ax.plot(xs, ys, marker="o" if key == "knn_top1" else None, markersize=3, label=label,
-                            linestyle="--" if key == "wd" else "-")
+                if not xs:
+                    continue
+                target = ax
+                if key == "wd":  # a different scale from lr: its own axis
+                    if not hasattr(ax, "_wd_axis"):
+                        ax._wd_axis = ax.twinx()
+                    target = ax._wd_axis
+                target.plot(xs, ys, marker="o" if key == "knn_top1" else None, markersize=3,
+                            label=name if len(keys) == 1 else f"{name} {key}", linestyle="--" if key == "wd" else "-")
             out_dim = (cfg or {}).get("model", {}).get("out_dim")
             if keys == ("teacher_entropy",) and isinstance(out_dim, int) and out_dim > 1:
                 ax.axhline(math.log(out_dim), color="gray", linestyle=":", linewidth=1)
-                ax.text(0.01, math.log(out_dim), f" ln K ({out_dim})", va="bottom", ha="left", fontsize=7,
+                ax.text(0.01, math.log(out_dim), f" ln K (K={out_dim})", va="top", ha="left", fontsize=7,
                         color="gray", transform=ax.get_yaxis_transform())
         if keys == ("teacher_entropy",) or keys == ("kl",):
             ax.axhline(0.0, color="gray", linestyle=":", linewidth=1)
@@ -120,7 +125,7 @@ def plot_runs(paths: list[str], out: str, x: str = "step") -> str:
         ax.set_yscale(scale)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
-        if len(runs) > 1 or len(keys) > 1:
+        if len(runs) > 1:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

@@ -193,6 +193,9 @@ def _safe_globals() -> list:
 def torch_load(path: str) -> object:
     """torch.load on CPU with safe unpickling (weights_only) extended to what DINO checkpoints hold;
     other files fall back to full unpickling with a note (load only checkpoints you trust)."""
+    if os.path.isdir(path):
+        raise EvalError(f"checkpoint '{path}' is a folder (a DeepSpeed checkpoint?): pass a .pth file, e.g. "
+                        "the checkpoint.pth that train.py writes")
     if not os.path.isfile(path):
         raise EvalError(f"checkpoint '{path}' does not exist")
     try:
