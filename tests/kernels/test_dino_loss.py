@@ -190,3 +190,20 @@ def test_aot_compile_sm80_sm90a():
         assert not r["local_memory"], f"{r['kernel']} ({r['target']}) spills to local memory"
         if r["kernel"] in ("_dino_loss_fwd_kernel", "_dino_loss_bwd_kernel"):
             assert r["vector_loads"], f"{r['kernel']} ({r['target']}): S/T loads are not 16-byte vectorized"
+
+
+def test_benchmark_script_runs(tmp_path):
+    """benchmarks/loss.py on CPU (reference and torch variants), as CI runs it."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "loss.py")
+    spec = importlib.util.spec_from_file_location("bench_loss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "loss.json"
+    rows = bench.main(["--quick", "--cpu", "--B", "2", "--K", "512", "--crops", "2+1", "--json", str(out)])
+    assert [r["variant"] for r in rows] == ["reference", "torch"]
+    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
+    assert json.loads(out.read_text())[1]["speedup"] > 0
