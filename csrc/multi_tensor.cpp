@@ -119,7 +119,7 @@ at::Tensor clip_grad_per_tensor_(at::TensorList grads, double clip) {
 
 }  // namespace
 
-TORCH_LIBRARY(fastdino, m) {
+TORCH_LIBRARY_FRAGMENT(fastdino, m) {  // a fragment: other fastdino ops may share the namespace
   m.def("ema_lerp_(Tensor(a!)[] teacher, Tensor[] student, Tensor momentum) -> ()");
   m.def("clip_grad_per_tensor_(Tensor(a!)[] grads, float clip) -> Tensor");
 }

@@ -31,13 +31,19 @@ IMPLS = ("auto", "flat_triton", "multi_tensor", "foreach", "loop")
 @torch.no_grad()
 def ema_update_loop(teacher_params, student_params, momentum) -> None:
     """Reference: the official `for param_q, param_k in zip(...)` loop, fp32 math."""
-    if not torch.is_tensor(momentum) and momentum == 1:
+    if not torch.is_tensor(momentum):
+        if momentum == 1:
+            return
+        for p_t, p_s in zip(teacher_params, student_params):
+            if p_t.dtype == p_s.dtype == torch.float32:  # exactly the official ops
+                p_t.mul_(momentum).add_((1 - momentum) * p_s.detach())
+            else:
+                p_t.copy_(p_t.float() * momentum + (1 - momentum) * p_s.detach().float())
         return
     for p_t, p_s in zip(teacher_params, student_params):
         new = p_t.float() * momentum + (1 - momentum) * p_s.detach().float()
-        if torch.is_tensor(momentum):  # m == 1 (a skipped step): keep the teacher whatever the student
-            new = torch.where(momentum == 1, p_t.float(), new)
-        p_t.copy_(new.to(p_t.dtype))
+        # m == 1 (a skipped step): keep the teacher whatever the student holds
+        p_t.copy_(torch.where(momentum == 1, p_t.float(), new))
 
 
 @torch.no_grad()
