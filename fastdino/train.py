@@ -141,6 +141,29 @@ class DINOTraining:
         self.autocast_dtype = precision_dtype(self.cfg.train.precision)
 
 
+def build_training(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> DINOTraining:
+    """Student (DDP-wrapped when distributed), teacher, loss, optimizer, scaler and schedules."""
+    device = ctx.device
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    student_module, teacher = build_models(cfg, device)
+    torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank randomness (drop path) from here on
+    student = student_module
+    if ctx.distributed:
+        student = nn.parallel.DistributedDataParallel(
+            student_module, device_ids=[device.index] if device.type == "cuda" else None)
+    ncrops = 2 + cfg.data.local_crops_number
+    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
+                         cfg.loss.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.loss.student_temp,
+                         cfg.loss.center_momentum, impl=cfg.loss.impl).to(device)
+    optimizer = build_optimizer(get_params_groups(student_module), cfg.optim.optimizer, device)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    schedules = Schedules.from_config(cfg.optim, cfg.optim.batch_size_per_gpu * ctx.world_size, steps_per_epoch)
+    return DINOTraining(cfg, ctx, student, student_module, teacher, dino_loss, optimizer, scaler, schedules,
+                        momentum_schedule=torch.tensor(schedules.momentum, dtype=torch.float32, device=device),
+                        bad_steps=torch.zeros((), dtype=torch.int32, device=device),
+                        first_bad_step=torch.full((), -1, dtype=torch.int64, device=device))
+
+
 def clip_and_check(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     """Per-tensor clipping (each gradient's norm to `clip`) with no host sync; returns a device
     bool: every gradient is finite."""
@@ -269,7 +292,6 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
 
     device = ctx.device
     check_output_dir(cfg.train.output_dir)
-    torch.manual_seed(cfg.train.seed + ctx.rank)
     if ctx.is_main:
         with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as f:
             f.write(cfg.to_json())
@@ -291,22 +313,8 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
                             f"global batch ({batch * ctx.world_size}): lower optim.batch_size_per_gpu")
 
     # ============ student, teacher, loss, optimizer ============
-    student_module, teacher = build_models(cfg, device)
-    student = student_module
-    if ctx.distributed:
-        student = nn.parallel.DistributedDataParallel(
-            student_module, device_ids=[device.index] if device.type == "cuda" else None)
-    ncrops = 2 + cfg.data.local_crops_number
-    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
-                         cfg.loss.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.loss.student_temp,
-                         cfg.loss.center_momentum, impl=cfg.loss.impl).to(device)
-    optimizer = build_optimizer(get_params_groups(student_module), cfg.optim.optimizer, device)
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-    schedules = Schedules.from_config(cfg.optim, batch * ctx.world_size, steps_per_epoch)
-    t = DINOTraining(cfg, ctx, student, student_module, teacher, dino_loss, optimizer, scaler, schedules,
-                     momentum_schedule=torch.tensor(schedules.momentum, dtype=torch.float32, device=device),
-                     bad_steps=torch.zeros((), dtype=torch.int32, device=device),
-                     first_bad_step=torch.full((), -1, dtype=torch.int64, device=device))
+    t = build_training(cfg, ctx, steps_per_epoch)
+    schedules, dino_loss = t.schedules, t.dino_loss
 
     # ============ resume ============
     ckpt_path = os.path.join(cfg.train.output_dir, "checkpoint.pth")

@@ -1,0 +1,203 @@
+"""The training loop end to end on a tiny model: metrics and checkpoints, 1-process vs 2-process DDP,
+kill-and-resume (bit-identical on CPU), and bad input (one-line errors, corrupt images, NaN loss)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastdino.config import load_config
+from fastdino.train import main, parse_args, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "fastdino", "train.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from fastdino.data import generate_demo_dataset
+
+    root = str(tmp_path_factory.mktemp("data") / "demo")
+    generate_demo_dataset(root, num_images=48, num_classes=3, image_size=40, seed=0)
+    return root
+
+
+def tiny(data_dir, out, *extra):
+    """A ViT-tiny/16 run small enough for tests: 32 px globals, 2 locals of 16 px, K = 128."""
+    return ["--config", os.path.join(ROOT, "configs", "demo.json"),
+            f"--data.path={data_dir}", "--data.generate_demo=false", "--data.global_crop_size=32",
+            "--data.local_crop_size=16", "--data.local_crops_number=2", "--data.num_workers=0",
+            "--model.out_dim=128", "--model.drop_path_rate=0.1", "--optim.batch_size_per_gpu=8",
+            "--optim.epochs=3", "--optim.warmup_epochs=1", "--loss.impl=reference",
+            f"--train.output_dir={out}", "--train.progress=false", "--train.log_every=2", *extra]
+
+
+def run_in_process(argv):
+    cfg, args = parse_args(argv)
+    return train(cfg, args)
+
+
+def load(out):
+    return torch.load(os.path.join(out, "checkpoint.pth"), map_location="cpu", weights_only=False)
+
+
+def assert_states_equal(a, b, exact=True, atol=0.0):
+    for name in ("student", "teacher"):
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            if exact:
+                assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs"
+            else:
+                torch.testing.assert_close(a[name][k], b[name][k], rtol=0, atol=atol, msg=f"{name}.{k}")
+    if exact:
+        assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+
+
+def test_demo_steps_write_metrics_and_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    summary = run_in_process(tiny(data_dir, out, "--train.max_steps=4"))
+    assert summary["steps"] == 4
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]  # one line per step, written on log steps
+    for key in ("loss", "lr", "wd", "momentum", "teacher_temp"):
+        assert all(key in r for r in lines)
+    assert {"teacher_entropy", "kl", "images_per_s"} <= lines[-1].keys()
+    # loss starts near the uniform level: ln K scaled by the pair count's cross-entropy
+    assert 0.5 * torch.log(torch.tensor(128.0)) < lines[0]["loss"] < 3 * torch.log(torch.tensor(128.0))
+    ckpt = load(out)
+    assert {"student", "teacher", "optimizer", "dino_loss", "epoch", "step", "rng", "config"} <= ckpt.keys()
+    assert ckpt["step"] == 4 and ckpt["config"]["model"]["out_dim"] == 128
+    assert json.load(open(os.path.join(out, "config.json")))["data"]["path"] == data_dir
+    # the teacher moved away from its initial copy of the student, and differs from the student
+    assert any(not torch.equal(ckpt["student"][k], ckpt["teacher"][k]) for k in ckpt["student"])
+
+
+def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    common = ["--train.max_steps=3", "--model.drop_path_rate=0.0"]  # drop path draws per rank
+    run_in_process(tiny(data_dir, single, *common))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", TRAIN,
+           *tiny(data_dir, ddp, *common, "--optim.batch_size_per_gpu=4", "--train.device=cpu")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load(single), load(ddp)
+    assert a["step"] == b["step"] == 3
+    assert_states_equal(a, b, exact=False, atol=2e-5)
+    torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=0, atol=1e-5)
+
+
+def test_kill_and_resume_is_bit_identical(data_dir, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    common = ["--train.max_steps=14", "--train.checkpoint_every=2", "--train.log_every=1"]
+    run_in_process(tiny(data_dir, full, *common))
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, TRAIN, *tiny(data_dir, killed, *common)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 7:  # mid-way, past a checkpoint
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run was not killed mid-way"
+    step_at_kill = load(killed)["step"]
+    assert 2 <= step_at_kill < 14
+    run_in_process(tiny(data_dir, killed, *common, "--resume"))
+    a, b = load(full), load(killed)
+    assert a["step"] == b["step"] == 14
+    assert_states_equal(a, b, exact=True)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def _one_line_error(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_input_gives_one_line_errors(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    err = _one_line_error(tiny(data_dir, out, "--optim.lrr=1"), capsys)
+    assert "optim.lrr" in err
+    missing = str(tmp_path / "no-such-folder")
+    err = _one_line_error(tiny(missing, out), capsys)
+    assert "no-such-folder" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _one_line_error(tiny(str(empty), out), capsys)
+    assert str(empty) in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = _one_line_error(tiny(data_dir, str(blocker / "out")), capsys)
+    assert "output folder" in err and "a-file" in err
+    err = _one_line_error(tiny(data_dir, out, "--resume", str(tmp_path / "nope.pth")), capsys)
+    assert "nope.pth" in err
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path):
+    from fastdino.data import generate_demo_dataset
+
+    root = str(tmp_path / "data")
+    generate_demo_dataset(root, num_images=15, num_classes=3, image_size=40, seed=1)
+    with open(os.path.join(root, os.listdir(root)[0], "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    out = str(tmp_path / "run")
+    summary = run_in_process(tiny(root, out, "--optim.epochs=1", "--optim.warmup_epochs=0"))
+    assert summary["steps"] == 2 and summary["corrupt_images"] == 1
+    last = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][-1]
+    assert last["corrupt_images"] == 1
+
+
+def test_nonfinite_loss_skips_updates_and_stops_with_step(data_dir, tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 2: optimizer, teacher and center are untouched by that step, and the run
+    stops with the step number at the next log step."""
+    from fastdino.loss import DINOLoss
+    import fastdino.train as train_mod
+
+    out = str(tmp_path / "run")
+    calls = {"n": 0}
+    real_forward = DINOLoss.forward
+    snapshots = {}
+
+    def forward(self, student_output, teacher_output, epoch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 2: the student's logits go bad
+            student_output = student_output * float("nan")
+        return real_forward(self, student_output, teacher_output, epoch)
+
+    real_step = train_mod.train_step
+
+    def step(t, crops, it, epoch, **kw):
+        if it == 2:
+            snapshots["before"] = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+            snapshots["student_before"] = {k: v.clone() for k, v in t.student_module.state_dict().items()}
+            snapshots["center_before"] = t.dino_loss.center.clone()
+        result = real_step(t, crops, it, epoch, **kw)
+        if it == 2:
+            snapshots["after"] = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+            snapshots["student_after"] = {k: v.clone() for k, v in t.student_module.state_dict().items()}
+            snapshots["center_after"] = t.dino_loss.center.clone()
+        return result
+
+    monkeypatch.setattr(DINOLoss, "forward", forward)
+    monkeypatch.setattr(train_mod, "train_step", step)
+    err = _one_line_error(tiny(data_dir, out, "--train.log_every=4", "--train.max_steps=8",
+                               "--train.checkpoint_every=2"), capsys)
+    assert "non-finite loss at step 2" in err
+    for k, v in snapshots["before"].items():
+        assert torch.equal(v, snapshots["after"][k]), f"teacher {k} changed on a NaN step"
+    for k, v in snapshots["student_before"].items():
+        assert torch.equal(v, snapshots["student_after"][k]), f"student {k} changed on a NaN step"
+    assert torch.equal(snapshots["center_before"], snapshots["center_after"])
+    assert load(out)["step"] == 2  # the last checkpoint before the bad step is intact
