@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -70,6 +72,8 @@ class GradClipper:
             impl = "flat_triton" if (flat_ok and cuda) else ("multi_tensor" if cuda else "foreach")
         if impl == "flat_triton" and not flat_ok:
             raise ValueError("GradClipper: impl='flat_triton' needs a FlatParams built with grads=True")
+        if impl == "flat_triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("GradClipper: impl='flat_triton' needs CUDA parameters (or TRITON_INTERPRET=1)")
         self.impl, self._norms, self._tables = impl, None, []
         if impl == "flat_triton":
             from fastdino.kernels.clip_grad import SegmentTable

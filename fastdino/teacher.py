@@ -20,6 +20,7 @@ lists computes t + 0 * (s - t): exact for a finite student, -0.0 aside).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -75,7 +76,7 @@ class TeacherUpdater:
     same shapes pairwise. teacher_copy_dtype: also keep a copy of the teacher in this dtype (e.g.
     torch.bfloat16), rewritten by every step in the same pass, for the teacher's forward:
     `self.teacher_copy` is {name: view}, for torch.func.functional_call(teacher, self.teacher_copy, x).
-    Flat paths only.
+    Flat paths only; call refresh_copy() after loading a checkpoint into the teacher.
     """
 
     def __init__(self, teacher, student, impl: str = "auto", teacher_copy_dtype: torch.dtype | None = None):
@@ -103,6 +104,8 @@ class TeacherUpdater:
         if impl == "flat_triton" and not flat:
             raise ValueError("TeacherUpdater: impl='flat_triton' needs teacher and student as FlatParams with the "
                              "same layout (same parameter shapes, dtypes and order)")
+        if impl == "flat_triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("TeacherUpdater: impl='flat_triton' needs CUDA parameters (or TRITON_INTERPRET=1)")
         self.impl = impl
         self.teacher_copy, self._halves = None, None
         if teacher_copy_dtype is not None:
@@ -112,6 +115,13 @@ class TeacherUpdater:
             self._halves, self.teacher_copy = self.teacher_flat.half_copy(teacher_copy_dtype)
         log.info("teacher update: impl=%s (%s, %d parameters%s)", impl, "flat buffers" if flat else "lists",
                  len(self.teacher), f", {teacher_copy_dtype} copy" if teacher_copy_dtype else "")
+
+    @torch.no_grad()
+    def refresh_copy(self) -> None:
+        """Rewrite the teacher copy from the teacher (after loading a checkpoint into the teacher)."""
+        if self._halves is not None:
+            for h, buf in zip(self._halves, self.teacher_flat.buffers):
+                h.copy_(buf.data)
 
     @torch.no_grad()
     def step(self, momentum) -> None:

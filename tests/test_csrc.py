@@ -55,7 +55,10 @@ def cu_object(tmp_path_factory):
     if NVCC is None:
         pytest.skip("nvcc not found: the CUDA extension cannot be compiled on this machine")
     obj = str(tmp_path_factory.mktemp("nvcc") / "multi_tensor_kernel.o")
-    cmd = [NVCC, "-c", CU, "-o", obj, "-std=c++17", "-O3", "-Xcompiler", "-fPIC",
+    # the flags torch's BuildExtension passes (no implicit half conversions) plus setup.py's
+    cmd = [NVCC, "-c", CU, "-o", obj, "-std=c++17", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+           "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a", *_torch_includes()]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]

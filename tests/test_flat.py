@@ -206,3 +206,57 @@ def test_broken_views_are_detected_and_bad_input_refused():
             build_optimizer([nn.Parameter(torch.zeros(2))], optimizer="apex_adamw")
     with pytest.raises(ValueError, match="sgd"):
         build_optimizer([nn.Parameter(torch.zeros(2))], optimizer="sgd")
+
+
+def test_engine_step_matches_official_step():
+    """The engine contract end to end, 6 steps: flat grads, per-tensor clip, last layer frozen for
+    the first 3 steps, fused AdamW, EMA with a device momentum; step 4 has a non-finite loss, which
+    must reach neither the student (found_inf) nor the teacher (momentum 1). Compared with the
+    official step: loop clip, p.grad = None, plain AdamW, per-parameter EMA, skipped bad step."""
+    from fastdino.clip import GradClipper, clip_gradients_loop
+    from fastdino.teacher import TeacherUpdater, ema_update_loop
+
+    student, ref_student = _model(0), _model(0)
+    teacher, ref_teacher = _model(1), _model(1)
+    teacher.load_state_dict(student.state_dict())
+    ref_teacher.load_state_dict(ref_student.state_dict())
+    fs, ft = FlatParams(student), FlatParams(teacher, grads=False)
+    for p in list(teacher.parameters()) + list(ref_teacher.parameters()):
+        p.requires_grad_(False)
+    opt = build_optimizer([p for p in student.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.04)
+    ref_opt = torch.optim.AdamW([p for p in ref_student.parameters() if p.requires_grad], lr=5e-2,
+                                weight_decay=0.04, foreach=False)
+    ema = TeacherUpdater(ft, fs)  # auto: flat_triton on CUDA, flat foreach on CPU
+    clipper = GradClipper(fs, 0.5)
+    g = torch.Generator().manual_seed(0)
+    for it in range(6):
+        x = torch.randn(8, 7, generator=g).to(DEVICE)
+        m = 0.99 + 0.001 * it
+        # engine
+        fs.zero_grad()
+        loss = student(x).square().mean() * (float("nan") if it == 4 else 1.0)
+        loss.backward()
+        bad = ~torch.isfinite(loss.detach())
+        clipper.clip_()
+        if it < 3:
+            fs.drop_grads(student.last_layer.parameters())
+        opt.found_inf = bad.float()
+        opt.step()
+        ema.step(torch.where(bad, torch.ones((), device=DEVICE), torch.full((), m, device=DEVICE)))
+        # official
+        if it == 4:
+            continue  # the official code stops on a non-finite loss; the engine skips the step
+        ref_opt.zero_grad()
+        ref_student(x).square().mean().backward()
+        clip_gradients_loop(list(ref_student.parameters()), 0.5)
+        if it < 3:
+            for p in ref_student.last_layer.parameters():
+                p.grad = None
+        ref_opt.step()
+        ema_update_loop(list(ref_teacher.parameters()), list(ref_student.parameters()), m)
+    _assert_views(fs)
+    _assert_views(ft)
+    for (n, p), q in zip(student.named_parameters(), ref_student.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    for (n, p), q in zip(teacher.named_parameters(), ref_teacher.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)

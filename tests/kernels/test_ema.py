@@ -133,6 +133,10 @@ def test_teacher_bf16_copy_for_forward(impl):
     x = torch.randn(3, 11, device=DEVICE, dtype=torch.bfloat16)
     out = torch.func.functional_call(teacher, upd.teacher_copy, (x,))
     torch.testing.assert_close(out.float(), teacher(x.float()), rtol=3e-2, atol=3e-2)
+    teacher.load_state_dict(student.state_dict())  # a checkpoint load: views kept, copy stale until refreshed
+    upd.refresh_copy()
+    for name, p in teacher.named_parameters():
+        assert torch.equal(upd.teacher_copy[name], p.detach().to(torch.bfloat16))
 
 
 def test_updater_refuses_bad_input():
@@ -149,6 +153,15 @@ def test_updater_refuses_bad_input():
         TeacherUpdater(teacher, [student[0], student[2]] + student[2:])
     with pytest.raises(ValueError, match="0-dim"):
         ema_flat_(torch.zeros(4), torch.zeros(4), torch.zeros(2))
+
+
+def test_flat_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    if CUDA:
+        pytest.skip("CPU-only check")
+    student, teacher = _pair([torch.float32])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs CUDA parameters"):
+        TeacherUpdater(FlatParams(teacher, grads=False), FlatParams(student), impl="flat_triton")
 
 
 @pytest.mark.skipif(not CUDA, reason="native CUDA: large buffers and CUDA-graph capture")
