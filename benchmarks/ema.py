@@ -230,7 +230,7 @@ def main(argv=None):
     peak = peak_gbs(device)
     copy = copy_gbs(device, 1 << 26 if device.type == "cuda" else 1 << 20, args.reps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}; spec HBM {peak or 'n/a'} GB/s; torch copy {copy:.0f} GB/s; "
+    print(f"device: {name}; spec HBM {peak or 'n/a'} GB/s; torch copy {copy:.1f} GB/s; "
           f"fastdino._C: {'built' if multi_tensor.HAVE_C else 'not built'}; torch {torch.__version__}")
     rows = []
     for m in models:

@@ -2,7 +2,10 @@
 `clip` separately (not a global norm):  g <- g * min(1, clip / (||g|| + 1e-6)).
 
 `clip_gradients_loop` is the reference (two host syncs per tensor, as the official code);
-`clip_gradients_foreach` does the same with no host synchronization.
+`clip_gradients_foreach` does the same with no host synchronization. `GradClipper` is what the
+engine calls every step: the segmented Triton kernels over the flat grad buffers of a FlatParams
+(kernels/clip_grad.py, two launches per buffer), the CUDA multi-tensor kernels for lists
+(fastdino.multi_tensor), torch._foreach_* on CPU.
 """
 from __future__ import annotations
 
@@ -29,15 +32,7 @@ def clip_gradients_loop(params, clip: float) -> list[float]:
 @torch.no_grad()
 def clip_gradients_foreach(params, clip: float) -> None:
     """Same semantics as clip_gradients_loop in a few multi-tensor launches, no host sync."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    norms = torch._foreach_norm(grads)
-    coefs = torch._foreach_add(norms, 1e-6)
-    torch._foreach_reciprocal_(coefs)
-    torch._foreach_mul_(coefs, clip)
-    torch._foreach_clamp_max_(coefs, 1.0)
-    torch._foreach_mul_(grads, coefs)
+    _clip_foreach_norms([p.grad for p in params if p.grad is not None], float(clip))
 
 
 IMPLS = ("auto", "flat_triton", "multi_tensor", "foreach", "loop")
