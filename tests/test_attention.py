@@ -4,7 +4,7 @@ the fused kernels store no attention matrix, unavailable backends fail at build 
 import pytest
 import torch
 
-from fastdino.models import DINOHead, MultiCropWrapper, vit_tiny
+from fastdino.models import DINOHead, MultiCropWrapper, VisionTransformer
 from fastdino.models.attention import (BACKENDS, AttentionBackendError, attention_ref, backend_unavailable,
                                        cu_seqlens_for, packed_attention, packed_attention_ref, resolve_backend)
 from fastdino.models.vision_transformer import Block, vit_forward_ref
@@ -135,8 +135,9 @@ def test_vit_backends_packed_and_unpacked(backend):
     """Whole tiny ViT + head: packed and unpacked outputs and grads under each backend equal the
     math backend (fp32; bf16 autocast on CUDA)."""
     torch.manual_seed(0)
-    model = vit_tiny(patch_size=8, img_size=32, drop_path_rate=0.2).to(DEV)
-    head = DINOHead(192, 13, hidden_dim=32, bottleneck_dim=8).to(DEV)
+    model = VisionTransformer(patch_size=8, img_size=32, embed_dim=128, depth=3, num_heads=2,
+                              drop_path_rate=0.2, attn=backend).to(DEV)
+    head = DINOHead(128, 13, hidden_dim=32, bottleneck_dim=8).to(DEV)
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(2, 3, s, s, generator=gen).to(DEV) for s in (32, 32, 16, 16, 16)]
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
@@ -162,3 +163,24 @@ def test_vit_backends_packed_and_unpacked(backend):
     with torch.no_grad():
         x = xs[0]
         assert torch.allclose(model(x), vit_forward_ref(model, x)[:, 0], atol=1e-4 if DEV == "cpu" else 3e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real DINO shapes on the GPU kernels")
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("groups", [((4, 785),), ((8, 197),), ((4, 785), (20, 145)), ((4, 197), (20, 37))], ids=str)
+def test_backend_real_shapes_cuda(backend, groups):
+    heads, head_dim = 12, 64
+    qkv = qkv_packed(groups, heads, head_dim, torch.bfloat16)
+    grad = torch.randn(qkv.shape[0], heads * head_dim, device=DEV)
+    out64, g64 = fwd_bwd(qkv.double(), groups, heads, "ref", grad.double())
+    out_m, g_m = fwd_bwd(qkv, groups, heads, "math", grad)
+    out, g = fwd_bwd(qkv, groups, heads, backend, grad)
+    assert err(out, out64) <= 2 * err(out_m, out64) + 2e-3
+    assert err(g, g64) <= 2 * err(g_m, g64) + 2e-3 * g64.abs().max().item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto times the CUDA kernels")
+def test_auto_picks_an_available_fused_backend_cuda():
+    name = resolve_backend("auto", "cuda", shape=(785, 12, 64))
+    assert name in FAST and name != "math"
+    assert resolve_backend("auto", "cuda", shape=(785, 12, 64)) == name  # cached: one timing per shape

@@ -10,7 +10,8 @@ Backends (config model.attn):
     sdpa_efficient  torch SDPA, memory-efficient kernel only (CUDA, any float dtype)
     sdpa            torch SDPA, PyTorch's own dispatch (picks one of the above, else math)
     math            torch SDPA, math kernel only: materializes the (seq x seq) matrix (reference speed)
-    auto            resolved at build by AUTO_ORDER below (first one available on the device)
+    auto            resolved at build: on CUDA, the fastest fused backend for the model's global-crop
+                    shape, timed once (fwd+bwd, bf16) and checked against the reference; on CPU, sdpa
 
 The fused kernels never store the attention matrix: backward recomputes it from q, k, v and the
 per-row log-sum-exp. The matrix is only ever materialized by `attention_ref` (tests, the
@@ -41,9 +42,8 @@ _SDPA_KERNEL = {
     "sdpa_efficient": "EFFICIENT_ATTENTION",
     "math": "MATH",
 }
-# `auto` takes the first backend of this list that is available on the device. Order from
-# benchmarks/attention.py (fwd+bwd of ViT blocks, bf16): edit here when the measurements say so.
-AUTO_ORDER = {"cuda": ("flash_attn", "sdpa"), "cpu": ("sdpa",)}
+# Candidates `auto` times on CUDA (benchmarks/attention.py shows the full comparison).
+AUTO_CANDIDATES = ("flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
 
 class AttentionBackendError(ValueError):
@@ -130,16 +130,57 @@ def backend_unavailable(name: str, device_type: str) -> str | None:
     return f"unknown backend (choose one of {list(BACKENDS)})"
 
 
-def resolve_backend(name: str, device_type: str | None = None) -> str:
+@functools.lru_cache(maxsize=None)
+def fastest_cuda_backend(seq: int, num_heads: int, head_dim: int, device_index: int = 0) -> str:
+    """Time fwd+bwd of every available fused backend on (rows, heads, seq, head_dim) bf16 with
+    ~64k tokens; return the fastest whose output matches the fp32 reference. Once per shape and
+    process; under torch.distributed rank 0's choice is broadcast so all ranks run the same kernel."""
+    names = [b for b in AUTO_CANDIDATES if backend_unavailable(b, "cuda") is None]
+    rows = max(1, 65536 // seq)
+    dim = num_heads * head_dim
+    gen = torch.Generator(device=f"cuda:{device_index}").manual_seed(0)
+    qkv = torch.randn(rows * seq, 3 * dim, device=f"cuda:{device_index}", dtype=torch.bfloat16, generator=gen)
+    qkv.requires_grad_()
+    grad = torch.randn(rows * seq, dim, device=qkv.device, dtype=torch.bfloat16, generator=gen)
+    groups = ((rows, seq),)
+    ref = packed_attention_ref(qkv[:2 * seq].detach(), ((2, seq),), num_heads).float()
+    times = []
+    for name in names:
+        try:
+            out = packed_attention(qkv, groups, num_heads, name)
+            if (out[:2 * seq].float() - ref).abs().max().item() > 2e-2 * ref.abs().max().item() + 1e-2:
+                continue  # a kernel that is wrong on this shape is never chosen
+            for _ in range(3):
+                packed_attention(qkv, groups, num_heads, name).backward(grad)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                packed_attention(qkv, groups, num_heads, name).backward(grad)
+            end.record()
+            end.synchronize()
+            times.append((start.elapsed_time(end), name))
+        except (RuntimeError, ValueError):
+            continue
+    best = min(times)[1] if times else "sdpa"
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        choice = torch.tensor([BACKENDS.index(best)], device=qkv.device)
+        dist.broadcast(choice, src=0)
+        best = BACKENDS[int(choice.item())]
+    return best
+
+
+def resolve_backend(name: str, device_type: str | None = None, shape: tuple[int, int, int] | None = None) -> str:
     """Check model.attn=`name` on the device (default: cuda if available, else cpu) and resolve
-    `auto`. Raises AttentionBackendError (one line) for an unknown or unavailable backend."""
+    `auto` (on CUDA with shape=(seq, heads, head_dim): the fastest measured backend, else sdpa).
+    Raises AttentionBackendError (one line) for an unknown or unavailable backend."""
     device_type = device_type or default_device_type()
     if name not in BACKENDS:
         raise AttentionBackendError(f"model.attn={name!r}: unknown attention backend (choose one of {list(BACKENDS)})")
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device_type, ("sdpa",)):
-            if backend_unavailable(candidate, device_type) is None:
-                return candidate
+        if device_type == "cuda" and shape is not None and torch.cuda.is_available():
+            return fastest_cuda_backend(*shape, torch.cuda.current_device())
         return "sdpa"
     why = backend_unavailable(name, device_type)
     if why is not None:

@@ -127,7 +127,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"VisionTransformer: unsupported arguments {sorted(kwargs)}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"VisionTransformer: drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        self.attn_backend = resolve_backend(attn)  # raises one line for an unavailable backend
+        # global-crop attention shape: what `auto` times on CUDA
+        self._attn_shape = ((img_size // patch_size) ** 2 + 1, num_heads, embed_dim // num_heads)
+        self.attn_backend = resolve_backend(attn, shape=self._attn_shape)  # one-line error if unavailable
         self.num_features = self.embed_dim = embed_dim
         self.depth, self.num_heads, self.patch_size = depth, num_heads, patch_size
         self.activation_checkpointing = activation_checkpointing
@@ -135,7 +137,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         # stochastic depth rule as official: linear from 0 (first block) to drop_path_rate (last)
-        self.dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # as official
         self.drop_path_rate = drop_path_rate
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, self.attn_backend) for _ in range(depth)])
@@ -157,7 +159,7 @@ class VisionTransformer(nn.Module):
 
     def set_attn_backend(self, attn: str) -> None:
         """Switch the attention backend of every block (checked like at build)."""
-        self.attn_backend = resolve_backend(attn)
+        self.attn_backend = resolve_backend(attn, shape=self._attn_shape)
         for blk in self.blocks:
             blk.attn.backend = self.attn_backend
 
@@ -200,7 +202,9 @@ class VisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             s = None if scales is None else scales[i]
             if ckpt:
-                x = checkpoint(blk, x, s, groups, cu_seqlens, max_seqlen, use_reentrant=False)
+                # no RNG inside a block (drop-path masks are inputs): skip saving/restoring RNG state
+                x = checkpoint(blk, x, s, groups, cu_seqlens, max_seqlen, use_reentrant=False,
+                               preserve_rng_state=False)
             else:
                 x = blk(x, s, groups, cu_seqlens, max_seqlen)
         return x
