@@ -193,3 +193,53 @@ class DINOLoss(nn.Module):
         self.sync_center()
         logq = F.log_softmax((teacher_output.float() - self.center) / self.teacher_temp(epoch), dim=-1)
         return -(logq.exp() * logq).sum(-1).mean()
+
+
+def _weight_norm(weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
+    """Effective last-layer weight g * v / ||v||_row, as fastdino.models.head.WeightNormLinear."""
+    return weight_v * (weight_g / weight_v.norm(dim=1, keepdim=True))
+
+
+class DINOHeadLoss(DINOLoss):
+    """The head's last layer (weight-normalized Linear(D, K), no bias) fused with the DINO loss:
+    no (ncrops*B, K) student logits or logit gradients are stored (model.fused_head).
+
+    Same constructor, `center` buffer, schedule and numbers as DINOLoss (the teacher logits are
+    formed with F.linear, as the unfused teacher does; the student's are computed tile by tile in
+    kernels/dino_head_loss.py). impl="reference" (or "auto" off CUDA) forms the student logits with
+    F.linear and runs the reference loss.
+
+    forward(student_feats (ncrops*B, D), teacher_feats (2B, D), student_weight_g (K, 1),
+            student_weight_v (K, D), teacher_weight_g, teacher_weight_v, epoch, return_entropy=False)
+    with the features from DINOHead.forward_bottleneck (L2-normalized). Gradients flow to
+    student_feats, student_weight_v and student_weight_g (where they require grad; the weight-norm
+    itself is PyTorch autograd on a (K, D) tensor). The matmul dtype follows autocast when it is
+    enabled, else the features' dtype, as F.linear would.
+    """
+
+    def forward(self, student_feats: torch.Tensor, teacher_feats: torch.Tensor, student_weight_g: torch.Tensor,
+                student_weight_v: torch.Tensor, teacher_weight_g: torch.Tensor, teacher_weight_v: torch.Tensor,
+                epoch: int, return_entropy: bool = False):
+        device = student_feats.device
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = torch.promote_types(student_feats.dtype, student_weight_v.dtype)
+        with torch.autocast(device.type, enabled=False):
+            student_weight = _weight_norm(student_weight_g, student_weight_v).to(dtype)
+            with torch.no_grad():
+                teacher_weight = _weight_norm(teacher_weight_g, teacher_weight_v).to(dtype)
+                teacher_output = F.linear(teacher_feats.detach().to(dtype), teacher_weight)
+            if self.resolve_impl(device) != "fused":
+                student_output = F.linear(student_feats.to(dtype), student_weight)
+                return super().forward(student_output, teacher_output, epoch, return_entropy)
+            from fastdino.kernels.dino_head_loss import dino_head_loss
+
+            self.sync_center()
+            distributed = _distributed()
+            loss, entropy, teacher_sum = dino_head_loss(
+                student_feats.to(dtype), student_weight, teacher_output, self.center, self.ncrops,
+                self.student_temp, self.teacher_temp(epoch), None if distributed else self.center_momentum)
+            if distributed:
+                self._start_center_update(teacher_sum, teacher_output.shape[0], loss)
+        return (loss, entropy) if return_entropy else loss

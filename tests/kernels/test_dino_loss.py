@@ -132,7 +132,8 @@ for module, kernel, types, constexprs, num_warps, capability in jobs:
             attrs[(i,)] = [["tt.divisibility", 16]]
         signature[name] = ty
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    options = num_warps if isinstance(num_warps, dict) else {"num_warps": num_warps}
+    c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     ptx = c.asm["ptx"]
     target = [line.split()[1] for line in ptx.splitlines() if line.startswith(".target")][0]
     out.append({"kernel": kernel, "target": target, "vector_loads": "ld.global.v4" in ptx,
@@ -142,7 +143,8 @@ print(json.dumps(out))
 
 
 def aot_compile(jobs):
-    """Compile [(module, kernel, types, constexprs, num_warps, capability)] for real GPUs."""
+    """Compile [(module, kernel, types, constexprs, num_warps or options dict, capability)] for real
+    GPUs; returns per job: target, vectorized loads, local-memory spills, shared memory bytes."""
     import json
     import os
     import subprocess
