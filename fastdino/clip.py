@@ -82,23 +82,33 @@ class GradClipper:
 
     @torch.no_grad()
     def clip_(self) -> None:
-        """Clip every gradient to norm `clip`, in place."""
-        if self.clip == 0 or not self.params:
+        """Clip every gradient to norm `clip`, in place. With clip 0 the norms are still measured
+        (for grads_finite) and nothing is scaled (an infinite clip: coef = inf is never < 1)."""
+        if not self.params:
             return
+        clip = self.clip if self.clip > 0 else float("inf")
         if self.impl == "flat_triton":
             from fastdino.kernels.clip_grad import clip_grad_flat_
 
-            self._norms = [clip_grad_flat_(buf.grad, table, self.clip) for buf, table in self._tables]
+            self._norms = [clip_grad_flat_(buf.grad, table, clip) for buf, table in self._tables]
         elif self.impl == "loop":
-            self._norms = [torch.tensor(clip_gradients_loop(self.params, self.clip))]
+            self._norms = [torch.tensor(clip_gradients_loop(self.params, clip))]
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
             if self.impl == "multi_tensor":
                 from fastdino.multi_tensor import clip_grad_per_tensor_
 
-                self._norms = [clip_grad_per_tensor_(grads, self.clip)]
+                self._norms = [clip_grad_per_tensor_(grads, clip)]
             else:
-                self._norms = [_clip_foreach_norms(grads, self.clip)]
+                self._norms = [_clip_foreach_norms(grads, clip)]
+
+    def grads_finite(self) -> torch.Tensor:
+        """Device bool: every gradient norm of the last clip_() is finite (no host sync). flat_triton
+        also counts the segments of grads set to None (the frozen last layer)."""
+        norms = self.norms()
+        if norms is None:
+            raise RuntimeError("GradClipper.grads_finite: call clip_() first")
+        return torch.isfinite(norms).all()
 
     def norms(self) -> torch.Tensor | None:
         """Norms before clipping from the last clip_() (flat_triton: one per requires_grad parameter in

@@ -5,6 +5,7 @@
     flat.buffers[i].grad                  # (N_i,) the gradients (p.grad are views into it)
     flat.params_with_grad                 # what the optimizer gets (requires_grad parameters)
     flat.zero_grad()                      # instead of optimizer.zero_grad(): zeros the flat grads
+    flat.drop_grads(last_layer_params)    # p.grad = None for this step (freeze_last_layer)
 
 Then the teacher EMA is one elementwise kernel per buffer (kernels/ema.py) and per-tensor clipping
 one segmented pass (kernels/clip_grad.py). The views survive what the engine does to them:
@@ -185,37 +186,3 @@ class FlatParams:
                     views[self.names[i]] = h[s:s + p.numel()].view(p.shape)
         return halves, views
 
-
-def build_optimizer(param_groups, optimizer: str = "adamw", **kwargs) -> torch.optim.Optimizer:
-    """AdamW for the student: torch's fused kernel by default, NVIDIA apex's FusedAdam (AdamW mode)
-    with optimizer="apex_adamw" when apex is installed. param_groups: as for torch.optim (lists of
-    parameters or dicts); kwargs: lr, betas, eps, weight_decay. Fused AdamW honours
-    `optimizer.found_inf` (a 0-dim fp32 device tensor, 1.0 = skip the step) without a host sync."""
-    groups = list(param_groups)
-    first = groups[0]["params"][0] if groups and isinstance(groups[0], dict) else (groups[0] if groups else None)
-    if isinstance(first, (list, tuple)):
-        first = first[0]
-    device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
-    if optimizer == "adamw":
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, ValueError):  # no fused kernel for this device/dtype: multi-tensor path
-            return torch.optim.AdamW(groups, foreach=device.type != "cpu", **kwargs)
-    if optimizer == "apex_adamw":
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            raise ValueError("optim.optimizer='apex_adamw' needs NVIDIA apex (apex.optimizers.FusedAdam), "
-                             "which is not installed; use 'adamw'")
-        if device.type != "cuda":
-            raise ValueError(f"optim.optimizer='apex_adamw' runs on CUDA only, parameters are on {device}")
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    raise ValueError(f"build_optimizer: optimizer={optimizer!r} is not one of ['adamw', 'apex_adamw']")
-
-
-def apex_available() -> bool:
-    try:
-        from apex.optimizers import FusedAdam  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -99,14 +99,19 @@ def test_clipper_matches_official_loop_mixed_dtypes(impl):
 def test_clip_zero_disables_and_nan_segment_left_as_is():
     ps = _params([torch.float32])
     before = [p.grad.clone() for p in ps]
-    GradClipper(FlatParams(ps), 0.0, impl="flat_triton").clip_()
+    off = GradClipper(FlatParams(ps), 0.0, impl="flat_triton")
+    off.clip_()  # nothing scaled, norms still measured
     assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))
+    assert sorted(off.norms().tolist()) == pytest.approx(sorted(p.grad.norm().item() for p in ps), rel=1e-5)
+    assert bool(off.grads_finite())
     ps[1].grad[0, 0] = float("nan")  # NaN norm: coef NaN is not < 1, the official loop leaves it
     ref = _clone(ps)
     clip_gradients_loop(ref, 0.5)
-    GradClipper(FlatParams(ps), 0.5, impl="flat_triton", chunk=64).clip_()
+    clipper = GradClipper(FlatParams(ps), 0.5, impl="flat_triton", chunk=64)
+    clipper.clip_()
     for p, q in zip(ps, ref):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert not bool(clipper.grads_finite())
     with pytest.raises(ValueError, match="clip must be"):
         GradClipper(ps, -1.0)
     with pytest.raises(ValueError, match="flat_triton.*grads=True"):
