@@ -132,13 +132,22 @@ def row_overrides(name: str, cfg: Config) -> dict:
 
 
 def plan_rows(names: list[str], data: str) -> list[tuple[str, str]]:
-    """(row, data mode) pairs in run order. 'both': every row on synthetic crops, then the rows where
-    the data pipeline matters (reference, +data, fastdino) on real data."""
+    """(row, data mode) pairs in run order: reference and fastdino first (the headline survives a
+    --time-budget or a killed run), then the component rows. 'both': every row on synthetic crops,
+    and the rows where the data pipeline matters (reference, fastdino, +data) on real data too."""
     if data in ("synthetic", "real"):
-        return [(n, data) for n in names]
-    synthetic = [(n, "synthetic") for n in names if n != "+data"]
-    real = [(n, "real") for n in names if n in ("reference", "+data", "fastdino")]
-    return synthetic + real
+        plan = [(n, data) for n in names]
+    else:
+        plan = [(n, "synthetic") for n in names if n != "+data"]
+        plan += [(n, "real") for n in names if n in ("reference", "+data", "fastdino")]
+    headline = [p for p in plan if p[0] in ("reference", "fastdino")]
+    return headline + [p for p in plan if p not in headline]
+
+
+def display_order(row: dict) -> tuple:
+    """Table order: synthetic before real, then reference, components, fastdino, official."""
+    names = ROW_NAMES + ("official",)
+    return (row["data"] != "synthetic", names.index(row["name"]) if row["name"] in names else len(names))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,6 +734,25 @@ def add_derived(result: dict) -> None:
         r["mfu"] = r["tflops"] / peak if peak else None
 
 
+def summary_lines(result: dict) -> list[str]:
+    """One line per data mode: fastdino against the reference, and what each component buys alone."""
+    out = []
+    for mode in ("synthetic", "real"):
+        rows = {r["name"]: r for r in result["rows"] if r["data"] == mode and r["status"] == "ok"}
+        if "fastdino" not in rows or "reference" not in rows:
+            continue
+        fast = rows["fastdino"]
+        mfu = "" if fast.get("mfu") is None else f", MFU {100 * fast['mfu']:.1f}%"
+        parts = [f"{name[1:]} x{r['speedup']:.2f}" for name, r in rows.items() if name.startswith("+")]
+        out.append(f"**{mode} data**: fastdino {fast['images_per_s']:.1f} images/s = x{fast['speedup']:.2f} the "
+                   f"reference ({rows['reference']['images_per_s']:.1f}){mfu}"
+                   + (f"; alone: {', '.join(parts)}" if parts else "") + ".")
+    if "official" in {r["name"] for r in result["rows"] if r["status"] == "ok"}:
+        off = next(r for r in result["rows"] if r["name"] == "official")
+        out.append(f"**official checkout**: {off['images_per_s']:.1f} images/s (synthetic crops).")
+    return out
+
+
 def markdown(result: dict) -> str:
     f = result["flops_per_image"]
     lines = [
@@ -757,6 +785,7 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Times are ms per step; optim includes per-tensor clipping; other = log-step reads and gaps.")
+    lines += [""] + summary_lines(result)
     impl_lines = [f"- {r['name']} ({r['data']}): " + ", ".join(f"{k}={v}" for k, v in r["impls"].items())
                   for r in result["rows"] if r["status"] == "ok" and r.get("impls")]
     if impl_lines:
@@ -764,6 +793,7 @@ def markdown(result: dict) -> str:
     if notes:
         lines += ["", "Not timed:"] + notes
     warnings = [f"- {r['name']} ({r['data']}): {r['note']}" for r in result["rows"] if r.get("note")]
+    warnings += [f"- {n}" for n in result.get("notes", [])]
     if warnings:
         lines += ["", "Warnings:"] + warnings
     return "\n".join(lines)
@@ -790,7 +820,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: table by device name)")
     p.add_argument("--baseline-repo", default=None, help="checkout of facebookresearch/dino to time too")
     p.add_argument("--telemetry-interval", type=float, default=0.1, help="NVML sampling period in seconds")
-    p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: rows not started by then are skipped (n/a), so a wall-clock limit keeps a table")
+    p.add_argument("--json", default=None, help="write the full results here (also after every row)")
     args = p.parse_args(rest)
     args.overrides = overrides
     if args.batch_size is not None:
@@ -802,6 +834,8 @@ def parse_args(argv: list[str] | None = None):
             raise BenchmarkError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup is not None and args.warmup < 0:
         raise BenchmarkError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise BenchmarkError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
     if args.telemetry_interval <= 0:
         raise BenchmarkError(f"--telemetry-interval must be > 0, got {args.telemetry_interval}")
     if args.baseline_repo and not os.path.isdir(args.baseline_repo):
@@ -815,10 +849,33 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+def versions() -> dict:
+    """Versions of the libraries that decide the numbers (from package metadata: nothing imported)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for label, dists in (("triton", ("triton",)), ("flash_attn", ("flash-attn", "flash_attn")),
+                         ("dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")),
+                         ("deepspeed", ("deepspeed",)), ("nvidia_ml_py", ("nvidia-ml-py", "pynvml"))):
+        out[label] = None
+        for dist in dists:
+            try:
+                out[label] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return out
+
+
 def run(args) -> dict:
     from fastdino.distributed import resolve_device
 
     cfg = load_config(args.config, args.overrides)
+    notes = []
+    if cfg.deepspeed.enabled:  # one device: ZeRO shards nothing; time the engine's own step
+        notes.append("deepspeed.enabled=true in the config: timed without DeepSpeed (one device, nothing to shard)")
+        args.overrides.append("deepspeed.enabled=false")
+        cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.train.device, 0)
     on_gpu = device.type == "cuda"
     args.steps = args.steps or (10 if on_gpu else 3)
@@ -838,19 +895,39 @@ def run(args) -> dict:
         "crops": f"2x{cfg.data.global_crop_size} + {cfg.data.local_crops_number}x{cfg.data.local_crop_size}",
         "batch_size": batch, "precision": cfg.train.precision, "steps": args.steps, "warmup": args.warmup,
         "repeats": args.repeats, "flops_per_image": flops_per_image(cfg), "peak_tflops": peak,
-        "peak_source": peak_source, "data_path": data_path, "rows": [],
+        "peak_source": peak_source, "data_path": data_path, "versions": versions(), "notes": notes, "rows": [],
     }
-    for name, mode in plan:
-        print(f"[{name} / {mode}] ...", file=sys.stderr, flush=True)
-        row = run_row(name, mode, cfg, args, device, data_path)
+    start = time.perf_counter()
+    jobs = plan + ([("official", "synthetic")] if args.baseline_repo else [])
+    for name, mode in jobs:
+        spent = time.perf_counter() - start
+        if args.time_budget is not None and spent > args.time_budget:
+            row = {"name": name, "data": mode, "overrides": {}, "status": "n/a",
+                   "reason": f"skipped: --time-budget {args.time_budget:g}s spent ({spent:.0f}s)"}
+        else:
+            print(f"[{name} / {mode}] ...", file=sys.stderr, flush=True)
+            if name == "official":
+                row = run_official(args.baseline_repo, cfg, args, device)
+            else:
+                row = run_row(name, mode, cfg, args, device, data_path)
         msg = f"{row['images_per_s']:.1f} images/s" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
         print(f"[{name} / {mode}] {msg}", file=sys.stderr, flush=True)
         result["rows"].append(row)
-    if args.baseline_repo:
-        print("[official / synthetic] ...", file=sys.stderr, flush=True)
-        result["rows"].append(run_official(args.baseline_repo, cfg, args, device))
+        if args.json:  # after every row: a run killed by a wall-clock limit still leaves its numbers
+            add_derived(result)
+            write_json(result, args.json, complete=False)
+    result["rows"].sort(key=display_order)
+    result["seconds"] = time.perf_counter() - start
     add_derived(result)
     return result
+
+
+def write_json(result: dict, path: str, complete: bool) -> None:
+    data = dict(result, complete=complete)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -862,8 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json(result, args.json, complete=True)
     return 1 if any(r["status"] == "failed" for r in result["rows"]) else 0
 
 

@@ -148,10 +148,25 @@ def test_cpu_demo_every_row_runs(tmp_path):
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     for args, culprit in ((["--rows", "reference,bogus"], "bogus"), (["--steps", "0"], "--steps"),
                           (["--baseline-repo", str(tmp_path / "missing")], "--baseline-repo"),
-                          (["--set", "model.attn=nope"], "model.attn"), (["--batch-size", "0"], "--batch-size")):
+                          (["--set", "model.attn=nope"], "model.attn"), (["--batch-size", "0"], "--batch-size"),
+                          (["--time-budget", "-1"], "--time-budget")):
         assert tp.main(["--config", os.path.join(ROOT, "configs", "demo.json"), *args]) == 2, args
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and culprit in lines[0], (args, lines)
+
+
+def test_time_budget_skips_the_rows_not_started(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = tp.main(["--config", os.path.join(ROOT, "configs", "demo.json"), "--rows", "reference,fastdino",
+                    "--data", "synthetic", "--steps", "1", "--warmup", "0", "--repeats", "1", "--batch-size", "2",
+                    "--time-budget", "0.001", "--json", str(out), "--train.output_dir", str(tmp_path / "runs")])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] is True
+    status = {r["name"]: r for r in result["rows"]}
+    assert status["reference"]["status"] == "ok"
+    assert status["fastdino"]["status"] == "n/a" and "--time-budget" in status["fastdino"]["reason"]
+    assert "--time-budget" in capsys.readouterr().out  # listed under "Not timed"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,10 +260,16 @@ def test_rows_switch_one_component_each():
     assert tp.row_overrides("+data", cfg)["data.backend"] == "auto"  # config holds the reference value
     with pytest.raises(tp.BenchmarkError, match="bogus"):
         tp.row_overrides("+bogus", cfg)
-    plan = tp.plan_rows(list(tp.ROW_NAMES), "both")
-    assert ("+data", "synthetic") not in plan and plan[-3:] == [("reference", "real"), ("+data", "real"),
-                                                                 ("fastdino", "real")]
-    assert tp.plan_rows(["reference", "fastdino"], "real") == [("reference", "real"), ("fastdino", "real")]
+    plan = tp.plan_rows(list(tp.ROW_NAMES), "both")  # headline rows first, then the components
+    assert plan[:4] == [("reference", "synthetic"), ("fastdino", "synthetic"), ("reference", "real"),
+                        ("fastdino", "real")]
+    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == 10
+    assert tp.plan_rows(["fastdino", "+loss", "reference"], "real") == [("fastdino", "real"), ("reference", "real"),
+                                                                       ("+loss", "real")]
+    rows = [{"name": n, "data": m} for n, m in plan] + [{"name": "official", "data": "synthetic"}]
+    ordered = [(r["name"], r["data"]) for r in sorted(rows, key=tp.display_order)]
+    assert ordered[0] == ("reference", "synthetic") and ordered[6:8] == [("fastdino", "synthetic"), ("official", "synthetic")]
+    assert ordered[-3:] == [("reference", "real"), ("+data", "real"), ("fastdino", "real")]
 
 
 def test_same_as_reference_reasons():
