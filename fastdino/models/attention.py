@@ -17,6 +17,9 @@ The fused kernels never store the attention matrix: backward recomputes it from 
 per-row log-sum-exp. The matrix is only ever materialized by `attention_ref` (tests, the
 visualization path get_last_selfattention) and by the `math` backend.
 
+flash_attn, sdpa_flash and sdpa_cudnn take fp16/bf16 on CUDA: an fp32 call (e.g. an fp32 evaluation)
+of a model built with one of them runs through torch's own SDPA dispatch instead.
+
 Packed multi-crop layout: tokens of all crops concatenated as (T, 3*dim) qkv rows, described by
 `groups` = ((rows_0, seq_0), (rows_1, seq_1), ...): rows_g sequences of seq_g tokens each, in order.
 Attention never crosses a sequence: flash_attn gets cu_seqlens (variable-length attention), the SDPA
@@ -42,6 +45,8 @@ _SDPA_KERNEL = {
     "sdpa_efficient": "EFFICIENT_ATTENTION",
     "math": "MATH",
 }
+# CUDA kernels that take fp16/bf16 only: fp32 inputs (an fp32 evaluation) go to torch's dispatch
+_HALF_ONLY = ("flash_attn", "sdpa_flash", "sdpa_cudnn")
 # Candidates `auto` times on CUDA (benchmarks/attention.py shows the full comparison).
 AUTO_CANDIDATES = ("flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
@@ -200,6 +205,9 @@ def _sdpa(q, k, v, backend: str):
     except RuntimeError as e:
         if "No available kernel" not in str(e) and "No viable backend" not in str(e):
             raise
+        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+            # some kernel versions (cuDNN) refuse the strided q/k/v views of the packed qkv: copy once
+            return _sdpa(q.contiguous(), k.contiguous(), v.contiguous(), backend)
         raise AttentionBackendError(
             f"model.attn={backend!r} cannot run q of shape {tuple(q.shape)}, dtype {q.dtype} on {q.device.type} "
             f"(try model.attn=sdpa or auto)") from None
@@ -226,10 +234,8 @@ def packed_attention(qkv: torch.Tensor, groups, num_heads: int, backend: str,
                 raise ValueError("packed_attention: flash_attn over several groups needs cu_seqlens")
             out = varlen(qkv.view(T, 3, num_heads, head_dim), cu_seqlens, max_seqlen)
         return out.reshape(T, dim)
-    if backend == "flash_attn":
-        if qkv.is_cuda and torch.is_autocast_enabled():
-            raise AttentionBackendError("model.attn='flash_attn' needs fp16/bf16 qkv, got " + str(qkv.dtype))
-        backend = "sdpa"  # fp32 model (e.g. an fp32 eval): PyTorch's dispatch
+    if backend in _HALF_ONLY and qkv.is_cuda and qkv.dtype not in (torch.float16, torch.bfloat16):
+        backend = "sdpa"  # an fp32 pass (e.g. fp32 evaluation) of a half-precision kernel: torch's dispatch
     outs, start = [], 0
     for rows, seq in groups:
         # (rows, seq, 3, heads, hd) -> 3 x (rows, heads, seq, hd): strided views, last dim contiguous
