@@ -41,7 +41,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -216,31 +215,13 @@ def crop_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def build_training(cfg: Config, device: torch.device, steps_per_epoch: int):
-    """Student, teacher, loss, optimizer, schedules in a DINOTraining for one process; uses
-    fastdino.train.build_training when the engine provides it, else the same steps as train.py."""
-    from fastdino import train as engine
+    """Student, teacher, loss, clipper, teacher update, optimizer and schedules for one process:
+    fastdino.train.build_training, exactly what train.py runs."""
     from fastdino.distributed import DistContext
+    from fastdino.train import build_training as engine_build_training
 
     ctx = DistContext(rank=0, world_size=1, local_rank=device.index or 0, device=device)
-    if hasattr(engine, "build_training"):
-        return engine.build_training(cfg, ctx, steps_per_epoch)
-    from fastdino.loss import DINOLoss
-    from fastdino.optim import build_optimizer, get_params_groups
-    from fastdino.schedules import Schedules
-
-    student, teacher = engine.build_models(cfg, device)
-    ncrops = 2 + cfg.data.local_crops_number
-    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
-                         cfg.loss.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.loss.student_temp,
-                         cfg.loss.center_momentum, impl=cfg.loss.impl).to(device)
-    optimizer = build_optimizer(get_params_groups(student), cfg.optim.optimizer, device)
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-    schedules = Schedules.from_config(cfg.optim, cfg.optim.batch_size_per_gpu, steps_per_epoch)
-    return engine.DINOTraining(
-        cfg, ctx, student, student, teacher, dino_loss, optimizer, scaler, schedules,
-        momentum_schedule=torch.tensor(schedules.momentum, dtype=torch.float32, device=device),
-        bad_steps=torch.zeros((), dtype=torch.int32, device=device),
-        first_bad_step=torch.full((), -1, dtype=torch.int64, device=device))
+    return engine_build_training(cfg, ctx, steps_per_epoch)
 
 
 def resolved_impls(t, loader_backend: str | None) -> dict:
@@ -254,7 +235,8 @@ def resolved_impls(t, loader_backend: str | None) -> dict:
     backbone = getattr(student, "backbone", None)
     device = t.ctx.device
     loss = t.dino_loss
-    impls.setdefault("loss", loss.resolve_impl(device) if hasattr(loss, "resolve_impl") else getattr(loss, "impl", None))
+    resolve = getattr(loss, "resolve_impl", None)
+    impls.setdefault("loss", resolve(device) if resolve else getattr(loss, "impl", None))
     held = list(vars(t).values())  # the engine's TeacherUpdater / GradClipper, whatever their names
     impls.setdefault("ema", next((x.impl for x in held if isinstance(x, TeacherUpdater)), None))
     impls.setdefault("clip", next((x.impl for x in held if isinstance(x, GradClipper)), None))
@@ -457,19 +439,19 @@ def prepare_real_data(num_images: int, size: int, base: str, workers: int | None
     return final
 
 
-def resolve_data_path(cfg: Config, args, batch: int, real_steps: int) -> tuple[str, bool]:
-    """(folder for real mode, whether the loader should generate the demo set itself)."""
+def resolve_data_path(cfg: Config, args, batch: int, real_steps: int) -> str:
+    """The JPEG folder of real mode: --data-path, else the config's data.path when it exists or the
+    loader generates it (data.generate_demo), else a generated folder large enough that the timed
+    steps never cross an epoch boundary (a loader restart is not steady state)."""
     if args.data_path:
         if not os.path.isdir(args.data_path):
             raise BenchmarkError(f"--data-path '{args.data_path}' is not a folder")
-        return args.data_path, False
-    if cfg.data.generate_demo:  # the demo config makes its own small dataset
-        return cfg.data.path, True
-    if os.path.isdir(cfg.data.path):
-        return cfg.data.path, False
+        return args.data_path
+    if cfg.data.generate_demo or os.path.isdir(cfg.data.path):
+        return cfg.data.path
     needed = batch * (real_steps + 2)
     needed = max(512, -(-needed // 512) * 512)  # round up: reusable across nearby step counts
-    return prepare_real_data(needed, args.image_size, args.gen_dir), False
+    return prepare_real_data(needed, args.image_size, args.gen_dir)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -537,6 +519,8 @@ def run_row(name: str, mode: str, base_cfg: Config, args, device: torch.device, 
         row["windows"] = windows
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         row["gpu"] = gpu.summary()
+        if row["gpu"]["energy_j"]:
+            row["images_per_joule"] = batch * args.steps * args.repeats / row["gpu"]["energy_j"]
         return row
     finally:
         close = getattr(loader, "close", None)
@@ -760,7 +744,7 @@ def markdown(result: dict) -> str:
         "",
         f"{result['arch']}, {result['crops']}, batch {result['batch_size']} per device, precision "
         f"{result['precision']}; torch {result['torch']}; {result['steps']} timed steps x {result['repeats']} "
-        f"repeats (median), {result['warmup']} warm-up steps.",
+        f"repeats (median), {result['warmup']} warm-up steps (real data: at least the loader's prefetch depth).",
         f"Model FLOPs per image {f['model_gflop']:.1f} GFLOP (student fwd {f['student_forward_gflop']:.1f} x3, "
         f"teacher fwd {f['teacher_forward_gflop']:.1f}); with recomputation {f['hardware_gflop']:.1f}. "
         f"Peak: {result['peak_source']}.",
@@ -776,12 +760,12 @@ def markdown(result: dict) -> str:
             notes.append(f"- {r['name']} ({r['data']}): {r['status']}: {r['reason']}")
             continue
         p, gpu = r["phases_ms"], r.get("gpu") or {}
+        mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         cells = [r["name"], r["data"], _fmt(r["images_per_s"]), _fmt(r.get("speedup"), ".2f"), _fmt(r["step_ms"]),
                  _fmt(p["data"]), _fmt(p["teacher_forward"]), _fmt(p["student_forward"] + p["backward"]),
                  _fmt(p["loss"]), _fmt(p["optimizer"]), _fmt(p["teacher_update"]), _fmt(p["other"]),
-                 _fmt(r["tflops"], ".2f"), _fmt(None if r.get("mfu") is None else 100 * r["mfu"], ".1f") +
-                 ("%" if r.get("mfu") is not None else ""),
-                 _fmt(r.get("peak_mem_gib"), ".2f"), _fmt(gpu.get("gpu_util_pct"), ".0f"), _fmt(gpu.get("power_w"), ".0f")]
+                 _fmt(r["tflops"], ".2f"), mfu, _fmt(r.get("peak_mem_gib"), ".2f"),
+                 _fmt(gpu.get("gpu_util_pct"), ".0f"), _fmt(gpu.get("power_w"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Times are ms per step; optim includes per-tensor clipping; other = log-step reads and gaps.")
@@ -887,7 +871,7 @@ def run(args) -> dict:
     data_path = None
     if any(mode == "real" for _, mode in plan):
         real_steps = max(args.warmup, 2 * max(cfg.data.num_workers, 1)) + args.steps * args.repeats
-        data_path, _ = resolve_data_path(cfg, args, batch, real_steps)
+        data_path = resolve_data_path(cfg, args, batch, real_steps)
     result = {
         "config": args.config or "(defaults)", "overrides": args.overrides, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or "cpu"),

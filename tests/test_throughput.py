@@ -268,7 +268,8 @@ def test_rows_switch_one_component_each():
                                                                        ("+loss", "real")]
     rows = [{"name": n, "data": m} for n, m in plan] + [{"name": "official", "data": "synthetic"}]
     ordered = [(r["name"], r["data"]) for r in sorted(rows, key=tp.display_order)]
-    assert ordered[0] == ("reference", "synthetic") and ordered[6:8] == [("fastdino", "synthetic"), ("official", "synthetic")]
+    assert ordered[0] == ("reference", "synthetic")
+    assert ordered[6:8] == [("fastdino", "synthetic"), ("official", "synthetic")]
     assert ordered[-3:] == [("reference", "real"), ("+data", "real"), ("fastdino", "real")]
 
 
