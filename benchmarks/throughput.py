@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --config configs/vitb8.json --batch-size 64 --json vitb8.json
     python benchmarks/throughput.py --config configs/demo.json --steps 3 --warmup 1   # CPU smoke run (CI)
     python benchmarks/throughput.py --config configs/vits16.json --baseline-repo ~/src/dino
+    python benchmarks/throughput.py --config configs/vits16.json --time-budget 200 --json out.json  # bounded wall time
 
 Rows (each one config, built and timed in turn in this process on the same device and batch):
     reference     the official algorithm: per-pair loss loop, per-parameter EMA and clipping with host

@@ -106,7 +106,9 @@ def test_cpu_demo_every_row_runs(tmp_path):
                 "warmup", "repeats", "flops_per_image", "peak_tflops", "peak_source", "rows"):
         assert key in result, key
     assert result["batch_size"] == 4 and result["steps"] == 2 and result["repeats"] == 2
-    assert result["peak_tflops"] is None  # no CPU peak without --peak-tflops
+    on_gpu = torch.cuda.is_available()  # the lead runs the same test natively on a GPU
+    if not on_gpu:
+        assert result["peak_tflops"] is None  # no CPU peak without --peak-tflops
     assert result["flops_per_image"]["model_gflop"] > 0
 
     rows = {(r["name"], r["data"]): r for r in result["rows"]}
@@ -127,8 +129,13 @@ def test_cpu_demo_every_row_runs(tmp_path):
         for phase in ("teacher_forward", "student_forward", "loss", "backward", "optimizer", "teacher_update"):
             assert p[phase] > 0, (key, phase)  # every phase mark was reached and timed
         assert sum(p.values()) == pytest.approx(r["step_ms"], rel=1e-6), key
-        assert r["speedup"] is not None and r["tflops"] > 0 and r["mfu"] is None, key
-        assert r["peak_mem_gib"] is None and r["gpu"]["available"] is False, key
+        assert r["speedup"] is not None and r["tflops"] > 0, key
+        if on_gpu:  # memory always; MFU where the device's peak is known; NVML where it opens
+            assert r["peak_mem_gib"] > 0, key
+            assert (r["mfu"] is None) == (result["peak_tflops"] is None), key
+            assert r["gpu"]["available"] or r["gpu"]["reason"], key
+        else:
+            assert r["mfu"] is None and r["peak_mem_gib"] is None and r["gpu"]["available"] is False, key
     for mode in ("synthetic", "real"):
         for name in ("reference", "fastdino"):
             assert rows[(name, mode)]["status"] == "ok", (name, mode)
