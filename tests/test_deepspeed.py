@@ -1,0 +1,305 @@
+"""DeepSpeed path (fastdino/ds.py) vs the single-process engine.
+
+One 2-process launch (torch.distributed.run, gloo, DeepSpeed's CPU accelerator) runs, one after
+another in the same processes: the plain engine under DDP, then ZeRO-0, 1, 2 and 3 for STEPS steps of
+a tiny ViT on the demo data, and for ZeRO-2 and ZeRO-3 a run stopped at step RESUME_AT then resumed
+to STEPS. Each run's consolidated student/teacher weights are compared with
+  - the single-process engine (same seed, global batch 2B vs 2 ranks x B): equal up to the order of
+    the gradient sums, which Adam turns into differences of a fraction of one step's lr (TOL_SINGLE);
+  - the DDP run (same ranks): ZeRO-0 reduces exactly as DDP does (TOL_DDP); ZeRO-1/2/3 reduce in
+    another order, which shows only where Adam amplifies float noise: the attention's key bias has an
+    analytically zero gradient (softmax is shift invariant), so its update is ~lr*noise/eps (TOL_ZERO,
+    5% of one step's lr, far below what clipping, the frozen layer or the EMA change).
+Resuming ZeRO-2/3 is compared with the uninterrupted run (TOL_ZERO; ZeRO-3 is bit-identical).
+The runs cross an epoch boundary, so the frozen last layer and its release are covered; clip_grad is
+small enough that per-tensor clipping acts on every step (a single-process run without clipping is
+checked to differ by far more than TOL_SINGLE). The first ever DeepSpeed launch on a machine builds
+its CPU shared-memory comm op (~2-4 min, cached in TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions).
+
+Also runs on a GPU machine (the reference then runs on CPU too: everything here is device=cpu).
+    python -m pytest -x -q tests/test_deepspeed.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from fastdino.config import ConfigError, load_config  # noqa: E402
+
+STEPS, RESUME_AT, B = 4, 3, 2  # 8 images / global batch 4 = 2 steps per epoch: epoch 1 starts at step 2
+LR = 0.05  # peak lr at batch 256: 0.05 * 4 / 256 = 7.8e-4 per step here
+
+
+def tiny_overrides(data: str, out: str, batch: int, ds_stage: int | None, max_steps: int = STEPS,
+                   clip: float = 0.05) -> list[str]:
+    o = [
+        "model.arch=vit_tiny", "model.patch_size=16", "model.out_dim=256", "model.drop_path_rate=0",
+        "model.attn=math", "loss.impl=reference", "loss.warmup_teacher_temp_epochs=0",
+        "optim.epochs=2", f"optim.batch_size_per_gpu={batch}", f"optim.lr={LR}", "optim.warmup_epochs=0",
+        f"optim.clip_grad={clip}", "optim.freeze_last_layer=1", "optim.momentum_teacher=0.9",
+        "data.backend=torch", f"data.path={data}", "data.generate_demo=true", "data.demo_num_images=8",
+        "data.demo_image_size=32", "data.global_crop_size=32", "data.local_crop_size=16",
+        "data.local_crops_number=1", "data.num_workers=0", "data.dtype=fp32",
+        "train.precision=fp32", "train.device=cpu", "train.log_every=3", "train.progress=false",
+        f"train.max_steps={max_steps}", f"train.output_dir={out}",
+    ]
+    if ds_stage is not None:
+        o += ["deepspeed.enabled=true", f"deepspeed.zero_stage={ds_stage}"]
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# the 2-process worker: `python -m torch.distributed.run --nproc_per_node 2 tests/test_deepspeed.py --worker SPEC`
+# ----------------------------------------------------------------------------------------------
+def worker(spec_path: str) -> None:
+    import argparse
+    import logging
+
+    import torch.distributed as dist
+
+    import fastdino.train
+    from fastdino.distributed import init_distributed
+    from fastdino.train import _train
+
+    if ".write-test\"" in open(fastdino.train.__file__).read():  # ranks race on one probe file name
+        check = fastdino.train.check_output_dir
+        fastdino.train.check_output_dir = lambda path: (os.makedirs(path, exist_ok=True), dist.barrier(),
+                                                        check(path) if dist.get_rank() == 0 else None)
+
+    logging.basicConfig(level=logging.WARNING)
+    with open(spec_path) as f:
+        spec = json.load(f)
+    ctx = init_distributed("cpu")
+    for run in spec["runs"]:  # all runs share one process group (DeepSpeed caches its groups)
+        cfg = load_config(None, run["overrides"])
+        _train(cfg, argparse.Namespace(resume=run["resume"], local_rank=None, config=None), ctx)
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: the reference runs in this process, the DeepSpeed runs in one 2-process launch
+# ----------------------------------------------------------------------------------------------
+def _single(tmp, name: str, **kw) -> dict:
+    import argparse
+
+    from fastdino.train import train
+
+    out = str(tmp / name)
+    cfg = load_config(None, tiny_overrides(str(tmp / "demo"), out, 2 * B, None, **kw))
+    train(cfg, argparse.Namespace(resume=None, local_rank=None, config=None))
+    return torch.load(os.path.join(out, "checkpoint.pth"), map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    tmp = tmp_path_factory.mktemp("ds")
+    data = str(tmp / "demo")
+    ref = _single(tmp, "single")
+    ref_noclip = _single(tmp, "single_noclip", clip=0.0)
+
+    spec = {"runs": [{"overrides": tiny_overrides(data, str(tmp / "ddp"), B, None), "resume": None}]}
+    for stage in (0, 1, 2, 3):
+        spec["runs"].append({"overrides": tiny_overrides(data, str(tmp / f"zero{stage}"), B, stage), "resume": None})
+    for stage in (2, 3):
+        out = str(tmp / f"zero{stage}_resumed")
+        spec["runs"].append({"overrides": tiny_overrides(data, out, B, stage, max_steps=RESUME_AT), "resume": None})
+        spec["runs"].append({"overrides": tiny_overrides(data, out, B, stage), "resume": "auto"})
+    spec_path = tmp / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.abspath(__file__), "--worker", str(spec_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"2-process DeepSpeed run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+    def load(name):
+        return torch.load(str(tmp / name / "consolidated.pth"), map_location="cpu", weights_only=False)
+
+    ddp = torch.load(str(tmp / "ddp" / "checkpoint.pth"), map_location="cpu", weights_only=False)
+    return {"ref": ref, "ref_noclip": ref_noclip, "ddp": ddp, "tmp": tmp, "load": load}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+TOL_SINGLE = 0.25 * LR * 2 * B / 256  # a quarter of one step's lr: Adam's sign-like steps on ~0 gradients
+TOL_DDP = 1e-6  # ZeRO-0 vs DDP: the same gradient sums
+TOL_ZERO = 0.05 * LR * 2 * B / 256  # ZeRO-1/2/3: float noise of zero-gradient entries through Adam
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_matches_single_process_and_ddp(runs, stage):
+    ds = runs["load"](f"zero{stage}")
+    assert ds["step"] == STEPS
+    for which in ("student", "teacher"):
+        err = max_diff(ds[which], runs["ref"][which])
+        assert err < TOL_SINGLE, f"ZeRO-{stage} {which} vs single process: max |diff| {err:.2e}"
+        err = max_diff(ds[which], runs["ddp"][which])
+        tol = TOL_DDP if stage == 0 else TOL_ZERO
+        assert err < tol, f"ZeRO-{stage} {which} vs DDP: max |diff| {err:.2e}"
+
+
+def test_tolerance_detects_clipping_and_training(runs):
+    """The tolerances are far below what clipping changes, so the comparisons can fail."""
+    ref, noclip = runs["ref"], runs["ref_noclip"]
+    assert max_diff(ref["student"], noclip["student"]) > 4 * TOL_SINGLE
+    ds0 = runs["load"]("zero0")
+    assert max_diff(ds0["teacher"], ds0["student"]) > 4 * TOL_SINGLE  # the teacher lags: EMA applied
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_matches_uninterrupted(runs, stage):
+    resumed, full = runs["load"](f"zero{stage}_resumed"), runs["load"](f"zero{stage}")
+    assert resumed["step"] == STEPS
+    for which in ("student", "teacher"):
+        err = max_diff(resumed[which], full[which])
+        assert err < TOL_ZERO, f"ZeRO-{stage} resumed {which}: max |diff| {err:.2e}"
+
+
+def test_exported_backbone_has_standard_vit_keys(runs):
+    sd = torch.load(str(runs["tmp"] / "zero3" / "teacher_backbone.pth"), map_location="cpu", weights_only=True)
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight"} <= sd.keys()
+    assert not any(k.startswith(("head.", "backbone.")) for k in sd)
+    full = runs["load"]("zero3")["teacher"]
+    assert torch.equal(sd["blocks.0.attn.qkv.weight"], full["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_resume_with_other_stage_fails_clearly(runs):
+    """A ZeRO-2 checkpoint resumed as ZeRO-3: one-line CheckpointError naming both (checked by the
+    stage/world-size record alone, no process group needed)."""
+    from fastdino.checkpoint import CheckpointError
+    from fastdino.ds import DeepSpeedRun
+
+    folder = runs["tmp"] / "zero2_resumed"
+    run = DeepSpeedRun.__new__(DeepSpeedRun)
+    run.stage = 3
+
+    class T:  # the fields resume() reads before touching DeepSpeed
+        cfg = load_config(None, tiny_overrides(str(runs["tmp"] / "demo"), str(folder), B, 3))
+        ctx = type("Ctx", (), {"world_size": 2, "rank": 0, "is_main": True})()
+
+    with pytest.raises(CheckpointError, match=r"ZeRO-2 on 2 ranks; this run is ZeRO-3 on 2 ranks"):
+        run.resume(T, "auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# fast unit tests (no process group)
+# ----------------------------------------------------------------------------------------------
+def test_deepspeed_dict_from_config():
+    from fastdino.ds import deepspeed_config
+
+    cfg = load_config(None, ["optim.batch_size_per_gpu=24", "train.precision=bf16", "deepspeed.enabled=true",
+                             "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
+                             "deepspeed.offload_param=true",
+                             'deepspeed.extra={"zero_optimization": {"overlap_comm": true}, "steps_per_print": 5}'])
+    d = deepspeed_config(cfg)
+    assert d["train_micro_batch_size_per_gpu"] == 24 and d["gradient_accumulation_steps"] == 1
+    assert d["bf16"]["enabled"] and not d["fp16"]["enabled"] and d["gradient_clipping"] == 0.0
+    z = d["zero_optimization"]
+    assert z["stage"] == 3 and z["overlap_comm"] and z["offload_optimizer"]["device"] == "cpu"
+    assert z["offload_param"]["device"] == "cpu" and d["steps_per_print"] == 5
+    assert "optimizer" not in d and "scheduler" not in d and "train_batch_size" not in d
+
+
+@pytest.mark.parametrize("extra, key", [
+    ('{"train_micro_batch_size_per_gpu": 8}', "train_micro_batch_size_per_gpu"),
+    ('{"optimizer": {"type": "Adam"}}', "optimizer"),
+    ('{"gradient_clipping": 1.0}', "gradient_clipping"),
+    ('{"bf16": {"enabled": true}}', "bf16"),
+])
+def test_deepspeed_dict_refuses_duplicated_settings(extra, key):
+    from fastdino.ds import deepspeed_config
+
+    cfg = load_config(None, ["deepspeed.enabled=true", f"deepspeed.extra={extra}"])
+    with pytest.raises(ConfigError, match=f"deepspeed.extra.{key}"):
+        deepspeed_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer"),
+    (["deepspeed.zero_stage=2", "deepspeed.offload_param=true"], "deepspeed.offload_param"),
+])
+def test_deepspeed_dict_refuses_impossible_offload(overrides, key):
+    from fastdino.ds import deepspeed_config
+
+    with pytest.raises(ConfigError, match=key):
+        deepspeed_config(load_config(None, ["deepspeed.enabled=true"] + overrides))
+
+
+def test_param_groups_isolate_last_layer():
+    from fastdino.ds import param_groups
+    from fastdino.optim import get_params_groups
+    from fastdino.train import build_models
+
+    cfg = load_config(None, ["model.arch=vit_tiny", "model.out_dim=64", "model.norm_last_layer=false"])
+    student, _ = build_models(cfg, torch.device("cpu"))
+    groups = param_groups(student)
+    last = {id(p) for p in student.head.last_layer.parameters()}
+    for g in groups:
+        assert all((id(p) in last) == g["last_layer"] for p in g["params"])
+    # same decay split as the engine's two groups
+    ref_decay = {id(p) for p in get_params_groups(student)[0]["params"]}
+    assert {id(p) for g in groups if g["regularized"] for p in g["params"]} == ref_decay
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in student.parameters())
+
+
+def test_dinoadamw_stage0_matches_reference():
+    """DINOAdamW on whole tensors (ZeRO-0): per-tensor clipping + AdamW, last layer frozen, and a
+    non-finite flag skipping the update, against clip_gradients_loop + torch AdamW."""
+    from fastdino.clip import clip_gradients_loop
+    from fastdino.ds import DINOAdamW, set_lr_wd
+
+    torch.manual_seed(0)
+    shapes = [(7, 5), (5,), (33, 3), (4, 9)]
+    make = lambda: [torch.nn.Parameter(torch.randn(s)) for s in shapes]  # noqa: E731
+    ps, rs = make(), make()
+    for p, r in zip(ps, rs):
+        r.data.copy_(p.data)
+    groups = lambda q: [{"params": [q[0], q[2]], "regularized": True, "last_layer": False},  # noqa: E731
+                        {"params": [q[1]], "regularized": False, "last_layer": False, "weight_decay": 0.0},
+                        {"params": [q[3]], "regularized": True, "last_layer": True}]
+    opt = DINOAdamW(groups(ps))
+    ref = torch.optim.AdamW(groups(rs), lr=0.0)
+    opt.clip = 0.5
+    for step in range(4):
+        freeze = step < 2
+        grads = [torch.randn(s) * 3 for s in shapes]
+        for p, r, g in zip(ps, rs, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        if step == 3:  # a non-finite loss: nothing moves
+            opt.loss_bad = torch.tensor(1.0)
+            before = [p.detach().clone() for p in ps]
+        else:
+            opt.loss_bad = torch.tensor(0.0)
+        opt.freeze_last_layer = freeze
+        set_lr_wd(opt, 0.1, 0.05)
+        set_lr_wd(ref, 0.1, 0.05)
+        opt.any_bad = None
+        opt.step()
+        if step == 3:
+            assert opt.any_bad.item() == 1.0
+            assert all(torch.equal(p, b) for p, b in zip(ps, before))
+            break
+        if freeze:
+            rs[3].grad = None
+        clip_gradients_loop([r for r in rs if r.grad is not None], 0.5)
+        ref.step()
+        for p, r in zip(ps, rs):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    assert opt.state[ps[3]]["step"].item() == 1  # the frozen tensor counted only its one update
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    worker(sys.argv[sys.argv.index("--worker") + 1])
