@@ -23,6 +23,7 @@ FLOPs + 3.5x attention FLOPs (flash-attention convention: backward = 2.5x forwar
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -81,16 +82,18 @@ def tflops(flop: float, ms: float) -> float:
 
 
 def run_guarded(fn):
-    """fn() or 'OOM' / the one-line error (a backend that cannot take the shape)."""
+    """fn() or 'OOM' / the one-line error (a backend that cannot take the shape). Memory of a failed
+    run is released before returning (after the except clause, so the traceback's frames are gone)."""
     try:
         return fn()
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return "OOM"
+        failure = "OOM"
     except (RuntimeError, ValueError) as e:
-        if CUDA:
-            torch.cuda.empty_cache()
-        return f"error: {str(e).splitlines()[0][:80]}"
+        failure = f"error: {str(e).splitlines()[0][:80]}"
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    return failure
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,11 +134,12 @@ def backends_for(args):
 
 def mode_attn(args, rows, mm_rate):
     cases = [(16, 224), (8, 224), (16, 96), (8, 96)] if not args.quick else [(8, 32), (8, 16)]
-    for arch in args.archs[:1] if args.quick else args.archs:
-        dim, heads = ARCH[arch[0]]
+    for size in dict.fromkeys(a[0] for a in args.archs):  # attention depends on the width only
+        arch = size
+        dim, heads = ARCH[size]
         for patch, px in cases:
             n = tokens(px, patch)
-            batch = args.batch * (1 if px == 224 else 5)  # 2 global vs 10 local crops per image
+            batch = args.batch * (2 if px == max(c[1] for c in cases) else 10)  # 2 global, 10 local crops
             for backend in backends_for(args):
                 qkv = torch.randn(batch * n, 3 * dim, device=DEV, dtype=DTYPE, requires_grad=True)
                 grad = torch.randn(batch * n, dim, device=DEV, dtype=DTYPE)
@@ -151,7 +155,7 @@ def mode_attn(args, rows, mm_rate):
                 for what, fn, flop in (("fwd", fwd, attn_flop(batch, n, dim)),
                                        ("fwd+bwd", fwd_bwd, 3.5 * attn_flop(batch, n, dim))):
                     ms = run_guarded(lambda: bench_ms(fn, args.quick))
-                    row = dict(mode="attn", case=f"{arch}/{patch} N={n} rows={batch}", backend=backend, what=what)
+                    row = dict(mode="attn", case=f"{arch} dim={dim} N={n} rows={batch}", backend=backend, what=what)
                     add_perf(row, ms, flop, mm_rate)
                     rows.append(row)
                 del qkv, grad
@@ -218,8 +222,9 @@ def mode_backbone(args, rows, mm_rate):
         patch = int(arch.split("/")[1])
         dim = ARCH[arch[0]][0]
         seqs = [(2 * B, tokens(g, patch)), (n_local * B, tokens(l, patch))]
-        backends = backends_for(args) if not args.quick else ["sdpa", "math"]
-        variants = [(b, p, False, False) for b in backends for p in (False, True)]
+        variants = [(b, p, False, False) for b in backends_for(args) for p in (False, True)]
+        if args.quick:  # smoke test: the layouts once
+            variants = [("sdpa", False, False, False), ("sdpa", True, False, False)]
         variants += [(args.main_backend, True, True, False)]  # checkpointing
         if args.compile:
             variants += [(args.main_backend, True, False, True), (args.main_backend, False, False, True)]
@@ -261,7 +266,8 @@ def mode_step(args, rows, mm_rate):
     from fastdino.loss import DINOLoss
 
     arch = "T/8" if args.quick else "B/8"
-    out_dim = 1024 if args.quick else 65536
+    out_dim = 512 if args.quick else 65536
+    hidden = 256 if args.quick else 2048
     B = args.step_batch
     n_local = 10 if not args.quick else 2
     depth = 12 if not args.quick else 2
@@ -273,8 +279,9 @@ def mode_step(args, rows, mm_rate):
     for ckpt in (False, True):
         def build():
             student = MultiCropWrapper(make_vit(arch, depth, attn=args.main_backend, drop_path_rate=0.1,
-                                                activation_checkpointing=ckpt), DINOHead(dim, out_dim), packed=True).to(DEV)
-            teacher = MultiCropWrapper(make_vit(arch, depth, attn=args.main_backend), DINOHead(dim, out_dim)).to(DEV)
+                                                activation_checkpointing=ckpt), DINOHead(dim, out_dim, hidden_dim=hidden), packed=True).to(DEV)
+            teacher = MultiCropWrapper(make_vit(arch, depth, attn=args.main_backend),
+                                       DINOHead(dim, out_dim, hidden_dim=hidden)).to(DEV)
             teacher.requires_grad_(False)
             opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4,
                                     fused=CUDA)
@@ -346,13 +353,16 @@ def main(argv=None):
     args.step_batch = args.step_batch or (2 if args.quick else 64)
     from fastdino.models.attention import resolve_backend
 
-    args.main_backend = resolve_backend(args.main_backend, DEV)
+    main_arch = "B/8" if "B/8" in args.archs else args.archs[-1]
+    dim, heads = ARCH[main_arch[0]]
+    args.main_backend = resolve_backend(args.main_backend, DEV, shape=(785, heads, dim // heads))
     modes = args.modes.split(",")
     torch.manual_seed(0)
 
     rows = []
     mm_rate = mode_matmul(args, rows)
-    device = torch.cuda.get_device_name() if CUDA else "cpu"
+    device = (f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+              if CUDA else "cpu")
     print(f"# device: {device}, torch {torch.__version__}, dtype {DTYPE}, measured matmul {mm_rate:.1f} TFLOP/s, "
           f"main backend {args.main_backend}", flush=True)
     for mode in modes:
