@@ -542,3 +542,70 @@ class DeepSpeedRun:
         for which, sd in (("teacher", teacher), ("student", student)):
             backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
             atomic_save(backbone, os.path.join(out, f"{which}_backbone.pth"))
+
+
+# ----------------------------------------------------------------------------------------------
+# step timing on synthetic crops:  python -m fastdino.ds --config configs/vitb8.json --steps 20
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    """Time the DeepSpeed step (deepspeed.enabled forced on) on synthetic crops of the config's
+    sizes: images/s and peak GPU memory, printed as a markdown row (and --json PATH). The head's
+    last layer is unfrozen (epoch = optim.freeze_last_layer), so the full update is timed."""
+    import argparse
+    import json
+    import sys
+    import time
+
+    from fastdino.config import load_config, split_cli_overrides
+    from fastdino.distributed import cleanup, init_distributed
+    from fastdino.train import build_training, train_step
+
+    overrides, rest = split_cli_overrides(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(description="DeepSpeed DINO step timing (synthetic crops)")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args, _ = parser.parse_known_args(rest)
+    cfg = load_config(args.config, overrides + ["deepspeed.enabled=true"])
+    ctx = init_distributed(cfg.train.device)
+    try:
+        t = build_training(cfg, ctx, steps_per_epoch=args.warmup + args.steps)
+        dev, d, B = ctx.device, cfg.data, cfg.optim.batch_size_per_gpu
+        dtype = torch.bfloat16 if (cfg.train.precision == "bf16" and dev.type == "cuda") else torch.float32
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        crops = [torch.randn(B, 3, d.global_crop_size, d.global_crop_size, generator=gen) for _ in range(2)]
+        crops += [torch.randn(B, 3, d.local_crop_size, d.local_crop_size, generator=gen)
+                  for _ in range(d.local_crops_number)]
+        crops = [c.to(dev, dtype) for c in crops]
+        epoch = min(cfg.optim.freeze_last_layer, cfg.optim.epochs - 1)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        for i in range(args.warmup):
+            train_step(t, crops, i, epoch)
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        start = time.perf_counter()
+        for i in range(args.warmup, args.warmup + args.steps):
+            loss, _ = train_step(t, crops, i, epoch)
+        sync()
+        seconds = (time.perf_counter() - start) / args.steps
+        row = {"arch": f"{cfg.model.arch}/{cfg.model.patch_size}", "zero_stage": cfg.deepspeed.zero_stage,
+               "precision": cfg.train.precision, "batch_per_gpu": B, "world_size": ctx.world_size,
+               "crops": f"2x{d.global_crop_size}+{d.local_crops_number}x{d.local_crop_size}",
+               "ms_per_step": 1e3 * seconds, "images_per_s": B * ctx.world_size / seconds,
+               "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
+               "loss": float(loss), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+        if ctx.is_main:
+            print("| " + " | ".join(row) + " |\n|" + "---|" * len(row) + "\n| "
+                  + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(row, f, indent=2)
+        return row
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
