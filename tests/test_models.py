@@ -292,3 +292,14 @@ def test_compile_blocks_traces():
         assert torch.allclose(got[1][n], ref[1][n], atol=1e-5, rtol=1e-4), n
     with pytest.raises(ValueError, match="no VisionTransformer"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_packed_goes_through_module_call():
+    """Packed forward enters the backbone through __call__, so pre-forward hooks (ZeRO-3 gathering of
+    cls_token / pos_embed) run."""
+    model = tiny().eval()
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(type(args[0]).__name__))
+    with torch.no_grad():
+        MultiCropWrapper(model, torch.nn.Identity(), packed=True)(crops(B=1, n_local=1))
+    assert calls == ["list"]

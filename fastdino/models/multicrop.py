@@ -42,8 +42,8 @@ class MultiCropWrapper(nn.Module):
     def forward_features(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """Backbone [CLS] features of all crops in crop order, (n_crops*B, embed_dim)."""
         groups = resolution_groups(crops)
-        if self.packed:
-            return self.backbone.forward_packed(groups)
+        if self.packed:  # through __call__ (hooks: DeepSpeed ZeRO-3 parameter gathering)
+            return self.backbone(groups)
         feats = [self.backbone(g) for g in groups]
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 

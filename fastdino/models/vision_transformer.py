@@ -217,7 +217,12 @@ class VisionTransformer(nn.Module):
             scales = scales[..., None, None]  # (depth, 2, B, 1, 1) against (B, N, dim)
         return self.norm(self._run_blocks(tokens, scales))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """x: images (B, C, H, W) -> [CLS] features (B, dim); or a list of resolution groups -> the
+        packed pass (forward_packed). Going through __call__ keeps module hooks working (ZeRO-3
+        gathers cls_token / pos_embed in this module's pre-forward hook)."""
+        if isinstance(x, (list, tuple)):
+            return self.forward_packed(x)
         tokens = self.prepare_tokens(x)
         scales = self._drop_scales(tokens.shape[0], tokens.device)
         if scales is not None:
