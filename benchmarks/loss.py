@@ -1,15 +1,23 @@
-"""Benchmark: DINO loss forward+backward (with the center update), reference vs fused.
+"""Benchmark: DINO loss forward+backward (with the center update), reference vs fused; fused head.
 
 Variants: reference (the official double loop over pairs, fastdino.loss.dino_loss_pairs_ref + center
 update), torch (vectorized PyTorch formulation of the one-pass algebra, kernels.dino_loss_torch),
-fused (Triton kernels, CUDA only). Reports ms, GB/s against the memory-traffic floor (student read
-twice, teacher read once, gradient written once), the fraction of the GPU's peak bandwidth that
-is, the peak extra memory (CUDA: max_memory_allocated above the inputs) and the speedup over the
-reference.
+fused (Triton kernels, CUDA only). Two times per row:
+  ms       host-inclusive: triton.testing.do_bench of one eager step (L2 flushed), what a training
+           loop that launches eagerly sees when the GPU waits for the host;
+  dev_ms   device: the step captured 10x in a CUDA graph and replayed (no host in the way).
+plus cpu_us (host time per step with the GPU queue not full: the launch overhead alone) and, for
+fused, fwd_ms / bwd_ms (device time of the forward's three kernels and the backward kernel).
+GB/s and floor_frac use the device time against the memory-traffic floor (student read twice,
+teacher read once, gradient written once) at the GPU's peak DRAM bandwidth; peak_extra_MB is
+max_memory_allocated above the inputs; speedup = reference ms / ms (dev_speedup on device times).
 
+    python benchmarks/loss.py --suite              # CUDA, ~3 min: main table, kernel breakdown, sweep, head
     python benchmarks/loss.py                      # CUDA: B 32/64/128, K 65536, 2+8 and 2+10 crops, fp32 and bf16
     python benchmarks/loss.py --quick              # small CPU-friendly sizes (CI smoke test)
-    python benchmarks/loss.py --sweep              # CUDA: fused launch configs at B=64, K=65536, 2+10, bf16
+    python benchmarks/loss.py --sweep              # CUDA: fwd/bwd launch configs at B=64, K=65536, 2+10
+    python benchmarks/loss.py --head               # fused head (last layer + loss) vs F.linear + loss
+    python benchmarks/loss.py --profile            # CUDA: per-kernel device time of the fused step
     python benchmarks/loss.py --json out.json
 """
 from __future__ import annotations
@@ -17,10 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastdino  # noqa: E402,F401  (registers fastdino.kernels from a plain checkout)
@@ -28,6 +38,7 @@ from fastdino.loss import dino_loss_pairs_ref  # noqa: E402
 
 STUDENT_TEMP, TEACHER_TEMP, MOMENTUM = 0.1, 0.04, 0.9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+H100_PEAK_GBS = 3352.0  # H100 SXM HBM3, used when NVML cannot tell
 
 
 def _reference(s, t, c, ncrops):
@@ -55,7 +66,7 @@ VARIANTS = {"reference": _reference, "torch": _torch, "fused": _fused}
 
 
 def peak_bandwidth_gbs() -> float | None:
-    """Theoretical DRAM bandwidth of GPU 0 from NVML (memory clock x bus width x 2), GB/s."""
+    """Theoretical DRAM bandwidth of the current GPU from NVML (memory clock x bus width x 2), GB/s."""
     try:
         import pynvml
 
@@ -65,7 +76,7 @@ def peak_bandwidth_gbs() -> float | None:
         bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(h)
         return clock_mhz * 1e6 * bus_bits / 8 * 2 / 1e9
     except Exception:
-        return None
+        return H100_PEAK_GBS if "H100" in torch.cuda.get_device_name() else None
 
 
 def floor_bytes(B: int, ncrops: int, K: int, itemsize: int) -> int:
@@ -74,7 +85,9 @@ def floor_bytes(B: int, ncrops: int, K: int, itemsize: int) -> int:
     return memory_floor_bytes(ncrops * B, 2 * B, K, itemsize)
 
 
+# ---------------------------------------------------------------------------------------------- timers
 def time_ms(fn, device: str, reps: int) -> float:
+    """Host-inclusive time of one call: do_bench on CUDA (L2 flushed before each call)."""
     if device == "cuda":
         import triton
 
@@ -87,33 +100,117 @@ def time_ms(fn, device: str, reps: int) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def bench_one(variant: str, B: int, K: int, ncrops: int, dtype: torch.dtype, device: str, reps: int,
-              **launch) -> dict:
+def graph_ms(fn, n_calls: int = 10, replays: int = 7) -> float | None:
+    """Device time of one call: n_calls captured in one CUDA graph, replayed; median per call.
+    None (with the reason on stderr) when fn cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n_calls):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / n_calls)
+        del g
+        return statistics.median(times)
+    except Exception as e:  # report, don't die: the eager time is still measured
+        print(f"# CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+
+
+def cpu_us(fn, calls: int = 20) -> float:
+    """Host time per call while the GPU queue has room: launch overhead, Python included."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def peak_extra_mb(fn, device: str, reset=lambda: None) -> float | None:
+    if device != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    reset()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def _inputs(B, K, ncrops, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     s = (torch.randn(ncrops * B, K, generator=g) * 0.3).to(device, dtype).requires_grad_()
     t = (torch.randn(2 * B, K, generator=g) * 0.3).to(device, dtype)
     c = torch.zeros(1, K, device=device)
+    return s, t, c
+
+
+def bench_one(variant: str, B: int, K: int, ncrops: int, dtype: torch.dtype, device: str, reps: int,
+              peak: float | None = None, **launch) -> dict:
+    s, t, c = _inputs(B, K, ncrops, dtype, device)
     fn = VARIANTS[variant]
 
     def step():
         s.grad = None
         fn(s, t, c, ncrops, **launch).backward()
 
-    peak_extra = None
-    if device == "cuda":
-        step()
-        torch.cuda.synchronize()
+    def clear():
         s.grad = None
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak_extra = torch.cuda.max_memory_allocated() - base
-    ms = time_ms(step, device, reps)
+
+    row = {"variant": variant, "dtype": str(dtype).split(".")[-1], "crops": f"2+{ncrops - 2}", "B": B, "K": K}
+    row["peak_extra_MB"] = peak_extra_mb(step, device, clear)
+    clear()
+    row["ms"] = time_ms(step, device, reps)
     fb = floor_bytes(B, ncrops, K, s.element_size())
-    return {"variant": variant, "B": B, "K": K, "crops": f"2+{ncrops - 2}", "dtype": str(dtype).split(".")[-1],
-            "ms": ms, "floor_MB": fb / 1e6, "GBps": fb / (ms * 1e-3) / 1e9,
-            "peak_extra_MB": None if peak_extra is None else peak_extra / 2**20, **launch}
+    row["floor_MB"] = fb / 1e6
+    row["GBps"] = fb / (row["ms"] * 1e-3) / 1e9
+    if device == "cuda":
+        row["cpu_us"] = cpu_us(step)
+        row["dev_ms"] = graph_ms(step)
+        if row["dev_ms"]:
+            row["dev_GBps"] = fb / (row["dev_ms"] * 1e-3) / 1e9
+            row["floor_frac"] = row["dev_GBps"] / peak if peak else None
+        if variant == "fused":
+            row.update(fused_parts_ms(s, t, c, ncrops, **launch))
+    clear()
+    return {**row, **launch}
+
+
+def fused_parts_ms(s, t, c, ncrops, **launch) -> dict:
+    """Device time of the forward (fwd + combine + center kernels) and of the backward kernel."""
+    from fastdino.kernels import dino_loss as dl
+
+    lk = (launch.get("block_k"), launch.get("group_b"), launch.get("num_warps"), launch.get("rows"))
+    sd, td = s.detach(), t.detach()
+    res, lse, plan = dl.dino_loss_fwd(sd, td, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM, lk)
+    K = sd.shape[1]
+    saved = res[2 + K:].clone()
+    g = torch.ones((), device=s.device)
+    fwd = graph_ms(lambda: dl.dino_loss_fwd(sd, td, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM, lk))
+    bwd = graph_ms(lambda: dl.dino_loss_bwd(g, sd, td, saved, lse, ncrops, STUDENT_TEMP, TEACHER_TEMP, plan))
+    return {"fwd_ms": fwd, "bwd_ms": bwd}
 
 
 def run(args) -> list[dict]:
@@ -134,13 +231,14 @@ def run(args) -> list[dict]:
             for B in Bs:
                 base = None
                 for v in variants:
-                    r = bench_one(v, B, K, ncrops, DTYPES[dt], device, reps)
+                    r = bench_one(v, B, K, ncrops, DTYPES[dt], device, reps, peak)
                     if v == "reference":
                         base = r
                     r["speedup"] = base["ms"] / r["ms"] if base else None
+                    if base and base.get("dev_ms") and r.get("dev_ms"):
+                        r["dev_speedup"] = base["dev_ms"] / r["dev_ms"]
                     r["mem_vs_ref"] = (r["peak_extra_MB"] / base["peak_extra_MB"]
                                        if base and r["peak_extra_MB"] and base["peak_extra_MB"] else None)
-                    r["floor_frac"] = r["GBps"] / peak if peak else None
                     r["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
                     rows.append(r)
                     if device == "cuda":
@@ -148,35 +246,216 @@ def run(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- sweep
+SWEEP_BLOCK_K = (512, 1024, 2048)
+SWEEP_ROWS = (2, 4, 8)
+SWEEP_WARPS = (4, 8)
+SWEEP_PPS = (2, 4, 8)
+
+
 def sweep(args) -> list[dict]:
-    """Fused launch configurations at the target shape (for tuning the launch heuristic)."""
+    """Device time of the fused forward (3 kernels) and backward (1 kernel) per launch config at
+    B=64, K=65536, 2+10 crops; prints the constants of kernels/dino_loss.py to adopt."""
+    from fastdino.kernels import dino_loss as dl
+
     peak = args.peak_gbs or peak_bandwidth_gbs()
+    B, K, ncrops = 64, 65536, 12
     rows = []
-    for block_k in (512, 1024, 2048, 4096):
-        for num_warps in (2, 4, 8):
-            for group_b in (2, 4, 8, 16):
-                r = bench_one("fused", 64, 65536, 12, torch.bfloat16, "cuda", 100,
-                              block_k=block_k, num_warps=num_warps, group_b=group_b)
-                r["floor_frac"] = r["GBps"] / peak if peak else None
+    for dt in args.sweep_dtypes:
+        dtype = DTYPES[dt]
+        s, t, c = _inputs(B, K, ncrops, dtype, "cuda")
+        sd = s.detach()
+        isz = sd.element_size()
+        g = torch.ones((), device="cuda")
+        fwd_bytes = (ncrops * B + 2 * B) * K * isz  # S and T once
+        bwd_bytes = (2 * ncrops * B + 2 * B) * K * isz  # S and T once more, dS written
+        best = {}
+        print_header(SWEEP_COLS)
+        for block_k in SWEEP_BLOCK_K:
+            for nrows in SWEEP_ROWS:
+                for nw in SWEEP_WARPS:
+                    for pps in SWEEP_PPS:
+                        n_tiles = -(-K // block_k)
+                        n_groups = max(1, min(B, dl.MAX_GROUPS, -(-pps * dl._sm_count(sd.device) // n_tiles)))
+                        gb = -(-B // n_groups)
+                        lk = (block_k, gb, nw, nrows)
+                        try:
+                            res, lse, plan = dl.dino_loss_fwd(sd, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP,
+                                                              MOMENTUM, lk)
+                        except Exception as e:  # e.g. out of resources for the largest tiles
+                            print(f"# skip {lk}: {type(e).__name__}", file=sys.stderr)
+                            continue
+                        saved = res[2 + K:].clone()
+                        fwd = graph_ms(lambda: dl.dino_loss_fwd(sd, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP,
+                                                                MOMENTUM, lk))
+                        bwd = graph_ms(lambda: dl.dino_loss_bwd(g, sd, t, saved, lse, ncrops, STUDENT_TEMP,
+                                                                TEACHER_TEMP, plan))
+                        r = {"dtype": dt, "block_k": block_k, "rows": nrows, "num_warps": nw, "pps": pps,
+                             "group_b": gb, "programs": n_tiles * -(-B // gb), "fwd_ms": fwd, "bwd_ms": bwd,
+                             "fwd_frac": fwd_bytes / (fwd * 1e-3) / 1e9 / peak if fwd and peak else None,
+                             "bwd_frac": bwd_bytes / (bwd * 1e-3) / 1e9 / peak if bwd and peak else None}
+                        rows.append(r)
+                        print_row(r, SWEEP_COLS)
+                        for kind in ("fwd", "bwd"):
+                            if r[f"{kind}_ms"] and (kind not in best or r[f"{kind}_ms"] < best[kind][f"{kind}_ms"]):
+                                best[kind] = r
+                        del res, lse, saved
+        torch.cuda.empty_cache()
+        cur = {k: dl.launch_config(B, K, ncrops, isz, sd.device, k) for k in ("fwd", "bwd")}
+        print(f"\n# {dt}: current table fwd {cur['fwd']} bwd {cur['bwd']} (BLOCK_K, ROWS, num_warps, group_b)")
+        for kind, table in (("fwd", "FWD_CONFIG"), ("bwd", "BWD_CONFIG")):
+            if kind in best:
+                r = best[kind]
+                print(f"# best {kind} {dt}: {r[f'{kind}_ms']:.4f} ms ({r[f'{kind}_frac'] or 0:.2f} of peak) -> in "
+                      f"kernels/dino_loss.py set {table}[{isz}] = ({r['block_k']}, {r['rows']}, {r['num_warps']}) "
+                      f"and PROGRAMS_PER_SM[\"{kind}\"] = {r['pps']}")
+        print()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- head
+def head_variants():
+    from fastdino.kernels.dino_head_loss import dino_head_loss
+    from fastdino.kernels.dino_loss import dino_loss
+
+    def unfused_reference(x, w, t, c, ncrops):
+        return _reference(F.linear(x, w), t, c, ncrops)
+
+    def unfused_fused_loss(x, w, t, c, ncrops):
+        return dino_loss(F.linear(x, w), t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM)[0]
+
+    def fused_head(x, w, t, c, ncrops):
+        return dino_head_loss(x, w, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM)[0]
+
+    return {"linear+reference": unfused_reference, "linear+fused": unfused_fused_loss, "fused_head": fused_head}
+
+
+def head_bench(args) -> list[dict]:
+    """Last layer (D -> K, weight given) + loss, forward and backward to X and W."""
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    quick = args.quick or device == "cpu"
+    B = (args.B or [4 if quick else 64])[0]
+    K = args.K or (1024 if quick else 65536)
+    D = 64 if quick else 256
+    crops = args.crops or (["2+2"] if quick else ["2+10"])
+    dtypes = args.dtypes or (["fp32"] if quick else ["bf16", "fp32"])
+    names = ["linear+reference"] if device == "cpu" else list(head_variants())
+    rows = []
+    for dt in dtypes:
+        dtype = DTYPES[dt]
+        for crop in crops:
+            ncrops = 2 + int(crop.split("+")[1])
+            g = torch.Generator().manual_seed(1)
+            x = F.normalize(torch.randn(ncrops * B, D, generator=g), dim=-1).to(device, dtype).requires_grad_()
+            w = (torch.randn(K, D, generator=g) * D ** -0.5).to(device, dtype).requires_grad_()
+            t = (torch.randn(2 * B, K, generator=g) * 0.3).to(device, dtype)
+            c = torch.zeros(1, K, device=device)
+            base = None
+            for name in names:
+                fn = head_variants()[name]
+
+                def step():
+                    x.grad = w.grad = None
+                    fn(x, w, t, c, ncrops).backward()
+
+                def clear():
+                    x.grad = w.grad = None
+
+                r = {"variant": name, "dtype": dt, "crops": crop, "B": B, "K": K, "D": D}
+                r["peak_extra_MB"] = peak_extra_mb(step, device, clear)
+                clear()
+                r["logits_MB"] = ncrops * B * K * x.element_size() / 2**20  # one (n*B, K) tensor
+                r["ms"] = time_ms(step, device, 100 if quick else 200)
+                if device == "cuda":
+                    r["cpu_us"] = cpu_us(step)
+                    r["dev_ms"] = graph_ms(step)
+                    flops = 6 * ncrops * B * K * D  # forward matmul + the two backward matmuls
+                    if r["dev_ms"]:
+                        r["TFLOPs"] = flops / (r["dev_ms"] * 1e-3) / 1e12
+                clear()
+                base = base or r
+                r["speedup"] = base["ms"] / r["ms"]
+                if base.get("dev_ms") and r.get("dev_ms"):
+                    r["dev_speedup"] = base["dev_ms"] / r["dev_ms"]
+                if base["peak_extra_MB"] and r["peak_extra_MB"] is not None:
+                    r["mem_vs_ref"] = r["peak_extra_MB"] / base["peak_extra_MB"]
                 rows.append(r)
-    from fastdino.kernels.dino_loss import launch_config
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
 
-    print("default launch config for B=64, K=65536:", launch_config(64, 65536, torch.device("cuda")))
-    return sorted(rows, key=lambda r: r["ms"])
+
+# ---------------------------------------------------------------------------------------------- profile
+def profile(args) -> None:
+    """Per-kernel device time of the fused step (torch.profiler), bf16 and fp32, B=64, 2+10."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for dt in args.dtypes or ["bf16", "fp32"]:
+        s, t, c = _inputs(64, 65536, 12, DTYPES[dt], "cuda")
+
+        def step():
+            s.grad = None
+            _fused(s, t, c, 12).backward()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        n = 20
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n# fused step, {dt}, B=64, K=65536, 2+10: device time per step by kernel")
+        print("| kernel | calls/step | us/step |\n|---|---|---|")
+        total = 0.0
+        for e in sorted(prof.key_averages(), key=lambda e: -_dev_time(e)):
+            us = _dev_time(e) / n
+            if us <= 0:
+                continue
+            total += us
+            print(f"| {e.key[:70]} | {e.count / n:.0f} | {us:.1f} |")
+        print(f"| total | | {total:.1f} |")
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = ["variant", "dtype", "crops", "B", "K", "ms", "GBps", "floor_frac", "peak_extra_MB", "mem_vs_ref",
-            "speedup", "block_k", "num_warps", "group_b"]
-    cols = [c for c in cols if any(c in r for r in rows)]
+def _dev_time(e) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        v = getattr(e, attr, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------- output
+MAIN_COLS = ["variant", "dtype", "crops", "B", "K", "ms", "cpu_us", "dev_ms", "fwd_ms", "bwd_ms", "dev_GBps",
+             "floor_frac", "peak_extra_MB", "mem_vs_ref", "speedup", "dev_speedup", "GBps",
+             "block_k", "num_warps", "group_b", "rows"]
+SWEEP_COLS = ["dtype", "block_k", "rows", "num_warps", "pps", "group_b", "programs", "fwd_ms", "fwd_frac",
+              "bwd_ms", "bwd_frac"]
+HEAD_COLS = ["variant", "dtype", "crops", "B", "K", "D", "ms", "cpu_us", "dev_ms", "TFLOPs", "peak_extra_MB",
+             "logits_MB", "mem_vs_ref", "speedup", "dev_speedup"]
+
+
+def _cell(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else \
+        f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def print_header(cols) -> None:
     print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    print("|" + "---|" * len(cols), flush=True)
+
+
+def print_row(r: dict, cols) -> None:
+    print("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |", flush=True)
+
+
+def print_table(rows: list[dict], cols=None) -> None:
+    cols = [c for c in (cols or MAIN_COLS) if any(c in r for r in rows)]
+    print_header(cols)
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            cells.append("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
-        print("| " + " | ".join(cells) + " |")
+        print("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    print(flush=True)
 
 
 def main(argv=None) -> list[dict]:
@@ -188,17 +467,48 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS))
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    p.add_argument("--sweep", action="store_true", help="CUDA: time fused launch configurations")
+    p.add_argument("--sweep", action="store_true", help="CUDA: time fused fwd/bwd launch configurations")
+    p.add_argument("--sweep-dtypes", nargs="*", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--head", action="store_true", help="fused head (last layer + loss) table")
+    p.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of the fused step")
+    p.add_argument("--suite", action="store_true",
+                   help="CUDA: main table (B=64, 2+10/2+8, bf16/fp32), kernel breakdown, sweep, head table")
     p.add_argument("--peak-gbs", type=float, help="peak DRAM bandwidth (default: from NVML)")
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args(argv)
-    if args.sweep and not torch.cuda.is_available():
-        p.error("--sweep needs CUDA")
-    rows = sweep(args) if args.sweep else run(args)
-    print_table(rows)
+    cuda = torch.cuda.is_available() and not args.cpu
+    if (args.sweep or args.profile or args.suite) and not cuda:
+        p.error("--sweep/--profile/--suite need CUDA")
+    out = {}
+    if args.suite:
+        args.B, args.crops, args.dtypes = args.B or [64], args.crops or ["2+10", "2+8"], args.dtypes or ["bf16", "fp32"]
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{__import__('triton').__version__}, peak {args.peak_gbs or peak_bandwidth_gbs()} GB/s\n")
+        out["main"] = run(args)
+        print("## Loss fwd+bwd (ms: host-inclusive do_bench; dev_ms: CUDA graph; floor_frac on dev_ms)")
+        print_table(out["main"], MAIN_COLS)
+        profile(args)
+        print("\n## Launch sweep (device time), B=64, K=65536, 2+10")
+        out["sweep"] = sweep(args)
+        print("## Fused head (last layer 256->65536 + loss), fwd+bwd to X and W")
+        out["head"] = head_bench(argparse.Namespace(**{**vars(args), "B": [64], "crops": ["2+10"]}))
+        print_table(out["head"], HEAD_COLS)
+        rows = out["main"]
+    elif args.sweep:
+        rows = out["sweep"] = sweep(args)
+        print_table(sorted(rows, key=lambda r: (r["dtype"], r["fwd_ms"] or 1e9)), SWEEP_COLS)
+    elif args.profile:
+        profile(args)
+        rows = []
+    elif args.head:
+        rows = out["head"] = head_bench(args)
+        print_table(rows, HEAD_COLS)
+    else:
+        rows = out["main"] = run(args)
+        print_table(rows, MAIN_COLS)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(out if args.suite else rows, f, indent=1)
     return rows
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import dino_loss as _dl
-from .dino_loss import LOG2E, _check_runnable, _dino_center_kernel, _dino_loss_combine_kernel, _sm_count
+from .dino_loss import LOG2E, _check_runnable, _sm_count
 
 
 def dino_head_loss_ref(student_feats, student_weight, teacher_output, center, ncrops, student_temp,
@@ -212,16 +212,14 @@ def _blocks(B: int, D: int, block_b=None, block_k=None):
 
 
 def dino_head_loss_fwd(X, W, T, center, ncrops, student_temp, teacher_temp, center_momentum, blocks):
+    """Pass 1 (tl.dot tiles), then the combine and center passes of kernels/dino_loss.py.
+    Returns (res, lse): res (2 + 2K,) = [loss, entropy, teacher_sum, center_saved], lse in log2 units."""
     n_rows, D = X.shape
     K = W.shape[0]
     B = n_rows // ncrops
-    dev = X.device
     BLOCK_B, BLOCK_K, BLOCK_D = blocks
     n_tiles, n_bblocks = triton.cdiv(K, BLOCK_K), triton.cdiv(B, BLOCK_B)
-    f32 = dict(dtype=torch.float32, device=dev)
-    sstat = torch.empty((2, ncrops * B, n_tiles), **f32)
-    tstat = torch.empty((4, 2 * B, n_tiles), **f32)
-    tsum_part = torch.empty((n_bblocks, K), **f32)
+    sstat, tstat, tsum_part, row_stat = _dl.loss_workspace(B, K, ncrops, n_tiles, n_bblocks, X.device)
     _dino_head_loss_fwd_kernel[(n_tiles, n_bblocks)](
         X, W, T, center, sstat, tstat, tsum_part,
         B, K, D, ncrops, n_tiles, X.stride(0), W.stride(0), T.stride(0),
@@ -229,26 +227,10 @@ def dino_head_loss_fwd(X, W, T, center, ncrops, student_temp, teacher_temp, cent
         BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(X.dtype),
         num_warps=8 if BLOCK_B * BLOCK_K >= 8192 else 4,
     )
-    lse_s = torch.empty(ncrops * B, **f32)
-    lse_t = torch.empty(2 * B, **f32)
-    row_loss = torch.empty(B, **f32)
-    row_ent = torch.empty(B, **f32)
-    _dino_loss_combine_kernel[(B,)](
-        sstat, tstat, lse_s, lse_t, row_loss, row_ent, B, ncrops, n_tiles, 1.0 / student_temp,
-        BLOCK_T=max(16, triton.next_power_of_2(n_tiles)), num_warps=1 if n_tiles <= 256 else 4,
-    )
-    out = torch.empty(2, **f32)
-    teacher_sum = torch.empty(K, **f32)
-    center_saved = torch.empty(K, **f32)
-    BLOCK = min(1024, max(16, triton.next_power_of_2(K)))
-    update = center_momentum is not None
-    _dino_center_kernel[(triton.cdiv(K, BLOCK),)](
-        row_loss, row_ent, tsum_part, center, center_saved, teacher_sum, out,
-        B, K, n_bblocks, 1.0 / ((2 * ncrops - 2) * B), 1.0 / (2 * B),
-        float(center_momentum) if update else 0.0, float(2 * B),
-        UPDATE_CENTER=update, BLOCK_B=min(256, max(16, triton.next_power_of_2(B))), BLOCK=BLOCK, num_warps=4,
-    )
-    return out, teacher_sum, lse_s, lse_t, center_saved
+    lse, res = _dl.combine_and_center(sstat, tstat, tsum_part, row_stat, center, B, K, ncrops, n_tiles, n_bblocks,
+                                      student_temp, center_momentum, _dl._combine_meta(ncrops, n_tiles),
+                                      _dl._center_meta(B, K, n_bblocks))
+    return res, lse
 
 
 def dino_head_loss_bwd(grad_out, X, W, T, center_saved, lse_s, lse_t, ncrops, student_temp, teacher_temp,
@@ -257,7 +239,7 @@ def dino_head_loss_bwd(grad_out, X, W, T, center_saved, lse_s, lse_t, ncrops, st
     K = W.shape[0]
     B = n_rows // ncrops
     BLOCK_B, BLOCK_K, BLOCK_D = blocks
-    grad_out = grad_out.reshape(1).to(torch.float32)
+    # grad_out (0-d, any float dtype) is read in the kernels: no host-side conversion
     args = (LOG2E / student_temp, LOG2E / teacher_temp, 1.0 / ((2 * ncrops - 2) * B * student_temp))
     prec = _dot_precision(X.dtype)
     dX = dW = None
@@ -289,18 +271,19 @@ def dino_head_loss_bwd(grad_out, X, W, T, center_saved, lse_s, lse_t, ncrops, st
 class DINOHeadLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, W, T, center, ncrops, student_temp, teacher_temp, center_momentum, blocks):
-        out, teacher_sum, lse_s, lse_t, center_saved = dino_head_loss_fwd(
-            X, W, T, center, ncrops, student_temp, teacher_temp, center_momentum, blocks)
-        ctx.save_for_backward(X, W, T, center_saved, lse_s, lse_t)
+        res, lse = dino_head_loss_fwd(X, W, T, center, ncrops, student_temp, teacher_temp, center_momentum, blocks)
+        K = W.shape[0]
+        ctx.save_for_backward(X, W, T, res, lse)
         ctx.args = (ncrops, student_temp, teacher_temp, blocks)
-        loss, entropy = out[0], out[1]
+        loss, entropy, teacher_sum = res[0], res[1], res[2:2 + K]
         ctx.mark_non_differentiable(entropy, teacher_sum)
         return loss, entropy, teacher_sum
 
     @staticmethod
     def backward(ctx, grad_loss, grad_entropy, grad_teacher_sum):
-        X, W, T, center_saved, lse_s, lse_t = ctx.saved_tensors
-        dX, dW = dino_head_loss_bwd(grad_loss, X, W, T, center_saved, lse_s, lse_t, *ctx.args,
+        X, W, T, res, lse = ctx.saved_tensors
+        K, n_rows = W.shape[0], X.shape[0]
+        dX, dW = dino_head_loss_bwd(grad_loss, X, W, T, res[2 + K:], lse[:n_rows], lse[n_rows:], *ctx.args,
                                     need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
         return dX, dW, None, None, None, None, None, None, None
 

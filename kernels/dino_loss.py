@@ -27,6 +27,9 @@ Passes (all fp32 accumulation; exponentials in base 2 with log2(e) folded into t
      when asked, the center update c <- m c + (1 - m) colsum / (2B), skipped on device when the
      loss is not finite (no host sync). Keeps a copy of the old center for the backward.
   4. _dino_loss_bwd_kernel, grid (K tiles, batch groups): reads S and T once more, writes dS.
+Host side: per-shape launch plans are cached, the partials share one allocation, temperatures
+and scales are kernel scalars (no device tensors made per call), the upstream gradient is read
+in the kernel: 4 launches, no synchronization, CUDA-graph capturable.
 
 Traffic: S twice, T twice, dS once, plus ~1% partials; the floor is S twice + T once + dS once.
 Design limits: n_views >= 2 (two globals, any number of locals); rows of S and T contiguous in K.
@@ -134,13 +137,17 @@ def _dino_loss_fwd_kernel(
     S_ptr, T_ptr, C_ptr, SStat_ptr, TStat_ptr, TSumPart_ptr,
     B, K, n_views, group_b, n_tiles, stride_s, stride_t,
     s_scale, t_scale,  # log2(e)/tau_s, log2(e)/tau_t
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
 ):
     """One K tile of the rows of images [pid_g*group_b, +group_b). Partials per (row, tile), in
     log2 units: student (m, z) with m = max s*s_scale, z = sum 2^(s*s_scale - m); teacher
     (m, z, d, w) with y = (t - c)*t_scale, e = 2^(y - m), z = sum e, d = sum e * (sum_{v != i} s_v),
-    w = sum e * (y - m) (entropy term, relative to the tile max so that peaked q does not cancel). SStat is (2, n_views*B, n_tiles), TStat (4, 2B, n_tiles);
-    TSumPart (n_groups, K) gets the group's teacher column sums."""
+    w = sum e * (y - m) (entropy term, relative to the tile max so that peaked q does not cancel).
+    SStat is (2, n_views*B, n_tiles), TStat (4, 2B, n_tiles); TSumPart (n_groups, K) gets the
+    group's teacher column sums.
+    Rows are loaded as 2-D blocks (the two global views and the teacher pair as [2, BLOCK_K], the
+    local views ROWS at a time) so that many 16-byte loads are in flight per program: the loop body
+    ends in reductions, which the compiler does not pipeline across iterations."""
     pid_k = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -149,137 +156,129 @@ def _dino_loss_fwd_kernel(
     tsum = tl.zeros([BLOCK_K], dtype=tl.float32)
     s_plane = n_views * B * n_tiles
     t_plane = 2 * B * n_tiles
+    offs_2 = tl.arange(0, 2)
+    offs_r = tl.arange(0, ROWS)
     for j in range(0, group_b):
         b = pid_g * group_b + j
         if b < B:
-            t0 = tl.load(T_ptr + b.to(tl.int64) * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
-            t1 = tl.load(T_ptr + (b + B).to(tl.int64) * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
-            s0 = tl.load(S_ptr + b.to(tl.int64) * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-            s1 = tl.load(S_ptr + (b + B).to(tl.int64) * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-            tsum += t0 + t1
-            # student global views 0 and 1
-            x = tl.where(mask, s0 * s_scale, float("-inf"))
-            m = tl.max(x, axis=0)
-            tl.store(SStat_ptr + b * n_tiles + pid_k, m)
-            tl.store(SStat_ptr + s_plane + b * n_tiles + pid_k, tl.sum(tl.exp2(x - m), axis=0))
-            x = tl.where(mask, s1 * s_scale, float("-inf"))
-            m = tl.max(x, axis=0)
-            tl.store(SStat_ptr + (b + B) * n_tiles + pid_k, m)
-            tl.store(SStat_ptr + s_plane + (b + B) * n_tiles + pid_k, tl.sum(tl.exp2(x - m), axis=0))
-            # local views, two rows per iteration so that two loads are in flight
-            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for v in range(2, n_views, 2):
-                row_u = v * B + b
-                row_w = row_u + B
-                has_w = row_w < n_views * B  # the second row exists (odd number of locals)
-                mask_w = offs < tl.where(has_w, K, 0)
-                su = tl.load(S_ptr + row_u.to(tl.int64) * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-                sw = tl.load(S_ptr + row_w.to(tl.int64) * stride_s + offs, mask=mask_w,
-                             other=0.0).to(tl.float32)
-                acc += su + sw
-                x = tl.where(mask, su * s_scale, float("-inf"))
-                m = tl.max(x, axis=0)
-                tl.store(SStat_ptr + row_u * n_tiles + pid_k, m)
-                tl.store(SStat_ptr + s_plane + row_u * n_tiles + pid_k, tl.sum(tl.exp2(x - m), axis=0))
-                x = tl.where(mask, sw * s_scale, float("-inf"))
-                m = tl.max(x, axis=0)
-                tl.store(SStat_ptr + row_w * n_tiles + pid_k, m, mask=has_w)
-                tl.store(SStat_ptr + s_plane + row_w * n_tiles + pid_k, tl.sum(tl.exp2(x - m), axis=0),
-                         mask=has_w)
-            # teacher views: softmax statistics, dot with the other student views, entropy term
-            tc0 = t0 - c
-            y = tl.where(mask, tc0 * t_scale, float("-inf"))
-            m = tl.max(y, axis=0)
-            e = tl.exp2(y - m)
-            tl.store(TStat_ptr + b * n_tiles + pid_k, m)
-            tl.store(TStat_ptr + t_plane + b * n_tiles + pid_k, tl.sum(e, axis=0))
-            tl.store(TStat_ptr + 2 * t_plane + b * n_tiles + pid_k, tl.sum(e * (s1 + acc), axis=0))
-            tl.store(TStat_ptr + 3 * t_plane + b * n_tiles + pid_k, tl.sum(e * tl.where(mask, y - m, 0.0), axis=0))
-            tc1 = t1 - c
-            y = tl.where(mask, tc1 * t_scale, float("-inf"))
-            m = tl.max(y, axis=0)
-            e = tl.exp2(y - m)
-            tl.store(TStat_ptr + (b + B) * n_tiles + pid_k, m)
-            tl.store(TStat_ptr + t_plane + (b + B) * n_tiles + pid_k, tl.sum(e, axis=0))
-            tl.store(TStat_ptr + 2 * t_plane + (b + B) * n_tiles + pid_k, tl.sum(e * (s0 + acc), axis=0))
-            tl.store(TStat_ptr + 3 * t_plane + (b + B) * n_tiles + pid_k,
-                     tl.sum(e * tl.where(mask, y - m, 0.0), axis=0))
+            rows2 = b + offs_2 * B  # global views / teacher views of image b: rows b and B + b
+            t = tl.load(T_ptr + rows2[:, None].to(tl.int64) * stride_t + offs[None, :], mask=mask[None, :],
+                        other=0.0).to(tl.float32)
+            sg = tl.load(S_ptr + rows2[:, None].to(tl.int64) * stride_s + offs[None, :], mask=mask[None, :],
+                         other=0.0).to(tl.float32)
+            tsum += tl.sum(t, axis=0)
+            x = tl.where(mask[None, :], sg * s_scale, float("-inf"))
+            m = tl.max(x, axis=1)
+            tl.store(SStat_ptr + rows2 * n_tiles + pid_k, m)
+            tl.store(SStat_ptr + s_plane + rows2 * n_tiles + pid_k, tl.sum(tl.exp2(x - m[:, None]), axis=1))
+            acc = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum of the local views
+            for v0 in range(2, n_views, ROWS):
+                vr = v0 + offs_r
+                rmask = vr < n_views
+                rows = vr * B + b
+                sl = tl.load(S_ptr + rows[:, None].to(tl.int64) * stride_s + offs[None, :],
+                             mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(sl, axis=0)
+                xl = tl.where(mask[None, :], sl * s_scale, float("-inf"))
+                ml = tl.max(xl, axis=1)
+                tl.store(SStat_ptr + rows * n_tiles + pid_k, ml, mask=rmask)
+                tl.store(SStat_ptr + s_plane + rows * n_tiles + pid_k, tl.sum(tl.exp2(xl - ml[:, None]), axis=1),
+                         mask=rmask)
+            # teacher view i pairs with every student view but i: sum_{v != i} s_v = s_{1-i} + locals
+            other = (acc + tl.sum(sg, axis=0))[None, :] - sg
+            y = tl.where(mask[None, :], (t - c[None, :]) * t_scale, float("-inf"))
+            m = tl.max(y, axis=1)
+            e = tl.exp2(y - m[:, None])
+            tl.store(TStat_ptr + rows2 * n_tiles + pid_k, m)
+            tl.store(TStat_ptr + t_plane + rows2 * n_tiles + pid_k, tl.sum(e, axis=1))
+            tl.store(TStat_ptr + 2 * t_plane + rows2 * n_tiles + pid_k, tl.sum(e * other, axis=1))
+            tl.store(TStat_ptr + 3 * t_plane + rows2 * n_tiles + pid_k,
+                     tl.sum(e * tl.where(mask[None, :], y - m[:, None], 0.0), axis=1))
     tl.store(TSumPart_ptr + pid_g.to(tl.int64) * K + offs, tsum, mask=mask)
 
 
 @triton.jit
 def _dino_loss_combine_kernel(
-    SStat_ptr, TStat_ptr, LseS_ptr, LseT_ptr, RowLoss_ptr, RowEnt_ptr,
+    SStat_ptr, TStat_ptr, Lse_ptr, RowStat_ptr,
     B, n_views, n_tiles, inv_student_temp,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, V_BLOCK: tl.constexpr,
 ):
     """Image b: merge the tile partials (rescale each by 2^(m_tile - M)) into lse per row (log2
-    units, kept for the backward), the image's summed pair losses and its two teacher entropies."""
+    units, kept for the backward: Lse = [student rows (n_views*B) | teacher rows (2B)]), the
+    image's summed pair losses RowStat[b] and its two teacher entropies RowStat[B + b]. All views
+    of the image are one [V_BLOCK, BLOCK_T] load: one memory round trip, not one per view."""
     b = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_T)
-    mask = offs < n_tiles
+    offs_t = tl.arange(0, BLOCK_T)
+    tmask = offs_t < n_tiles
     s_plane = n_views * B * n_tiles
     t_plane = 2 * B * n_tiles
-    dots = 0.0
-    ent = 0.0
-    for i in tl.static_range(2):
-        row = i * B + b
-        m = tl.load(TStat_ptr + row * n_tiles + offs, mask=mask, other=float("-inf"))
-        z = tl.load(TStat_ptr + t_plane + row * n_tiles + offs, mask=mask, other=0.0)
-        d = tl.load(TStat_ptr + 2 * t_plane + row * n_tiles + offs, mask=mask, other=0.0)
-        w = tl.load(TStat_ptr + 3 * t_plane + row * n_tiles + offs, mask=mask, other=0.0)
-        mx = tl.max(m, axis=0)
-        r = tl.exp2(m - mx)
-        zt = tl.sum(z * r, axis=0)
-        lse = mx + tl.log2(zt)
-        tl.store(LseT_ptr + row, lse)
-        dots += tl.sum(d * r, axis=0) / zt  # <q_i, sum_{v != i} s_v>
-        # entropy = lse(y) - <q, y> = ln2 * (log2 Z - <q, y - M>), <q, y - M> from the tile terms
-        # w + (m - M) z; both small for a peaked q, so nothing cancels
-        wq = tl.sum((w + tl.where(mask, m - mx, 0.0) * z) * r, axis=0) / zt
-        ent += (tl.log2(zt) - wq) * LN2
-    lse_sum = 0.0
-    for v in range(0, n_views):
-        row = v * B + b
-        m = tl.load(SStat_ptr + row * n_tiles + offs, mask=mask, other=float("-inf"))
-        z = tl.load(SStat_ptr + s_plane + row * n_tiles + offs, mask=mask, other=0.0)
-        mx = tl.max(m, axis=0)
-        lse = mx + tl.log2(tl.sum(z * tl.exp2(m - mx), axis=0))
-        tl.store(LseS_ptr + row, lse)
-        lse_sum += tl.where(v >= 2, 2.0, 1.0) * lse  # n_v pairs use student view v
-    tl.store(RowLoss_ptr + b, lse_sum * LN2 - dots * inv_student_temp)
-    tl.store(RowEnt_ptr + b, ent)
+    # teacher views
+    rows2 = b + tl.arange(0, 2) * B
+    idx = rows2[:, None] * n_tiles + offs_t[None, :]
+    m = tl.load(TStat_ptr + idx, mask=tmask[None, :], other=float("-inf"))
+    z = tl.load(TStat_ptr + t_plane + idx, mask=tmask[None, :], other=0.0)
+    d = tl.load(TStat_ptr + 2 * t_plane + idx, mask=tmask[None, :], other=0.0)
+    w = tl.load(TStat_ptr + 3 * t_plane + idx, mask=tmask[None, :], other=0.0)
+    mx = tl.max(m, axis=1)
+    r = tl.exp2(m - mx[:, None])
+    zt = tl.sum(z * r, axis=1)
+    tl.store(Lse_ptr + n_views * B + rows2, mx + tl.log2(zt))
+    dots = tl.sum(tl.sum(d * r, axis=1) / zt, axis=0)  # sum_i <q_i, sum_{v != i} s_v>
+    # entropy = lse(y) - <q, y> = ln2 * (log2 Z - <q, y - M>), <q, y - M> from the tile terms
+    # w + (m - M) z; both small for a peaked q, so nothing cancels
+    wq = tl.sum((w + tl.where(tmask[None, :], m - mx[:, None], 0.0) * z) * r, axis=1) / zt
+    ent = tl.sum(tl.log2(zt) - wq, axis=0) * LN2
+    # student views
+    offs_v = tl.arange(0, V_BLOCK)
+    vmask = offs_v < n_views
+    rows = offs_v * B + b
+    idx = rows[:, None] * n_tiles + offs_t[None, :]
+    smask = vmask[:, None] & tmask[None, :]
+    m = tl.load(SStat_ptr + idx, mask=smask, other=float("-inf"))
+    z = tl.load(SStat_ptr + s_plane + idx, mask=smask, other=0.0)
+    mx = tl.where(vmask, tl.max(m, axis=1), 0.0)  # padded rows: no -inf - -inf
+    lse = mx + tl.log2(tl.where(vmask, tl.sum(z * tl.exp2(m - mx[:, None]), axis=1), 1.0))
+    tl.store(Lse_ptr + rows, lse, mask=vmask)
+    n_v = tl.where(offs_v >= 2, 2.0, 1.0)  # pairs that use student view v
+    lse_sum = tl.sum(tl.where(vmask, n_v * lse, 0.0), axis=0)
+    tl.store(RowStat_ptr + b, lse_sum * LN2 - dots * inv_student_temp)
+    tl.store(RowStat_ptr + B + b, ent)
 
 
 @triton.jit
 def _dino_center_kernel(
-    RowLoss_ptr, RowEnt_ptr, TSumPart_ptr, C_ptr, CSaved_ptr, TSum_ptr, Out_ptr,
+    RowStat_ptr, TSumPart_ptr, C_ptr, Res_ptr,
     B, K, n_groups, loss_scale, ent_scale, center_momentum, count,
-    UPDATE_CENTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr,
+    UPDATE_CENTER: tl.constexpr, BLOCK_B: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Every program sums the B image losses (tiny) so it knows on device whether the loss is
-    finite; program 0 writes (loss, entropy). Columns [pid*BLOCK, +BLOCK): teacher column sums,
-    a copy of the old center (for the backward), and the gated center update."""
+    finite; program 0 writes Res[0:2] = (loss, entropy). Columns [pid*BLOCK, +BLOCK): teacher
+    column sums Res[2:2+K] (G_BLOCK group partials per load), a copy of the old center
+    Res[2+K:2+2K] (for the backward), and the gated center update."""
     pid = tl.program_id(0)
     offs_b = tl.arange(0, BLOCK_B)
     acc_l = tl.zeros([BLOCK_B], dtype=tl.float32)
     acc_e = tl.zeros([BLOCK_B], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         mb = b0 + offs_b < B
-        acc_l += tl.load(RowLoss_ptr + b0 + offs_b, mask=mb, other=0.0)
-        acc_e += tl.load(RowEnt_ptr + b0 + offs_b, mask=mb, other=0.0)
+        acc_l += tl.load(RowStat_ptr + b0 + offs_b, mask=mb, other=0.0)
+        acc_e += tl.load(RowStat_ptr + B + b0 + offs_b, mask=mb, other=0.0)
     loss = tl.sum(acc_l, axis=0) * loss_scale
     if pid == 0:
-        tl.store(Out_ptr, loss)
-        tl.store(Out_ptr + 1, tl.sum(acc_e, axis=0) * ent_scale)
+        tl.store(Res_ptr, loss)
+        tl.store(Res_ptr + 1, tl.sum(acc_e, axis=0) * ent_scale)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
+    offs_g = tl.arange(0, G_BLOCK)
     ts = tl.zeros([BLOCK], dtype=tl.float32)
-    for g in range(0, n_groups):
-        ts += tl.load(TSumPart_ptr + g * K + offs, mask=mask, other=0.0)
-    tl.store(TSum_ptr + offs, ts, mask=mask)
+    for g0 in range(0, n_groups, G_BLOCK):
+        gmask = g0 + offs_g < n_groups
+        part = tl.load(TSumPart_ptr + (g0 + offs_g)[:, None].to(tl.int64) * K + offs[None, :],
+                       mask=gmask[:, None] & mask[None, :], other=0.0)
+        ts += tl.sum(part, axis=0)
+    tl.store(Res_ptr + 2 + offs, ts, mask=mask)
     c = tl.load(C_ptr + offs, mask=mask, other=0.0)
-    tl.store(CSaved_ptr + offs, c, mask=mask)
+    tl.store(Res_ptr + 2 + K + offs, c, mask=mask)
     if UPDATE_CENTER:
         ok = tl.abs(loss) < float("inf")  # False for inf and nan
         new = c * center_momentum + (ts / count) * (1.0 - center_momentum)
@@ -288,13 +287,14 @@ def _dino_center_kernel(
 
 @triton.jit
 def _dino_loss_bwd_kernel(
-    S_ptr, T_ptr, C_ptr, LseS_ptr, LseT_ptr, GradOut_ptr, DS_ptr,
+    S_ptr, T_ptr, C_ptr, Lse_ptr, GradOut_ptr, DS_ptr,
     B, K, n_views, group_b, stride_s, stride_t, stride_ds,
     s_scale, t_scale, grad_scale,  # grad_scale = 1 / (P * B * tau_s)
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
 ):
     """dS_v = g * grad_scale * (n_v * 2^(s_v*s_scale - lse_v) - Q_v), Q_0 = q_1, Q_1 = q_0,
-    Q_local = q_0 + q_1, q_i = 2^((t_i - c)*t_scale - lse_i). Same grid as the forward."""
+    Q_local = q_0 + q_1, q_i = 2^((t_i - c)*t_scale - lse_i). Same grid shape as the forward (its
+    own group size); the same 2-D row blocks."""
     pid_k = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -302,42 +302,49 @@ def _dino_loss_bwd_kernel(
     c = tl.load(C_ptr + offs, mask=mask, other=0.0)
     coef = tl.load(GradOut_ptr).to(tl.float32) * grad_scale  # upstream grad read on device: no sync
     out_ty = DS_ptr.dtype.element_ty
+    offs_2 = tl.arange(0, 2)
+    offs_r = tl.arange(0, ROWS)
     for j in range(0, group_b):
         b = pid_g * group_b + j
         if b < B:
-            t0 = tl.load(T_ptr + b.to(tl.int64) * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
-            t1 = tl.load(T_ptr + (b + B).to(tl.int64) * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
-            s0 = tl.load(S_ptr + b.to(tl.int64) * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-            s1 = tl.load(S_ptr + (b + B).to(tl.int64) * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-            q0 = tl.exp2((t0 - c) * t_scale - tl.load(LseT_ptr + b))
-            q1 = tl.exp2((t1 - c) * t_scale - tl.load(LseT_ptr + b + B))
-            p = tl.exp2(s0 * s_scale - tl.load(LseS_ptr + b))
-            tl.store(DS_ptr + b.to(tl.int64) * stride_ds + offs, (coef * (p - q1)).to(out_ty), mask=mask)
-            p = tl.exp2(s1 * s_scale - tl.load(LseS_ptr + b + B))
-            tl.store(DS_ptr + (b + B).to(tl.int64) * stride_ds + offs, (coef * (p - q0)).to(out_ty), mask=mask)
-            q01 = q0 + q1
-            for v in range(2, n_views, 2):
-                row_u = v * B + b
-                row_w = row_u + B
-                has_w = row_w < n_views * B  # the second row exists (odd number of locals)
-                mask_w = offs < tl.where(has_w, K, 0)
-                su = tl.load(S_ptr + row_u.to(tl.int64) * stride_s + offs, mask=mask, other=0.0).to(tl.float32)
-                sw = tl.load(S_ptr + row_w.to(tl.int64) * stride_s + offs, mask=mask_w,
+            rows2 = b + offs_2 * B
+            t = tl.load(T_ptr + rows2[:, None].to(tl.int64) * stride_t + offs[None, :], mask=mask[None, :],
+                        other=0.0).to(tl.float32)
+            sg = tl.load(S_ptr + rows2[:, None].to(tl.int64) * stride_s + offs[None, :], mask=mask[None, :],
+                         other=0.0).to(tl.float32)
+            q = tl.exp2((t - c[None, :]) * t_scale - tl.load(Lse_ptr + n_views * B + rows2)[:, None])
+            q01 = tl.sum(q, axis=0)  # q_0 + q_1
+            p = tl.exp2(sg * s_scale - tl.load(Lse_ptr + rows2)[:, None])
+            # global view i pairs with teacher view 1 - i only: Q = (q_0 + q_1) - q_i
+            tl.store(DS_ptr + rows2[:, None].to(tl.int64) * stride_ds + offs[None, :],
+                     (coef * (p - (q01[None, :] - q))).to(out_ty), mask=mask[None, :])
+            for v0 in range(2, n_views, ROWS):
+                vr = v0 + offs_r
+                rmask = vr < n_views
+                rows = vr * B + b
+                m2 = rmask[:, None] & mask[None, :]
+                sl = tl.load(S_ptr + rows[:, None].to(tl.int64) * stride_s + offs[None, :], mask=m2,
                              other=0.0).to(tl.float32)
-                lse_u = tl.load(LseS_ptr + row_u)
-                lse_w = tl.load(LseS_ptr + row_w, mask=has_w, other=0.0)
-                p = tl.exp2(su * s_scale - lse_u)
-                tl.store(DS_ptr + row_u.to(tl.int64) * stride_ds + offs, (coef * (2.0 * p - q01)).to(out_ty),
-                         mask=mask)
-                p = tl.exp2(sw * s_scale - lse_w)
-                tl.store(DS_ptr + row_w.to(tl.int64) * stride_ds + offs, (coef * (2.0 * p - q01)).to(out_ty),
-                         mask=mask_w)
+                lse = tl.load(Lse_ptr + rows, mask=rmask, other=0.0)
+                pl = tl.exp2(sl * s_scale - lse[:, None])
+                tl.store(DS_ptr + rows[:, None].to(tl.int64) * stride_ds + offs[None, :],
+                         (coef * (2.0 * pl - q01[None, :])).to(out_ty), mask=m2)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+# Launch table, (BLOCK_K, ROWS, num_warps) per element size, from the H100 sweep of
+# `python benchmarks/loss.py --sweep` (device time, bf16/fp32, B=64, K=65536, 2+10 crops).
+# PROGRAMS_PER_SM sets the number of batch groups: n_groups ~ PROGRAMS_PER_SM * SMs / n_tiles.
+FWD_CONFIG = {2: (1024, 4, 8), 4: (1024, 4, 8)}
+BWD_CONFIG = {2: (1024, 4, 8), 4: (1024, 4, 8)}
+PROGRAMS_PER_SM = {"fwd": 4, "bwd": 4}
+MAX_GROUPS = 16  # the forward's (n_groups, K) teacher column-sum partials stay <= 16 rows
+MAX_TILES = 512  # the combine kernel holds (views, tiles) partials of one image in registers
+
 _SM_COUNT: dict = {}
+_CONFIG_CACHE: dict = {}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -349,22 +356,27 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def launch_config(B: int, K: int, device: torch.device, block_k: int | None = None,
-                  group_b: int | None = None, num_warps: int | None = None,
-                  programs_per_sm: int = 4) -> tuple[int, int, int]:
-    """(BLOCK_K, group_b, num_warps): K split into tiles of BLOCK_K columns; each program takes a
-    tile of group_b images, enough programs to fill the GPU (about programs_per_sm per SM) while
-    keeping the (n_groups, K) column-sum partials small (n_groups <= 16)."""
+def launch_config(B: int, K: int, ncrops: int, itemsize: int, device: torch.device, kind: str = "fwd",
+                  block_k: int | None = None, group_b: int | None = None, num_warps: int | None = None,
+                  rows: int | None = None, programs_per_sm: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_K, ROWS, num_warps, group_b) of the forward ("fwd") or backward ("bwd") streaming
+    kernel: K split into tiles of BLOCK_K columns, each program takes one tile of group_b images
+    (local views ROWS at a time), about programs_per_sm programs per SM. Overrides win."""
+    table = FWD_CONFIG if kind == "fwd" else BWD_CONFIG
+    bk, rw, nw = table.get(itemsize, table[4])
     if block_k is None:
-        block_k = min(1024, max(16, triton.next_power_of_2(K)))
-        block_k = max(block_k, triton.next_power_of_2(triton.cdiv(K, 4096)))  # <= 4096 tiles
+        block_k = min(bk, max(16, triton.next_power_of_2(K)))
+        block_k = max(block_k, triton.next_power_of_2(triton.cdiv(K, MAX_TILES)))
+    if rows is None:
+        rows = max(1, min(rw, triton.next_power_of_2(max(ncrops - 2, 1))))
+    if num_warps is None:
+        num_warps = max(1, min(nw, block_k * rows // 256))
     n_tiles = triton.cdiv(K, block_k)
     if group_b is None:
-        n_groups = max(1, min(B, 16, triton.cdiv(programs_per_sm * _sm_count(device), n_tiles)))
+        pps = programs_per_sm or PROGRAMS_PER_SM[kind]
+        n_groups = max(1, min(B, MAX_GROUPS, triton.cdiv(pps * _sm_count(device), n_tiles)))
         group_b = triton.cdiv(B, n_groups)
-    if num_warps is None:
-        num_warps = max(1, min(8, block_k // 256))
-    return block_k, group_b, num_warps
+    return block_k, rows, num_warps, group_b
 
 
 def _check_runnable(t: torch.Tensor) -> None:
@@ -377,66 +389,98 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _plan(B, K, ncrops, itemsize, device, launch):
+    """Per-shape launch plan, cached: (fwd config, bwd config, n_tiles, n_groups, combine and
+    center constexprs, workspace sizes). `launch` = (block_k, group_b, num_warps, rows) overrides."""
+    key = (B, K, ncrops, itemsize, device, launch)
+    plan = _CONFIG_CACHE.get(key)
+    if plan is None:
+        block_k, group_b, num_warps, rows = launch
+        fwd = launch_config(B, K, ncrops, itemsize, device, "fwd", block_k, group_b, num_warps, rows)
+        bwd = launch_config(B, K, ncrops, itemsize, device, "bwd", block_k, group_b, num_warps, rows)
+        n_tiles, n_groups = triton.cdiv(K, fwd[0]), triton.cdiv(B, fwd[3])
+        plan = _CONFIG_CACHE[key] = (fwd, bwd, n_tiles, n_groups, _combine_meta(ncrops, n_tiles),
+                                     _center_meta(B, K, n_groups))
+    return plan
+
+
+def _combine_meta(ncrops: int, n_tiles: int) -> dict:
+    BLOCK_T = max(16, triton.next_power_of_2(n_tiles))
+    V_BLOCK = max(2, triton.next_power_of_2(ncrops))
+    return dict(BLOCK_T=BLOCK_T, V_BLOCK=V_BLOCK, num_warps=max(1, min(8, V_BLOCK * BLOCK_T // 512)))
+
+
+def _center_meta(B: int, K: int, n_groups: int) -> tuple[int, dict]:
+    G_BLOCK = min(16, triton.next_power_of_2(n_groups))
+    BLOCK = min(max(64, 4096 // G_BLOCK), max(16, triton.next_power_of_2(K)))
+    meta = dict(BLOCK_B=min(256, max(16, triton.next_power_of_2(B))), G_BLOCK=G_BLOCK, BLOCK=BLOCK, num_warps=4)
+    return triton.cdiv(K, BLOCK), meta
+
+
+def loss_workspace(B, K, ncrops, n_tiles, n_groups, device):
+    """One fp32 allocation for the forward's partials, split into views: SStat (2, ncrops*B,
+    n_tiles), TStat (4, 2B, n_tiles), TSumPart (n_groups, K), RowStat (2, B)."""
+    s_n, t_n, p_n = 2 * ncrops * B * n_tiles, 8 * B * n_tiles, n_groups * K
+    ws = torch.empty(s_n + t_n + p_n + 2 * B, dtype=torch.float32, device=device)
+    return ws[:s_n], ws[s_n:s_n + t_n], ws[s_n + t_n:s_n + t_n + p_n], ws[s_n + t_n + p_n:]
+
+
+def combine_and_center(sstat, tstat, tsum_part, row_stat, center, B, K, ncrops, n_tiles, n_groups,
+                       student_temp, center_momentum, combine_meta, center_meta):
+    """Passes 2 and 3 (shared with kernels/dino_head_loss.py). Returns (lse (ncrops*B + 2B,) log2
+    units, res (2 + 2K,) = [loss, entropy, teacher_sum (K), center before the update (K)])."""
+    f32 = dict(dtype=torch.float32, device=center.device)
+    lse = torch.empty(ncrops * B + 2 * B, **f32)
+    _dino_loss_combine_kernel[(B,)](
+        sstat, tstat, lse, row_stat, B, ncrops, n_tiles, 1.0 / student_temp, **combine_meta)
+    res = torch.empty(2 + 2 * K, **f32)
+    update = center_momentum is not None
+    grid, meta = center_meta
+    _dino_center_kernel[(grid,)](
+        row_stat, tsum_part, center, res,
+        B, K, n_groups, 1.0 / ((2 * ncrops - 2) * B), 1.0 / (2 * B),
+        float(center_momentum) if update else 0.0, float(2 * B), UPDATE_CENTER=update, **meta)
+    return lse, res
+
+
 def dino_loss_fwd(student_output, teacher_output, center, ncrops, student_temp, teacher_temp,
-                  center_momentum=None, block_k=None, group_b=None, num_warps=None):
-    """Launch passes 1-3. Returns (out (2,) = [loss, entropy], teacher_sum (K,), lse_s, lse_t,
-    center_saved, config). center is updated in place when center_momentum is not None."""
+                  center_momentum=None, launch=(None, None, None, None)):
+    """Launch passes 1-3: 3 kernels, 3 allocations. Returns (res, lse, plan) with res (2 + 2K,) =
+    [loss, entropy, teacher_sum (K), center_saved (K)]; center is updated in place when
+    center_momentum is not None."""
     B, K = _check_inputs(student_output, teacher_output, center, ncrops)
     _check_runnable(student_output)
     if center.dtype != torch.float32 or not center.is_contiguous():
         raise ValueError(f"dino_loss: center must be a contiguous fp32 tensor, got {center.dtype}")
     S, T = _rows_contiguous(student_output), _rows_contiguous(teacher_output)
-    dev = S.device
-    BLOCK_K, gb, nw = launch_config(B, K, dev, block_k, group_b, num_warps)
-    n_tiles, n_groups = triton.cdiv(K, BLOCK_K), triton.cdiv(B, gb)
-    f32 = dict(dtype=torch.float32, device=dev)
-    sstat = torch.empty((2, ncrops * B, n_tiles), **f32)
-    tstat = torch.empty((4, 2 * B, n_tiles), **f32)
-    tsum_part = torch.empty((n_groups, K), **f32)
+    plan = _plan(B, K, ncrops, S.element_size(), S.device, launch)
+    (BLOCK_K, ROWS, nw, gb), _, n_tiles, n_groups, combine_meta, center_meta = plan
+    sstat, tstat, tsum_part, row_stat = loss_workspace(B, K, ncrops, n_tiles, n_groups, S.device)
     _dino_loss_fwd_kernel[(n_tiles, n_groups)](
         S, T, center, sstat, tstat, tsum_part,
         B, K, ncrops, gb, n_tiles, S.stride(0), T.stride(0),
         LOG2E / student_temp, LOG2E / teacher_temp,
-        BLOCK_K=BLOCK_K, num_warps=nw,
+        BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw,
     )
-    lse_s = torch.empty(ncrops * B, **f32)
-    lse_t = torch.empty(2 * B, **f32)
-    row_loss = torch.empty(B, **f32)
-    row_ent = torch.empty(B, **f32)
-    _dino_loss_combine_kernel[(B,)](
-        sstat, tstat, lse_s, lse_t, row_loss, row_ent,
-        B, ncrops, n_tiles, 1.0 / student_temp,
-        BLOCK_T=max(16, triton.next_power_of_2(n_tiles)), num_warps=1 if n_tiles <= 256 else 4,
-    )
-    out = torch.empty(2, **f32)
-    teacher_sum = torch.empty(K, **f32)
-    center_saved = torch.empty(K, **f32)
-    BLOCK = min(1024, max(16, triton.next_power_of_2(K)))
-    update = center_momentum is not None
-    _dino_center_kernel[(triton.cdiv(K, BLOCK),)](
-        row_loss, row_ent, tsum_part, center, center_saved, teacher_sum, out,
-        B, K, n_groups, 1.0 / ((2 * ncrops - 2) * B), 1.0 / (2 * B),
-        float(center_momentum) if update else 0.0, float(2 * B),
-        UPDATE_CENTER=update, BLOCK_B=min(256, max(16, triton.next_power_of_2(B))), BLOCK=BLOCK,
-        num_warps=4,
-    )
-    return out, teacher_sum, lse_s, lse_t, center_saved, (BLOCK_K, gb, nw)
+    lse, res = combine_and_center(sstat, tstat, tsum_part, row_stat, center, B, K, ncrops, n_tiles, n_groups,
+                                  student_temp, center_momentum, combine_meta, center_meta)
+    return res, lse, plan
 
 
-def dino_loss_bwd(grad_out, student_output, teacher_output, center_saved, lse_s, lse_t, ncrops,
-                  student_temp, teacher_temp, config):
-    """Launch pass 4: the gradient w.r.t. student_output, same dtype and shape."""
+def dino_loss_bwd(grad_out, student_output, teacher_output, center_saved, lse, ncrops,
+                  student_temp, teacher_temp, plan):
+    """Launch pass 4: the gradient w.r.t. student_output, same dtype and shape. grad_out: the
+    upstream gradient of the loss as a 1-element device tensor (read in the kernel)."""
     S, T = _rows_contiguous(student_output), _rows_contiguous(teacher_output)
     n_rows, K = S.shape
     B = n_rows // ncrops
-    BLOCK_K, gb, nw = config
+    BLOCK_K, ROWS, nw, gb = plan[1]
     dS = torch.empty_like(S, memory_format=torch.contiguous_format)
-    grad_out = grad_out.reshape(1).to(torch.float32)
     _dino_loss_bwd_kernel[(triton.cdiv(K, BLOCK_K), triton.cdiv(B, gb))](
-        S, T, center_saved, lse_s, lse_t, grad_out, dS,
+        S, T, center_saved, lse, grad_out, dS,
         B, K, ncrops, gb, S.stride(0), T.stride(0), dS.stride(0),
         LOG2E / student_temp, LOG2E / teacher_temp, 1.0 / ((2 * ncrops - 2) * B * student_temp),
-        BLOCK_K=BLOCK_K, num_warps=nw,
+        BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw,
     )
     return dS
 
@@ -447,28 +491,29 @@ def dino_loss_bwd(grad_out, student_output, teacher_output, center_saved, lse_s,
 class DINOLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_output, teacher_output, center, ncrops, student_temp, teacher_temp,
-                center_momentum, block_k, group_b, num_warps):
-        out, teacher_sum, lse_s, lse_t, center_saved, config = dino_loss_fwd(
-            student_output, teacher_output.detach(), center, ncrops, student_temp, teacher_temp,
-            center_momentum, block_k, group_b, num_warps)
-        ctx.save_for_backward(student_output, teacher_output.detach(), center_saved, lse_s, lse_t)
-        ctx.args = (ncrops, student_temp, teacher_temp, config)
-        ctx.mark_non_differentiable(teacher_sum)
-        loss, entropy = out[0], out[1]
-        ctx.mark_non_differentiable(entropy)
+                center_momentum, launch):
+        teacher_output = teacher_output.detach()
+        res, lse, plan = dino_loss_fwd(student_output, teacher_output, center, ncrops, student_temp,
+                                       teacher_temp, center_momentum, launch)
+        K = center.numel()
+        ctx.save_for_backward(student_output, teacher_output, res, lse)
+        ctx.args = (ncrops, student_temp, teacher_temp, plan)
+        loss, entropy, teacher_sum = res[0], res[1], res[2:2 + K]
+        ctx.mark_non_differentiable(entropy, teacher_sum)
         return loss, entropy, teacher_sum
 
     @staticmethod
     def backward(ctx, grad_loss, grad_entropy, grad_teacher_sum):
-        student_output, teacher_output, center_saved, lse_s, lse_t = ctx.saved_tensors
+        student_output, teacher_output, res, lse = ctx.saved_tensors
         dS = None
         if ctx.needs_input_grad[0]:
-            dS = dino_loss_bwd(grad_loss, student_output, teacher_output, center_saved, lse_s, lse_t, *ctx.args)
-        return dS, None, None, None, None, None, None, None, None, None
+            K = student_output.shape[1]
+            dS = dino_loss_bwd(grad_loss, student_output, teacher_output, res[2 + K:], lse, *ctx.args)
+        return dS, None, None, None, None, None, None, None
 
 
 def dino_loss(student_output, teacher_output, center, ncrops, student_temp, teacher_temp,
-              center_momentum=None, block_k=None, group_b=None, num_warps=None):
+              center_momentum=None, block_k=None, group_b=None, num_warps=None, rows=None):
     """Fused multi-crop DINO loss (Triton; CUDA, or CPU under TRITON_INTERPRET=1).
 
     student_output (ncrops*B, K) crop-major, teacher_output (2*B, K), any float dtype; center
@@ -476,10 +521,11 @@ def dino_loss(student_output, teacher_output, center, ncrops, student_temp, teac
     (differentiable w.r.t. student_output), mean entropy of the teacher distributions, fp32
     column sums (K,) of the raw teacher logits. center_momentum not None: the center is updated
     in place, c <- m c + (1 - m) teacher_sum / (2B), only where the loss is finite (on device).
-    block_k / group_b / num_warps override the launch heuristics (tests, tuning).
+    block_k / group_b / num_warps / rows override the launch table for both passes (tests, tuning).
+    Host cost per step: 4 kernel launches, 4 allocations, no synchronization; CUDA-graph capturable.
     """
     return DINOLossFn.apply(student_output, teacher_output, center, ncrops, float(student_temp),
-                            float(teacher_temp), center_momentum, block_k, group_b, num_warps)
+                            float(teacher_temp), center_momentum, (block_k, group_b, num_warps, rows))
 
 
 def memory_floor_bytes(n_rows: int, n_teacher_rows: int, K: int, itemsize: int) -> int:

@@ -160,28 +160,35 @@ def aot_compile(jobs):
 
 
 def _loss_jobs():
+    """Every kernel at the real sizes' constexprs: the launch table's configs and the sweep's range."""
+    from fastdino.kernels.dino_loss import BWD_CONFIG, FWD_CONFIG
+
     f32 = "*fp32:16"
     common = {"B": "i32", "K": "i32:16", "n_views": "i32", "group_b": "i32", "n_tiles": "i32",
               "stride_s": "i32:16", "stride_t": "i32:16", "stride_ds": "i32:16",
               "s_scale": "fp32", "t_scale": "fp32", "grad_scale": "fp32"}
-    combine = {"SStat_ptr": f32, "TStat_ptr": f32, "LseS_ptr": f32, "LseT_ptr": f32, "RowLoss_ptr": f32,
-               "RowEnt_ptr": f32, "B": "i32", "n_views": "i32", "n_tiles": "i32", "inv_student_temp": "fp32"}
-    center = {"RowLoss_ptr": f32, "RowEnt_ptr": f32, "TSumPart_ptr": f32, "C_ptr": f32, "CSaved_ptr": f32,
-              "TSum_ptr": f32, "Out_ptr": f32, "B": "i32", "K": "i32:16", "n_groups": "i32",
-              "loss_scale": "fp32", "ent_scale": "fp32", "center_momentum": "fp32", "count": "fp32"}
+    combine = {"SStat_ptr": f32, "TStat_ptr": f32, "Lse_ptr": f32, "RowStat_ptr": f32,
+               "B": "i32", "n_views": "i32", "n_tiles": "i32", "inv_student_temp": "fp32"}
+    center = {"RowStat_ptr": f32, "TSumPart_ptr": f32, "C_ptr": f32, "Res_ptr": f32, "B": "i32", "K": "i32:16",
+              "n_groups": "i32", "loss_scale": "fp32", "ent_scale": "fp32", "center_momentum": "fp32",
+              "count": "fp32"}
     mod = "fastdino.kernels.dino_loss"
     jobs = []
     for cap in (80, 90):
-        for dt in ("bf16", "fp32"):
+        for dt, size in (("bf16", 2), ("fp32", 4)):
             p = f"*{dt}:16"
-            jobs.append((mod, "_dino_loss_fwd_kernel", {**common, "S_ptr": p, "T_ptr": p, "C_ptr": f32,
-                         "SStat_ptr": f32, "TStat_ptr": f32, "TSumPart_ptr": f32}, {"BLOCK_K": 1024}, 4, cap))
-            jobs.append((mod, "_dino_loss_bwd_kernel", {**common, "S_ptr": p, "T_ptr": p, "C_ptr": f32,
-                         "LseS_ptr": f32, "LseT_ptr": f32, "GradOut_ptr": f32, "DS_ptr": p}, {"BLOCK_K": 1024}, 4, cap))
-        jobs.append((mod, "_dino_loss_combine_kernel", combine, {"BLOCK_T": 64}, 1, cap))
+            configs = {FWD_CONFIG[size], BWD_CONFIG[size], (2048, 8, 8)}  # table + the sweep's largest
+            for block_k, rows, nw in sorted(configs):
+                jobs.append((mod, "_dino_loss_fwd_kernel", {**common, "S_ptr": p, "T_ptr": p, "C_ptr": f32,
+                             "SStat_ptr": f32, "TStat_ptr": f32, "TSumPart_ptr": f32},
+                             {"BLOCK_K": block_k, "ROWS": rows}, nw, cap))
+                jobs.append((mod, "_dino_loss_bwd_kernel", {**common, "S_ptr": p, "T_ptr": p, "C_ptr": f32,
+                             "Lse_ptr": f32, "GradOut_ptr": f32, "DS_ptr": p},
+                             {"BLOCK_K": block_k, "ROWS": rows}, nw, cap))
+        jobs.append((mod, "_dino_loss_combine_kernel", combine, {"BLOCK_T": 256, "V_BLOCK": 16}, 8, cap))
         for update in (True, False):
-            jobs.append((mod, "_dino_center_kernel", center, {"UPDATE_CENTER": update, "BLOCK_B": 64, "BLOCK": 1024},
-                         4, cap))
+            jobs.append((mod, "_dino_center_kernel", center,
+                         {"UPDATE_CENTER": update, "BLOCK_B": 64, "G_BLOCK": 8, "BLOCK": 512}, 4, cap))
     return jobs
 
 
@@ -209,3 +216,18 @@ def test_benchmark_script_runs(tmp_path):
     assert [r["variant"] for r in rows] == ["reference", "torch"]
     assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
     assert json.loads(out.read_text())[1]["speedup"] > 0
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="real sizes: CUDA only (the AOT test covers them on CPU)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("launch", [{}, {"block_k": 512, "rows": 2, "num_warps": 4, "group_b": 3},
+                                    {"block_k": 2048, "rows": 8, "num_warps": 8, "group_b": 16}])
+def test_real_size_matches_reference_cuda(dtype, launch):
+    """B=64, K=65536, 2+10 crops: the launch table and the sweep's corner configs."""
+    s, t, c = _inputs(64, 65536, 12, dtype, seed=11)
+    grad_out = torch.tensor(0.7, device=DEV)
+    out = _run(dino_loss, s, t, c, 12, grad_out, **launch)
+    ref = _run(dino_loss_torch, s, t, c, 12, grad_out)
+    ref64 = _run(dino_loss_torch, s.double(), t.double(), c, 12, grad_out.double())
+    for name, o, r, r64 in zip(("loss", "entropy", "teacher_sum", "center", "grad"), out, ref, ref64):
+        _close(o, r, r64, EPS[dtype] if name == "grad" else 1e-5, name)
