@@ -6,10 +6,11 @@ a tiny ViT on the demo data, and for ZeRO-2 and ZeRO-3 a run stopped at step RES
 to STEPS. Each run's consolidated student/teacher weights are compared with
   - the single-process engine (same seed, global batch 2B vs 2 ranks x B): equal up to the order of
     the gradient sums, which Adam turns into differences of a fraction of one step's lr (TOL_SINGLE);
-  - the DDP run (same ranks): ZeRO-0 reduces exactly as DDP does (TOL_DDP); ZeRO-1/2/3 reduce in
-    another order, which shows only where Adam amplifies float noise: the attention's key bias has an
-    analytically zero gradient (softmax is shift invariant), so its update is ~lr*noise/eps (TOL_ZERO,
-    5% of one step's lr, far below what clipping, the frozen layer or the EMA change).
+  - the DDP run (same ranks and batches): DeepSpeed reduces and clips in another order (ZeRO
+    partitions, per-fragment norms), which shows only where Adam amplifies float noise: the
+    attention's key bias has an analytically zero gradient (softmax is shift invariant), so its
+    update is ~lr*noise/eps (TOL_ZERO, 5% of one step's lr; elsewhere the runs agree to ~1e-6, and
+    clipping, the frozen layer or the EMA change the weights by far more).
 Resuming ZeRO-2/3 is compared with the uninterrupted run (TOL_ZERO; ZeRO-3 is bit-identical).
 The runs cross an epoch boundary, so the frozen last layer and its release are covered; clip_grad is
 small enough that per-tensor clipping acts on every step (a single-process run without clipping is
@@ -135,7 +136,6 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 TOL_SINGLE = 0.25 * LR * 2 * B / 256  # a quarter of one step's lr: Adam's sign-like steps on ~0 gradients
-TOL_DDP = 1e-6  # ZeRO-0 vs DDP: the same gradient sums
 TOL_ZERO = 0.05 * LR * 2 * B / 256  # ZeRO-1/2/3: float noise of zero-gradient entries through Adam
 
 
@@ -147,8 +147,7 @@ def test_zero_stage_matches_single_process_and_ddp(runs, stage):
         err = max_diff(ds[which], runs["ref"][which])
         assert err < TOL_SINGLE, f"ZeRO-{stage} {which} vs single process: max |diff| {err:.2e}"
         err = max_diff(ds[which], runs["ddp"][which])
-        tol = TOL_DDP if stage == 0 else TOL_ZERO
-        assert err < tol, f"ZeRO-{stage} {which} vs DDP: max |diff| {err:.2e}"
+        assert err < TOL_ZERO, f"ZeRO-{stage} {which} vs DDP: max |diff| {err:.2e}"
 
 
 def test_tolerance_detects_clipping_and_training(runs):
