@@ -51,7 +51,7 @@ class GradClipper:
     fp32, one per requires_grad parameter (a device tensor: read it on log steps only).
     """
 
-    def __init__(self, params, clip: float, impl: str = "auto", chunk: int = 16384):
+    def __init__(self, params, clip: float, impl: str = "auto", chunk: int | None = None):
         from fastdino.flat import FlatParams
 
         if impl not in IMPLS:
@@ -72,6 +72,9 @@ class GradClipper:
         self.impl, self._norms, self._tables = impl, None, []
         if impl == "flat_triton":
             from fastdino.kernels.clip_grad import SegmentTable
+
+            if chunk is None:  # elements per program: fewer, larger programs under the CPU interpreter
+                chunk = 16384 if cuda else 65536
 
             for buf in self.flat.buffers:
                 if buf.grad is None:

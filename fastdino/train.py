@@ -31,12 +31,14 @@ import torch
 import torch.nn as nn
 
 from fastdino.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
+from fastdino.clip import GradClipper
 from fastdino.config import Config, ConfigError, load_config, split_cli_overrides
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
-from fastdino.loss import DINOLoss
+from fastdino.flat import FlatParams
+from fastdino.loss import DINOHeadLoss, DINOLoss
 from fastdino.optim import build_optimizer, get_params_groups, set_lr_wd
 from fastdino.schedules import Schedules
-from fastdino.teacher import ema_update_foreach
+from fastdino.teacher import TeacherUpdater
 
 log = logging.getLogger("fastdino")
 
@@ -125,7 +127,10 @@ class DINOTraining:
     student: nn.Module  # DDP-wrapped when distributed
     student_module: nn.Module  # the bare MultiCropWrapper
     teacher: nn.Module
-    dino_loss: DINOLoss
+    dino_loss: DINOLoss | DINOHeadLoss
+    student_flat: FlatParams  # student parameters and gradients as views into flat buffers
+    clipper: GradClipper  # per-tensor clipping (flat Triton on GPU, foreach on CPU, loop in reference mode)
+    teacher_update: TeacherUpdater  # EMA (flat Triton on GPU, foreach on CPU, loop in reference mode)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     schedules: Schedules
@@ -134,11 +139,9 @@ class DINOTraining:
     first_bad_step: torch.Tensor
 
     def __post_init__(self):
-        self.student_params = [p for p in self.student_module.parameters()]
-        self.teacher_params = [p for p in self.teacher.parameters()]
-        self.trainable = [p for p in self.student_params if p.requires_grad]
         self.last_layer_params = [p for p in self.student_module.head.last_layer.parameters() if p.requires_grad]
         self.autocast_dtype = precision_dtype(self.cfg.train.precision)
+        self.fused_head = self.cfg.model.fused_head
 
 
 def build_training(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> DINOTraining:
@@ -147,36 +150,31 @@ def build_training(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> DINOT
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student_module, teacher = build_models(cfg, device)
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank randomness (drop path) from here on
+    # flat buffers before DDP, the optimizer and any checkpoint load (they all keep the views)
+    student_flat = FlatParams(student_module)
+    teacher_flat = FlatParams(teacher, grads=False)
+    clipper = GradClipper(student_flat, cfg.optim.clip_grad, impl=cfg.optim.clip_impl)
+    teacher_update = TeacherUpdater(teacher_flat, student_flat, impl=cfg.optim.ema_impl)
     student = student_module
     if ctx.distributed:
         student = nn.parallel.DistributedDataParallel(
             student_module, device_ids=[device.index] if device.type == "cuda" else None)
     ncrops = 2 + cfg.data.local_crops_number
-    dino_loss = DINOLoss(cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
+    loss_cls = DINOHeadLoss if cfg.model.fused_head else DINOLoss  # fused head: no [n*B, K] logits
+    dino_loss = loss_cls(cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                          cfg.loss.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.loss.student_temp,
                          cfg.loss.center_momentum, impl=cfg.loss.impl).to(device)
     optimizer = build_optimizer(get_params_groups(student_module), cfg.optim.optimizer, device)
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     schedules = Schedules.from_config(cfg.optim, cfg.optim.batch_size_per_gpu * ctx.world_size, steps_per_epoch)
-    return DINOTraining(cfg, ctx, student, student_module, teacher, dino_loss, optimizer, scaler, schedules,
+    if ctx.is_main:
+        log.info("loss %s, clipping %s, teacher update %s, attention %s", dino_loss.resolve_impl(device),
+                 clipper.impl, teacher_update.impl, getattr(student_module.backbone, "attn_backend", cfg.model.attn))
+    return DINOTraining(cfg, ctx, student, student_module, teacher, dino_loss, student_flat, clipper,
+                        teacher_update, optimizer, scaler, schedules,
                         momentum_schedule=torch.tensor(schedules.momentum, dtype=torch.float32, device=device),
                         bad_steps=torch.zeros((), dtype=torch.int32, device=device),
                         first_bad_step=torch.full((), -1, dtype=torch.int64, device=device))
-
-
-def clip_and_check(params: list[torch.Tensor], clip: float) -> torch.Tensor:
-    """Per-tensor clipping (each gradient's norm to `clip`) with no host sync; returns a device
-    bool: every gradient is finite."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    all_finite = torch.isfinite(torch.stack(norms)).all()
-    if clip > 0:
-        coefs = torch._foreach_add(norms, 1e-6)
-        torch._foreach_reciprocal_(coefs)
-        torch._foreach_mul_(coefs, clip)
-        torch._foreach_clamp_max_(coefs, 1.0)
-        torch._foreach_mul_(grads, coefs)
-    return all_finite
 
 
 def _no_mark(phase: str) -> None:
@@ -198,29 +196,33 @@ def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, 
     # ============ teacher and student forward, DINO loss ============
     with torch.autocast(t.ctx.device.type, dtype=t.autocast_dtype or torch.float32,
                         enabled=t.autocast_dtype is not None):
-        with torch.no_grad():
-            teacher_output = t.teacher(crops[:2])  # only the 2 global views pass through the teacher
+        with torch.no_grad():  # only the 2 global views pass through the teacher
+            teacher_output = t.teacher(crops[:2], bottleneck=t.fused_head)
         mark("teacher_forward")
-        student_output = t.student(crops)
+        student_output = t.student(crops, bottleneck=t.fused_head)
         mark("student_forward")
-    if with_stats:  # collapse monitor: teacher entropy with the center before this step's update
-        stats["teacher_entropy"] = t.dino_loss.teacher_entropy(teacher_output, epoch)
-    loss = t.dino_loss(student_output, teacher_output, epoch)  # fp32 math; updates the center
+        # the DINO loss (fp32 math) updates the center; teacher entropy for the collapse monitor on log steps
+        if t.fused_head:  # logits made tile by tile inside the loss (matmul in the autocast dtype)
+            s_last, t_last = t.student_module.head.last_layer, t.teacher.head.last_layer
+            out = t.dino_loss(student_output, teacher_output, s_last.weight_g, s_last.weight_v,
+                              t_last.weight_g, t_last.weight_v, epoch, return_entropy=with_stats)
+    if not t.fused_head:
+        out = t.dino_loss(student_output, teacher_output, epoch, return_entropy=with_stats)
+    loss, stats["teacher_entropy"] = out if with_stats else (out, None)
     mark("loss")
 
     # ============ student update ============
-    t.optimizer.zero_grad(set_to_none=True)
+    t.student_flat.zero_grad()  # zeros the flat gradient buffer (never set_to_none: keeps the views)
     if t.scaler is not None:
         t.scaler.scale(loss).backward()
         t.scaler.unscale_(t.optimizer)
     else:
         loss.backward()
     if epoch < cfg.optim.freeze_last_layer:  # official cancel_gradients_last_layer: no update at all
-        for p in t.last_layer_params:
-            p.grad = None
+        t.student_flat.drop_grads(t.last_layer_params)
     mark("backward")
-    grads_finite = clip_and_check(t.trainable, cfg.optim.clip_grad)
-    ok = torch.isfinite(loss.detach()) & grads_finite  # a device flag: no host sync
+    t.clipper.clip_()  # each tensor's gradient norm to clip_grad, no host sync
+    ok = torch.isfinite(loss.detach()) & t.clipper.grads_finite()  # a device flag: no host sync
     if t.scaler is not None:
         t.scaler.step(t.optimizer)  # skips on inf/nan gradients by itself
         t.scaler.update()
@@ -232,7 +234,7 @@ def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, 
 
     # ============ teacher EMA ============
     momentum = torch.where(ok, t.momentum_schedule[it], torch.ones_like(t.momentum_schedule[it]))
-    ema_update_foreach(t.teacher_params, t.student_params, momentum)
+    t.teacher_update.step(momentum)
     mark("teacher_update")
 
     # ============ bookkeeping on the device ============

@@ -113,10 +113,13 @@ def _seg_scale_kernel(G_ptr, CHUNK_START, CHUNK_END, CHUNK_SEG, SEG_LO, SEG_HI, 
             tl.store(G_ptr + offs, (g * coef).to(G_ptr.dtype.element_ty), mask=mask)
 
 
-def clip_grad_flat_(grad: torch.Tensor, table: SegmentTable, clip: float, block: int = 2048,
+def clip_grad_flat_(grad: torch.Tensor, table: SegmentTable, clip: float, block: int | None = None,
                     num_warps: int = 8) -> torch.Tensor:
     """Clip every segment of the 1-D buffer `grad` to norm `clip`, in place, in two launches.
-    Returns table.norms (num_segments,) fp32: the norms before clipping (no host sync)."""
+    Returns table.norms (num_segments,) fp32: the norms before clipping (no host sync).
+    block: default 2048 on a GPU; a whole chunk per iteration on CPU tensors (the interpreter)."""
+    if block is None:
+        block = 2048 if grad.is_cuda else table.chunk
     if grad.dim() != 1 or not grad.is_contiguous():
         raise ValueError(f"clip_grad_flat_: grad must be a 1-D contiguous buffer, got shape {tuple(grad.shape)}")
     if table.partial.device != grad.device:

@@ -62,8 +62,12 @@ def _ema_kernel(T_ptr, S_ptr, H_ptr, M_ptr, N, BLOCK: tl.constexpr, WRITE_HALF: 
 
 
 def ema_flat_(teacher: torch.Tensor, student: torch.Tensor, momentum, teacher_half: torch.Tensor | None = None,
-              block: int = 4096, num_warps: int = 8) -> None:
-    """Launch _ema_kernel over 1-D contiguous buffers teacher (N,), student (N,), teacher_half (N,)."""
+              block: int | None = None, num_warps: int = 8) -> None:
+    """Launch _ema_kernel over 1-D contiguous buffers teacher (N,), student (N,), teacher_half (N,).
+    block: elements per program; default 4096 on a GPU, 65536 on CPU tensors (the Triton interpreter
+    pays per program, not per element)."""
+    if block is None:
+        block = 4096 if teacher.is_cuda else 65536
     for name, x in (("teacher", teacher), ("student", student), ("teacher_half", teacher_half)):
         if x is None:
             continue

@@ -170,11 +170,11 @@ def test_nonfinite_loss_skips_updates_and_stops_with_step(data_dir, tmp_path, mo
     real_forward = DINOLoss.forward
     snapshots = {}
 
-    def forward(self, student_output, teacher_output, epoch):
+    def forward(self, student_output, teacher_output, epoch, **kw):
         calls["n"] += 1
         if calls["n"] == 3:  # step 2: the student's logits go bad
             student_output = student_output * float("nan")
-        return real_forward(self, student_output, teacher_output, epoch)
+        return real_forward(self, student_output, teacher_output, epoch, **kw)
 
     real_step = train_mod.train_step
 
@@ -201,3 +201,29 @@ def test_nonfinite_loss_skips_updates_and_stops_with_step(data_dir, tmp_path, mo
         assert torch.equal(v, snapshots["student_after"][k]), f"student {k} changed on a NaN step"
     assert torch.equal(snapshots["center_before"], snapshots["center_after"])
     assert load(out)["step"] == 2  # the last checkpoint before the bad step is intact
+
+
+REFERENCE_MODE = ["--loss.impl=reference", "--optim.ema_impl=loop", "--optim.clip_impl=loop", "--model.attn=math",
+                  "--model.packed_multicrop=false", "--model.fused_head=false"]
+
+
+@pytest.mark.parametrize("fast", [
+    ["--loss.impl=fused", "--optim.ema_impl=flat_triton", "--optim.clip_impl=flat_triton", "--model.attn=sdpa",
+     "--model.packed_multicrop=true"],
+    ["--loss.impl=fused", "--model.fused_head=true", "--optim.ema_impl=foreach", "--optim.clip_impl=foreach"],
+], ids=["fused-loss+flat-triton+packed", "fused-head"])
+def test_fast_paths_follow_reference_trajectory(data_dir, tmp_path, fast):
+    """9 steps of the tiny model with fast paths on and off (Triton under the interpreter on
+    CPU): same loss trace and same final teacher, including the frozen-last-layer epoch."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("fused kernels need CUDA or TRITON_INTERPRET=1")
+    common = ["--train.max_steps=9", "--train.log_every=3", "--model.drop_path_rate=0.0",
+              "--optim.freeze_last_layer=1", "--train.precision=fp32"]
+    ref, fst = str(tmp_path / "ref"), str(tmp_path / "fast")
+    run_in_process(tiny(data_dir, ref, *common, *REFERENCE_MODE))
+    run_in_process(tiny(data_dir, fst, *common, *fast))
+    trace = lambda out: [json.loads(x)["loss"] for x in open(os.path.join(out, "metrics.jsonl"))]
+    ra, fa = trace(ref), trace(fst)
+    assert len(ra) == len(fa) == 9  # 6 steps with the last layer frozen, 3 without
+    torch.testing.assert_close(torch.tensor(fa), torch.tensor(ra), rtol=1e-4, atol=1e-5)
+    assert_states_equal(load(ref), load(fst), exact=False, atol=5e-5)
