@@ -137,6 +137,7 @@ class DINOTraining:
     momentum_schedule: torch.Tensor  # on the device: indexing it never syncs
     bad_steps: torch.Tensor  # device counters of skipped (non-finite) steps and the first one
     first_bad_step: torch.Tensor
+    ds: object = None  # fastdino.ds.DeepSpeedRun when deepspeed.enabled (engines, step, checkpoints)
 
     def __post_init__(self):
         self.last_layer_params = [p for p in self.student_module.head.last_layer.parameters() if p.requires_grad]
@@ -156,7 +157,7 @@ def build_training(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> DINOT
     clipper = GradClipper(student_flat, cfg.optim.clip_grad, impl=cfg.optim.clip_impl)
     teacher_update = TeacherUpdater(teacher_flat, student_flat, impl=cfg.optim.ema_impl)
     student = student_module
-    if ctx.distributed:
+    if ctx.distributed and not cfg.deepspeed.enabled:  # DeepSpeed reduces the gradients itself
         student = nn.parallel.DistributedDataParallel(
             student_module, device_ids=[device.index] if device.type == "cuda" else None)
     ncrops = 2 + cfg.data.local_crops_number
@@ -170,11 +171,16 @@ def build_training(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> DINOT
     if ctx.is_main:
         log.info("loss %s, clipping %s, teacher update %s, attention %s", dino_loss.resolve_impl(device),
                  clipper.impl, teacher_update.impl, getattr(student_module.backbone, "attn_backend", cfg.model.attn))
-    return DINOTraining(cfg, ctx, student, student_module, teacher, dino_loss, student_flat, clipper,
-                        teacher_update, optimizer, scaler, schedules,
-                        momentum_schedule=torch.tensor(schedules.momentum, dtype=torch.float32, device=device),
-                        bad_steps=torch.zeros((), dtype=torch.int32, device=device),
-                        first_bad_step=torch.full((), -1, dtype=torch.int64, device=device))
+    t = DINOTraining(cfg, ctx, student, student_module, teacher, dino_loss, student_flat, clipper,
+                     teacher_update, optimizer, scaler, schedules,
+                     momentum_schedule=torch.tensor(schedules.momentum, dtype=torch.float32, device=device),
+                     bad_steps=torch.zeros((), dtype=torch.int32, device=device),
+                     first_bad_step=torch.full((), -1, dtype=torch.int64, device=device))
+    if cfg.deepspeed.enabled:  # DeepSpeed engines replace student, teacher (ZeRO-3) and optimizer
+        from fastdino.ds import DeepSpeedRun
+
+        t.ds = DeepSpeedRun(t)
+    return t
 
 
 def _no_mark(phase: str) -> None:
@@ -188,6 +194,8 @@ def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, 
     `mark(phase)` is called as each phase ends (benchmarks/throughput.py records CUDA events there):
     teacher_forward, student_forward, loss, backward, optimizer, teacher_update.
     """
+    if t.ds is not None:  # DeepSpeed: the same phases on its engine (fastdino/ds.py)
+        return t.ds.train_step(t, crops, it, epoch, with_stats, mark)
     cfg = t.cfg
     # ============ schedules ============
     set_lr_wd(t.optimizer, float(t.schedules.lr[it]), float(t.schedules.wd[it]))
@@ -321,7 +329,9 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     # ============ resume ============
     ckpt_path = os.path.join(cfg.train.output_dir, "checkpoint.pth")
     start_epoch, start_step_in_epoch, it = 0, 0, 0
-    if args.resume is not None:
+    if args.resume is not None and t.ds is not None:  # DeepSpeed checkpoint in OUTPUT_DIR/deepspeed
+        start_epoch, start_step_in_epoch, it = t.ds.resume(t, args.resume)
+    elif args.resume is not None:
         path = ckpt_path if args.resume == "auto" else args.resume
         if args.resume == "auto" and not os.path.exists(path):
             log.warning("no checkpoint at %s: starting from scratch", path)
@@ -389,7 +399,11 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
             end_of_epoch = step_in_epoch + 1 == steps_per_epoch
             done = it >= total_steps
             ckpt_now = (cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0) or end_of_epoch or done
-            if ckpt_now and ctx.is_main:
+            if ckpt_now and t.ds is not None:  # DeepSpeed: every rank writes its shards
+                next_epoch, next_step = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)
+                t.ds.save_checkpoint(t, next_epoch, next_step, it,
+                                     keep=end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0)
+            elif ckpt_now and ctx.is_main:
                 next_epoch, next_step = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)
                 state = checkpoint_state(t, next_epoch, next_step, it)
                 atomic_save(state, ckpt_path)
