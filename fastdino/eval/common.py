@@ -194,8 +194,8 @@ def torch_load(path: str) -> object:
     """torch.load on CPU with safe unpickling (weights_only) extended to what DINO checkpoints hold;
     other files fall back to full unpickling with a note (load only checkpoints you trust)."""
     if os.path.isdir(path):
-        raise EvalError(f"checkpoint '{path}' is a folder (a DeepSpeed checkpoint?): pass a .pth file, e.g. "
-                        "the checkpoint.pth that train.py writes")
+        raise EvalError(f"checkpoint '{path}' is a folder (a DeepSpeed checkpoint?): pass a .pth file: "
+                        "OUTPUT_DIR/checkpoint.pth, or under DeepSpeed OUTPUT_DIR/consolidated.pth or teacher_backbone.pth")
     if not os.path.isfile(path):
         raise EvalError(f"checkpoint '{path}' does not exist")
     try:
