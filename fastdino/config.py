@@ -88,6 +88,8 @@ class TrainConfig:
     saveckp_freq: int = 20  # keep a numbered copy every N epochs
     max_steps: int = 0  # stop after N steps in total (0: train all epochs)
     progress: bool = True  # progress bar with loss, images/s and ETA
+    knn_every: int = 0  # online k-NN of the teacher on a labeled holdout of data.path every N epochs (0: off)
+    knn_holdout_per_class: int = 50  # images per class in that holdout (the bank; a fifth more are queries)
 
 
 @dataclass
@@ -228,6 +230,8 @@ def _validate(cfg: Config) -> None:
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
     need(t.saveckp_freq >= 1, "train.saveckp_freq", "must be >= 1")
     need(t.max_steps >= 0, "train.max_steps", "must be >= 0")
+    need(t.knn_every >= 0, "train.knn_every", "must be >= 0 (0 disables the online k-NN)")
+    need(t.knn_holdout_per_class >= 1, "train.knn_holdout_per_class", "must be >= 1")
     need(bool(t.output_dir), "train.output_dir", "must name a folder")
     need(cfg.deepspeed.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps", "must be >= 1")
     if cfg.deepspeed.gradient_accumulation_steps != 1:

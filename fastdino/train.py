@@ -36,6 +36,7 @@ from fastdino.config import Config, ConfigError, load_config, split_cli_override
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
 from fastdino.flat import FlatParams
 from fastdino.loss import DINOHeadLoss, DINOLoss
+from fastdino.monitor import CollapseMonitor, knn_holdout, online_knn
 from fastdino.optim import build_optimizer, get_params_groups, set_lr_wd
 from fastdino.schedules import Schedules
 from fastdino.teacher import TeacherUpdater
@@ -344,6 +345,9 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     metrics = MetricsLog(os.path.join(cfg.train.output_dir, "metrics.jsonl") if ctx.is_main else None)
+    monitor = CollapseMonitor(cfg.model.out_dim)  # warns when entropy -> 0 or ln K, or KL -> 0
+    knn_sets = (knn_holdout(cfg.data.path, cfg.train.knn_holdout_per_class, seed=cfg.train.seed)
+                if cfg.train.knn_every > 0 else None)
     progress = None
     if ctx.is_main and cfg.train.progress:
         from tqdm import tqdm
@@ -388,11 +392,15 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
                         entropy = float(stats["teacher_entropy"])
                         record.update(teacher_entropy=entropy, kl=value - entropy, images_per_s=ips,
                                       corrupt_images=loader.num_corrupt)
+                        warning = monitor.update(entropy, value - entropy, step=step)
+                        if warning and ctx.is_main:
+                            log.warning(warning)
                     metrics.write(record)
                 pending.clear()
                 summary.update(loss=losses[-1])
                 if progress is not None:
-                    progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", img_s=f"{ips:.1f}")
+                    progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", img_s=f"{ips:.1f}",
+                                         **({"warn": monitor.flag} if monitor.flag else {}))
             if progress is not None:
                 progress.update(1)
 
@@ -409,6 +417,13 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
                 atomic_save(state, ckpt_path)
                 if end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0:
                     atomic_save(state, os.path.join(cfg.train.output_dir, f"checkpoint{epoch:04d}.pth"))
+            if knn_sets is not None and end_of_epoch and (epoch + 1) % cfg.train.knn_every == 0:
+                zero3 = t.ds is not None and cfg.deepspeed.zero_stage == 3  # sharded teacher: every rank runs it
+                if ctx.is_main or zero3:
+                    top1 = online_knn(t.teacher.backbone, *knn_sets, device, image_size=cfg.data.global_crop_size)
+                    if ctx.is_main:
+                        metrics.write({"step": it - 1, "epoch": epoch, "knn_top1": top1})
+                        log.info("epoch %d: online k-NN top-1 of the teacher %.2f%%", epoch, top1)
             if done:
                 break
     if progress is not None:
@@ -432,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # data errors and the like: one line, not a traceback
         from fastdino.data import DataError
+        from fastdino.eval.common import EvalError
 
-        if isinstance(e, DataError):
+        if isinstance(e, (DataError, EvalError)):
             print(f"fastdino: error: {e}", file=sys.stderr)
             return 2
         raise

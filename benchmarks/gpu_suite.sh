@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU measurement behind benchmarks/RESULTS.md, in two parts of under 10 minutes each.
+#
+#   bash benchmarks/gpu_suite.sh A OUTDIR   # installs carried DALI/DeepSpeed wheels if present;
+#                                           # end-to-end throughput (vits16, vitb8), DALI data, ZeRO-2 step
+#   bash benchmarks/gpu_suite.sh B OUTDIR   # GPU tests, fused loss suite, EMA/clip, attention, ViT-B/8 memory
+#
+# Wheels (optional): .whl/p0..p3 hold the parts of a tar of DALI and its needs (too large for one
+# transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python.
+set -uo pipefail
+part=${1:?usage: gpu_suite.sh A|B OUTDIR}
+out=${2:?usage: gpu_suite.sh A|B OUTDIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
+py=python3
+step() {  # step NAME TIMEOUT CMD...: run, log to OUTDIR/NAME.log, never stop the suite
+    local name=$1 limit=$2; shift 2
+    echo "=== $name ($(date +%T))"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -40
+    echo "=== $name rc=${PIPESTATUS[0]}"
+}
+install_wheels() {
+    if ls .whl/p0/part00 >/dev/null 2>&1 && ! $py -c "import nvidia.dali" 2>/dev/null; then
+        cat .whl/p*/part* | tar x -C /tmp && $py -m pip install -q --no-index --no-deps --no-compile /tmp/dali/*.whl
+    fi
+    if ls .whl/ds/*.whl >/dev/null 2>&1 && ! $py -c "import deepspeed" 2>/dev/null; then
+        $py -m pip install -q --no-index --no-deps --no-compile .whl/ds/*.whl
+    fi
+    $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    $py -c "import nvidia.dali as d; print('dali', d.__version__)" || echo "dali: not importable"
+    $py -c "import deepspeed as d; print('deepspeed', d.__version__)" 2>/dev/null | tail -1 || echo "deepspeed: not importable"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+install_wheels
+if [ "$part" = A ]; then
+    step throughput_vits16 230 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
+        --batch-size 256 --data both --steps 8 --warmup 4 --repeats 3 --time-budget 180 --json "$out/throughput_vits16.json"
+    step throughput_vitb8 200 $py benchmarks/throughput.py --config configs/vitb8.json --batch-size 64 --data both \
+        --steps 5 --warmup 3 --repeats 3 --time-budget 150 --json "$out/throughput_vitb8.json"
+    step data 90 $py benchmarks/data.py --backend all --device cuda --batch-size 128 --steps 20 --json "$out/data.json"
+    step zero2_vitb8 120 $py -m fastdino.ds --config configs/vitb8.json --steps 12 --warmup 3 --json "$out/zero2_vitb8.json"
+else
+    step pytest_gpu 170 $py -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_loss_dropin.py \
+        tests/test_attention.py tests/test_models.py tests/test_dali.py
+    step loss_suite 200 $py benchmarks/loss.py --suite --sweep-dtypes bf16 --json "$out/loss_suite.json"
+    step ema 70 $py benchmarks/ema.py --models vits16,vitb8 --no-sweep --json "$out/ema.json"
+    step attention 80 $py benchmarks/attention.py --modes matmul,attn --json "$out/attention.json"
+    step step_memory 90 $py benchmarks/attention.py --modes step --json "$out/step_memory.json"
+fi
+echo "=== done ($(date +%T))"
