@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
 def check_output_dir(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
+        probe = os.path.join(path, f".write-test-{os.getpid()}")  # per process: ranks share the folder
         with open(probe, "w") as f:
             f.write("ok")
         os.unlink(probe)
