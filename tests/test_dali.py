@@ -89,3 +89,31 @@ def test_bad_files_skipped_and_counted(demo, tmp_path):
         open(p, "wb").write(b"\xff\xd8 not a jpeg")
     with pytest.raises(DataError, match=r"of 12 images of a batch are unreadable, e.g. '.*\.jpg'"):
         list(build_train_loader(cfg(str(root), "dali"), 12, seed=4, device=DEVICE).epoch(1))
+
+
+def test_one_pipeline_reused_across_epochs_and_released(demo, epoch_dali):
+    """epoch() many times (early exits with batches in flight included) reuses one DALI pipeline,
+    gives the same crops as a full epoch, and close() releases it."""
+    import gc
+
+    from nvidia.dali import Pipeline
+
+    def live():
+        gc.collect()
+        return sum(issubclass(type(o), Pipeline) for o in gc.get_objects())
+
+    before = live()
+    loader = build_train_loader(cfg(demo, "dali"), 12, seed=4, device=DEVICE)
+    # fresh pipeline fed a single batch (fills its prefetch with a duplicate, dropped)
+    only = [[c.cpu() for c in crops] for crops in loader.epoch(1, start_step=3)]
+    assert len(only) == 1 and all(torch.equal(a, b) for a, b in zip(only[0], epoch_dali[3]))
+    for e in range(5):
+        it = loader.epoch(1, start_step=e % 2)
+        first = [c.cpu() for c in next(it)]
+        it.close()  # leaves an epoch with the next batch in flight
+        assert all(torch.equal(a, b) for a, b in zip(first, epoch_dali[e % 2]))
+    last = [[c.cpu() for c in crops] for crops in loader.epoch(1, start_step=3)]
+    assert len(last) == 1 and all(torch.equal(a, b) for a, b in zip(last[0], epoch_dali[3]))
+    assert loader._pipes_built == 1 and live() - before == 1
+    loader.close()
+    assert loader._pipe is None and live() == before

@@ -1,53 +1,69 @@
-"""DALI data path: GPU JPEG decoding and every crop of the DINO recipe made on the device.
+"""DALI data path: GPU JPEG decoding and the geometric half of every crop made by DALI; the photometric
+half runs batched on the device with the same code as the torch backend (augment.photometric).
 
-Host (one background thread): for each step, this rank's dataset indices (the same epoch
-permutation and global-batch layout as the torch backend), the raw bytes (folder, file list or
-webdataset tar shards: fastdino.data.folder.ImageSource), the image size read from the header, and
-every random draw of every crop from the same counter-based hash as the torch backend
-(augment.uniforms keyed by seed, epoch, dataset index, crop). So both backends use identical
-crop boxes and parameters for a given key, and the DALI output is a pure function of the key too:
-resume (start_step), world size and thread counts do not change it.
+Host (one background thread, plus a small thread pool for file reads): for each step, this rank's
+dataset indices (the same epoch permutation and global-batch layout as the torch backend), the raw
+bytes (folder, file list or webdataset tar shards: fastdino.data.folder.ImageSource), the image size
+read from the header, and every random draw of every crop of the whole batch in one vectorized hash
+(augment.uniforms keyed by seed, epoch, dataset index, crop: one numpy call of [B, 2+N, 36] draws per
+batch). So both backends use identical crop boxes and parameters for a given key, and the output is
+a pure function of the key: resume (start_step), world size and thread counts do not change it.
 
-Graph (fed with feed_input; device "mixed" decoder on GPU, "cpu" operators when device_id=None):
-    decode once -> per crop: resize of the crop box (bicubic, antialiased; a flipped box flips) ->
-    stack same-size crops into a sequence (F = 2 globals, F = N locals; frames carry their own params)
-    -> 4 jitter slots: one affine op (brightness/contrast/saturation; factors neutral unless the slot's
-    op) + one hue op (shift 0 unless the slot's op), which realizes torchvision's random order with no
-    per-sample branching -> grayscale blend (mask 0/1) -> gaussian blur (sigma, or 0.01 = identity when
-    not drawn; 13 taps, reflect) -> solarize mask (global 2) -> normalize, FCHW.
-Neutral parameters are exact identities, except the hue round trip rgb->hsv->rgb (float rounding,
-~1e-7).
+Graph (fed with feed_input; "mixed" decoder on GPU, "cpu" operators when device_id=None):
+    decode once -> per crop: resize of the crop box (bicubic, antialiased; a flipped box flips), uint8
+    -> stack same-size crops into one output per size group: [B, F, S, S, 3] uint8 (F = 2 globals,
+    F = N locals).
+Then on the device (consumer thread, torch): uint8 -> crop-major [F*B, 3, S, S] -> photometric (colour
+jitter in the sample's random order with each op, hue included, applied once per crop; grayscale;
+blur; solarize; normalization), exactly as the torch backend, so the two backends differ only by the
+bicubic resampler (DALI vs PIL).
+
+Memory. The graph is a handful of operators on uint8 data and runs on DALI's dynamic executor
+(exec_async + exec_pipelined), which frees inter-operator buffers as soon as they are consumed. At most
+PIPELINE_DEPTH iterations are in flight. Device memory held by DALI for B images of ~W x H px with
+2 + N crops of G / L px: decoded images B*W*H*3 + crops 2 * B*3*(2*G^2 + N*L^2) (resize outputs and
+the stacked outputs) per iteration in flight, plus nvJPEG scratch; for B=256, 500x375 JPEGs, 2+10 crops
+of 224/96: 144 MB + 296 MB per iteration, about 1 GB in all. (The previous graph ran ~400 float32
+elementwise operators per batch on the legacy executor, which keeps every operator's output buffer
+alive: ~73 GiB at B=256.) The float32 photometric intermediates live in PyTorch's caching allocator
+(~0.3 GB per [B*F,3,S,S] tensor at B=256). One pipeline per loader, built on first use, reused by
+every epoch() call, and released by close() (or when the loader is garbage-collected).
 
 Unreadable files: the host checks every file's header (JPEG SOI..EOI with a frame header, or PNG
 IHDR) before it enters the graph; a failing file is replaced deterministically (as in the torch
 backend) and counted. A file that passes the header check but still fails in the decoder makes the
-pipeline raise: the loader then decodes that batch's files with PIL to find the culprits, marks them
-bad, rebuilds the pipeline and redoes the batch (rare and slow, but never a crash).
+pipeline raise: the loader then decodes the in-flight batches' files with PIL to find the culprits,
+marks them bad, rebuilds the pipeline and redoes those batches (rare and slow, but never a crash).
 """
 from __future__ import annotations
 
+import collections
 import io
 import queue
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from fastdino.data.augment import (BLUR_RADIUS, GRAY_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD,
-                                   crop_specs, photometric_params, resized_crop_boxes, uniforms)
+from fastdino.data.augment import PARAM_KEYS, crop_specs, photometric, photometric_params, resized_crop_boxes, uniforms
 from fastdino.data.folder import DataError, ImageSource, image_size_from_header
 from fastdino.data.torch_loader import MAX_REPLACEMENTS, EpochBatches, check_batch_geometry
 
-NO_BLUR_SIGMA = 0.01  # Gaussian weights at +-1 px are exp(-5000) = 0: the identity
+PIPELINE_DEPTH = 2  # DALI iterations in flight (prefetch_queue_depth): one running while one is consumed
+HOST_QUEUE = 3  # host batches prepared ahead by the background thread
 
 
 # ----------------------------------------------------------------------------- host-side parameters
 def host_params(specs, seed: int, epoch: int, indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict:
-    """Feed arrays for one batch. Per crop c: roi_start{c}/roi_end{c} [B,2] (y, x; a flipped crop has
-    its x bounds swapped). Per size group gi (frames f = its crops): affine/hue params of the 4 jitter
-    slots, gray mask, blur sigma, solarize mask, each [B,F,1,1,1] ([B,F,1,1] for hue)."""
+    """All draws of one batch, vectorized (one hash over [B, C, 36]).
+
+    Returns {'roi_start{c}', 'roi_end{c}': float32 [B, 2] (y, x; a flipped crop has its x bounds
+    swapped) for each crop c, 'photometric': per size group, a dict of CPU tensors [F*B] in crop-major
+    order (as augment.stack_params; 'order' [F*B, 4])}."""
     B, C = len(indices), len(specs)
-    u = uniforms(seed, epoch, indices[:, None], np.arange(C)[None, :])  # [B, C, draws]
+    u = uniforms(seed, epoch, np.asarray(indices)[:, None], np.arange(C)[None, :])  # [B, C, draws]
     p = photometric_params(u, np.array([s.p_blur for s in specs]), np.array([s.p_solarize for s in specs]))
     feed = {}
     for c, s in enumerate(specs):
@@ -56,18 +72,16 @@ def host_params(specs, seed: int, epoch: int, indices: np.ndarray, widths: np.nd
         x0, x1 = np.where(flip, left + w, left), np.where(flip, left, left + w)
         feed[f"roi_start{c}"] = np.stack([top, x0], 1).astype(np.float32)
         feed[f"roi_end{c}"] = np.stack([top + h, x1], 1).astype(np.float32)
-    for gi, ids in enumerate(size_groups(specs)):
-        q = {k: v[:, ids] for k, v in p.items()}  # [B, F] (order: [B, F, 4])
-        frame = lambda a: np.ascontiguousarray(a, np.float32).reshape(B, len(ids), 1, 1, 1)  # noqa: E731
-        for slot in range(4):
-            op = np.where(q["jitter"], q["order"][..., slot], -1)
-            feed[f"g{gi}_a{slot}"] = frame(np.select([op == 0, op == 1, op == 2], [q["brightness"], q["contrast"], q["saturation"]], 1.0))
-            feed[f"g{gi}_gc{slot}"] = frame(np.where(op == 2, 1 - q["saturation"], 0.0))
-            feed[f"g{gi}_mc{slot}"] = frame(np.where(op == 1, 1 - q["contrast"], 0.0))
-            feed[f"g{gi}_hue{slot}"] = frame(np.where(op == 3, q["hue"], 0.0))[..., 0]
-        feed[f"g{gi}_gray"] = frame(q["gray"])
-        feed[f"g{gi}_sigma"] = np.ascontiguousarray(np.where(q["blur"], q["sigma"], NO_BLUR_SIGMA), np.float32)
-        feed[f"g{gi}_solarize"] = frame(q["solarize"])
+    groups = []
+    for ids in size_groups(specs):
+        q = {}
+        for k in PARAM_KEYS:
+            v = np.swapaxes(p[k][:, ids], 0, 1)  # crop-major [F, B, ...]
+            v = v.reshape((len(ids) * B,) + v.shape[2:])
+            q[k] = torch.from_numpy(np.ascontiguousarray(v.astype(np.float32) if v.dtype.kind == "f" else
+                                                         v.astype(np.int64 if k == "order" else bool)))
+        groups.append(q)
+    feed["photometric"] = groups
     return feed
 
 
@@ -80,98 +94,52 @@ def size_groups(specs) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------- the graph
-def _gray(x):
-    return x[:, :, :, 0] * GRAY_WEIGHTS[0] + x[:, :, :, 1] * GRAY_WEIGHTS[1] + x[:, :, :, 2] * GRAY_WEIGHTS[2]
-
-
-def _hue(x, shift):
-    """torchvision adjust_hue on FHWC float in [0,1], as DALI arithmetic; shift: [F,1,1]."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.math as dmath
-
-    r, g, b = x[:, :, :, 0], x[:, :, :, 1], x[:, :, :, 2]
-    maxc = dmath.max(r, dmath.max(g, b))
-    minc = dmath.min(r, dmath.min(g, b))
-    cr = maxc - minc
-    eq = maxc == minc
-    s = cr / (maxc + eq)  # eq: cr = 0 -> s = 0 (torchvision divides by 1 there)
-    crd = cr + eq
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)) / 6.0 + shift
-    h = h - dmath.floor(h)
-    out = []
-    for n in (5.0, 3.0, 1.0):  # channel = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6
-        k = n + 6.0 * h
-        k = k - 6.0 * dmath.floor(k * (1.0 / 6.0))
-        out.append(maxc - maxc * s * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
-    return fn.stack(*out, axis=3)
-
-
-def _photometric(x, inp, gi: int, solarize: bool):
-    """Jitter slots, grayscale, blur, solarize on a float FHWC sequence; inp(name) -> fed DataNode."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.math as dmath
-
-    for slot in range(4):
-        g = _gray(x)
-        m = fn.expand_dims(fn.reductions.mean(g, axes=[1, 2]), axes=[1, 2, 3])
-        x = dmath.clamp(inp(f"g{gi}_a{slot}") * x + inp(f"g{gi}_gc{slot}") * fn.expand_dims(g, axes=[3])
-                        + inp(f"g{gi}_mc{slot}") * m, 0.0, 1.0)
-        x = _hue(x, inp(f"g{gi}_hue{slot}"))
-    x = x + inp(f"g{gi}_gray") * (fn.expand_dims(_gray(x), axes=[3]) - x)
-    x = fn.reshape(x, layout="FHWC")  # arithmetic drops the layout; blur needs it
-    x = fn.gaussian_blur(x, sigma=fn.per_frame(inp(f"g{gi}_sigma", cpu=True)), window_size=2 * BLUR_RADIUS + 1)
-    if solarize:
-        x = x + inp(f"g{gi}_solarize") * (x >= SOLARIZE_THRESHOLD) * (1.0 - 2.0 * x)
-    return x
-
-
 def build_pipeline(specs, batch_size: int, device_id: int | None, num_threads: int, seed: int = 0):
-    """The DALI pipeline; outputs one FCHW float32 normalized sequence [F,3,S,S] per size group."""
+    """The DALI pipeline: decode, then per crop a resize of its box; one uint8 [F,S,S,3] output per
+    size group. Dynamic executor (intermediate buffers freed as consumed), PIPELINE_DEPTH in flight."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
     gpu = device_id is not None
     groups = size_groups(specs)
-    names = {"encoded"}
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+                  prefetch_queue_depth=PIPELINE_DEPTH, exec_async=True, exec_pipelined=True, exec_dynamic=True)
     def pipe():
-        nodes = {}
-
-        def inp(name, cpu=False):
-            if name not in nodes:
-                names.add(name)
-                nodes[name] = fn.external_source(name=name, dtype=types.FLOAT, no_copy=False)
-            return nodes[name].gpu() if gpu and not cpu else nodes[name]
-
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, no_copy=False)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                    adjust_orientation=False)  # crop boxes use the stored (header) size
         outs = []
-        for gi, ids in enumerate(groups):
+        for ids in groups:
             size = specs[ids[0]].size
-            crops = [fn.resize(images, size=[size, size], roi_start=inp(f"roi_start{c}", cpu=True),
-                               roi_end=inp(f"roi_end{c}", cpu=True), roi_relative=False,
-                               interp_type=types.INTERP_CUBIC, antialias=True) for c in ids]
-            x = fn.stack(*crops, axis=0, axis_name="F") * (1.0 / 255.0)
-            x = _photometric(x, inp, gi, solarize=any(specs[c].p_solarize > 0 for c in ids))
-            outs.append(fn.crop_mirror_normalize(fn.reshape(x, layout="FHWC"), mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                                                 output_layout="FCHW", dtype=types.FLOAT))
+            crops = [fn.resize(images, size=[size, size], roi_relative=False, interp_type=types.INTERP_CUBIC,
+                               antialias=True, dtype=types.UINT8,
+                               roi_start=fn.external_source(name=f"roi_start{c}", dtype=types.FLOAT, no_copy=False),
+                               roi_end=fn.external_source(name=f"roi_end{c}", dtype=types.FLOAT, no_copy=False))
+                     for c in ids]
+            outs.append(fn.stack(*crops, axis=0, axis_name="F"))
         return tuple(outs)
 
     p = pipe()
     p.build()
-    p.fastdino_inputs = frozenset(names)  # feed only what the graph reads (no solarize input for locals)
+    p.fastdino_inputs = ("encoded",) + tuple(f"roi_{e}{c}" for c in range(len(specs)) for e in ("start", "end"))
     return p
+
+
+def release_dali_memory() -> None:
+    """Give DALI's unused pooled memory back (device and pinned host), after a pipeline is dropped."""
+    try:
+        from nvidia.dali.backend import ReleaseUnusedMemory
+
+        ReleaseUnusedMemory()
+    except Exception:  # older DALI, or no CUDA
+        pass
 
 
 # ----------------------------------------------------------------------------- the loader
 class DaliMultiCropLoader:
-    """The DALI backend of build_train_loader: same interface as TorchMultiCropLoader."""
+    """The DALI backend of build_train_loader: same interface as TorchMultiCropLoader, plus close()."""
 
     backend = "dali"
 
@@ -190,7 +158,12 @@ class DaliMultiCropLoader:
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.num_threads = int(num_threads or max(1, min(int(data_cfg.num_workers) or 1, 16)))
         self._pipe = None
+        self._pipes_built = 0  # pipelines built over the loader's life (rebuilds happen only after decoder errors)
+        self._readers = None
         self._bad: set[int] = set()  # dataset indices known unreadable on this rank
+        # seconds summed over batches: host thread (file reads + header checks, parameter draws),
+        # consumer (waiting for the host queue, waiting for DALI outputs, photometric launch)
+        self.timing = collections.Counter()
 
     @property
     def num_corrupt(self) -> int:
@@ -200,38 +173,63 @@ class DaliMultiCropLoader:
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = build_pipeline(self.specs, self.batch_size, self.device_id, self.num_threads, self.seed)
+            self._pipes_built += 1
         return self._pipe
 
+    def _drop_pipeline(self) -> None:
+        if self._pipe is not None:
+            self._pipe = None  # the last reference: DALI frees the executor and its buffers
+            release_dali_memory()
+
+    def close(self) -> None:
+        """Release the DALI pipeline and its memory (a later epoch() builds a new one)."""
+        self._drop_pipeline()
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+            self._readers = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
     # host side ------------------------------------------------------------
+    def _read_checked(self, epoch: int, index: int):
+        """(dataset index, bytes, w, h, first bad name or None) for one sample, replacing unreadable files."""
+        n, first_bad = self.num_images, None
+        for k in range(MAX_REPLACEMENTS + 1):
+            i = int(index) if k == 0 else int(uniforms(self.seed, epoch, int(index), -2 - k, 1)[0] * n)
+            if i in self._bad:
+                continue
+            try:
+                data = self.source.read(i)
+                w, h = image_size_from_header(data)
+                return i, data, w, h, first_bad, k
+            except (OSError, ValueError):
+                self._bad.add(i)
+                first_bad = first_bad or self.source.name(i)
+        raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
+                        f"e.g. '{first_bad}'")
+
     def _host_batch(self, epoch: int, step: int) -> dict:
-        n = self.num_images
-        datas, idx, widths, heights, primary_bad, first_bad = [], [], [], [], 0, None
-        for index in self.sampler.indices(epoch, step):
-            for k in range(MAX_REPLACEMENTS + 1):
-                i = int(index) if k == 0 else int(uniforms(self.seed, epoch, int(index), -2 - k, 1)[0] * n)
-                if i in self._bad:
-                    continue
-                try:
-                    data = self.source.read(i)
-                    w, h = image_size_from_header(data)
-                    break
-                except (OSError, ValueError):
-                    self._bad.add(i)
-                    first_bad = first_bad or self.source.name(i)
-            else:
-                raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
-                                f"e.g. '{first_bad}'")
-            primary_bad += k > 0
-            datas.append(np.frombuffer(data, np.uint8))
-            idx.append(i)
-            widths.append(w)
-            heights.append(h)
+        t0 = time.perf_counter()
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max(1, min(self.num_threads, 8)), thread_name_prefix="fastdino-read")
+        rows = list(self._readers.map(lambda i: self._read_checked(epoch, i), self.sampler.indices(epoch, step)))
+        primary_bad = sum(r[5] > 0 for r in rows)
         if 2 * primary_bad > self.batch_size:
+            first_bad = next(r[4] for r in rows if r[4])
             raise DataError(f"{primary_bad} of {self.batch_size} images of a batch are unreadable, e.g. '{first_bad}' "
                             f"(check data.path)")
-        feed = host_params(self.specs, self.seed, epoch, np.array(idx), np.array(widths), np.array(heights))
-        feed["encoded"] = datas
-        return {"feed": feed, "indices": idx, "epoch": epoch, "step": step}
+        idx = np.array([r[0] for r in rows])
+        t1 = time.perf_counter()
+        feed = host_params(self.specs, self.seed, epoch, idx, np.array([r[2] for r in rows]), np.array([r[3] for r in rows]))
+        feed["encoded"] = [np.frombuffer(r[1], np.uint8) for r in rows]
+        self.timing["host_read_s"] += t1 - t0
+        self.timing["host_params_s"] += time.perf_counter() - t1
+        self.timing["batches"] += 1
+        return {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step}
 
     def _host_batches(self, epoch: int, start_step: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -250,68 +248,150 @@ class DaliMultiCropLoader:
             out.put(e)
 
     # device side ----------------------------------------------------------
-    def _run(self, feed: dict) -> list:
+    def _submit(self, item: dict) -> None:
+        """Feed one batch and schedule its DALI iteration (returns at once: the executor is async).
+        A fresh pipeline's first schedule_run starts PIPELINE_DEPTH iterations, so its first call
+        is deferred until that many batches are fed (see _flush)."""
         pipe = self._pipeline()
         for name in pipe.fastdino_inputs:
-            pipe.feed_input(name, feed[name])
-        return pipe.run()
+            pipe.feed_input(name, item["feed"][name])
+        self._fed += 1
+        if self._primed:
+            pipe.schedule_run()
+        elif self._fed == PIPELINE_DEPTH:
+            pipe.schedule_run()
+            self._primed = True
+
+    def _flush(self) -> None:
+        """Make sure every fed batch is scheduled (a fresh pipeline fed fewer than PIPELINE_DEPTH
+        batches: feed a copy of the last one to fill the prefetch, its output is dropped)."""
+        if not self._primed and self._fed:
+            item = self._pending[-1]
+            self._pending.append(dict(item, duplicate=True))
+            while not self._primed:
+                self._submit(item)
+
+    def _outputs(self) -> list:
+        stream = torch.cuda.current_stream(self.device) if self.device_id is not None else None
+        return self._pipe.outputs(cuda_stream=stream)
 
     def _to_torch(self, tl) -> torch.Tensor:
+        """DALI uint8 batch [B, F, S, S, 3] -> torch uint8 on the device (stream-ordered copy on CUDA)."""
         t = tl.as_tensor()
         if self.device_id is None:
             return torch.from_numpy(np.array(t))
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        out = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+        out = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out
 
-    def _recover(self, item: dict, err: Exception) -> dict:
-        """The decoder failed on a file that passed the header check: find it with PIL, mark it,
-        rebuild the pipeline and rebuild the batch without it."""
+    def to_crops(self, outs, params: list) -> list:
+        """DALI outputs (uint8 per size group) + host params -> crop-major list of normalized [B,3,S,S]."""
+        crops = [None] * len(self.specs)
+        for ids, tl, p in zip(self.groups, outs, params):
+            x = self._to_torch(tl)  # [B, F, S, S, 3]
+            B, F, H, W, _ = x.shape
+            x = x.permute(1, 0, 4, 2, 3).reshape(F * B, 3, H, W)  # crop-major, as the torch backend
+            for c, y in zip(ids, photometric(x, p, self.dtype).split(B)):
+                crops[c] = y
+        return crops
+
+    def _recover(self, err: Exception) -> None:
+        """The decoder failed on a file that passed the header check: find it with PIL among the
+        in-flight batches, mark it, rebuild the pipeline and resubmit those batches without it."""
         from PIL import Image
 
         found = False
-        for i in item["indices"]:
-            try:
-                Image.open(io.BytesIO(self.source.read(i))).load()
-            except Exception:
-                self._bad.add(i)
-                found = True
+        for item in self._pending:
+            for i in item["indices"]:
+                try:
+                    Image.open(io.BytesIO(self.source.read(i))).load()
+                except Exception:
+                    if i not in self._bad:
+                        self._bad.add(i)
+                        found = True
         if not found:
             raise err
-        self._pipe = None
-        return self._host_batch(item["epoch"], item["step"])
+        self._drop_pipeline()
+        items = [self._host_batch(it["epoch"], it["step"]) for it in self._pending if not it.get("duplicate")]
+        self._pending.clear()
+        self._fed, self._primed = 0, False
+        for it in items:
+            self._pending.append(it)
+            self._submit(it)
+
+    def _next_output(self) -> tuple[dict, list] | None:
+        """Outputs of the oldest in-flight batch (skipping a prefetch duplicate); None when only
+        duplicates were left."""
+        for _ in range(4):
+            if not self._pending:
+                return None
+            try:
+                self._flush()
+                t0 = time.perf_counter()
+                outs = self._outputs()
+                self.timing["dali_wait_s"] += time.perf_counter() - t0
+                item = self._pending.popleft()
+                self._fed -= 1
+                if item.get("duplicate"):
+                    continue
+                return item, outs
+            except RuntimeError as e:
+                self._recover(e)
+        raise DataError(f"data source '{self.source.path}': the DALI pipeline keeps failing on a batch")
+
+    def _drain(self) -> None:
+        """Consume the outputs of batches still in flight (early exit from an epoch), so the reused
+        pipeline starts the next epoch empty; a pipeline that cannot be drained is dropped."""
+        try:
+            self._flush()
+            while self._pending:
+                self._outputs()
+                self._pending.popleft()
+                self._fed -= 1
+        except Exception:
+            self._drop_pipeline()
+        self._pending.clear()
+        self._fed = 0
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors
         [B,3,S,S] on the device, normalized, in self.dtype."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
-        q, stop = queue.Queue(maxsize=2), threading.Event()
+        q, stop = queue.Queue(maxsize=HOST_QUEUE), threading.Event()
         worker = threading.Thread(target=self._host_batches, args=(int(epoch), int(start_step), q, stop), daemon=True)
         worker.start()
+        self._pending = collections.deque()  # fed batches whose outputs are not consumed yet, oldest first
+        self._fed = 0
+        self._primed = self._pipe is not None  # a reused pipeline schedules every fed batch at once
+        done = False
         try:
             while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                for _ in range(4):
-                    try:
-                        outs = self._run(item["feed"])
+                # keep PIPELINE_DEPTH batches in flight: feed the next one before taking the oldest's outputs
+                while not done and len(self._pending) < PIPELINE_DEPTH:
+                    t0 = time.perf_counter()
+                    item = q.get()
+                    self.timing["host_wait_s"] += time.perf_counter() - t0
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        done = True
                         break
-                    except RuntimeError as e:
-                        item = self._recover(item, e)
-                else:
-                    raise DataError(f"data source '{self.source.path}': the DALI pipeline keeps failing on a batch")
-                crops = [None] * len(self.specs)
-                for ids, tl in zip(self.groups, outs):
-                    x = self._to_torch(tl).to(self.dtype)  # [B, F, 3, S, S]
-                    for f, c in enumerate(ids):
-                        crops[c] = x[:, f].contiguous()
+                    self._pending.append(item)
+                    self._submit(item)
+                nxt = self._next_output() if self._pending else None
+                if nxt is None:
+                    return
+                item, outs = nxt
+                t0 = time.perf_counter()
+                crops = self.to_crops(outs, item["feed"]["photometric"])
+                del outs
+                self.timing["photometric_s"] += time.perf_counter() - t0
                 yield crops
         finally:
             stop.set()
+            if self._pending:
+                self._drain()
             worker.join()
