@@ -81,9 +81,56 @@ def bench(backend: str, n_local: int, args, device: torch.device) -> dict:
         steps += 1
     sync()
     dt = time.perf_counter() - t0
-    return {"backend": loader.backend, "crops": f"2+{n_local}", "batch": args.batch_size, "steps": steps,
+    row = {"backend": loader.backend, "crops": f"2+{n_local}", "batch": args.batch_size, "steps": steps,
             "images_per_s": steps * args.batch_size / dt, "ms_per_batch": 1e3 * dt / steps, "warmup_s": warm,
             "cpu_cores": len(os.sched_getaffinity(0)), "workers_or_threads": args.workers, "device": str(device)}
+    if loader.backend == "dali":
+        row.update(dali_stages(loader, min(args.steps, 5), sync))
+        loader.close()  # release the pipeline's memory before the next row
+    return row
+
+
+def dali_stages(loader, reps: int, sync) -> dict:
+    """Where a DALI batch's time goes. In-loop counters (ms per batch, the host thread runs beside the
+    consumer): host_read (file reads + header checks, thread pool), host_params (vectorized draws),
+    host_wait / dali_wait (consumer blocked on the host queue / on DALI outputs). Then each stage alone,
+    synchronized: host batch, DALI graph (decode + crops, one batch, no overlap), photometric (torch)."""
+    from fastdino.data.dali import build_pipeline
+
+    t = loader.timing
+    out = {f"loop_{k[:-2]}_ms": 1e3 * t[k] / max(t["batches"], 1)
+           for k in ("host_read_s", "host_params_s", "host_wait_s", "dali_wait_s", "photometric_s")}
+    t0 = time.perf_counter()
+    items = [loader._host_batch(0, s % loader.steps_per_epoch) for s in range(reps)]
+    out["alone_host_ms"] = 1e3 * (time.perf_counter() - t0) / reps
+    pipe = build_pipeline(loader.specs, loader.batch_size, loader.device_id, loader.num_threads, loader.seed)
+
+    def run(item):
+        for name in pipe.fastdino_inputs:
+            pipe.feed_input(name, item["feed"][name])
+        pipe.schedule_run()  # first call prefetches PIPELINE_DEPTH iterations: feed that many
+        return pipe.outputs()
+
+    from fastdino.data.dali import PIPELINE_DEPTH
+
+    for name in pipe.fastdino_inputs:  # prime the prefetch
+        for _ in range(PIPELINE_DEPTH - 1):
+            pipe.feed_input(name, items[0]["feed"][name])
+    outs = run(items[0])
+    for _ in range(PIPELINE_DEPTH - 1):
+        outs = pipe.outputs()
+    t0 = time.perf_counter()
+    for i in range(reps):
+        outs = run(items[i])
+    out["alone_dali_ms"] = 1e3 * (time.perf_counter() - t0) / reps
+    sync()
+    t0 = time.perf_counter()
+    for i in range(reps):
+        loader.to_crops(outs, items[-1]["feed"]["photometric"])
+    sync()
+    out["alone_photometric_ms"] = 1e3 * (time.perf_counter() - t0) / reps
+    del pipe, outs
+    return out
 
 
 def main(argv=None) -> None:
@@ -121,6 +168,15 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['backend']} | {r['crops']} | {r['batch']} | {r['images_per_s']:.0f} | {r['ms_per_batch']:.1f} | "
               f"{r['warmup_s']:.1f} | {r['workers_or_threads']} |")
+    stages = [r for r in rows if "alone_dali_ms" in r]
+    if stages:
+        print("\n#### DALI backend: ms per batch by stage (loop: counters during the timed run; alone: each "
+              "stage by itself, synchronized)\n")
+        keys = [k for k in stages[0] if k.startswith(("loop_", "alone_"))]
+        print("| crops | " + " | ".join(keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for r in stages:
+            print(f"| {r['crops']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "results": rows}, f, indent=2)
