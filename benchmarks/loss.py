@@ -308,7 +308,7 @@ def sweep(args) -> list[dict]:
                 r = best[kind]
                 print(f"# best {kind} {dt}: {r[f'{kind}_ms']:.4f} ms ({r[f'{kind}_frac'] or 0:.2f} of peak) -> in "
                       f"kernels/dino_loss.py set {table}[{isz}] = ({r['block_k']}, {r['rows']}, {r['num_warps']}) "
-                      f"and PROGRAMS_PER_SM[\"{kind}\"] = {r['pps']}")
+                      f"and PROGRAMS_PER_SM[\"{kind}\"][{isz}] = {r['pps']}")
         print()
     return rows
 
