@@ -204,11 +204,35 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _blocks(B: int, D: int, block_b=None, block_k=None):
+# Launch table per element size of X and W: kind -> (BLOCK_K, num_warps, num_stages, max BLOCK_B), for
+# BLOCK_D <= 256. Shared memory holds the W tile (BLOCK_K, BLOCK_D), the X tile (BLOCK_B, BLOCK_D)
+# times the pipeline stages of the loop that loads it, and the tl.dot operand/layout buffers; fp32
+# doubles every tile (and TF32 wgmma on sm_90 stages both operands), so 4-byte inputs take smaller K
+# tiles and fewer stages. Every entry stays under sm_80's 166912 B (A100 opt-in maximum) and sm_90's
+# 232448 B with triton 3.6 and 3.9 (tests/kernels/test_dino_head_loss.py compiles each one,
+# fp32 (ieee and tf32), bf16 and fp16, at the largest BLOCK_B; smaller BLOCK_B only shrink tiles).
+HEAD_CONFIG = {
+    2: {"fwd": (128, 8, 3, 64), "dw": (64, 8, 2, 64), "dx": (64, 4, 2, 64)},
+    4: {"fwd": (64, 4, 1, 64), "dw": (32, 8, 2, 32), "dx": (32, 4, 2, 64)},
+}
+HEAD_MAX_BLOCK_D = 256  # larger D: K tiles shrink in proportion
+
+
+def head_launch_config(B: int, D: int, itemsize: int, block_b: int | None = None,
+                       block_k: int | None = None) -> dict:
+    """kind ("fwd", "dw", "dx") -> (BLOCK_B, BLOCK_K, BLOCK_D, num_warps, num_stages): what the
+    launchers use for B images of D features with inputs of `itemsize` bytes. block_b overrides
+    BLOCK_B of every kernel; block_k sets the forward's BLOCK_K and caps the backward's (tests)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_B = block_b or min(64, max(16, triton.next_power_of_2(B)))
-    BLOCK_K = block_k or (128 if BLOCK_D <= 256 else 64)
-    return BLOCK_B, BLOCK_K, BLOCK_D
+    shrink = max(1, BLOCK_D // HEAD_MAX_BLOCK_D)
+    out = {}
+    for kind, (bk, nw, ns, max_b) in HEAD_CONFIG[4 if itemsize >= 4 else 2].items():
+        BLOCK_B = block_b or min(max_b, max(16, triton.next_power_of_2(B)))
+        BLOCK_K = max(16, bk // shrink)
+        if block_k is not None:
+            BLOCK_K = block_k if kind == "fwd" else min(block_k, BLOCK_K)
+        out[kind] = (BLOCK_B, BLOCK_K, BLOCK_D, nw, ns)
+    return out
 
 
 def dino_head_loss_fwd(X, W, T, center, ncrops, student_temp, teacher_temp, center_momentum, blocks):
@@ -217,7 +241,7 @@ def dino_head_loss_fwd(X, W, T, center, ncrops, student_temp, teacher_temp, cent
     n_rows, D = X.shape
     K = W.shape[0]
     B = n_rows // ncrops
-    BLOCK_B, BLOCK_K, BLOCK_D = blocks
+    BLOCK_B, BLOCK_K, BLOCK_D, nw, ns = blocks["fwd"]
     n_tiles, n_bblocks = triton.cdiv(K, BLOCK_K), triton.cdiv(B, BLOCK_B)
     sstat, tstat, tsum_part, row_stat = _dl.loss_workspace(B, K, ncrops, n_tiles, n_bblocks, X.device)
     _dino_head_loss_fwd_kernel[(n_tiles, n_bblocks)](
@@ -225,7 +249,7 @@ def dino_head_loss_fwd(X, W, T, center, ncrops, student_temp, teacher_temp, cent
         B, K, D, ncrops, n_tiles, X.stride(0), W.stride(0), T.stride(0),
         LOG2E / student_temp, LOG2E / teacher_temp,
         BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(X.dtype),
-        num_warps=8 if BLOCK_B * BLOCK_K >= 8192 else 4,
+        num_warps=nw, num_stages=ns,
     )
     lse, res = _dl.combine_and_center(sstat, tstat, tsum_part, row_stat, center, B, K, ncrops, n_tiles, n_bblocks,
                                       student_temp, center_momentum, _dl._combine_meta(ncrops, n_tiles),
@@ -238,21 +262,20 @@ def dino_head_loss_bwd(grad_out, X, W, T, center_saved, lse_s, lse_t, ncrops, st
     n_rows, D = X.shape
     K = W.shape[0]
     B = n_rows // ncrops
-    BLOCK_B, BLOCK_K, BLOCK_D = blocks
     # grad_out (0-d, any float dtype) is read in the kernels: no host-side conversion
     args = (LOG2E / student_temp, LOG2E / teacher_temp, 1.0 / ((2 * ncrops - 2) * B * student_temp))
     prec = _dot_precision(X.dtype)
     dX = dW = None
     if need_dw:
         dW = torch.empty_like(W)
-        BK = min(BLOCK_K, 64)  # the (BLOCK_K, D) fp32 accumulator lives in registers
+        BLOCK_B, BK, BLOCK_D, nw, ns = blocks["dw"]  # the (BK, D) fp32 accumulator lives in registers
         _dino_head_loss_bwd_dw_kernel[(triton.cdiv(K, BK),)](
             X, W, T, center_saved, lse_s, lse_t, grad_out, dW,
             B, K, D, ncrops, X.stride(0), W.stride(0), T.stride(0), dW.stride(0), *args,
-            BLOCK_B=BLOCK_B, BLOCK_K=BK, BLOCK_D=BLOCK_D, DOT_PRECISION=prec, num_warps=8, num_stages=2,
+            BLOCK_B=BLOCK_B, BLOCK_K=BK, BLOCK_D=BLOCK_D, DOT_PRECISION=prec, num_warps=nw, num_stages=ns,
         )
     if need_dx:
-        BK = min(BLOCK_K, 64)  # W tile + dS tile staged in shared memory: fits sm_80 and sm_90
+        BLOCK_B, BK, BLOCK_D, nw, ns = blocks["dx"]  # W tile + dS tile staged in shared memory
         n_bblocks = triton.cdiv(B, BLOCK_B)
         n_tiles = triton.cdiv(K, BK)
         n_chunks = max(1, min(n_tiles, triton.cdiv(2 * _sm_count(X.device), ncrops * n_bblocks)))
@@ -262,7 +285,7 @@ def dino_head_loss_bwd(grad_out, X, W, T, center_saved, lse_s, lse_t, ncrops, st
         _dino_head_loss_bwd_dx_kernel[(ncrops * n_bblocks, n_chunks)](
             X, W, T, center_saved, lse_s, lse_t, grad_out, part,
             B, K, D, ncrops, n_bblocks, tiles_per_chunk, X.stride(0), W.stride(0), T.stride(0), *args,
-            BLOCK_B=BLOCK_B, BLOCK_K=BK, BLOCK_D=BLOCK_D, DOT_PRECISION=prec, num_warps=4, num_stages=2,
+            BLOCK_B=BLOCK_B, BLOCK_K=BK, BLOCK_D=BLOCK_D, DOT_PRECISION=prec, num_warps=nw, num_stages=ns,
         )
         dX = part.sum(0).to(X.dtype)
     return dX, dW
@@ -310,9 +333,10 @@ def dino_head_loss(student_feats, student_weight, teacher_output, center, ncrops
         raise ValueError(f"dino_head_loss: center must be a contiguous fp32 tensor, got {center.dtype}")
     X, W = student_feats.contiguous(), student_weight.contiguous()
     T = teacher_output.detach().contiguous()
-    blocks = _blocks(B, X.shape[1], block_b, block_k)
+    # T's tiles are pipelined through shared memory too: the wider of the two dtypes picks the table
+    blocks = head_launch_config(B, X.shape[1], max(X.element_size(), T.element_size()), block_b, block_k)
     return DINOHeadLossFn.apply(X, W, T, center, ncrops, float(student_temp), float(teacher_temp),
                                 center_momentum, blocks)
 
 
-__all__ = ["dino_head_loss", "dino_head_loss_ref", "DINOHeadLossFn"]
+__all__ = ["dino_head_loss", "dino_head_loss_ref", "DINOHeadLossFn", "head_launch_config", "HEAD_CONFIG"]

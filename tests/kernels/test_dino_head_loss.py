@@ -114,7 +114,37 @@ def test_bad_inputs_raise():
         dino_head_loss(x, w, t[:2], c, 4, 0.1, 0.04)
 
 
+# the largest dynamic shared memory a block may opt into: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB
+SMEM_LIMIT = {"sm_80": 166912, "sm_90a": 232448}
+KERNELS = {"fwd": "_dino_head_loss_fwd_kernel", "dw": "_dino_head_loss_bwd_dw_kernel",
+           "dx": "_dino_head_loss_bwd_dx_kernel"}
+
+
+def _launcher_configs(itemsize, D=256):
+    """Every (kind, BLOCK_B, BLOCK_K, BLOCK_D, num_warps, num_stages) head_launch_config picks at D for
+    any batch size, reduced to the largest BLOCK_B per kind: the others differ only by a smaller
+    BLOCK_B, i.e. smaller X/T/dS tiles (asserted here), so they need no more shared memory."""
+    from fastdino.kernels.dino_head_loss import head_launch_config
+
+    seen = {}
+    for B in (1, 3, 16, 17, 32, 48, 64, 65, 128, 1024):
+        for kind, cfg in head_launch_config(B, D, itemsize).items():
+            seen.setdefault(kind, set()).add(cfg)
+    out = {}
+    for kind, cfgs in seen.items():
+        top = max(cfgs)
+        assert all(c[1:] == top[1:] and c[0] <= top[0] for c in cfgs), f"{kind}: {sorted(cfgs)}"
+        out[kind] = top
+    return out
+
+
 def test_aot_compile_sm80_sm90a():
+    """Every head kernel at D=256 with the launcher's own configs, for each input dtype (fp32 with
+    IEEE and TF32 dots, bf16, fp16) and sm_80/sm_90a: compiles, no spills, and its shared memory
+    fits the target. (The former check compiled bf16 only; fp32 tiles take twice the shared memory
+    and the fp32 forward asked for 262400 B on an H100.) Two compiler processes run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from test_dino_loss import aot_compile
 
     mod = "fastdino.kernels.dino_head_loss"
@@ -126,23 +156,20 @@ def test_aot_compile_sm80_sm90a():
               "LseT_ptr": f32, "GradOut_ptr": f32, "DXPart_ptr": f32}
     jobs = []
     for cap in (80, 90):
-        for dt, prec in (("bf16", "ieee"),):  # the fp32 path differs only in the dot precision
+        for dt, itemsize, prec in (("fp32", 4, "ieee"), ("fp32", 4, "tf32"), ("bf16", 2, "ieee"), ("fp16", 2, "ieee")):
             p = f"*{dt}:16"
             types = {**common, "X_ptr": p, "W_ptr": p, "T_ptr": p, "DW_ptr": p}
-            jobs += [
-                (mod, "_dino_head_loss_fwd_kernel", types,
-                 {"BLOCK_B": 64, "BLOCK_K": 128, "BLOCK_D": 256, "DOT_PRECISION": prec}, {"num_warps": 8}, cap),
-                (mod, "_dino_head_loss_bwd_dw_kernel", types,
-                 {"BLOCK_B": 64, "BLOCK_K": 64, "BLOCK_D": 256, "DOT_PRECISION": prec},
-                 {"num_warps": 8, "num_stages": 2}, cap),
-                (mod, "_dino_head_loss_bwd_dx_kernel", types,
-                 {"BLOCK_B": 64, "BLOCK_K": 64, "BLOCK_D": 256, "DOT_PRECISION": prec},
-                 {"num_warps": 4, "num_stages": 2}, cap),
-            ]
-    results = aot_compile(jobs)
-    assert {r["target"] for r in results} == {"sm_80", "sm_90a"}
+            for kind, (bb, bk, bd, nw, ns) in _launcher_configs(itemsize).items():
+                jobs.append((mod, KERNELS[kind], types,
+                             {"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_D": bd, "DOT_PRECISION": prec},
+                             {"num_warps": nw, "num_stages": ns}, cap))
+    assert len(jobs) == 2 * 4 * 3
+    with ThreadPoolExecutor(2) as pool:
+        results = [r for part in pool.map(aot_compile, (jobs[0::2], jobs[1::2])) for r in part]
+    jobs = jobs[0::2] + jobs[1::2]
     assert len(results) == len(jobs)
-    smem_limit = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}  # per block, opt-in maximum
-    for r in results:
-        assert r["shared"] <= smem_limit[r["target"]], f"{r['kernel']} ({r['target']}): {r['shared']} B of shared memory"
-        assert not r["local_memory"], f"{r['kernel']} ({r['target']}) spills to local memory"
+    assert {r["target"] for r in results} == {"sm_80", "sm_90a"}
+    for job, r in zip(jobs, results):
+        what = f"{r['kernel']} ({r['target']}, X {job[2]['X_ptr']}, {job[3]['DOT_PRECISION']}, {job[3]}, {job[4]})"
+        assert r["shared"] <= SMEM_LIMIT[r["target"]], f"{what}: {r['shared']} B of shared memory"
+        assert not r["local_memory"], f"{what} spills to local memory"
