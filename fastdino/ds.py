@@ -33,6 +33,22 @@ the teacher is a second DeepSpeed engine (ZeRO-3, no optimizer, fp32), partition
 (same shapes, same world size: element i of a teacher shard is element i of the student shard), and
 each rank updates its own shard (p.ds_tensor) with no gather; its forward gathers as ZeRO-3 does.
 
+Mixed precision (bf16/fp16). DeepSpeed casts the student to the compute dtype (its fp32 master copy
+lives in the optimizer) and its engine forward turns an enclosing torch.autocast OFF (unless the DS
+dict has a torch_autocast section, which would keep fp32 weights: another memory model). Without
+autocast a bf16 student breaks as soon as an fp32 tensor meets a bf16 weight: the drop-path scales
+are fp32 by design, so the residual stream turns fp32 after the first block and the next LayerNorm
+fails (mixed input/weight dtypes). The contract here is therefore the single-process engine's:
+  - the student's and the teacher's forwards (the whole MultiCropWrapper call, packed multi-crop and
+    activation checkpointing included) run under torch.autocast(device, precision dtype), entered by
+    a forward pre-hook on each module, i.e. inside DeepSpeed's engine forward (`autocast_forward`);
+    checkpointed blocks record that state and recompute under it in the backward;
+  - crops come in any float dtype (the loader's bf16 or fp32): autocast casts them at the patch
+    convolution, for the bf16 student and the fp32 teacher (stages 0-2) or fp32 ZeRO-3 teacher alike;
+  - matmuls run in the precision dtype, LayerNorm / softmax in fp32 (autocast's fp32 list), the
+    residual stream after a drop-path branch in fp32, as in the single-process engine;
+  - the DINO loss runs outside autocast, in fp32 (it upcasts the bf16/fp16 logits itself).
+
 Non-finite steps. fp16: DeepSpeed's loss scaler skips overflowed steps itself (not counted as bad
 steps; the teacher EMA is skipped too). A non-finite loss or gradient under fp32/bf16 sets the
 found_inf flag on the device (no update of that group, teacher momentum 1, center kept) and counts
@@ -313,6 +329,46 @@ class DINOAdamW(torch.optim.AdamW):
             self.found_inf = None
 
 
+def autocast_forward(module: torch.nn.Module, device_type: str, dtype: torch.dtype) -> list:
+    """Run every forward of `module` (its __call__, submodules and activation-checkpoint recomputes
+    included) under torch.autocast(device_type, dtype), whatever autocast state the caller is in:
+    DeepSpeed's engine forward disables an enclosing autocast, and this enters it again inside. A
+    pre-hook enters the context, an always-called forward hook leaves it (also when the forward
+    raises); torch.utils.checkpoint records the state at the forward and recomputes under it.
+
+    CUDA autocast runs layer_norm in fp32 (input, weight and bias cast up), so a bf16 LayerNorm
+    takes the fp32 residual stream. CPU autocast has no rule for layer_norm, and CPU layer_norm
+    refuses fp32 input with bf16/fp16 weights: on other devices than CUDA, each LayerNorm whose
+    weight is bf16/fp16 gets its input cast to that dtype instead (bf16 in and out, fp32 inside).
+    Returns the hook handles (handle.remove() undoes it)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast_forward: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    active: list = []  # a stack: one context per call in flight
+
+    def enter(mod, args):
+        ctx = torch.autocast(device_type, dtype=dtype, enabled=True)
+        ctx.__enter__()
+        active.append(ctx)
+
+    def leave(mod, args, output):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    def norm_input_to_weight_dtype(norm, args):  # dtypes read at call time: DeepSpeed casts after this
+        x, w = args[0], norm.weight
+        low = w is not None and w.dtype in (torch.bfloat16, torch.float16)
+        if low and x.is_floating_point() and x.dtype != w.dtype:
+            return (x.to(w.dtype),) + tuple(args[1:])
+        return None
+
+    handles = [module.register_forward_pre_hook(enter, prepend=True),
+               module.register_forward_hook(leave, always_call=True)]
+    if device_type != "cuda":
+        handles += [m.register_forward_pre_hook(norm_input_to_weight_dtype)
+                    for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+    return handles
+
+
 def _init_single_process(device: torch.device) -> None:
     import socket
 
@@ -355,6 +411,11 @@ class DeepSpeedRun:
             if hasattr(t, name):
                 setattr(t, name, None)
         self.student_params, self.teacher_params = list(t.student_module.parameters()), list(t.teacher.parameters())
+        # bf16/fp16: both forwards under autocast, inside DeepSpeed's engine forward (module docstring)
+        self.autocast_hooks = []
+        if t.autocast_dtype is not None:
+            for module in (t.student_module, t.teacher):
+                self.autocast_hooks += autocast_forward(module, ctx.device.type, t.autocast_dtype)
         self.basic = DINOAdamW(param_groups(t.student_module), fused=ctx.device.type in ("cuda", "cpu"))
         self.basic.clip = cfg.optim.clip_grad
         engine, _, _, _ = deepspeed.initialize(model=t.student_module, optimizer=self.basic, config=self.ds_config)
@@ -387,14 +448,14 @@ class DeepSpeedRun:
         stats = {}
 
         # ============ teacher and student forward, DINO loss ============
-        with torch.autocast(t.ctx.device.type, dtype=t.autocast_dtype or torch.float32,
-                            enabled=t.autocast_dtype is not None):
-            with torch.no_grad():
-                teacher = self.teacher_engine if self.teacher_engine is not None else t.teacher
-                teacher_output = teacher(crops[:2])
-            mark("teacher_forward")
-            student_output = self.engine(crops)
-            mark("student_forward")
+        # bf16/fp16: each forward enters autocast itself (autocast_forward hooks), since DeepSpeed's
+        # engine forward switches an enclosing autocast off; the loss stays outside, in fp32
+        with torch.no_grad():
+            teacher = self.teacher_engine if self.teacher_engine is not None else t.teacher
+            teacher_output = teacher(crops[:2])
+        mark("teacher_forward")
+        student_output = self.engine(crops)
+        mark("student_forward")
         if with_stats:
             stats["teacher_entropy"] = t.dino_loss.teacher_entropy(teacher_output, epoch)
         loss = t.dino_loss(student_output, teacher_output, epoch)  # fp32; center all-reduced, gated

@@ -22,6 +22,7 @@ Also runs on a GPU machine (the reference then runs on CPU too: everything here 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -300,5 +301,150 @@ def test_dinoadamw_stage0_matches_reference():
     assert opt.state[ps[3]]["step"].item() == 1  # the frozen tensor counted only its one update
 
 
+# ----------------------------------------------------------------------------------------------
+# bf16 under DeepSpeed: the student's weights are bf16 and DeepSpeed's engine forward turns an
+# enclosing autocast off; packed multi-crop + activation checkpointing + drop path (fp32 scales)
+# made the residual stream fp32 before a bf16 LayerNorm (the ViT-B/8 ZeRO-2 crash)
+# ----------------------------------------------------------------------------------------------
+BF16_OVERRIDES = ["model.arch=vit_tiny", "model.patch_size=16", "model.out_dim=96", "model.drop_path_rate=0.3",
+                  "model.attn=math", "model.packed_multicrop=true", "model.activation_checkpointing=true",
+                  "loss.impl=reference", "optim.batch_size_per_gpu=2", "data.global_crop_size=32",
+                  "data.local_crop_size=16", "data.local_crops_number=2", "train.precision=bf16"]
+
+
+def _crops(device, dtype, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    crops = [torch.randn(2, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(2, 3, 16, 16, generator=g)
+                                                                          for _ in range(2)]
+    return [c.to(device, dtype) for c in crops]
+
+
+def _student_pass(model, crops, seed: int, deepspeed_like: bool):
+    """Output and parameter gradients of one packed, checkpointed student pass (same drop-path
+    masks for every call with the same seed); deepspeed_like: inside an autocast-off region, as
+    DeepSpeed's engine forward runs the module."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    if deepspeed_like:
+        with torch.autocast(crops[0].device.type, enabled=False):
+            out = model(crops)
+    else:
+        out = model(crops)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum().backward()
+    return out.float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_bf16_student_forward_under_deepspeed_matches_amp_reference():
+    """A bf16-cast student (DeepSpeed's bf16 weights), packed multi-crop, activation checkpointing,
+    drop path, run where autocast is off (DeepSpeed's engine forward): without the hooks it fails
+    as on the H100; with autocast_forward it runs and its output and gradients are as close to
+    the fp32 reference as the single-process engine's bf16 autocast with fp32 weights."""
+    from fastdino.ds import autocast_forward
+    from fastdino.train import build_models
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = load_config(None, BF16_OVERRIDES)
+    torch.manual_seed(0)
+    student, teacher = build_models(cfg, device)
+    with torch.no_grad():  # weights exactly representable in bf16: the three runs share them
+        for p in student.parameters():
+            p.copy_(p.bfloat16().float() + 0.02 * torch.randn_like(p).bfloat16().float())
+    student.train()
+    ds_student = copy.deepcopy(student).to(torch.bfloat16)
+    crops32, crops16 = _crops(device, torch.float32, 1), _crops(device, torch.bfloat16, 1)
+    with torch.no_grad():
+        t_ref = teacher(crops32[:2])
+
+    with pytest.raises(RuntimeError):  # the reported failure: fp32 residual meets a bf16 LayerNorm
+        _student_pass(ds_student, crops16, 7, deepspeed_like=True)
+    ref32, grads32 = _student_pass(student, crops32, 7, deepspeed_like=False)
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # the single-process engine's bf16
+        ref, grads_ref = _student_pass(student, crops16, 7, deepspeed_like=False)
+    hooks = autocast_forward(ds_student, device.type, torch.bfloat16)
+    try:
+        for crops in (crops16, crops32):  # the loader's bf16 crops, or fp32 ones
+            out, grads = _student_pass(ds_student, crops, 7, deepspeed_like=True)
+            assert not torch.is_autocast_enabled(device.type)  # the hooks restored the caller's state
+            assert torch.isfinite(out).all() and out.shape == ref32.shape
+            assert _rel(out, ref32) <= 2 * _rel(ref, ref32) + 1e-3, (_rel(out, ref32), _rel(ref, ref32))
+            err = _rel(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads32]))
+            err_ref = _rel(torch.cat([g.flatten() for g in grads_ref]), torch.cat([g.flatten() for g in grads32]))
+            assert err <= 2 * err_ref + 1e-3, (err, err_ref)
+            assert all(torch.isfinite(g).all() for g in grads)
+        # the fp32 teacher gets the bf16 crops inside an autocast-off region too (ZeRO-3 teacher engine)
+        hooks += autocast_forward(teacher, device.type, torch.bfloat16)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            t_out = teacher(crops16[:2])
+        assert t_out.dtype == torch.bfloat16 and _rel(t_out.float(), t_ref) < 0.05, _rel(t_out.float(), t_ref)
+        with pytest.raises(ValueError, match="expected images"):  # a raising forward leaves autocast as it was
+            ds_student([crops16[0][0]])
+        assert not torch.is_autocast_enabled(device.type)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def bf16_worker(out_path: str) -> None:
+    """Two DeepSpeed ZeRO-2 bf16 steps (fp32 crops, then bf16 crops) through train_step, one process."""
+    from fastdino.distributed import cleanup, init_distributed
+    from fastdino.train import build_training, train_step
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = load_config(None, BF16_OVERRIDES + [f"train.device={device}", "deepspeed.enabled=true",
+                                              "deepspeed.zero_stage=2", "optim.freeze_last_layer=0",
+                                              "optim.warmup_epochs=0"])
+    ctx = init_distributed(cfg.train.device)
+    seen = []  # autocast state inside each checkpointed block call (forward and recompute)
+    try:
+        t = build_training(cfg, ctx, steps_per_epoch=4)
+        for blk in t.student_module.backbone.blocks:
+            blk.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled(ctx.device.type)))
+        teacher0 = [p.detach().clone() for p in t.teacher.parameters()]
+        student0 = [p.detach().float().clone() for p in t.student_module.parameters()]
+        losses = []
+        for it, dtype in enumerate((torch.float32, torch.bfloat16)):
+            loss, _ = train_step(t, _crops(ctx.device, dtype, it), it, epoch=0)
+            losses.append(loss)
+        result = {
+            "losses": [float(x) for x in losses], "loss_dtypes": [str(x.dtype) for x in losses],
+            "student_dtypes": sorted({str(p.dtype) for p in t.student_module.parameters()}),
+            "teacher_dtypes": sorted({str(p.dtype) for p in t.teacher.parameters()}),
+            "student_moved": max((p.float() - q).abs().max().item()
+                                 for p, q in zip(t.student_module.parameters(), student0)),
+            "teacher_moved": max((p - q).abs().max().item() for p, q in zip(t.teacher.parameters(), teacher0)),
+            "bad_steps": int(t.bad_steps), "autocast_in_blocks": seen,
+        }
+    finally:
+        cleanup()
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+def test_deepspeed_bf16_step_packed_checkpointed(tmp_path):
+    """The reported configuration in miniature (ZeRO-2, bf16, packed multi-crop, activation
+    checkpointing, drop path): two steps run, the loss is fp32 and finite, both models move."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "bf16.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if not torch.cuda.is_available():
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--bf16-worker", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"DeepSpeed bf16 step failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    r = json.loads(out.read_text())
+    assert r["student_dtypes"] == ["torch.bfloat16"] and r["teacher_dtypes"] == ["torch.float32"]
+    assert r["loss_dtypes"] == ["torch.float32"] * 2 and all(4.0 < x < 5.0 for x in r["losses"]), r["losses"]
+    assert r["bad_steps"] == 0 and r["student_moved"] > 0 and r["teacher_moved"] > 0
+    # every student block call, forward and checkpoint recompute (2 steps x 2 x 12 blocks), ran under autocast
+    assert len(r["autocast_in_blocks"]) == 2 * 2 * 12 and all(r["autocast_in_blocks"])
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     worker(sys.argv[sys.argv.index("--worker") + 1])
+if __name__ == "__main__" and "--bf16-worker" in sys.argv:
+    bf16_worker(sys.argv[sys.argv.index("--bf16-worker") + 1])
