@@ -38,7 +38,9 @@ def epoch_dali(demo):
 
 def test_shapes_and_agreement_with_torch_backend(demo, epoch_dali):
     """Same keys -> same boxes and parameters: the two backends differ only by their bicubic
-    resampling (DALI vs PIL) and float rounding."""
+    resampling (DALI vs PIL), float rounding and, on a GPU, the JPEG decoder (nvJPEG's IDCT and chroma
+    upsampling differ from libjpeg's: measured on an H100, mean 0.0048 and max 0.20 in [0, 1] pixels)."""
+    mean_tol, max_tol = (0.01, 0.35) if DEVICE.type == "cuda" else (0.003, 0.1)
     torch_epoch = list(build_train_loader(cfg(demo, "torch"), 12, seed=4).epoch(1))
     assert len(epoch_dali) == len(torch_epoch) == 4
     for a, b in zip(epoch_dali, torch_epoch):
@@ -46,7 +48,7 @@ def test_shapes_and_agreement_with_torch_backend(demo, epoch_dali):
         assert all(c.dtype == torch.float32 for c in a)
         for x, y in zip(a, b):
             d = (x - y).abs() * STD
-            assert d.mean() < 0.003 and d.max() < 0.1, (d.mean(), d.max())
+            assert d.mean() < mean_tol and d.max() < max_tol, (d.mean(), d.max())
 
 
 def test_observed_rates(epoch_dali):
