@@ -4,11 +4,12 @@
 #   bash benchmarks/gpu_suite.sh A OUTDIR   # installs carried DALI/DeepSpeed wheels if present;
 #                                           # end-to-end throughput (vits16, vitb8), DALI data, ZeRO-2 step
 #   bash benchmarks/gpu_suite.sh B OUTDIR   # GPU tests, fused loss suite, EMA/clip, attention, ViT-B/8 memory
+#   bash benchmarks/gpu_suite.sh C OUTDIR   # short re-measure of the fused loss/head, DALI, vits16, ZeRO-2
 #
 # Wheels (optional): .whl/p0..p3 hold the parts of a tar of DALI and its needs (too large for one
 # transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh A|B OUTDIR}
+part=${1:?usage: gpu_suite.sh A|B|C OUTDIR}
 out=${2:?usage: gpu_suite.sh A|B OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
@@ -40,6 +41,16 @@ if [ "$part" = A ]; then
         --steps 5 --warmup 3 --repeats 3 --time-budget 150 --json "$out/throughput_vitb8.json"
     step data 90 $py benchmarks/data.py --backend all --device cuda --batch-size 128 --steps 20 --json "$out/data.json"
     step zero2_vitb8 120 $py -m fastdino.ds --config configs/vitb8.json --steps 12 --warmup 3 --json "$out/zero2_vitb8.json"
+elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
+    step pytest_gpu 100 $py -m pytest -q -p no:cacheprovider tests/kernels/test_dino_head_loss.py \
+        tests/kernels/test_ema.py tests/test_dali.py
+    step loss 50 $py benchmarks/loss.py --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss.json"
+    step loss_head 50 $py benchmarks/loss.py --head --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss_head.json"
+    step data 70 $py benchmarks/data.py --backend dali --device cuda --batch-size 128 --steps 20 --locals 10 \
+        --json "$out/data.json"
+    step throughput_vits16 180 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
+        --batch-size 256 --data both --steps 8 --warmup 4 --repeats 3 --time-budget 140 --json "$out/throughput_vits16.json"
+    step zero2_vitb8 60 $py -m fastdino.ds --config configs/vitb8.json --steps 8 --warmup 2 --json "$out/zero2_vitb8.json"
 else
     step pytest_gpu 170 $py -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_loss_dropin.py \
         tests/test_attention.py tests/test_models.py tests/test_dali.py
