@@ -17,14 +17,11 @@ heads, and of the head-averaged map's mask. PNGs are written with PIL (no matplo
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 
 import torch
-import torch.nn.functional as F
 
-from fastdino.eval.common import (EvalError, add_backbone_args, backbone_from_args, center_crop, load_image,
+from fastdino.eval.common import (EvalError, add_backbone_args, backbone_from_args, center_crop, load_image, run_cli, save_report,
                                   normalize, resize_shorter, to_tensor)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -267,14 +264,9 @@ def main(argv=None) -> dict:
               f"heads {m['mean_over_heads']:.3f}, head-averaged map {m['mean_attention']:.3f}")
     report.update(threshold=args.threshold, image_size=args.image_size,
                   checkpoint=None if args.random_init else os.path.abspath(args.checkpoint))
-    with open(os.path.join(out_dir, "attention.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"saved {os.path.join(out_dir, 'attention.json')}")
+    save_report(report, out_dir, "attention.json")
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EvalError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

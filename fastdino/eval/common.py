@@ -467,3 +467,23 @@ def cached_features(cache_dir: str | None, key_parts: tuple, compute):
     torch.save(out, tmp)
     os.replace(tmp, path)
     return out
+
+
+def save_report(report: dict, out_dir: str, name: str) -> str:
+    """Write an evaluation's results as OUT_DIR/NAME (JSON) and say where."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"saved {path}")
+    return path
+
+
+def run_cli(main) -> None:
+    """Entry point of an evaluation command: bad input ends with one line, not a traceback."""
+    try:
+        main()
+    except EvalError as e:
+        sys.exit(f"error: {e}")

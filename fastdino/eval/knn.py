@@ -18,7 +18,6 @@ kmax neighbours are found once and every k in {10, 20, 100, 200} reuses their so
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id,
+from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id, run_cli, save_report,
                                   cached_features, check_data_args, cls_features, default_output_dir,
                                   extract_features, samples_from_args)
 
@@ -173,16 +172,9 @@ def main(argv=None) -> dict:
               "arch": model.arch, "patch_size": model.patch_size, "temperature": args.temperature,
               "image_size": args.image_size, "num_train": len(train), "num_val": len(val),
               "num_classes": len(classes), "results": {str(k): r for k, r in results.items()}}
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "knn.json" if not args.random_init else "knn-random.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"saved {path}")
+    save_report(report, out_dir, "knn.json" if not args.random_init else "knn-random.json")
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EvalError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

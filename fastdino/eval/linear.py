@@ -17,7 +17,6 @@ of each lr are reported (as in the official code, "best" is selected on the vali
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id,
+from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id, run_cli, save_report,
                                   cached_features, check_data_args, default_output_dir, extract_features,
                                   samples_from_args)
 
@@ -168,16 +167,9 @@ def main(argv=None) -> dict:
               "avgpool_patchtokens": avgpool, "epochs": args.epochs, "num_train": len(train), "num_val": len(val),
               "num_classes": len(classes), "best_lr": res["best_lr"], "best_top1": res["best_top1"],
               "last_top1": res["last_top1"], "runs": {str(lr): r for lr, r in res["runs"].items()}}
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "linear.json" if not args.random_init else "linear-random.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"saved {path}")
+    save_report(report, out_dir, "linear.json" if not args.random_init else "linear-random.json")
     return report
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EvalError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)
