@@ -32,7 +32,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastdino", "fastdino.models", "fastdino.data", "fastdino.eval", "fastdino.kernels"],
     package_dir={"fastdino": "fastdino", "fastdino.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "kornia>=0.7"],
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "pillow", "tqdm", "kornia>=0.7"],
     extras_require={
         "test": ["pytest", "triton>=3.0"],
         "gpu": ["triton>=3.0", "nvidia-ml-py"],
