@@ -227,3 +227,17 @@ def test_fast_paths_follow_reference_trajectory(data_dir, tmp_path, fast):
     assert len(ra) == len(fa) == 9  # 6 steps with the last layer frozen, 3 without
     torch.testing.assert_close(torch.tensor(fa), torch.tensor(ra), rtol=1e-4, atol=1e-5)
     assert_states_equal(load(ref), load(fst), exact=False, atol=5e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps(data_dir, tmp_path, precision):
+    """bf16 autocast, and fp16 autocast with a grad scaler (its state saved in the checkpoint):
+    finite losses and a teacher that moved."""
+    out = str(tmp_path / precision)
+    summary = run_in_process(tiny(data_dir, out, "--train.max_steps=3", f"--train.precision={precision}",
+                                  "--train.log_every=1"))
+    losses = [json.loads(x)["loss"] for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    ckpt = load(out)
+    assert (ckpt["scaler"] is not None) == (precision == "fp16")
+    assert summary["steps"] == 3
