@@ -143,6 +143,7 @@ class DINOTraining:
         self.last_layer_params = [p for p in self.student_module.head.last_layer.parameters() if p.requires_grad]
         self.autocast_dtype = precision_dtype(self.cfg.train.precision)
         self.fused_head = self.cfg.model.fused_head
+        self.skips_on_found_inf = isinstance(self.optimizer, torch.optim.AdamW)
 
 
 def build_training(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> DINOTraining:
@@ -235,8 +236,9 @@ def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, 
         t.scaler.step(t.optimizer)  # skips on inf/nan gradients by itself
         t.scaler.update()
     else:
-        t.optimizer.found_inf = (~ok).float()  # fused AdamW skips the whole step when set
-        t.optimizer.step()
+        t.optimizer.found_inf = (~ok).float()  # torch's AdamW skips the whole step when set
+        if t.skips_on_found_inf or bool(ok):  # others (apex) cannot: one host sync per step for them
+            t.optimizer.step()
 
     mark("optimizer")
 
