@@ -319,10 +319,7 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     batch = cfg.optim.batch_size_per_gpu
     loader = build_train_loader(cfg.data, batch_size=batch, rank=ctx.rank, world_size=ctx.world_size,
                                 seed=cfg.train.seed, device=device, dtype=crop_dtype)
-    steps_per_epoch = loader.steps_per_epoch
-    if steps_per_epoch < 1:
-        raise TrainingError(f"data folder '{cfg.data.path}' has {loader.num_images} images, fewer than one "
-                            f"global batch ({batch * ctx.world_size}): lower optim.batch_size_per_gpu")
+    steps_per_epoch = loader.steps_per_epoch  # >= 1: the loader refuses data smaller than one global batch
 
     # ============ student, teacher, loss, optimizer ============
     t = build_training(cfg, ctx, steps_per_epoch)
@@ -375,11 +372,14 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
             pending.append((it, epoch, loss))
             it += 1
 
-            if log_step:  # ============ logging: the only host sync ============
-                losses = torch.stack([p[2] for p in pending]).float().cpu().tolist()
-                if int(t.bad_steps.item()) > 0:
+            if log_step:  # ============ logging: the only host sync, one device-to-host copy ============
+                read = torch.cat([torch.stack([p[2] for p in pending]).double(),  # fp64: exact step numbers
+                                  stats["teacher_entropy"].double().view(1),
+                                  t.bad_steps.double().view(1), t.first_bad_step.double().view(1)]).cpu().tolist()
+                losses, entropy, bad_steps, first_bad_step = read[:-3], read[-3], int(read[-2]), int(read[-1])
+                if bad_steps > 0:
                     raise TrainingError(
-                        f"non-finite loss at step {int(t.first_bad_step.item())} (epoch {epoch}): that step's "
+                        f"non-finite loss at step {first_bad_step} (epoch {epoch}): that step's "
                         f"optimizer, teacher and center updates were skipped; last checkpoint in "
                         f"'{cfg.train.output_dir}' is intact; lower optim.lr or check the data")
                 now = time.perf_counter()
@@ -390,7 +390,6 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
                               "wd": float(schedules.wd[step]), "momentum": float(schedules.momentum[step]),
                               "teacher_temp": dino_loss.teacher_temp(ep)}
                     if step == it - 1:
-                        entropy = float(stats["teacher_entropy"])
                         record.update(teacher_entropy=entropy, kl=value - entropy, images_per_s=ips,
                                       corrupt_images=loader.num_corrupt)
                         warning = monitor.update(entropy, value - entropy, step=step)
