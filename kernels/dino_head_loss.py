@@ -41,6 +41,22 @@ def dino_head_loss_ref(student_feats, student_weight, teacher_output, center, nc
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _load_w_tile(W_ptr, offs_k, offs_d, mask_k, mask_d, stride_w):
+    """(BLOCK_K, BLOCK_D) tile of the effective last-layer weight, zero outside K x D."""
+    return tl.load(W_ptr + offs_k[:, None].to(tl.int64) * stride_w + offs_d[None, :],
+                   mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _load_teacher_pair(T_ptr, offs_b, offs_k, mask, B, stride_t):
+    """fp32 (BLOCK_B, BLOCK_K) tiles of teacher views 0 and 1 (rows b and B + b)."""
+    t_rows = offs_b[:, None].to(tl.int64) * stride_t + offs_k[None, :]
+    t0 = tl.load(T_ptr + t_rows, mask=mask, other=0.0).to(tl.float32)
+    t1 = tl.load(T_ptr + B * stride_t + t_rows, mask=mask, other=0.0).to(tl.float32)
+    return t0, t1
+
+
+@triton.jit
 def _dino_head_loss_fwd_kernel(
     X_ptr, W_ptr, T_ptr, C_ptr, SStat_ptr, TStat_ptr, TSumPart_ptr,
     B, K, D, n_views, n_tiles, stride_x, stride_w, stride_t,
@@ -58,12 +74,9 @@ def _dino_head_loss_fwd_kernel(
     mask_b = offs_b < B
     mask_d = offs_d < D
     mask = mask_b[:, None] & mask_k[None, :]
-    w = tl.load(W_ptr + offs_k[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-                mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+    w = _load_w_tile(W_ptr, offs_k, offs_d, mask_k, mask_d, stride_w)
     c = tl.load(C_ptr + offs_k, mask=mask_k, other=0.0)
-    t_rows = offs_b[:, None].to(tl.int64) * stride_t + offs_k[None, :]
-    t0 = tl.load(T_ptr + t_rows, mask=mask, other=0.0).to(tl.float32)
-    t1 = tl.load(T_ptr + B * stride_t + t_rows, mask=mask, other=0.0).to(tl.float32)
+    t0, t1 = _load_teacher_pair(T_ptr, offs_b, offs_k, mask, B, stride_t)
     tl.store(TSumPart_ptr + pid_b.to(tl.int64) * K + offs_k, tl.sum(t0 + t1, axis=0), mask=mask_k)
     s_plane = n_views * B * n_tiles
     t_plane = 2 * B * n_tiles
@@ -130,8 +143,7 @@ def _dino_head_loss_bwd_dw_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_k = offs_k < K
     mask_d = offs_d < D
-    w = tl.load(W_ptr + offs_k[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-                mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+    w = _load_w_tile(W_ptr, offs_k, offs_d, mask_k, mask_d, stride_w)
     c = tl.load(C_ptr + offs_k, mask=mask_k, other=0.0)
     coef = tl.load(GradOut_ptr).to(tl.float32) * grad_scale
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -139,9 +151,7 @@ def _dino_head_loss_bwd_dw_kernel(
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
         mask = mask_b[:, None] & mask_k[None, :]
-        t_rows = offs_b[:, None].to(tl.int64) * stride_t + offs_k[None, :]
-        t0 = tl.load(T_ptr + t_rows, mask=mask, other=0.0).to(tl.float32)
-        t1 = tl.load(T_ptr + B * stride_t + t_rows, mask=mask, other=0.0).to(tl.float32)
+        t0, t1 = _load_teacher_pair(T_ptr, offs_b, offs_k, mask, B, stride_t)
         lse_t0 = tl.load(LseT_ptr + offs_b, mask=mask_b, other=0.0)
         lse_t1 = tl.load(LseT_ptr + B + offs_b, mask=mask_b, other=0.0)
         for v in range(0, n_views):
@@ -183,12 +193,9 @@ def _dino_head_loss_bwd_dx_kernel(
         offs_k = (pid_c * tiles_per_chunk + j) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_b[:, None] & mask_k[None, :]
-        w = tl.load(W_ptr + offs_k[:, None].to(tl.int64) * stride_w + offs_d[None, :],
-                    mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        w = _load_w_tile(W_ptr, offs_k, offs_d, mask_k, mask_d, stride_w)
         c = tl.load(C_ptr + offs_k, mask=mask_k, other=0.0)
-        t_rows = offs_b[:, None].to(tl.int64) * stride_t + offs_k[None, :]
-        t0 = tl.load(T_ptr + t_rows, mask=mask, other=0.0).to(tl.float32)
-        t1 = tl.load(T_ptr + B * stride_t + t_rows, mask=mask, other=0.0).to(tl.float32)
+        t0, t1 = _load_teacher_pair(T_ptr, offs_b, offs_k, mask, B, stride_t)
         ds = _head_dlogits(x, w, t0, t1, c, lse_s, lse_t0, lse_t1, v, coef, mask, s_scale, t_scale,
                            DOT_PRECISION)
         acc += tl.dot(ds.to(w.dtype), w, input_precision=DOT_PRECISION)
