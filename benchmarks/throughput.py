@@ -91,8 +91,8 @@ PEAK_BF16_TFLOPS = (
     (("A6000",), 154.8), (("V100",), 125.0), (("T4",), 65.0),
 )
 
-# ViT widths (embed_dim, depth, heads) of fastdino.models.ARCHS; mlp_ratio 4; DINO head 3 layers
-ARCH_DIMS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+# ViT widths (embed_dim, heads) of fastdino.models.ARCHS (depth: model.depth); mlp_ratio 4; DINO head 3 layers
+ARCH_DIMS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 HEAD_HIDDEN, HEAD_BOTTLENECK = 2048, 256
 
 
@@ -174,7 +174,7 @@ def flops_per_image(cfg: Config) -> dict:
     m, d = cfg.model, cfg.data
     if m.arch not in ARCH_DIMS:
         raise BenchmarkError(f"model.arch={m.arch!r}: no FLOP model (known: {', '.join(ARCH_DIMS)})")
-    dim, depth, _ = ARCH_DIMS[m.arch]
+    dim, depth = ARCH_DIMS[m.arch][0], m.depth
     head = head_forward_flops(dim, m.out_dim)
     g = vit_forward_flops(dim, depth, m.patch_size, d.global_crop_size)
     loc = vit_forward_flops(dim, depth, m.patch_size, d.local_crop_size)

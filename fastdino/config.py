@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base
     patch_size: int = 16  # 16 or 8; /8 models see 785 tokens at 224 px
+    depth: int = 12  # transformer blocks; 12 in every standard arch (the CPU demo trains a 4-block ViT-tiny)
     drop_path_rate: float = 0.1  # stochastic depth of the student (teacher has none)
     out_dim: int = 65536  # K: dimension of the DINO head output
     norm_last_layer: bool = True  # weight_g fixed to 1: logits are cosines. False helps ViT-B stability
@@ -65,7 +66,7 @@ class DataConfig:
     backend: str = "auto"  # auto (dali when importable and on GPU) | dali | torch
     path: str = "data/imagenet/train"  # folder of images, nested at any depth; labels optional
     generate_demo: bool = False  # create the procedural demo dataset at `path` if it is missing
-    demo_num_images: int = 512
+    demo_num_images: int = 2000
     demo_num_classes: int = 4
     demo_image_size: int = 96
     global_crops_scale: tuple = (0.4, 1.0)
@@ -219,6 +220,7 @@ def _validate(cfg: Config) -> None:
         lo_s, hi_s = getattr(d, key.split(".")[1])
         need(0 < lo_s <= hi_s <= 1, key, "must satisfy 0 < min <= max <= 1")
     need(d.local_crops_number >= 0, "data.local_crops_number", "must be >= 0")
+    need(m.depth >= 1, "model.depth", "must be >= 1")
     need(d.global_crop_size >= m.patch_size, "data.global_crop_size", "must be >= model.patch_size")
     need(d.local_crop_size >= m.patch_size, "data.local_crop_size", "must be >= model.patch_size")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")

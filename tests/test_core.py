@@ -153,6 +153,8 @@ def test_config_errors_name_the_key():
         load_config("configs/demo.json", ["model.arch=vit_huge"])
     with pytest.raises(ConfigError, match="'data.local_crops_scale'"):
         load_config("configs/demo.json", ["data.local_crops_scale=[0.5, 0.1]"])
+    with pytest.raises(ConfigError, match="'model.depth'"):
+        load_config("configs/demo.json", ["model.depth=0"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.json")
     cfg = load_config("configs/demo.json", ["optim.lr=0.001", "train.precision=bf16"])

@@ -186,6 +186,16 @@ def test_load_backbone_handles_all_checkpoint_layouts(tmp_path):
     with pytest.raises(EvalError, match="does not exist"):
         load_backbone(str(tmp_path / "missing.pth"))
 
+    # depth: read from the weights (a 3-block backbone), checked against an explicit one
+    from fastdino.models import vit_tiny
+
+    shallow = tmp_path / "shallow.pth"
+    torch.save(vit_tiny(patch_size=16, depth=3).state_dict(), shallow)
+    assert len(load_backbone(str(shallow)).blocks) == 3 and len(load_backbone(str(shallow), depth=3).blocks) == 3
+    with pytest.raises(EvalError, match="3 blocks, not --depth 12"):
+        load_backbone(str(shallow), depth=12)
+    assert len(load_backbone(None, arch="vit_tiny", depth=2).blocks) == 2
+
 
 def test_strip_prefixes_and_pos_embed_resize(tmp_path):
     sd = {"module.backbone.blocks.0.attn.qkv.weight": torch.ones(1), "module.head.mlp.0.weight": torch.ones(1),

@@ -264,6 +264,7 @@ def test_build_backbone_from_config():
     cfg = ModelConfig(arch="vit_tiny", patch_size=8, drop_path_rate=0.2, attn="auto", activation_checkpointing=True)
     student, teacher = build_backbone(cfg, teacher=False), build_backbone(cfg, teacher=True)
     assert isinstance(student, VisionTransformer) and student.patch_size == 8 and student.embed_dim == 192
+    assert len(student.blocks) == 12 and len(build_backbone(ModelConfig(arch="vit_tiny", depth=3), teacher=False).blocks) == 3
     assert student.drop_path_rate == 0.2 and teacher.drop_path_rate == 0.0
     assert student.attn_backend == teacher.attn_backend
     assert student.activation_checkpointing and not teacher.activation_checkpointing

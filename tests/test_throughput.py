@@ -222,14 +222,18 @@ def test_flops_of_the_recipes():
     assert 0.48 < 245 * b8["model_gflop"] / 1e3 / 989.4 < 0.52
     backbone = b8["hardware_gflop"] - b8["model_gflop"]  # activation checkpointing: one more student forward
     assert 0.9 * b8["student_forward_gflop"] < backbone < b8["student_forward_gflop"]
+    # model.depth scales the blocks' share only: a 4-block ViT-S/16 is about a third of the 12-block one
+    s16_4 = tp.flops_per_image(load_config(os.path.join(ROOT, "configs", "vits16.json"),
+                                           ["data.local_crops_number=10", "model.depth=4"]))
+    assert 0.3 * s16["model_gflop"] < s16_4["model_gflop"] < 0.4 * s16["model_gflop"]
 
 
 def test_arch_dims_match_the_models():
     from fastdino.models import ARCHS, DINOHead
 
-    for arch, (dim, depth, heads) in tp.ARCH_DIMS.items():
+    for arch, (dim, heads) in tp.ARCH_DIMS.items():
         vit = ARCHS[arch](patch_size=16)
-        assert (vit.embed_dim, len(vit.blocks), vit.num_heads) == (dim, depth, heads), arch
+        assert (vit.embed_dim, len(vit.blocks), vit.num_heads) == (dim, 12, heads), arch
         assert vit.blocks[0].mlp.fc1.out_features == 4 * dim, arch
     head = DINOHead(384, 1000)
     assert head.mlp[0].out_features == tp.HEAD_HIDDEN and head.last_layer.in_features == tp.HEAD_BOTTLENECK

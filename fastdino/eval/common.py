@@ -268,6 +268,14 @@ def backbone_state_dict(checkpoint, which: str = "teacher") -> tuple[dict, dict]
     return sd, meta
 
 
+def infer_depth(state_dict: dict) -> int:
+    """Number of transformer blocks of a ViT backbone state dict (its blocks.N. keys)."""
+    ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if not ids or ids != set(range(len(ids))):
+        raise EvalError(f"checkpoint blocks are not numbered 0..N-1 (found {sorted(ids)[:6]}): not a ViT backbone")
+    return len(ids)
+
+
 def infer_arch(state_dict: dict) -> tuple[str, int]:
     """(arch, patch_size) from the tensor shapes of a ViT backbone state dict."""
     w = state_dict["patch_embed.proj.weight"]  # [D, 3, p, p]
@@ -293,27 +301,33 @@ def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
     return torch.cat([cls, grid], dim=1)
 
 
-def build_vit(arch: str, patch_size: int) -> torch.nn.Module:
+def build_vit(arch: str, patch_size: int, depth: int = 12) -> torch.nn.Module:
     from fastdino import models
 
     if arch not in ARCH_BY_DIM.values():
         raise EvalError(f"arch {arch!r} is not supported (choose from {', '.join(ARCH_BY_DIM.values())})")
-    return getattr(models, arch)(patch_size=patch_size, drop_path_rate=0.0)
+    if depth < 1:
+        raise EvalError(f"depth must be >= 1, got {depth}")
+    return getattr(models, arch)(patch_size=patch_size, depth=depth, drop_path_rate=0.0)
 
 
 def load_backbone(path: str | None, which: str = "teacher", arch: str | None = None,
-                  patch_size: int | None = None, device="cpu") -> torch.nn.Module:
+                  patch_size: int | None = None, device="cpu", depth: int | None = None) -> torch.nn.Module:
     """A frozen ViT backbone in eval mode. `path=None` gives the random initialization of `arch`
-    (the baseline the trained features are compared with)."""
+    with `depth` blocks (default 12): the baseline the trained features are compared with.
+    A checkpoint's depth is read from its weights; a `depth` that differs is an error."""
     if path is None:
         if arch is None:
             raise EvalError("a random-init backbone needs --arch")
         with torch.random.fork_rng(devices=[]):  # a fixed init, without touching the caller's RNG
             torch.manual_seed(0)
-            model = build_vit(arch, patch_size or 16)
+            model = build_vit(arch, patch_size or 16, depth or 12)
     else:
         sd, meta = backbone_state_dict(torch_load(path), which)
         arch_sd, patch_sd = infer_arch(sd)
+        depth_sd = infer_depth(sd)
+        if depth is not None and depth != depth_sd:
+            raise EvalError(f"checkpoint '{path}' has {depth_sd} blocks, not --depth {depth}")
         arch = arch or meta.get("arch") or arch_sd
         patch_size = patch_size or meta.get("patch_size") or patch_sd
         if arch not in ARCH_BY_DIM.values():
@@ -322,7 +336,7 @@ def load_backbone(path: str | None, which: str = "teacher", arch: str | None = N
             raise EvalError(f"checkpoint '{path}' has patch size {patch_sd}, not {patch_size}")
         if ARCH_BY_DIM.get(int(sd["patch_embed.proj.weight"].shape[0])) != arch:
             raise EvalError(f"checkpoint '{path}' holds a {arch_sd}, not a {arch}")
-        model = build_vit(arch, patch_size)
+        model = build_vit(arch, patch_size, depth_sd)
         own = model.state_dict()
         if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
             sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], own["pos_embed"].shape[1] - 1)
@@ -346,6 +360,8 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=None, choices=tuple(ARCH_BY_DIM.values()),
                         help="default: from the checkpoint")
     parser.add_argument("--patch_size", type=int, default=None, help="default: from the checkpoint")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="transformer blocks of a --random_init backbone (default 12; checkpoints: from the weights)")
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
 
 
@@ -386,7 +402,7 @@ def default_output_dir(args) -> str:
     if args.output_dir:
         return args.output_dir
     if args.random_init:
-        return os.path.join("runs", f"eval-random-{args.arch}")
+        return os.path.join("runs", f"eval-random-{args.arch}" + (f"-depth{args.depth}" if args.depth else ""))
     return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
 
 
@@ -394,13 +410,13 @@ def backbone_from_args(args) -> torch.nn.Module:
     if args.random_init == (args.checkpoint is not None):
         raise EvalError("give exactly one of --checkpoint PATH or --random_init (with --arch)")
     return load_backbone(None if args.random_init else args.checkpoint, args.which, args.arch,
-                         args.patch_size, resolve_device(args.device))
+                         args.patch_size, resolve_device(args.device), args.depth)
 
 
 def backbone_id(args) -> str:
     """Identifies the weights in a feature cache key."""
     if args.random_init:
-        return f"random:{args.arch}:{args.patch_size or 16}"
+        return f"random:{args.arch}:{args.patch_size or 16}:{args.depth or 12}"
     st = os.stat(args.checkpoint)
     return f"{os.path.abspath(args.checkpoint)}:{st.st_mtime_ns}:{st.st_size}:{args.which}"
 

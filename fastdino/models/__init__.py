@@ -21,6 +21,7 @@ def build_backbone(model_cfg, teacher: bool) -> VisionTransformer:
         raise ValueError(f"model.arch={model_cfg.arch!r}: unknown architecture (choose one of {list(ARCHS)})")
     return ARCHS[model_cfg.arch](
         patch_size=model_cfg.patch_size,
+        depth=model_cfg.depth,
         drop_path_rate=0.0 if teacher else model_cfg.drop_path_rate,
         attn=model_cfg.attn,
         activation_checkpointing=model_cfg.activation_checkpointing and not teacher,

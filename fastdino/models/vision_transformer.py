@@ -279,16 +279,16 @@ class VisionTransformer(nn.Module):
         return out
 
 
-def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
-    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4, **kwargs)
+def vit_tiny(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=depth, num_heads=3, mlp_ratio=4, **kwargs)
 
 
-def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
-    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, **kwargs)
+def vit_small(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=depth, num_heads=6, mlp_ratio=4, **kwargs)
 
 
-def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
-    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, **kwargs)
+def vit_base(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=depth, num_heads=12, mlp_ratio=4, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
