@@ -78,9 +78,9 @@ def test_bad_files_skipped_and_counted(demo, tmp_path):
     files = sorted(p for p, _ in ImageFolder(str(root)).samples)
     data = open(files[0], "rb").read()
     open(files[0], "wb").write(data[: len(data) // 2])  # truncated: caught by the header check
-    garbled = bytearray(data)
-    mid = len(garbled) // 2
-    garbled[mid - 200:mid + 200] = b"\xff\x00" * 200  # header and end marker intact: fails in the decoder
+    garbled = bytearray(data)  # SOI, frame header and EOI intact, so it passes the header check, but
+    dht = garbled.index(b"\xff\xc4")  # the first Huffman table's 16 code counts are bogus: the decoder fails
+    garbled[dht + 5:dht + 21] = b"\xff" * 16
     open(files[7], "wb").write(bytes(garbled))
     loader = build_train_loader(cfg(str(root), "dali"), 12, seed=4, device=DEVICE)
     batches = list(loader.epoch(1))
