@@ -572,6 +572,9 @@ def run_official(repo: str, base_cfg: Config, args, device: torch.device) -> dic
     added = False
     student = teacher = optimizer = dino_loss = None
     try:
+        if cfg.model.depth != 12:  # the official vit_tiny/small/base fix depth=12: no like-for-like baseline
+            return {**row, "status": "failed", "reason": f"model.depth={cfg.model.depth}: the official ViTs have "
+                    f"12 blocks; set --model.depth=12 to time the official step"}
         for name in ("main_dino.py", "utils.py", "vision_transformer.py"):
             if not os.path.isfile(os.path.join(repo, name)):
                 return {**row, "status": "failed", "reason": f"--baseline-repo '{repo}' has no {name}"}

@@ -94,7 +94,7 @@ def test_cpu_demo_every_row_runs(tmp_path):
     repo = _standin_official_repo(str(tmp_path / "dino"))
     cmd = [sys.executable, SCRIPT, "--config", os.path.join(ROOT, "configs", "demo.json"), "--steps", "2",
            "--warmup", "1", "--repeats", "2", "--batch-size", "4", "--data", "both", "--json", str(out),
-           "--baseline-repo", repo, "--train.output_dir", str(tmp_path / "runs"),
+           "--baseline-repo", repo, "--model.depth", "12", "--train.output_dir", str(tmp_path / "runs"),
            "--data.path", str(tmp_path / "demo"), "--data.num_workers", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: one thread is faster than two
     env.pop("TRITON_INTERPRET", None)  # what a user runs: no interpreter, so CPU resolves the fast impls to torch
@@ -226,6 +226,14 @@ def test_flops_of_the_recipes():
     s16_4 = tp.flops_per_image(load_config(os.path.join(ROOT, "configs", "vits16.json"),
                                            ["data.local_crops_number=10", "model.depth=4"]))
     assert 0.3 * s16["model_gflop"] < s16_4["model_gflop"] < 0.4 * s16["model_gflop"]
+
+
+def test_official_row_refuses_a_non_standard_depth(tmp_path):
+    from fastdino.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "demo.json"))  # model.depth = 4
+    row = tp.run_official(_standin_official_repo(str(tmp_path / "dino")), cfg, None, torch.device("cpu"))
+    assert row["status"] == "failed" and "model.depth=4" in row["reason"] and "--model.depth=12" in row["reason"]
 
 
 def test_arch_dims_match_the_models():
