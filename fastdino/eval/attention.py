@@ -21,8 +21,8 @@ import os
 
 import torch
 
-from fastdino.eval.common import (EvalError, add_backbone_args, backbone_from_args, center_crop, load_image, run_cli, save_report,
-                                  normalize, resize_shorter, to_tensor)
+from fastdino.eval.common import (EvalError, add_backbone_args, backbone_from_args, center_crop, load_image,
+                                  normalize, resize_shorter, run_cli, save_report, to_tensor)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # a perceptually ordered dark-to-bright color map (anchors of an inferno-like ramp), for heat maps

@@ -25,9 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id, run_cli, save_report,
+from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id,
                                   cached_features, check_data_args, cls_features, default_output_dir,
-                                  extract_features, samples_from_args)
+                                  extract_features, run_cli, samples_from_args, save_report)
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
         print(f"| {k:3d} | {r['top1']:9.2f} | {r['top5']:9.2f} |{note}")
     report = {"checkpoint": None if args.random_init else os.path.abspath(args.checkpoint),
               "which": None if args.random_init else args.which, "random_init": args.random_init,
-              "arch": model.arch, "patch_size": model.patch_size, "temperature": args.temperature,
+              "arch": model.arch, "patch_size": model.patch_size, "depth": model.depth, "temperature": args.temperature,
               "image_size": args.image_size, "num_train": len(train), "num_val": len(val),
               "num_classes": len(classes), "results": {str(k): r for k, r in results.items()}}
     save_report(report, out_dir, "knn.json" if not args.random_init else "knn-random.json")

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id, run_cli, save_report,
+from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id,
                                   cached_features, check_data_args, default_output_dir, extract_features,
-                                  samples_from_args)
+                                  run_cli, samples_from_args, save_report)
 
 DEFAULT_LRS = (0.001, 0.01, 0.1)
 
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     print(f"best lr {res['best_lr']:g}: best top-1 {res['best_top1']:.2f}%, last top-1 {res['last_top1']:.2f}%")
     report = {"checkpoint": None if args.random_init else os.path.abspath(args.checkpoint),
               "which": None if args.random_init else args.which, "random_init": args.random_init,
-              "arch": model.arch, "patch_size": model.patch_size, "n_last_blocks": n_blocks,
+              "arch": model.arch, "patch_size": model.patch_size, "depth": model.depth, "n_last_blocks": n_blocks,
               "avgpool_patchtokens": avgpool, "epochs": args.epochs, "num_train": len(train), "num_val": len(val),
               "num_classes": len(classes), "best_lr": res["best_lr"], "best_top1": res["best_top1"],
               "last_top1": res["last_top1"], "runs": {str(lr): r for lr, r in res["runs"].items()}}
