@@ -30,9 +30,9 @@ setup(
     version="0.1.0",
     description="Fast, exact DINO self-supervised ViT training: fused Triton loss, flat EMA, DALI, DeepSpeed",
     python_requires=">=3.10",
-    packages=["fastdino", "fastdino.models", "fastdino.data", "fastdino.eval", "fastdino.kernels"],
+    packages=["fastdino", "fastdino.models", "fastdino.losses", "fastdino.data", "fastdino.eval", "fastdino.kernels"],
     package_dir={"fastdino": "fastdino", "fastdino.kernels": "kernels"},
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "pillow", "tqdm", "kornia>=0.7"],
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "pillow", "tqdm"],
     extras_require={
         "test": ["pytest", "triton>=3.0"],
         "gpu": ["triton>=3.0", "nvidia-ml-py"],

@@ -263,7 +263,7 @@ def mode_backbone(args, rows, mm_rate):
 
 def mode_step(args, rows, mm_rate):
     """Student + teacher + head + loss + backward + AdamW: does ViT-B/8 fit batch 64?"""
-    from fastdino.loss import DINOLoss
+    from fastdino.losses import DINOLoss
 
     arch = "T/8" if args.quick else "B/8"
     out_dim = 512 if args.quick else 65536

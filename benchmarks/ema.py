@@ -7,14 +7,16 @@
 Parameter lists have the exact shapes of the official DINO ViT-S/16 and ViT-B/8 with their heads
 (~44M and ~109M parameters, built here without the model code), fp32 as in training.
 
-EMA variants: the official per-parameter loop, torch._foreach_lerp_, DINOv2's _foreach_mul_/_add_,
-the flat Triton kernel (one launch per buffer; also with the bf16 teacher copy) and the CUDA
-multi-tensor kernel (fastdino._C). Floor: read teacher + student, write teacher = 3 N * 4 bytes.
-Clipping variants: the official loop (2 host syncs per tensor), torch._foreach_*, the flat Triton
-segmented kernels, the CUDA multi-tensor kernels; every tensor above the clip (worst case), floor =
-read N (norms) + read and write N (scale) = 3 N * 4 bytes.
-CUDA mode also checks that the flat and multi-tensor steps make zero host synchronizations
-(torch.cuda.set_sync_debug_mode("error")) and that EMA + clipping replay from a CUDA graph.
+EMA variants: the reference (kernels/ema.py ema_ref over the parameter list), the baseline
+(DINOv2's torch._foreach_mul_/_add_), ema_foreach_ (torch._foreach_* with the momentum on the
+device), the flat Triton kernel (ema_flat_, one launch per fastdino.flat.FlatParams buffer) and the
+CUDA multi-tensor kernel (fastdino._C) where built. Floor: read teacher + student, write teacher =
+3 N * 4 bytes. Clipping variants: the reference (kernels/clip_grad.py clip_grad_per_tensor_ref over
+the gradients; also the baseline), clip_grad_foreach_, the flat Triton segmented kernels
+(clip_grad_flat_) and the CUDA multi-tensor kernels; every tensor above the clip (worst case),
+floor = read N (norms) + read and write N (scale) = 3 N * 4 bytes.
+CUDA mode also checks that the steps make zero host synchronizations
+(torch.cuda.set_sync_debug_mode("error")) and that flat clipping + EMA replay from a CUDA graph.
 """
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ if not torch.cuda.is_available():  # the Triton kernels run interpreted on CPU (
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fastdino  # noqa: E402
+import fastdino  # noqa: E402,F401  (registers kernels/ as fastdino.kernels)
 from fastdino import multi_tensor  # noqa: E402
-from fastdino.clip import GradClipper, clip_gradients_foreach, clip_gradients_loop  # noqa: E402
 from fastdino.flat import FlatParams  # noqa: E402
-from fastdino.teacher import TeacherUpdater, ema_update_foreach, ema_update_loop  # noqa: E402
+from fastdino.kernels.clip_grad import (SegmentTable, clip_grad_flat_, clip_grad_foreach_,  # noqa: E402
+                                        clip_grad_per_tensor_ref)
+from fastdino.kernels.ema import ema_flat_, ema_foreach_, ema_ref  # noqa: E402
 
 # spec HBM bandwidth (GB/s) by device name; the measured torch copy bandwidth is reported beside it
 PEAK_GBS = {"H200": 4800, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
@@ -124,81 +127,98 @@ def copy_gbs(device, n: int, reps: int) -> float:
     return 2 * n * 4 / ms / 1e6
 
 
+def segment_tables(flat: FlatParams, chunk: int | None = None) -> list[tuple[torch.Tensor, SegmentTable]]:
+    """(grad buffer, SegmentTable over its requires_grad segments) per FlatParams buffer."""
+    out = []
+    for buf in flat.buffers:
+        keep = [k for k, i in enumerate(buf.index) if flat.params[i].requires_grad]
+        if buf.grad is None or not keep:
+            continue
+        segs = buf.segments(padded=True)
+        table = SegmentTable([segs[k] for k in keep], buf.device, chunk or (16384 if buf.device.type == "cuda" else 65536))
+        out.append((buf.grad, table))
+    return out
+
+
 def run_model(model: str, device, reps: int, sweep: bool) -> list[dict]:
     rows = []
     student_named = make_params(model, device)
     teacher_named = [(n, torch.nn.Parameter(p.detach().clone(), requires_grad=False)) for n, p in student_named]
     fs, ft = FlatParams(student_named), FlatParams(teacher_named, grads=False)
-    n_all = fs.numel
+    n_all = sum(p.numel() for p in fs.params)
     n_grad = sum(p.numel() for p in fs.params_with_grad)
-    student, teacher = fs.params, ft.params
+    student, teacher = [p.detach() for p in fs.params], ft.params
     for p in fs.params_with_grad:  # every gradient above the clip: the worst case for clipping
         p.grad.normal_().mul_(10.0)
+    grads = [p.grad for p in fs.params_with_grad]
     clip = 3.0
     m_float = 0.996
     m_dev = torch.full((), m_float, device=device)
     ema_floor = 3 * n_all * 4
     clip_floor = 3 * n_grad * 4
 
-    def add(kind, impl, ms, floor, note=""):
-        rows.append(dict(model=model, params=n_all, op=kind, impl=impl, ms=ms, gbs=floor / ms / 1e6, note=note))
+    def add(kind, impl, ms, floor, note="", baseline=False):
+        rows.append(dict(model=model, params=n_all, op=kind, impl=impl, ms=ms, gbs=floor / ms / 1e6, note=note,
+                         baseline=baseline))
+
+    def ema_flat():
+        for tb, sb in zip(ft.buffers, fs.buffers):
+            ema_flat_(tb.data, sb.data, m_dev)
+
+    tables = segment_tables(fs)
+
+    def clip_flat():
+        return [clip_grad_flat_(g, table, clip) for g, table in tables]
 
     cuda = device.type == "cuda"
     interp = "" if cuda else " (Triton interpreted)"
     # ---- EMA ------------------------------------------------------------------------------
-    add("ema", "loop (official)", bench(lambda: ema_update_loop(teacher, student, m_float), device, reps), ema_floor)
-    add("ema", "torch._foreach_lerp_", bench(lambda: ema_update_foreach(teacher, student, m_float), device, reps), ema_floor)
+    add("ema", "reference (ema_ref)", bench(lambda: ema_ref(teacher, student, m_dev), device, reps), ema_floor)
 
     def dinov2():
         torch._foreach_mul_(teacher, m_float)
         torch._foreach_add_(teacher, student, alpha=1 - m_float)
 
-    add("ema", "foreach mul_/add_ (DINOv2)", bench(dinov2, device, reps), ema_floor)
+    add("ema", "foreach mul_/add_ (DINOv2)", bench(dinov2, device, reps), ema_floor, baseline=True)
+    add("ema", "ema_foreach_", bench(lambda: ema_foreach_(teacher, student, m_dev), device, reps), ema_floor)
     if cuda or model == "tiny":
-        flat = TeacherUpdater(ft, fs, impl="flat_triton")
-        add("ema", "flat triton", bench(lambda: flat.step(m_dev), device, reps), ema_floor, interp)
-        flat_h = TeacherUpdater(ft, fs, impl="flat_triton", teacher_copy_dtype=torch.bfloat16)
-        add("ema", "flat triton + bf16 copy", bench(lambda: flat_h.step(m_dev), device, reps), ema_floor + 2 * n_all,
-            "floor + 2N bytes" + interp)
+        add("ema", "flat triton", bench(ema_flat, device, reps), ema_floor, interp)
         if cuda and sweep:
-            from fastdino.kernels.ema import ema_flat_
-
             tb, sb = ft.buffers[0].data, fs.buffers[0].data
             for block, warps in ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16)):
-                ms = bench(lambda: ema_flat_(tb, sb, m_dev, None, block=block, num_warps=warps), device, reps)
+                ms = bench(lambda: ema_flat_(tb, sb, m_dev, block=block, num_warps=warps), device, reps)
                 add("ema sweep", f"flat triton BLOCK={block} warps={warps}", ms, ema_floor)
     if cuda and multi_tensor.HAVE_C:
         add("ema", "multi-tensor CUDA (_C)", bench(lambda: multi_tensor.ema_lerp_(teacher, student, m_dev), device, reps),
             ema_floor)
     # ---- clipping -------------------------------------------------------------------------
-    params = fs.params_with_grad
-    add("clip", "loop (official, 2 syncs/tensor)", bench(lambda: clip_gradients_loop(params, clip), device, reps), clip_floor)
-    add("clip", "torch._foreach_*", bench(lambda: clip_gradients_foreach(params, clip), device, reps), clip_floor)
+    add("clip", "reference (clip_grad_per_tensor_ref)", bench(lambda: clip_grad_per_tensor_ref(grads, clip), device, reps),
+        clip_floor, baseline=True)
+    add("clip", "clip_grad_foreach_", bench(lambda: clip_grad_foreach_(grads, clip), device, reps), clip_floor)
     if cuda or model == "tiny":
-        clipper = GradClipper(fs, clip, impl="flat_triton")
-        add("clip", "flat triton (2 launches)", bench(clipper.clip_, device, reps), clip_floor, interp)
+        add("clip", "flat triton (2 launches)", bench(clip_flat, device, reps), clip_floor, interp)
         if cuda and sweep:
             for chunk in (8192, 32768):
-                c2 = GradClipper(fs, clip, impl="flat_triton", chunk=chunk)
-                add("clip sweep", f"flat triton CHUNK={chunk}", bench(c2.clip_, device, reps), clip_floor)
+                tables_c = segment_tables(fs, chunk)
+                add("clip sweep", f"flat triton CHUNK={chunk}",
+                    bench(lambda: [clip_grad_flat_(g, t, clip) for g, t in tables_c], device, reps), clip_floor)
     if cuda and multi_tensor.HAVE_C:
-        grads = [p.grad for p in params]
         add("clip", "multi-tensor CUDA (_C)", bench(lambda: multi_tensor.clip_grad_per_tensor_(grads, clip), device, reps),
             clip_floor)
-    # ---- the step: teacher update + clipping ----------------------------------------------
+    # ---- the step: clipping + teacher update ----------------------------------------------
     if cuda:
-        flat = TeacherUpdater(ft, fs, impl="flat_triton")
-        clipper = GradClipper(fs, clip, impl="flat_triton")
-
         def step():
-            clipper.clip_()
-            flat.step(m_dev)
+            clip_flat()
+            ema_flat()
 
         add("step", "flat: clip + EMA", bench(step, device, reps), ema_floor + clip_floor)
         syncs = {"flat clip + EMA": no_sync(step),
-                 "loop clip (official)": no_sync(lambda: clip_gradients_loop(params, clip))}
+                 "foreach clip + EMA": no_sync(lambda: (clip_grad_foreach_(grads, clip),
+                                                        ema_foreach_(teacher, student, m_dev))),
+                 "reference clip + EMA": no_sync(lambda: (clip_grad_per_tensor_ref(grads, clip),
+                                                          ema_ref(teacher, student, m_dev)))}
         if multi_tensor.HAVE_C:
-            syncs["multi-tensor clip + EMA"] = no_sync(lambda: (multi_tensor.clip_grad_per_tensor_([p.grad for p in params], clip),
+            syncs["multi-tensor clip + EMA"] = no_sync(lambda: (multi_tensor.clip_grad_per_tensor_(grads, clip),
                                                                multi_tensor.ema_lerp_(teacher, student, m_dev)))
         graph = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()
@@ -235,21 +255,20 @@ def main(argv=None):
     rows = []
     for m in models:
         rows += run_model(m, device, args.reps, sweep=not args.no_sweep)
-    print("\n| model | op | impl | ms | GB/s vs floor | % spec HBM | % torch copy | x vs loop | note |")
+    print("\n| model | op | impl | ms | GB/s vs floor | % spec HBM | % torch copy | x vs baseline | note |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if r["op"] == "host syncs":
             continue
-        loop = next((x["ms"] for x in rows if x["model"] == r["model"] and x["op"] == r["op"].split()[0]
-                     and x.get("impl", "").startswith("loop")), None)
-        if r["op"] == "step":
-            loop = sum(x["ms"] for x in rows if x["model"] == r["model"] and x.get("impl", "").startswith("loop"))
+        # baselines: DINOv2's foreach for EMA, the reference for clipping, their sum for the step
+        base = [x["ms"] for x in rows if x["model"] == r["model"] and x.get("baseline")
+                and (r["op"] == "step" or x["op"] == r["op"].split()[0])]
         r["pct_peak"] = 100 * r["gbs"] / peak if peak else None
         r["pct_copy"] = 100 * r["gbs"] / copy
-        r["speedup_vs_loop"] = loop / r["ms"] if loop else None
+        r["speedup_vs_baseline"] = sum(base) / r["ms"] if base else None
         print(f"| {r['model']} ({r['params'] / 1e6:.1f}M) | {r['op']} | {r['impl']} | {r['ms']:.3f} | {r['gbs']:.{0 if r['gbs'] >= 100 else 2}f} | "
               f"{'%.0f%%' % r['pct_peak'] if peak else 'n/a'} | {r['pct_copy']:.0f}% | "
-              f"{'%.1fx' % r['speedup_vs_loop'] if r['speedup_vs_loop'] else ''} | {r['note']} |")
+              f"{'%.1fx' % r['speedup_vs_baseline'] if r['speedup_vs_baseline'] else ''} | {r['note']} |")
     for r in rows:
         if r["op"] == "host syncs":
             print(f"\nhost synchronizations ({r['model']}, set_sync_debug_mode('error')): " +

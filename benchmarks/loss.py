@@ -1,22 +1,28 @@
-"""Benchmark: DINO loss forward+backward (with the center update), reference vs fused; fused head.
+"""Benchmark: DINO loss forward+backward from teacher logits, reference vs fused; fused head.
 
-Variants: reference (the official double loop over pairs, fastdino.loss.dino_loss_pairs_ref + center
-update), torch (vectorized PyTorch formulation of the one-pass algebra, kernels.dino_loss_torch),
-fused (Triton kernels, CUDA only). Two times per row:
+The step timed: teacher targets by centering (q, entropy, column sums of the teacher logits for the
+center update), then the multi-crop soft-target cross-entropy of the student logits against q,
+forward and backward. Variants:
+  reference  softmax_center_ref + soft_cross_entropy_ref (kernels/): what the official code computes
+             (the double loop over pairs), plus the center's column sum;
+  fused      softmax_center + soft_cross_entropy, the Triton custom ops (CUDA; on CPU only under
+             TRITON_INTERPRET=1).
+Two times per row:
   ms       host-inclusive: triton.testing.do_bench of one eager step (L2 flushed), what a training
            loop that launches eagerly sees when the GPU waits for the host;
   dev_ms   device: the step captured 10x in a CUDA graph and replayed (no host in the way).
 plus cpu_us (host time per step with the GPU queue not full: the launch overhead alone) and, for
-fused, fwd_ms / bwd_ms (device time of the forward's three kernels and the backward kernel).
-GB/s and floor_frac use the device time against the memory-traffic floor (student read twice,
-teacher read once, gradient written once) at the GPU's peak DRAM bandwidth; peak_extra_MB is
-max_memory_allocated above the inputs; speedup = reference ms / ms (dev_speedup on device times).
+fused, targets_ms / fwd_ms / bwd_ms (device time of softmax_center, of the loss's three forward
+kernels and of its backward kernel). GB/s and floor_frac use the device time against the step's
+memory-traffic floor (student read twice, teacher read once, gradient written once) at the GPU's
+peak DRAM bandwidth; peak_extra_MB is max_memory_allocated above the inputs; speedup = reference ms
+/ ms (dev_speedup on device times).
 
     python benchmarks/loss.py --suite              # CUDA, ~3 min: main table, kernel breakdown, sweep, head
     python benchmarks/loss.py                      # CUDA: B 32/64/128, K 65536, 2+8 and 2+10 crops, fp32 and bf16
     python benchmarks/loss.py --quick              # small CPU-friendly sizes (CI smoke test)
-    python benchmarks/loss.py --sweep              # CUDA: fwd/bwd launch configs at B=64, K=65536, 2+10
-    python benchmarks/loss.py --head               # fused head (last layer + loss) vs F.linear + loss
+    python benchmarks/loss.py --sweep              # CUDA: loss fwd/bwd launch configs at B=64, K=65536, 2+10
+    python benchmarks/loss.py --head               # F.linear + loss vs the fused last layer + loss
     python benchmarks/loss.py --profile            # CUDA: per-kernel device time of the fused step
     python benchmarks/loss.py --json out.json
 """
@@ -34,35 +40,34 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastdino  # noqa: E402,F401  (registers fastdino.kernels from a plain checkout)
-from fastdino.loss import dino_loss_pairs_ref  # noqa: E402
+from fastdino.kernels.linear_soft_cross_entropy import linear_soft_cross_entropy_ref  # noqa: E402
+from fastdino.kernels.soft_cross_entropy import memory_floor_bytes, soft_cross_entropy_ref  # noqa: E402
+from fastdino.kernels.softmax_center import softmax_center_ref  # noqa: E402
 
-STUDENT_TEMP, TEACHER_TEMP, MOMENTUM = 0.1, 0.04, 0.9
+STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 H100_PEAK_GBS = 3352.0  # H100 SXM HBM3, used when NVML cannot tell
 
 
-def _reference(s, t, c, ncrops):
-    """The official module's work: the pair loop, then the center update (gated as ours)."""
-    loss = dino_loss_pairs_ref(s, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP)
-    with torch.no_grad():
-        new = c * MOMENTUM + (t.float().sum(0, keepdim=True) / t.shape[0]) * (1 - MOMENTUM)
-        c.copy_(torch.where(torch.isfinite(loss.detach()), new, c))
-    return loss
+def _reference(s, t, c, temp, ncrops):
+    """The official module's work: teacher softmax with the center, the pair loop, the column sums."""
+    q, _, colsum = softmax_center_ref(t, c, temp)
+    return soft_cross_entropy_ref(s, q, ncrops, STUDENT_TEMP), colsum
 
 
-def _torch(s, t, c, ncrops):
-    from fastdino.kernels.dino_loss import dino_loss_torch
+def _fused(s, t, c, temp, ncrops, **launch):
+    from fastdino.kernels.soft_cross_entropy import soft_cross_entropy
+    from fastdino.kernels.softmax_center import softmax_center
 
-    return dino_loss_torch(s, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM)[0]
-
-
-def _fused(s, t, c, ncrops, **launch):
-    from fastdino.kernels.dino_loss import dino_loss
-
-    return dino_loss(s, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM, **launch)[0]
+    q, _, colsum = softmax_center(t, c, temp)
+    return soft_cross_entropy(s, q, ncrops, STUDENT_TEMP, **launch), colsum
 
 
-VARIANTS = {"reference": _reference, "torch": _torch, "fused": _fused}
+VARIANTS = {"reference": _reference, "fused": _fused}
+
+
+def _triton_runs(device: str) -> bool:
+    return device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def peak_bandwidth_gbs() -> float | None:
@@ -80,9 +85,8 @@ def peak_bandwidth_gbs() -> float | None:
 
 
 def floor_bytes(B: int, ncrops: int, K: int, itemsize: int) -> int:
-    from fastdino.kernels.dino_loss import memory_floor_bytes
-
-    return memory_floor_bytes(ncrops * B, 2 * B, K, itemsize)
+    """The step's floor: the teacher logits (2B rows, S's dtype) play the targets, read once."""
+    return memory_floor_bytes(ncrops * B, 2 * B, K, itemsize, target_itemsize=itemsize)
 
 
 # ---------------------------------------------------------------------------------------------- timers
@@ -164,22 +168,24 @@ def _inputs(B, K, ncrops, dtype, device):
     s = (torch.randn(ncrops * B, K, generator=g) * 0.3).to(device, dtype).requires_grad_()
     t = (torch.randn(2 * B, K, generator=g) * 0.3).to(device, dtype)
     c = torch.zeros(1, K, device=device)
-    return s, t, c
+    temp = torch.full((), TEACHER_TEMP, device=device)  # a device tensor, as the engine passes it
+    return s, t, c, temp
 
 
 def bench_one(variant: str, B: int, K: int, ncrops: int, dtype: torch.dtype, device: str, reps: int,
               peak: float | None = None, **launch) -> dict:
-    s, t, c = _inputs(B, K, ncrops, dtype, device)
+    s, t, c, temp = _inputs(B, K, ncrops, dtype, device)
     fn = VARIANTS[variant]
 
     def step():
         s.grad = None
-        fn(s, t, c, ncrops, **launch).backward()
+        fn(s, t, c, temp, ncrops, **launch)[0].backward()
 
     def clear():
         s.grad = None
 
     row = {"variant": variant, "dtype": str(dtype).split(".")[-1], "crops": f"2+{ncrops - 2}", "B": B, "K": K}
+    row["loss"] = float(fn(s, t, c, temp, ncrops, **launch)[0].detach())  # once, outside the timings
     row["peak_extra_MB"] = peak_extra_mb(step, device, clear)
     clear()
     row["ms"] = time_ms(step, device, reps)
@@ -193,24 +199,30 @@ def bench_one(variant: str, B: int, K: int, ncrops: int, dtype: torch.dtype, dev
             row["dev_GBps"] = fb / (row["dev_ms"] * 1e-3) / 1e9
             row["floor_frac"] = row["dev_GBps"] / peak if peak else None
         if variant == "fused":
-            row.update(fused_parts_ms(s, t, c, ncrops, **launch))
+            row.update(fused_parts_ms(s, t, c, temp, ncrops, **launch))
     clear()
     return {**row, **launch}
 
 
-def fused_parts_ms(s, t, c, ncrops, **launch) -> dict:
-    """Device time of the forward (fwd + combine + center kernels) and of the backward kernel."""
-    from fastdino.kernels import dino_loss as dl
+def _op_args(ncrops, launch):
+    """The custom ops' trailing arguments: pairing (DINO) and launch overrides (0 = the table)."""
+    return (ncrops, STUDENT_TEMP, 2, True, launch.get("block_k", 0), launch.get("group_size", 0),
+            launch.get("num_warps", 0), launch.get("rows", 0))
 
-    lk = (launch.get("block_k"), launch.get("group_b"), launch.get("num_warps"), launch.get("rows"))
-    sd, td = s.detach(), t.detach()
-    res, lse, plan = dl.dino_loss_fwd(sd, td, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM, lk)
-    K = sd.shape[1]
-    saved = res[2 + K:].clone()
+
+def fused_parts_ms(s, t, c, temp, ncrops, **launch) -> dict:
+    """Device time of softmax_center, of the loss forward (3 kernels) and of its backward kernel."""
+    from fastdino.kernels.soft_cross_entropy import soft_cross_entropy_backward_op, soft_cross_entropy_op
+    from fastdino.kernels.softmax_center import softmax_center_op
+
+    sd = s.detach()
+    q = softmax_center_op(t, c, temp)[0]
+    args = _op_args(ncrops, launch)
+    _, lse = soft_cross_entropy_op(sd, q, None, *args)
     g = torch.ones((), device=s.device)
-    fwd = graph_ms(lambda: dl.dino_loss_fwd(sd, td, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM, lk))
-    bwd = graph_ms(lambda: dl.dino_loss_bwd(g, sd, td, saved, lse, ncrops, STUDENT_TEMP, TEACHER_TEMP, plan))
-    return {"fwd_ms": fwd, "bwd_ms": bwd}
+    return {"targets_ms": graph_ms(lambda: softmax_center_op(t, c, temp)),
+            "fwd_ms": graph_ms(lambda: soft_cross_entropy_op(sd, q, None, *args)),
+            "bwd_ms": graph_ms(lambda: soft_cross_entropy_backward_op(g, sd, q, lse, None, *args))}
 
 
 def run(args) -> list[dict]:
@@ -222,7 +234,7 @@ def run(args) -> list[dict]:
         Bs, K, crops, dtypes = args.B or [32, 64, 128], args.K or 65536, args.crops or ["2+8", "2+10"], \
             args.dtypes or ["fp32", "bf16"]
         reps = 200
-    variants = args.variants or (["reference", "torch", "fused"] if device == "cuda" else ["reference", "torch"])
+    variants = args.variants or (list(VARIANTS) if _triton_runs(device) else ["reference"])
     peak = args.peak_gbs or (peak_bandwidth_gbs() if device == "cuda" else None)
     rows = []
     for dt in dtypes:
@@ -254,21 +266,23 @@ SWEEP_PPS = (2, 4, 8)
 
 
 def sweep(args) -> list[dict]:
-    """Device time of the fused forward (3 kernels) and backward (1 kernel) per launch config at
-    B=64, K=65536, 2+10 crops; prints the constants of kernels/dino_loss.py to adopt."""
-    from fastdino.kernels import dino_loss as dl
+    """Device time of the loss forward (3 kernels) and backward (1 kernel) per launch config at
+    B=64, K=65536, 2+10 crops against fp32 targets; prints the constants of
+    kernels/soft_cross_entropy.py to adopt."""
+    from fastdino.kernels import soft_cross_entropy as sce
 
     peak = args.peak_gbs or peak_bandwidth_gbs()
     B, K, ncrops = 64, 65536, 12
     rows = []
     for dt in args.sweep_dtypes:
         dtype = DTYPES[dt]
-        s, t, c = _inputs(B, K, ncrops, dtype, "cuda")
+        s, t, c, temp = _inputs(B, K, ncrops, dtype, "cuda")
         sd = s.detach()
+        q = softmax_center_ref(t, c, temp)[0].float()
         isz = sd.element_size()
         g = torch.ones((), device="cuda")
-        fwd_bytes = (ncrops * B + 2 * B) * K * isz  # S and T once
-        bwd_bytes = (2 * ncrops * B + 2 * B) * K * isz  # S and T once more, dS written
+        fwd_bytes = (ncrops * B * isz + 2 * B * 4) * K  # S and Q once
+        bwd_bytes = (2 * ncrops * B * isz + 2 * B * 4) * K  # S and Q once more, dS written
         best = {}
         print_header(SWEEP_COLS)
         for block_k in SWEEP_BLOCK_K:
@@ -276,22 +290,19 @@ def sweep(args) -> list[dict]:
                 for nw in SWEEP_WARPS:
                     for pps in SWEEP_PPS:
                         n_tiles = -(-K // block_k)
-                        n_groups = max(1, min(B, dl.MAX_GROUPS, -(-pps * dl._sm_count(sd.device) // n_tiles)))
-                        gb = -(-B // n_groups)
-                        lk = (block_k, gb, nw, nrows)
+                        n_groups = max(1, min(B, -(-pps * sce.sm_count(sd.device) // n_tiles)))
+                        gs = -(-B // n_groups)
+                        launch = dict(block_k=block_k, group_size=gs, num_warps=nw, rows=nrows)
+                        op_args = _op_args(ncrops, launch)
                         try:
-                            res, lse, plan = dl.dino_loss_fwd(sd, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP,
-                                                              MOMENTUM, lk)
+                            _, lse = sce.soft_cross_entropy_op(sd, q, None, *op_args)
                         except Exception as e:  # e.g. out of resources for the largest tiles
-                            print(f"# skip {lk}: {type(e).__name__}", file=sys.stderr)
+                            print(f"# skip {launch}: {type(e).__name__}", file=sys.stderr)
                             continue
-                        saved = res[2 + K:].clone()
-                        fwd = graph_ms(lambda: dl.dino_loss_fwd(sd, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP,
-                                                                MOMENTUM, lk))
-                        bwd = graph_ms(lambda: dl.dino_loss_bwd(g, sd, t, saved, lse, ncrops, STUDENT_TEMP,
-                                                                TEACHER_TEMP, plan))
+                        fwd = graph_ms(lambda: sce.soft_cross_entropy_op(sd, q, None, *op_args))
+                        bwd = graph_ms(lambda: sce.soft_cross_entropy_backward_op(g, sd, q, lse, None, *op_args))
                         r = {"dtype": dt, "block_k": block_k, "rows": nrows, "num_warps": nw, "pps": pps,
-                             "group_b": gb, "programs": n_tiles * -(-B // gb), "fwd_ms": fwd, "bwd_ms": bwd,
+                             "group_size": gs, "programs": n_tiles * -(-B // gs), "fwd_ms": fwd, "bwd_ms": bwd,
                              "fwd_frac": fwd_bytes / (fwd * 1e-3) / 1e9 / peak if fwd and peak else None,
                              "bwd_frac": bwd_bytes / (bwd * 1e-3) / 1e9 / peak if bwd and peak else None}
                         rows.append(r)
@@ -299,39 +310,39 @@ def sweep(args) -> list[dict]:
                         for kind in ("fwd", "bwd"):
                             if r[f"{kind}_ms"] and (kind not in best or r[f"{kind}_ms"] < best[kind][f"{kind}_ms"]):
                                 best[kind] = r
-                        del res, lse, saved
+                        del lse
         torch.cuda.empty_cache()
-        cur = {k: dl.launch_config(B, K, ncrops, isz, sd.device, k) for k in ("fwd", "bwd")}
-        print(f"\n# {dt}: current table fwd {cur['fwd']} bwd {cur['bwd']} (BLOCK_K, ROWS, num_warps, group_b)")
+        cur = {k: sce.launch_config(B, K, ncrops, 2, isz, sd.device, k) for k in ("fwd", "bwd")}
+        print(f"\n# {dt}: current table fwd {cur['fwd']} bwd {cur['bwd']} (BLOCK_K, ROWS, num_warps, group_size)")
         for kind, table in (("fwd", "FWD_CONFIG"), ("bwd", "BWD_CONFIG")):
             if kind in best:
                 r = best[kind]
                 print(f"# best {kind} {dt}: {r[f'{kind}_ms']:.4f} ms ({r[f'{kind}_frac'] or 0:.2f} of peak) -> in "
-                      f"kernels/dino_loss.py set {table}[{isz}] = ({r['block_k']}, {r['rows']}, {r['num_warps']}) "
-                      f"and PROGRAMS_PER_SM[\"{kind}\"][{isz}] = {r['pps']}")
+                      f"kernels/soft_cross_entropy.py set {table}[{isz}] = ({r['block_k']}, {r['rows']}, "
+                      f"{r['num_warps']}) and PROGRAMS_PER_SM[\"{kind}\"][{isz}] = {r['pps']}")
         print()
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- head
 def head_variants():
-    from fastdino.kernels.dino_head_loss import dino_head_loss
-    from fastdino.kernels.dino_loss import dino_loss
+    from fastdino.kernels.linear_soft_cross_entropy import linear_soft_cross_entropy
+    from fastdino.kernels.soft_cross_entropy import soft_cross_entropy
 
-    def unfused_reference(x, w, t, c, ncrops):
-        return _reference(F.linear(x, w), t, c, ncrops)
+    def unfused_fused_loss(x, w, q, ncrops):
+        return soft_cross_entropy(F.linear(x, w), q, ncrops, STUDENT_TEMP)
 
-    def unfused_fused_loss(x, w, t, c, ncrops):
-        return dino_loss(F.linear(x, w), t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM)[0]
+    def fused_head(x, w, q, ncrops):
+        return linear_soft_cross_entropy(x, w, q, ncrops, STUDENT_TEMP)
 
-    def fused_head(x, w, t, c, ncrops):
-        return dino_head_loss(x, w, t, c, ncrops, STUDENT_TEMP, TEACHER_TEMP, MOMENTUM)[0]
+    def unfused_reference(x, w, q, ncrops):
+        return linear_soft_cross_entropy_ref(x, w, q, ncrops, STUDENT_TEMP)
 
     return {"linear+reference": unfused_reference, "linear+fused": unfused_fused_loss, "fused_head": fused_head}
 
 
 def head_bench(args) -> list[dict]:
-    """Last layer (D -> K, weight given) + loss, forward and backward to X and W."""
+    """Last layer (D -> K, weight given) + loss against fp32 targets, forward and backward to X and W."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     quick = args.quick or device == "cpu"
     B = (args.B or [4 if quick else 64])[0]
@@ -339,7 +350,7 @@ def head_bench(args) -> list[dict]:
     D = 64 if quick else 256
     crops = args.crops or (["2+2"] if quick else ["2+10"])
     dtypes = args.dtypes or (["fp32"] if quick else ["bf16", "fp32"])
-    names = ["linear+reference"] if device == "cpu" else list(head_variants())
+    names = list(head_variants()) if device == "cuda" else ["linear+reference"]
     rows = []
     for dt in dtypes:
         dtype = DTYPES[dt]
@@ -348,15 +359,14 @@ def head_bench(args) -> list[dict]:
             g = torch.Generator().manual_seed(1)
             x = F.normalize(torch.randn(ncrops * B, D, generator=g), dim=-1).to(device, dtype).requires_grad_()
             w = (torch.randn(K, D, generator=g) * D ** -0.5).to(device, dtype).requires_grad_()
-            t = (torch.randn(2 * B, K, generator=g) * 0.3).to(device, dtype)
-            c = torch.zeros(1, K, device=device)
+            q = torch.softmax(torch.randn(2 * B, K, generator=g) * 3, dim=-1).to(device)
             base = None
             for name in names:
                 fn = head_variants()[name]
 
                 def step():
                     x.grad = w.grad = None
-                    fn(x, w, t, c, ncrops).backward()
+                    fn(x, w, q, ncrops).backward()
 
                 def clear():
                     x.grad = w.grad = None
@@ -392,11 +402,11 @@ def profile(args) -> None:
     from torch.profiler import profile as torch_profile
 
     for dt in args.dtypes or ["bf16", "fp32"]:
-        s, t, c = _inputs(64, 65536, 12, DTYPES[dt], "cuda")
+        s, t, c, temp = _inputs(64, 65536, 12, DTYPES[dt], "cuda")
 
         def step():
             s.grad = None
-            _fused(s, t, c, 12).backward()
+            _fused(s, t, c, temp, 12)[0].backward()
 
         for _ in range(3):
             step()
@@ -427,10 +437,10 @@ def _dev_time(e) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- output
-MAIN_COLS = ["variant", "dtype", "crops", "B", "K", "ms", "cpu_us", "dev_ms", "fwd_ms", "bwd_ms", "dev_GBps",
-             "floor_frac", "peak_extra_MB", "mem_vs_ref", "speedup", "dev_speedup", "GBps",
-             "block_k", "num_warps", "group_b", "rows"]
-SWEEP_COLS = ["dtype", "block_k", "rows", "num_warps", "pps", "group_b", "programs", "fwd_ms", "fwd_frac",
+MAIN_COLS = ["variant", "dtype", "crops", "B", "K", "ms", "cpu_us", "dev_ms", "targets_ms", "fwd_ms", "bwd_ms",
+             "dev_GBps", "floor_frac", "peak_extra_MB", "mem_vs_ref", "speedup", "dev_speedup", "GBps",
+             "block_k", "num_warps", "group_size", "rows"]
+SWEEP_COLS = ["dtype", "block_k", "rows", "num_warps", "pps", "group_size", "programs", "fwd_ms", "fwd_frac",
               "bwd_ms", "bwd_frac"]
 HEAD_COLS = ["variant", "dtype", "crops", "B", "K", "D", "ms", "cpu_us", "dev_ms", "TFLOPs", "peak_extra_MB",
              "logits_MB", "mem_vs_ref", "speedup", "dev_speedup"]
@@ -467,7 +477,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS))
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    p.add_argument("--sweep", action="store_true", help="CUDA: time fused fwd/bwd launch configurations")
+    p.add_argument("--sweep", action="store_true", help="CUDA: time the loss fwd/bwd launch configurations")
     p.add_argument("--sweep-dtypes", nargs="*", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--head", action="store_true", help="fused head (last layer + loss) table")
     p.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of the fused step")
@@ -479,13 +489,16 @@ def main(argv=None) -> list[dict]:
     cuda = torch.cuda.is_available() and not args.cpu
     if (args.sweep or args.profile or args.suite) and not cuda:
         p.error("--sweep/--profile/--suite need CUDA")
+    if args.variants and "fused" in args.variants and not _triton_runs("cuda" if cuda else "cpu"):
+        p.error("--variants fused on CPU needs TRITON_INTERPRET=1 (the Triton interpreter)")
     out = {}
     if args.suite:
         args.B, args.crops, args.dtypes = args.B or [64], args.crops or ["2+10", "2+8"], args.dtypes or ["bf16", "fp32"]
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
               f"{__import__('triton').__version__}, peak {args.peak_gbs or peak_bandwidth_gbs()} GB/s\n")
         out["main"] = run(args)
-        print("## Loss fwd+bwd (ms: host-inclusive do_bench; dev_ms: CUDA graph; floor_frac on dev_ms)")
+        print("## Loss fwd+bwd from teacher logits (ms: host-inclusive do_bench; dev_ms: CUDA graph; "
+              "floor_frac on dev_ms)")
         print_table(out["main"], MAIN_COLS)
         profile(args)
         print("\n## Launch sweep (device time), B=64, K=65536, 2+10")

@@ -7,9 +7,10 @@
     python benchmarks/throughput.py --config configs/vits16.json --time-budget 200 --json out.json  # bounded wall time
 
 Rows (each one config, built and timed in turn in this process on the same device and batch):
-    reference     the official algorithm: per-pair loss loop, per-parameter EMA and clipping with host
-                  syncs, crops unpacked through math attention, CPU augmentation (REFERENCE below)
-    +loss, +ema_clip, +attention, +packed, +fused_head, +data
+    reference     train.reference=true: the official algorithm, every component's plain reference
+                  (per-pair loss loop, per-parameter EMA and clipping, crops unpacked through math
+                  attention, CPU augmentation: fastdino.config.REFERENCE)
+    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +data
                   the reference with one fast component switched on: what that component buys alone
     fastdino      the config as given (impls at "auto": every fast path available on this device)
     official      with --baseline-repo: a checkout of facebookresearch/dino timed on the same crops
@@ -53,20 +54,12 @@ if ROOT not in sys.path:  # `python benchmarks/throughput.py` from a checkout
 
 import torch  # noqa: E402
 
-from fastdino.config import Config, ConfigError, load_config, split_cli_overrides  # noqa: E402
+from fastdino.config import REFERENCE, Config, ConfigError, load_config, split_cli_overrides  # noqa: E402
+from fastdino.models.vision_transformer import ARCH_DIMS  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Rows
 # ------------------------------------------------------------------------------------------------
-REFERENCE = {  # the official algorithm, written in the config's words
-    "loss.impl": "reference",
-    "optim.ema_impl": "loop",
-    "optim.clip_impl": "loop",
-    "model.attn": "math",
-    "model.packed_multicrop": False,
-    "model.fused_head": False,
-    "data.backend": "torch",
-}
 # component -> the keys it switches, with their fast value when the config holds the reference one
 COMPONENTS = {
     "loss": {"loss.impl": "auto"},
@@ -74,10 +67,12 @@ COMPONENTS = {
     "attention": {"model.attn": "auto"},
     "packed": {"model.packed_multicrop": True},
     "fused_head": {"model.fused_head": True, "loss.impl": "auto"},  # the head's last layer inside the fused loss
+    "compile": {"model.compile": True},
     "data": {"data.backend": "auto"},
 }
+# component -> the fields of fastdino.resolve.Resolved that tell what it resolved to
 IMPL_KEYS = {"loss": ("loss",), "ema_clip": ("ema", "clip"), "attention": ("attn",), "packed": ("packed",),
-             "fused_head": ("fused_head", "loss"), "data": ("data",)}
+             "fused_head": ("fused_head", "loss"), "compile": ("compile",), "data": ("data",)}
 ROW_NAMES = ("reference",) + tuple(f"+{c}" for c in COMPONENTS) + ("fastdino",)
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "teacher_update")
 
@@ -91,8 +86,7 @@ PEAK_BF16_TFLOPS = (
     (("A6000",), 154.8), (("V100",), 125.0), (("T4",), 65.0),
 )
 
-# ViT widths (embed_dim, heads) of fastdino.models.ARCHS (depth: model.depth); mlp_ratio 4; DINO head 3 layers
-ARCH_DIMS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
+# DINO head: 3 layers (depth and widths of the ViT: model.depth, fastdino.models.ARCH_DIMS; mlp_ratio 4)
 HEAD_HIDDEN, HEAD_BOTTLENECK = 2048, 256
 
 
@@ -120,7 +114,7 @@ def row_overrides(name: str, cfg: Config) -> dict:
     if name == "fastdino":
         return {}
     if name == "reference":
-        return dict(REFERENCE)
+        return {"train.reference": True}
     component = name.lstrip("+")
     if component not in COMPONENTS:
         raise BenchmarkError(f"--rows: unknown row '{name}' (rows: {', '.join(ROW_NAMES)})")
@@ -208,48 +202,27 @@ def device_peak_tflops(device: torch.device, override: float | None) -> tuple[fl
 # Building one row: the same objects train.py builds
 # ------------------------------------------------------------------------------------------------
 def crop_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """Crop dtype on the device, as train.py: data.dtype, or bf16 when training bf16 on a GPU."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.data.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if (cfg.train.precision == "bf16" and device.type == "cuda") else torch.float32
-    return dtype
+    """Crop dtype on the device, as train.py resolves it (fastdino.resolve.crops_dtype)."""
+    from fastdino.resolve import crops_dtype
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[crops_dtype(cfg, device)]
 
 
-def build_training(cfg: Config, device: torch.device, steps_per_epoch: int):
-    """Student, teacher, loss, clipper, teacher update, optimizer and schedules for one process:
-    fastdino.train.build_training, exactly what train.py runs."""
+def build_run(cfg: Config, device: torch.device, steps_per_epoch: int):
+    """Models, backend, recipe and schedules for one process: fastdino.train.build_run, exactly what
+    train.py runs."""
     from fastdino.distributed import DistContext
-    from fastdino.train import build_training as engine_build_training
+    from fastdino.train import build_run as engine_build_run
 
     ctx = DistContext(rank=0, world_size=1, local_rank=device.index or 0, device=device)
-    return engine_build_training(cfg, ctx, steps_per_epoch)
+    return engine_build_run(cfg, ctx, steps_per_epoch)
 
 
-def resolved_impls(t, loader_backend: str | None) -> dict:
-    """What each component resolved to in this row: DINOTraining.impls when the engine records it,
-    else read from the built objects (None where it cannot be told)."""
-    from fastdino.clip import GradClipper
-    from fastdino.teacher import TeacherUpdater
-
-    impls = dict(getattr(t, "impls", None) or {})
-    student = t.student_module
-    backbone = getattr(student, "backbone", None)
-    device = t.ctx.device
-    loss = t.dino_loss
-    resolve = getattr(loss, "resolve_impl", None)
-    impls.setdefault("loss", resolve(device) if resolve else getattr(loss, "impl", None))
-    held = list(vars(t).values())  # the engine's TeacherUpdater / GradClipper, whatever their names
-    impls.setdefault("ema", next((x.impl for x in held if isinstance(x, TeacherUpdater)), None))
-    impls.setdefault("clip", next((x.impl for x in held if isinstance(x, GradClipper)), None))
-    impls.setdefault("attn", getattr(backbone, "attn_backend", None))
-    impls.setdefault("packed", getattr(student, "packed", None))
-    try:
-        from fastdino.loss import DINOHeadLoss
-    except ImportError:  # an engine without the fused head
-        DINOHeadLoss = ()
-    impls.setdefault("fused_head", isinstance(loss, DINOHeadLoss) if DINOHeadLoss else False)
-    impls["data"] = loader_backend or "synthetic"
-    return impls
+def resolved_impls(run, loader_backend: str | None) -> dict:
+    """What each component resolved to in this row (the engine's Resolved record)."""
+    r = run.resolved
+    return {"loss": r.loss, "ema": r.ema, "clip": r.clip, "attn": r.attn, "packed": r.packed_multicrop,
+            "fused_head": r.fused_head, "compile": r.compile, "data": loader_backend or "synthetic"}
 
 
 def _is_reference(component: str, impls: dict) -> bool:
@@ -264,6 +237,8 @@ def _is_reference(component: str, impls: dict) -> bool:
         return impls.get("packed") is False
     if component == "fused_head":  # the fused head is the fused loss with the last layer inside it
         return impls.get("fused_head") is False or impls.get("loss") == "reference"
+    if component == "compile":
+        return impls.get("compile") == "off"
     if component == "data":
         return impls.get("data") == "torch"
     return False
@@ -352,26 +327,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_steps(t, batches, n: int, it0: int, epoch: int, spe: int, clock: PhaseClock | None = None) -> int:
-    """n training steps as train.py runs them (the loss read on log steps); returns the next step."""
-    from fastdino.train import train_step
+def run_steps(run, batches, n: int, it0: int, epoch: int, spe: int, clock: PhaseClock | None = None) -> int:
+    """n training steps as train.py runs them (the loss read on log steps); returns the next step.
+    The schedules are read at step epoch * spe + it % spe (`epoch`: a steady-state epoch)."""
+    from fastdino.step import BAD_STEPS
 
     mark = clock.mark if clock is not None else (lambda phase: None)
-    log_every = t.cfg.train.log_every
+    log_every = run.cfg.train.log_every
     for i in range(n):
         it = it0 + i
         crops = next(batches)
         mark("data")
-        log_step = (it + 1) % log_every == 0
-        loss, stats = train_step(t, crops, epoch * spe + it % spe, epoch, with_stats=log_step, mark=mark)
-        if log_step:  # train.py's only host sync: read the losses and the bad-step counter
-            float(loss)
-            int(t.bad_steps.item())
+        run.state.load_hyperparams(run.table, epoch * spe + it % spe)
+        out = run.step_fn(run.state, crops, mark=mark)
+        if (it + 1) % log_every == 0:  # train.py's only host sync: read the losses and the counters
+            float(out["loss"])
+            int(run.state.counters[BAD_STEPS].item())
             mark("log")
     return it0 + n
 
 
-def time_windows(t, batches, device, steps: int, repeats: int, it0: int, epoch: int, spe: int) -> list[dict]:
+def time_windows(run, batches, device, steps: int, repeats: int, it0: int, epoch: int, spe: int) -> list[dict]:
     """`repeats` timed windows of `steps` steps: wall time between two synchronizations and the per-phase
     split from the clock."""
     windows = []
@@ -381,7 +357,7 @@ def time_windows(t, batches, device, steps: int, repeats: int, it0: int, epoch: 
         synchronize(device)
         start = time.perf_counter()
         clock.mark("start")
-        it = run_steps(t, batches, steps, it, epoch, spe, clock)
+        it = run_steps(run, batches, steps, it, epoch, spe, clock)
         synchronize(device)
         wall = time.perf_counter() - start
         windows.append({"seconds": wall, "phases": clock.durations()})
@@ -489,7 +465,7 @@ def run_row(name: str, mode: str, base_cfg: Config, args, device: torch.device, 
             else:
                 spe = args.warmup + args.steps * args.repeats + 1
                 batches = synthetic_batches(cfg, batch, device, crop_dtype(cfg, device), cfg.train.seed)
-            t = build_training(cfg, device, spe)
+            t = build_run(cfg, device, spe)
         except Exception as e:
             return {**row, "status": "failed" if required else "n/a", "reason": _one_line(e)}
         row["impls"] = resolved_impls(t, getattr(loader, "backend", None))

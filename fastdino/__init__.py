@@ -27,7 +27,7 @@ def _alias_kernels() -> None:
 
 _alias_kernels()
 
-from fastdino.loss import DINOLoss  # noqa: E402
+from fastdino.losses import DINOLoss  # noqa: E402
 
 __all__ = ["DINOLoss"]
 __version__ = "0.1.0"

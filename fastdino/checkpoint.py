@@ -1,9 +1,15 @@
-"""Atomic training checkpoints.
+"""Checkpoints: the atomic write, the layout every backend shares, and one-line errors.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over
 the old one (os.replace is atomic on POSIX), so a crash mid-write never corrupts the last good
 checkpoint. Keys follow the official DINO checkpoint ("student", "teacher", "optimizer", "epoch",
-"dino_loss", "fp16_scaler" as "scaler") plus "step", "step_in_epoch", "rng" and "config".
+"dino_loss" (the center), "fp16_scaler" as "scaler"); the backend writes the model and optimizer
+entries (fastdino/backend.py, fastdino/ds.py), `client_state` the rest:
+    epoch, step_in_epoch   where to continue (the next step of that epoch)
+    step                   the next global step
+    dino_loss              the teacher targets' state ({"center": (1, K)})
+    rng                    torch / numpy / python (/ cuda) generator states
+    config, resolved       the resolved config and what every "auto" became (fastdino/resolve.py)
 """
 from __future__ import annotations
 
@@ -47,6 +53,35 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def client_state(targets, epoch: int, step_in_epoch: int, step: int, cfg, resolved) -> dict:
+    """The backend-independent entries of a checkpoint."""
+    return {"dino_loss": targets.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
+            "rng": rng_state(), "config": cfg.to_dict(), "resolved": resolved.to_dict()}
+
+
+def restore_client(ckpt: dict, targets, path: str) -> tuple[int, int, int]:
+    """Load the targets' state and the RNG states; returns (epoch, step_in_epoch, step)."""
+    load_states([(targets, ckpt.get("dino_loss"))], path)
+    try:
+        set_rng_state(ckpt["rng"])
+        return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' is not a fastdino training checkpoint (missing {e})")
+
+
+def load_states(pairs, path: str) -> None:
+    """obj.load_state_dict(state) for each (obj, state); a missing or mismatched entry is a one-line
+    CheckpointError naming the checkpoint."""
+    for obj, state in pairs:
+        if state is None:
+            raise CheckpointError(f"checkpoint '{path}' has no {type(obj).__name__} state")
+        try:
+            obj.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint '{path}' does not match this config ({first})")
 
 
 def load_checkpoint(path: str) -> dict:

@@ -1,12 +1,18 @@
 """One config tree for the whole engine.
 
-Defaults live here as dataclasses (the official DINO ViT-S/16 recipe); configs/*.json hold
-overrides only; the command line overrides both with `--set section.key=value` (or the short form
-`--section.key=value`). Unknown keys, wrong types and impossible values are one-line errors that
-name the key. The resolved config is written to the output folder and into every checkpoint.
+Defaults live here as dataclasses (the official DINO ViT-S/16 recipe), each field with its allowed
+values beside it; configs/*.json hold overrides only; the command line overrides both with
+`--set section.key=value` (or the short form `--section.key=value`). Unknown keys, wrong types,
+values outside a field's choices and impossible combinations are one-line errors that name the key.
+What "auto" becomes on this machine is decided once, in fastdino/resolve.py, and written next to
+the config (OUTPUT_DIR/config.json, every checkpoint).
+
+`train.reference=true` is the reference mode: every component runs its plain-PyTorch reference
+(REFERENCE below). The parity tests and the throughput benchmark's baseline use it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -18,25 +24,31 @@ class ConfigError(ValueError):
     """A bad config: the message is one line that names the offending key."""
 
 
+def choice(default, *allowed):
+    """A field whose value must be one of `allowed` (checked by load_config)."""
+    return field(default=default, metadata={"choices": allowed})
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base
-    patch_size: int = 16  # 16 or 8; /8 models see 785 tokens at 224 px
+    arch: str = choice("vit_small", "vit_tiny", "vit_small", "vit_base")
+    patch_size: int = choice(16, 16, 8)  # /8 models see 785 tokens at 224 px
     depth: int = 12  # transformer blocks; 12 in every standard arch (the CPU demo trains a 4-block ViT-tiny)
     drop_path_rate: float = 0.1  # stochastic depth of the student (teacher has none)
     out_dim: int = 65536  # K: dimension of the DINO head output
     norm_last_layer: bool = True  # weight_g fixed to 1: logits are cosines. False helps ViT-B stability
     use_bn_in_head: bool = False
-    attn: str = "auto"  # auto | flash_attn | sdpa_flash | sdpa_cudnn | sdpa_efficient | sdpa | math
+    # auto: on CUDA the fastest fused kernel for the global-crop shape (timed once), sdpa elsewhere
+    attn: str = choice("auto", "auto", "flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa", "math")
     packed_multicrop: bool = False  # student: all crops through each block together (varlen attention)
     activation_checkpointing: bool = False  # recompute each block in backward (memory for /8 models)
-    compile: bool = False  # torch.compile the backbone blocks
-    fused_head: bool = False  # fuse the head's last layer (256 -> K) with the loss: no [n*B, K] logits
+    compile: bool = False  # torch.compile the backbone blocks and the heads (one static graph per token layout)
+    fused_head: bool = False  # the student head's last layer (256 -> K) inside the DINO loss: no [n*B, K] logits
 
 
 @dataclass
 class LossConfig:
-    impl: str = "auto"  # auto (fused on CUDA) | fused | reference
+    impl: str = choice("auto", "auto", "fused", "reference")  # auto: fused (Triton) on CUDA, reference elsewhere
     warmup_teacher_temp: float = 0.04  # initial teacher temperature
     teacher_temp: float = 0.04  # final teacher temperature; anything above 0.07 is unstable
     warmup_teacher_temp_epochs: int = 0  # linear warmup of the teacher temperature (30 for ViT-B)
@@ -46,7 +58,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adamw (torch fused where available) | apex_adamw (needs NVIDIA apex)
+    optimizer: str = choice("adamw", "adamw")  # torch's fused AdamW, lr / wd / skip flags on the device
     epochs: int = 100
     batch_size_per_gpu: int = 64
     lr: float = 0.0005  # peak lr at batch 256; scaled linearly by the global batch / 256
@@ -57,13 +69,15 @@ class OptimConfig:
     clip_grad: float = 3.0  # per-tensor gradient norm clip; 0 disables
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
     momentum_teacher: float = 0.996  # EMA momentum, cosine to 1 over training (per iteration)
-    ema_impl: str = "auto"  # auto | flat_triton | multi_tensor | foreach | loop
-    clip_impl: str = "auto"  # auto | flat_triton | multi_tensor | foreach | loop
+    # triton: flat buffers (one kernel); cuda: fastdino._C over parameter lists (DeepSpeed);
+    # foreach: torch._foreach_* over parameter lists; loop: the reference, one tensor at a time
+    ema_impl: str = choice("auto", "auto", "triton", "cuda", "foreach", "loop")
+    clip_impl: str = choice("auto", "auto", "triton", "cuda", "foreach", "loop")
 
 
 @dataclass
 class DataConfig:
-    backend: str = "auto"  # auto (dali when importable and on GPU) | dali | torch
+    backend: str = choice("auto", "auto", "dali", "torch")  # auto: dali when importable and on a GPU
     path: str = "data/imagenet/train"  # folder of images, nested at any depth; labels optional
     generate_demo: bool = False  # create the procedural demo dataset at `path` if it is missing
     demo_num_images: int = 2000
@@ -75,15 +89,17 @@ class DataConfig:
     global_crop_size: int = 224
     local_crop_size: int = 96
     num_workers: int = 10  # DataLoader workers per process (torch backend)
-    dtype: str = "auto"  # dtype of the crops on the device: auto (follows train.precision) | fp32 | bf16
+    dtype: str = choice("auto", "auto", "fp32", "bf16")  # crops on the device; auto: bf16 when training bf16 on a GPU
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
-    precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 uses a grad scaler); the loss is always fp32
-    device: str = "auto"  # auto | cuda | cpu
+    precision: str = choice("bf16", "fp32", "bf16", "fp16")  # fp16 uses a grad scaler; the loss is always fp32
+    device: str = choice("auto", "auto", "cuda", "cpu")
+    reference: bool = False  # every component runs its plain-PyTorch reference (config.REFERENCE)
+    compile_step: bool = False  # torch.compile the whole step (forward, backward, optimizer, EMA) as one graph
     log_every: int = 10  # host reads loss and metrics only every N steps (no per-step sync)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
     saveckp_freq: int = 20  # keep a numbered copy every N epochs
@@ -96,7 +112,7 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     enabled: bool = False  # True: deepspeed.initialize with the dict built from this config
-    zero_stage: int = 0  # 0 | 1 | 2 | 3
+    zero_stage: int = choice(0, 0, 1, 2, 3)
     offload_optimizer: bool = False  # ZeRO CPU offload of the optimizer state
     offload_param: bool = False  # ZeRO-3 CPU offload of the parameters
     gradient_accumulation_steps: int = 1
@@ -118,21 +134,40 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def get(self, key: str):
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
 
-CHOICES = {
-    "model.arch": ("vit_tiny", "vit_small", "vit_base"),
-    "model.patch_size": (8, 16),
-    "model.attn": ("auto", "flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa", "math"),
-    "loss.impl": ("auto", "fused", "reference"),
-    "optim.optimizer": ("adamw", "apex_adamw"),
-    "optim.ema_impl": ("auto", "flat_triton", "multi_tensor", "foreach", "loop"),
-    "optim.clip_impl": ("auto", "flat_triton", "multi_tensor", "foreach", "loop"),
-    "data.backend": ("auto", "dali", "torch"),
-    "data.dtype": ("auto", "fp32", "bf16"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cuda", "cpu"),
-    "deepspeed.zero_stage": (0, 1, 2, 3),
+
+# The reference mode (train.reference=true): what every component runs as its plain reference. The
+# throughput benchmark builds its per-component rows from this same table.
+REFERENCE = {
+    "loss.impl": "reference",  # the double loop over (teacher view, student view) pairs
+    "optim.ema_impl": "loop",  # one parameter at a time
+    "optim.clip_impl": "loop",
+    "model.attn": "math",  # explicit softmax(q k^T) v
+    "model.packed_multicrop": False,  # one backbone call per crop resolution
+    "model.fused_head": False,
+    "model.compile": False,
+    "train.compile_step": False,
+    "data.backend": "torch",  # CPU augmentation
 }
+
+# Values that were renamed or removed: the old value stops the run with a line naming the new one.
+RENAMED = {
+    "optim.ema_impl": {"flat_triton": "triton", "multi_tensor": "cuda"},
+    "optim.clip_impl": {"flat_triton": "triton", "multi_tensor": "cuda"},
+    "optim.optimizer": {"apex_adamw": None},
+}
+
+
+def with_overrides(cfg: Config, values: dict) -> Config:
+    """A copy of cfg with {"section.key": value} set (values already of the field's type)."""
+    out = copy.deepcopy(cfg)
+    for key, value in values.items():
+        section, name = key.split(".")
+        setattr(getattr(out, section), name, value)
+    return out
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -186,21 +221,32 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     setattr(section, name, _coerce(key, value, hints[name]))
 
 
-def _validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
+def _check_choices(cfg: Config) -> None:
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            allowed = f.metadata.get("choices")
+            key = f"{section.name}.{f.name}"
+            value = cfg.get(key)
+            if allowed is None or value in allowed:
+                continue
+            if value in RENAMED.get(key, {}):
+                new = RENAMED[key][value]
+                what = f"was renamed {new!r}" if new else "was removed"
+                raise ConfigError(f"config key '{key}': {value!r} {what} (choose one of {list(allowed)})")
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+
+
+def _validate(cfg: Config) -> None:
+    _check_choices(cfg)
 
     def need(cond: bool, key: str, what: str) -> None:
         if not cond:
-            section, name = key.split(".")
-            raise ConfigError(f"config key '{key}': {what}, got {getattr(getattr(cfg, section), name)!r}")
+            raise ConfigError(f"config key '{key}': {what}, got {cfg.get(key)!r}")
 
     o, d, lo, t, m = cfg.optim, cfg.data, cfg.loss, cfg.train, cfg.model
     need(m.out_dim >= 2, "model.out_dim", "must be >= 2")
     need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
+    need(m.depth >= 1, "model.depth", "must be >= 1")
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")
     need(o.batch_size_per_gpu >= 1, "optim.batch_size_per_gpu", "must be >= 1")
     need(o.lr > 0, "optim.lr", "must be > 0")
@@ -217,10 +263,9 @@ def _validate(cfg: Config) -> None:
     need(0 <= lo.warmup_teacher_temp_epochs <= o.epochs, "loss.warmup_teacher_temp_epochs", "must be in [0, optim.epochs]")
     need(0.0 <= lo.center_momentum <= 1.0, "loss.center_momentum", "must be in [0, 1]")
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
-        lo_s, hi_s = getattr(d, key.split(".")[1])
+        lo_s, hi_s = cfg.get(key)
         need(0 < lo_s <= hi_s <= 1, key, "must satisfy 0 < min <= max <= 1")
     need(d.local_crops_number >= 0, "data.local_crops_number", "must be >= 0")
-    need(m.depth >= 1, "model.depth", "must be >= 1")
     need(d.global_crop_size >= m.patch_size, "data.global_crop_size", "must be >= model.patch_size")
     need(d.local_crop_size >= m.patch_size, "data.local_crop_size", "must be >= model.patch_size")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -235,16 +280,20 @@ def _validate(cfg: Config) -> None:
     need(t.knn_every >= 0, "train.knn_every", "must be >= 0 (0 disables the online k-NN)")
     need(t.knn_holdout_per_class >= 1, "train.knn_holdout_per_class", "must be >= 1")
     need(bool(t.output_dir), "train.output_dir", "must name a folder")
-    need(cfg.deepspeed.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps", "must be >= 1")
-    if cfg.deepspeed.gradient_accumulation_steps != 1:
-        raise ConfigError("config key 'deepspeed.gradient_accumulation_steps': only 1 is supported "
-                          "(the DINO center and teacher update are per step)")
+    need(cfg.deepspeed.gradient_accumulation_steps == 1, "deepspeed.gradient_accumulation_steps",
+         "only 1 is supported (the DINO center and teacher update are per step)")
+    if t.compile_step and t.precision == "fp16":
+        raise ConfigError("config key 'train.compile_step': not supported with train.precision=fp16 "
+                          "(the grad scaler's bookkeeping is host-side); use bf16 or model.compile")
+    if t.compile_step and cfg.deepspeed.enabled:
+        raise ConfigError("config key 'train.compile_step': not supported with deepspeed.enabled "
+                          "(DeepSpeed's engine step is not traceable); use model.compile")
 
 
 def merge(cfg: Config, overrides: dict, prefix: str = "") -> Config:
     """Apply a nested dict of overrides ({"optim": {"lr": 1e-3}}) to cfg, checking every key."""
     for section_name, values in overrides.items():
-        if section_name.startswith("_"):  # "_comment" keys are allowed at the top level of a JSON file
+        if section_name.startswith("_"):  # "_comment" / "_resolved" keys are allowed at the top level
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"config key '{prefix}{section_name}': expected a section object, got {values!r}")
@@ -272,13 +321,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"override '{item}': expected section.key=value")
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value)
-    _validate(cfg)
-    return cfg
-
-
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from to_dict() output (e.g. the copy stored in a checkpoint)."""
-    cfg = merge(Config(), data)
     _validate(cfg)
     return cfg
 

@@ -25,22 +25,30 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto -> cuda if available, else cpu; cuda -> this process's GPU (local_rank, made current);
+    cuda:N; cpu. Raises ValueError (one line) when CUDA is asked for and there is none."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("config key 'train.device': cuda requested but no CUDA device is available")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+            raise ValueError(f"{name} requested but no CUDA device is available")
+        index = int(name.split(":", 1)[1]) if ":" in name else local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(name)
 
 
 def init_distributed(device_name: str, local_rank_arg: int | None = None) -> DistContext:
+    from fastdino.config import ConfigError
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
-    device = resolve_device(device_name, local_rank)
+    try:
+        device = resolve_device(device_name, local_rank)
+    except ValueError as e:
+        raise ConfigError(f"config key 'train.device': {e}") from None
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,

@@ -5,7 +5,6 @@
     flat.buffers[i].grad                  # (N_i,) the gradients (p.grad are views into it)
     flat.params_with_grad                 # what the optimizer gets (requires_grad parameters)
     flat.zero_grad()                      # instead of optimizer.zero_grad(): zeros the flat grads
-    flat.drop_grads(last_layer_params)    # p.grad = None for this step (freeze_last_layer)
 
 Then the teacher EMA is one elementwise kernel per buffer (kernels/ema.py) and per-tensor clipping
 one segmented pass (kernels/clip_grad.py). The views survive what the engine does to them:
@@ -13,8 +12,8 @@ load_state_dict and DDP's broadcast copy in place, fused AdamW updates its tenso
 and autograd accumulates into an existing .grad in place. What breaks them: module.to()/.cuda()/
 .half() afterwards (they replace .data), load_state_dict(assign=True), optimizer.zero_grad() with
 set_to_none=True (grads re-allocated by the next backward) and DDP(gradient_as_bucket_view=True).
-`check()` raises if a view is broken; `zero_grad()` re-attaches grads that were set to None (the
-official freeze_last_layer code does that; the optimizer skips them for that step).
+`check()` raises if a view is broken. Nothing in the engine sets a gradient to None (the frozen last
+layer is skipped by the optimizer's device flag instead, fastdino/optim.py).
 
 Segments start on multiples of ALIGN elements and the padding between them holds zeros (in data
 and grad), so kernels can vectorize and pad reads change no norm.
@@ -109,21 +108,8 @@ class FlatParams:
                             gview.copy_(p.grad)
                         p.grad = gview
                 self.buffers.append(buf)
-        self._grad_views = [(p, self._view(p, grad=True)) for p in self.params_with_grad] if grads else []
 
     # ----- views ---------------------------------------------------------------------------------
-    def _locate(self, i: int) -> tuple[FlatBuffer, int]:
-        for buf in self.buffers:
-            if i in buf.index:
-                return buf, buf.starts[buf.index.index(i)]
-        raise KeyError(i)
-
-    def _view(self, p: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        i = next(k for k, q in enumerate(self.params) if q is p)
-        buf, s = self._locate(i)
-        src = buf.grad if grad else buf.data
-        return src[s:s + p.numel()].view(p.shape)
-
     @property
     def params_with_grad(self) -> list[torch.Tensor]:
         """The parameters that require grad, in module order (give these to the optimizer)."""
@@ -143,21 +129,11 @@ class FlatParams:
     # ----- gradients -----------------------------------------------------------------------------
     @torch.no_grad()
     def zero_grad(self) -> None:
-        """Zero the flat gradient buffers (one launch each) and re-attach grads set to None since the
-        last call (e.g. the head's last layer during freeze_last_layer). Use instead of
-        optimizer.zero_grad(). Host cost: one `is None` test per parameter, no launch, no sync."""
+        """Zero the flat gradient buffers in place (one launch each; the p.grad views stay). Use
+        instead of optimizer.zero_grad()."""
         for buf in self.buffers:
             if buf.grad is not None:
                 buf.grad.zero_()
-        for p, gview in self._grad_views:
-            if p.grad is None:
-                p.grad = gview
-
-    def drop_grads(self, params) -> None:
-        """p.grad = None for these parameters (the optimizer skips them this step; clipping of the
-        flat buffer still runs over their segments, harmlessly); zero_grad() re-attaches them."""
-        for p in params:
-            p.grad = None
 
     def check(self) -> None:
         """Raise if a parameter's data (or an attached grad) is no longer a view into its buffer."""
@@ -171,18 +147,3 @@ class FlatParams:
                         and p.grad.data_ptr() != buf.grad[s:].data_ptr():
                     raise RuntimeError(f"FlatParams: grad of '{name}' is no longer a view into the flat grad buffer "
                                        "(optimizer.zero_grad(set_to_none=True)? use FlatParams.zero_grad())")
-
-    # ----- teacher copies ------------------------------------------------------------------------
-    def half_copy(self, dtype: torch.dtype = torch.bfloat16) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """New flat buffers of `dtype` mirroring these (one per buffer, filled with the current
-        values) and {name: view} into them, e.g. for torch.func.functional_call(teacher, views, x)."""
-        halves, views = [], {}
-        with torch.no_grad():
-            for buf in self.buffers:
-                h = buf.data.to(dtype) if buf.dtype.is_floating_point else buf.data.clone()
-                halves.append(h)
-                for i, s in zip(buf.index, buf.starts):
-                    p = self.params[i]
-                    views[self.names[i]] = h[s:s + p.numel()].view(p.shape)
-        return halves, views
-

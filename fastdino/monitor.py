@@ -131,7 +131,7 @@ def _images(samples, image_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _features(backbone, images_u8: torch.Tensor, device, batch_size: int) -> torch.Tensor:
-    from fastdino.eval.common import IMAGENET_MEAN, IMAGENET_STD
+    from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
     device = torch.device(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)

@@ -1,15 +1,26 @@
-"""Per-iteration schedules of the DINO recipe, as arrays indexed by the global step.
+"""Per-iteration schedules of the DINO recipe, as arrays indexed by the global step, and the device
+table the step reads them from.
 
-    lr        linear warmup from 0, then cosine to min_lr   (peak = lr * global_batch / 256)
-    wd        cosine from weight_decay to weight_decay_end
-    momentum  cosine from momentum_teacher to 1             (teacher EMA)
-Same arrays as the official `utils.cosine_scheduler`.
+    lr           linear warmup from 0, then cosine to min_lr   (peak = lr * global_batch / 256)
+    wd           cosine from weight_decay to weight_decay_end
+    momentum     cosine from momentum_teacher to 1             (teacher EMA)
+    teacher_temp linear warmup over warmup_teacher_temp_epochs, then constant (per epoch, as official)
+    last_layer_frozen  1 while epoch < freeze_last_layer (the head's last layer gets no update)
+Same arrays as the official `utils.cosine_scheduler` and DINOLoss.teacher_temp_schedule.
+
+The step never reads a Python float: before each step the training loop copies column `it` of
+`Schedules.table(device)` into the step's hyper-parameter tensor (device to device, no host sync),
+so a compiled or CUDA-graph-captured step sees new values without recompiling.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+HYPERPARAMS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_frozen")  # rows of the table
+LR, WD, MOMENTUM, TEACHER_TEMP, LAST_LAYER_FROZEN = range(len(HYPERPARAMS))
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
@@ -24,17 +35,47 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     return schedule
 
 
+def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int,
+                          epochs: int) -> np.ndarray:
+    """Teacher temperature per epoch: linear from warmup_teacher_temp to teacher_temp over
+    warmup_epochs, then constant (the official DINOLoss schedule)."""
+    return np.concatenate((np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs),
+                           np.ones(max(epochs - warmup_epochs, 0)) * teacher_temp))
+
+
 @dataclass
 class Schedules:
-    lr: np.ndarray
+    lr: np.ndarray  # per iteration
     wd: np.ndarray
     momentum: np.ndarray
+    teacher_temp: np.ndarray  # per epoch
+    freeze_last_layer: int  # epochs
+    niter_per_ep: int
 
     @classmethod
-    def from_config(cls, optim, global_batch: int, niter_per_ep: int) -> "Schedules":
-        peak_lr = optim.lr * global_batch / 256.0  # linear scaling rule
+    def from_config(cls, cfg, global_batch: int, niter_per_ep: int) -> "Schedules":
+        o, lo = cfg.optim, cfg.loss
+        peak_lr = o.lr * global_batch / 256.0  # linear scaling rule
         return cls(
-            lr=cosine_scheduler(peak_lr, optim.min_lr, optim.epochs, niter_per_ep, optim.warmup_epochs),
-            wd=cosine_scheduler(optim.weight_decay, optim.weight_decay_end, optim.epochs, niter_per_ep),
-            momentum=cosine_scheduler(optim.momentum_teacher, 1.0, optim.epochs, niter_per_ep),
+            lr=cosine_scheduler(peak_lr, o.min_lr, o.epochs, niter_per_ep, o.warmup_epochs),
+            wd=cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, niter_per_ep),
+            momentum=cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, niter_per_ep),
+            teacher_temp=teacher_temp_schedule(lo.warmup_teacher_temp, lo.teacher_temp,
+                                               lo.warmup_teacher_temp_epochs, o.epochs),
+            freeze_last_layer=o.freeze_last_layer,
+            niter_per_ep=niter_per_ep,
         )
+
+    def values(self, it: int) -> dict:
+        """The hyper-parameters of step `it` as host floats (for the metrics log)."""
+        epoch = it // self.niter_per_ep
+        return {"lr": float(self.lr[it]), "wd": float(self.wd[it]), "momentum": float(self.momentum[it]),
+                "teacher_temp": float(self.teacher_temp[min(epoch, len(self.teacher_temp) - 1)]),
+                "last_layer_frozen": float(epoch < self.freeze_last_layer)}
+
+    def table(self, device) -> torch.Tensor:
+        """(len(HYPERPARAMS), total iterations) fp32 on `device`: column `it` is step it's values."""
+        epochs = np.arange(len(self.lr)) // self.niter_per_ep
+        rows = [self.lr, self.wd, self.momentum, self.teacher_temp[np.minimum(epochs, len(self.teacher_temp) - 1)],
+                (epochs < self.freeze_last_layer).astype(np.float64)]
+        return torch.tensor(np.stack(rows), dtype=torch.float32).to(device)

@@ -2,14 +2,12 @@
 
     python fastdino/train.py --config configs/demo.json                  # one process (CPU demo)
     torchrun --nproc_per_node 8 fastdino/train.py --config configs/vits16.json
+    deepspeed fastdino/train.py --config configs/vitb8.json             # DeepSpeed ZeRO
     python fastdino/train.py --config configs/vits16.json --set optim.lr=0.001 --resume
 
-One step (Algorithm 1 of the paper):
-    teacher logits  <- teacher(global crops)                      (no grad)
-    student logits  <- student(all crops)
-    loss            <- DINO loss(student, teacher, center, temperatures); center updated after
-    student         <- AdamW step (lr, wd schedules; per-tensor clipping; last layer frozen early)
-    teacher         <- m * teacher + (1 - m) * student
+This file is the command line and the loop: data -> step -> log -> checkpoint. The step itself is
+fastdino/step.py (one definition for every backend); where parameters live is the backend's
+(fastdino/backend.py, fastdino/ds.py); every "auto" is decided once by fastdino/resolve.py.
 The host reads values only every `train.log_every` steps. A non-finite loss skips the optimizer,
 teacher and center updates on the device, and the run stops at the next log step naming the step.
 """
@@ -29,18 +27,19 @@ if __name__ == "__main__" and __package__ in (None, ""):  # `python fastdino/tra
 import torch
 import torch.nn as nn
 
-from fastdino.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
-from fastdino.clip import GradClipper
+from fastdino.checkpoint import CheckpointError, client_state, restore_client
 from fastdino.config import Config, ConfigError, load_config, split_cli_overrides
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
-from fastdino.flat import FlatParams
-from fastdino.loss import DINOHeadLoss, DINOLoss
+from fastdino.losses import DINOTerm
 from fastdino.monitor import CollapseMonitor, knn_holdout, online_knn
-from fastdino.optim import build_optimizer, get_params_groups, set_lr_wd
+from fastdino.resolve import Resolved, resolve
 from fastdino.schedules import Schedules
-from fastdino.teacher import TeacherUpdater
+from fastdino.step import BAD_STEPS, FIRST_BAD_STEP, SKIPPED_UPDATES, STEP, StepState, compile_step, new_counters, train_step
+from fastdino.targets import Centering
 
 log = logging.getLogger("fastdino")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class TrainingError(RuntimeError):
@@ -74,32 +73,79 @@ def check_output_dir(path: str) -> None:
         raise TrainingError(f"output folder '{path}' is not writable ({e.strerror})")
 
 
-def precision_dtype(precision: str) -> torch.dtype | None:
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def build_models(cfg: Config, device: torch.device):
-    """Student and teacher: same architecture; the teacher starts as a copy of the student."""
+def build_models(cfg: Config, resolved: Resolved, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Student and teacher: same architecture; the teacher starts as a copy of the student and
+    learns only through the EMA. With the fused head the student's head stops at its bottleneck."""
     from fastdino.models import DINOHead, MultiCropWrapper, build_backbone
 
     m = cfg.model
-    student_backbone = build_backbone(m, teacher=False)
-    teacher_backbone = build_backbone(m, teacher=True)
-    embed_dim = student_backbone.embed_dim
-    student = MultiCropWrapper(student_backbone, DINOHead(embed_dim, m.out_dim, use_bn=m.use_bn_in_head,
-                                                         norm_last_layer=m.norm_last_layer),
-                               packed=m.packed_multicrop)
-    teacher = MultiCropWrapper(teacher_backbone, DINOHead(embed_dim, m.out_dim, use_bn=m.use_bn_in_head))
+    student_backbone = build_backbone(m, teacher=False, attn=resolved.attn)
+    teacher_backbone = build_backbone(m, teacher=True, attn=resolved.attn)
+    dim = student_backbone.embed_dim
+    student = MultiCropWrapper(student_backbone, DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head,
+                                                         norm_last_layer=m.norm_last_layer,
+                                                         fused_last_layer=resolved.fused_head),
+                               packed=resolved.packed_multicrop)
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head))
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
-        p.requires_grad = False  # the teacher learns only through the EMA
-    if m.compile:
-        from fastdino.models import compile_blocks
-
-        compile_blocks(student.backbone)
-        compile_blocks(teacher.backbone)
+        p.requires_grad = False
     return student, teacher
+
+
+def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module, device) -> tuple[nn.Module, nn.ModuleList]:
+    """The DINO recipe: centering targets and one DINO term over 2 + N crops."""
+    targets = Centering(cfg.model.out_dim, cfg.loss.center_momentum, resolved.loss).to(device)
+    head = student.head if resolved.fused_head else None
+    terms = nn.ModuleList([DINOTerm(2 + cfg.data.local_crops_number, cfg.loss.student_temp, resolved.loss,
+                                    head=head, matmul_dtype=resolved.autocast_dtype or torch.float32)])
+    return targets, terms
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: the config and its resolved choices, the step's state, the
+    schedules (host arrays for the log, a device table for the step) and the step function."""
+    cfg: Config
+    resolved: Resolved
+    ctx: DistContext
+    state: StepState
+    schedules: Schedules
+    table: torch.Tensor
+    step_fn: object
+
+    @property
+    def backend(self):
+        return self.state.backend
+
+
+def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Resolved | None = None) -> Run:
+    """Models, backend (DDP / DeepSpeed wrapping, optimizer), targets, terms and schedules."""
+    from fastdino.backend import build_backend
+    from fastdino.models import compile_blocks
+
+    device = ctx.device
+    resolved = resolved or resolve(cfg, device, ctx.world_size)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    student, teacher = build_models(cfg, resolved, device)
+    torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank randomness (drop path) from here on
+    if resolved.compile == "blocks":
+        compile_blocks(student)
+        compile_blocks(teacher)  # shares the student's graphs where the layouts agree
+    targets, terms = build_recipe(cfg, resolved, student, device)
+    backend = build_backend(cfg, resolved, ctx, student, teacher)
+    schedules = Schedules.from_config(cfg, cfg.optim.batch_size_per_gpu * ctx.world_size, steps_per_epoch)
+    table = schedules.table(device)
+    state = StepState(backend=backend, targets=targets, terms=terms, hp=table[:, 0].clone(),
+                      counters=new_counters(device),
+                      teacher_rows=2 * cfg.optim.batch_size_per_gpu * ctx.world_size,
+                      autocast_dtype=resolved.autocast_dtype,
+                      nonfinite_grads_are_bad=resolved.precision != "fp16")
+    step_fn = compile_step(train_step) if resolved.compile == "step" else train_step
+    if ctx.is_main:
+        log.info(resolved.line())
+    return Run(cfg, resolved, ctx, state, schedules, table, step_fn)
 
 
 class MetricsLog:
@@ -117,175 +163,10 @@ class MetricsLog:
             self.file.close()
 
 
-# ----------------------------------------------------------------------------------------------
-# training state and one step
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class DINOTraining:
-    cfg: Config
-    ctx: DistContext
-    student: nn.Module  # DDP-wrapped when distributed
-    student_module: nn.Module  # the bare MultiCropWrapper
-    teacher: nn.Module
-    dino_loss: DINOLoss | DINOHeadLoss
-    student_flat: FlatParams  # student parameters and gradients as views into flat buffers
-    clipper: GradClipper  # per-tensor clipping (flat Triton on GPU, foreach on CPU, loop in reference mode)
-    teacher_update: TeacherUpdater  # EMA (flat Triton on GPU, foreach on CPU, loop in reference mode)
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    schedules: Schedules
-    momentum_schedule: torch.Tensor  # on the device: indexing it never syncs
-    bad_steps: torch.Tensor  # device counters of skipped (non-finite) steps and the first one
-    first_bad_step: torch.Tensor
-    ds: object = None  # fastdino.ds.DeepSpeedRun when deepspeed.enabled (engines, step, checkpoints)
-
-    def __post_init__(self):
-        self.last_layer_params = [p for p in self.student_module.head.last_layer.parameters() if p.requires_grad]
-        self.autocast_dtype = precision_dtype(self.cfg.train.precision)
-        self.fused_head = self.cfg.model.fused_head
-        self.skips_on_found_inf = isinstance(self.optimizer, torch.optim.AdamW)
-
-
-def build_training(cfg: Config, ctx: DistContext, steps_per_epoch: int) -> DINOTraining:
-    """Student (DDP-wrapped when distributed), teacher, loss, optimizer, scaler and schedules."""
-    device = ctx.device
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    student_module, teacher = build_models(cfg, device)
-    torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank randomness (drop path) from here on
-    # flat buffers before DDP, the optimizer and any checkpoint load (they all keep the views)
-    student_flat = FlatParams(student_module)
-    teacher_flat = FlatParams(teacher, grads=False)
-    clipper = GradClipper(student_flat, cfg.optim.clip_grad, impl=cfg.optim.clip_impl)
-    teacher_update = TeacherUpdater(teacher_flat, student_flat, impl=cfg.optim.ema_impl)
-    student = student_module
-    if ctx.distributed and not cfg.deepspeed.enabled:  # DeepSpeed reduces the gradients itself
-        student = nn.parallel.DistributedDataParallel(
-            student_module, device_ids=[device.index] if device.type == "cuda" else None)
-    ncrops = 2 + cfg.data.local_crops_number
-    loss_cls = DINOHeadLoss if cfg.model.fused_head else DINOLoss  # fused head: no [n*B, K] logits
-    dino_loss = loss_cls(cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
-                         cfg.loss.warmup_teacher_temp_epochs, cfg.optim.epochs, cfg.loss.student_temp,
-                         cfg.loss.center_momentum, impl=cfg.loss.impl).to(device)
-    optimizer = build_optimizer(get_params_groups(student_module), cfg.optim.optimizer, device)
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-    schedules = Schedules.from_config(cfg.optim, cfg.optim.batch_size_per_gpu * ctx.world_size, steps_per_epoch)
-    if ctx.is_main:
-        log.info("loss %s, clipping %s, teacher update %s, attention %s", dino_loss.resolve_impl(device),
-                 clipper.impl, teacher_update.impl, getattr(student_module.backbone, "attn_backend", cfg.model.attn))
-    t = DINOTraining(cfg, ctx, student, student_module, teacher, dino_loss, student_flat, clipper,
-                     teacher_update, optimizer, scaler, schedules,
-                     momentum_schedule=torch.tensor(schedules.momentum, dtype=torch.float32, device=device),
-                     bad_steps=torch.zeros((), dtype=torch.int32, device=device),
-                     first_bad_step=torch.full((), -1, dtype=torch.int64, device=device))
-    if cfg.deepspeed.enabled:  # DeepSpeed engines replace student, teacher (ZeRO-3) and optimizer
-        from fastdino.ds import DeepSpeedRun
-
-        t.ds = DeepSpeedRun(t)
-    return t
-
-
-def _no_mark(phase: str) -> None:
-    pass
-
-
-def train_step(t: DINOTraining, crops: list[torch.Tensor], it: int, epoch: int, with_stats: bool = False,
-               mark=_no_mark):
-    """One DINO iteration. Returns (loss as a device tensor, stats dict of device tensors).
-
-    `mark(phase)` is called as each phase ends (benchmarks/throughput.py records CUDA events there):
-    teacher_forward, student_forward, loss, backward, optimizer, teacher_update.
-    """
-    if t.ds is not None:  # DeepSpeed: the same phases on its engine (fastdino/ds.py)
-        return t.ds.train_step(t, crops, it, epoch, with_stats, mark)
-    cfg = t.cfg
-    # ============ schedules ============
-    set_lr_wd(t.optimizer, float(t.schedules.lr[it]), float(t.schedules.wd[it]))
-    stats = {}
-
-    # ============ teacher and student forward, DINO loss ============
-    with torch.autocast(t.ctx.device.type, dtype=t.autocast_dtype or torch.float32,
-                        enabled=t.autocast_dtype is not None):
-        with torch.no_grad():  # only the 2 global views pass through the teacher
-            teacher_output = t.teacher(crops[:2], bottleneck=t.fused_head)
-        mark("teacher_forward")
-        student_output = t.student(crops, bottleneck=t.fused_head)
-        mark("student_forward")
-        # the DINO loss (fp32 math) updates the center; teacher entropy for the collapse monitor on log steps
-        if t.fused_head:  # logits made tile by tile inside the loss (matmul in the autocast dtype)
-            s_last, t_last = t.student_module.head.last_layer, t.teacher.head.last_layer
-            out = t.dino_loss(student_output, teacher_output, s_last.weight_g, s_last.weight_v,
-                              t_last.weight_g, t_last.weight_v, epoch, return_entropy=with_stats)
-    if not t.fused_head:
-        out = t.dino_loss(student_output, teacher_output, epoch, return_entropy=with_stats)
-    loss, stats["teacher_entropy"] = out if with_stats else (out, None)
-    mark("loss")
-
-    # ============ student update ============
-    t.student_flat.zero_grad()  # zeros the flat gradient buffer (never set_to_none: keeps the views)
-    if t.scaler is not None:
-        t.scaler.scale(loss).backward()
-        t.scaler.unscale_(t.optimizer)
-    else:
-        loss.backward()
-    if epoch < cfg.optim.freeze_last_layer:  # official cancel_gradients_last_layer: no update at all
-        t.student_flat.drop_grads(t.last_layer_params)
-    mark("backward")
-    t.clipper.clip_()  # each tensor's gradient norm to clip_grad, no host sync
-    ok = torch.isfinite(loss.detach()) & t.clipper.grads_finite()  # a device flag: no host sync
-    if t.scaler is not None:
-        t.scaler.step(t.optimizer)  # skips on inf/nan gradients by itself
-        t.scaler.update()
-    else:
-        t.optimizer.found_inf = (~ok).float()  # torch's AdamW skips the whole step when set
-        if t.skips_on_found_inf or bool(ok):  # others (apex) cannot: one host sync per step for them
-            t.optimizer.step()
-
-    mark("optimizer")
-
-    # ============ teacher EMA ============
-    momentum = torch.where(ok, t.momentum_schedule[it], torch.ones_like(t.momentum_schedule[it]))
-    t.teacher_update.step(momentum)
-    mark("teacher_update")
-
-    # ============ bookkeeping on the device ============
-    bad = (~ok).int()
-    t.first_bad_step.copy_(torch.where((t.bad_steps == 0) & (bad > 0), torch.full_like(t.first_bad_step, it),
-                                       t.first_bad_step))
-    t.bad_steps.add_(bad)
-    return loss.detach(), stats
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------
-def checkpoint_state(t: DINOTraining, epoch: int, step_in_epoch: int, global_step: int) -> dict:
-    return {
-        "student": t.student_module.state_dict(),
-        "teacher": t.teacher.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "dino_loss": t.dino_loss.state_dict(),
-        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
-        "epoch": epoch,  # the epoch to continue in
-        "step_in_epoch": step_in_epoch,  # the next step of that epoch
-        "step": global_step,  # the next global step
-        "rng": rng_state(),
-        "config": t.cfg.to_dict(),
-    }
-
-
-def restore(t: DINOTraining, ckpt: dict, path: str) -> tuple[int, int, int]:
-    try:
-        t.student_module.load_state_dict(ckpt["student"])
-        t.teacher.load_state_dict(ckpt["teacher"])
-        t.optimizer.load_state_dict(ckpt["optimizer"])
-        t.dino_loss.load_state_dict(ckpt["dino_loss"])
-        if t.scaler is not None and ckpt.get("scaler"):
-            t.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-    except (KeyError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint '{path}' does not match this config ({first})")
+def write_config(cfg: Config, resolved: Resolved) -> None:
+    """OUTPUT_DIR/config.json: the resolved config (loadable with --config) and what "auto" became."""
+    with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as f:
+        json.dump({**cfg.to_dict(), "_resolved": resolved.to_dict()}, f, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,45 +180,47 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
         cleanup()
 
 
+def _resume(run: Run, resume: str) -> tuple[int, int, int]:
+    """(epoch, step in epoch, global step) to start from."""
+    cfg = run.cfg
+    ckpt = run.backend.resume(resume, cfg.train.output_dir)
+    if ckpt is None:
+        log.warning("no checkpoint at %s: starting from scratch", run.backend.checkpoint_path(cfg.train.output_dir))
+        return 0, 0, 0
+    path = ckpt.get("path", resume if resume != "auto" else run.backend.checkpoint_path(cfg.train.output_dir))
+    epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path)
+    run.state.counters[STEP] = it
+    if run.ctx.is_main:
+        log.info("resumed from %s at epoch %d, step %d", path, epoch, it)
+    return epoch, step_in_epoch, it
+
+
 def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     from fastdino.data import build_train_loader, generate_demo_dataset
 
     device = ctx.device
     check_output_dir(cfg.train.output_dir)
-    if ctx.is_main:
-        with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+    resolved = resolve(cfg, device, ctx.world_size)
 
     # ============ data ============
     if cfg.data.generate_demo and ctx.is_main:
         d = cfg.data
         generate_demo_dataset(d.path, d.demo_num_images, d.demo_num_classes, d.demo_image_size, seed=cfg.train.seed)
     barrier()
-    crop_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.data.dtype)
-    if crop_dtype is None:  # auto: bf16 crops when training in bf16 on a GPU
-        crop_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" and device.type == "cuda") else torch.float32
     batch = cfg.optim.batch_size_per_gpu
     loader = build_train_loader(cfg.data, batch_size=batch, rank=ctx.rank, world_size=ctx.world_size,
-                                seed=cfg.train.seed, device=device, dtype=crop_dtype)
+                                seed=cfg.train.seed, device=device, dtype=DTYPES[resolved.crops_dtype],
+                                backend=resolved.data)
     steps_per_epoch = loader.steps_per_epoch  # >= 1: the loader refuses data smaller than one global batch
 
-    # ============ student, teacher, loss, optimizer ============
-    t = build_training(cfg, ctx, steps_per_epoch)
-    schedules, dino_loss = t.schedules, t.dino_loss
+    # ============ student, teacher, recipe, backend ============
+    run = build_run(cfg, ctx, steps_per_epoch, resolved)
+    if ctx.is_main:
+        write_config(cfg, resolved)
+    state = run.state
 
     # ============ resume ============
-    ckpt_path = os.path.join(cfg.train.output_dir, "checkpoint.pth")
-    start_epoch, start_step_in_epoch, it = 0, 0, 0
-    if args.resume is not None and t.ds is not None:  # DeepSpeed checkpoint in OUTPUT_DIR/deepspeed
-        start_epoch, start_step_in_epoch, it = t.ds.resume(t, args.resume)
-    elif args.resume is not None:
-        path = ckpt_path if args.resume == "auto" else args.resume
-        if args.resume == "auto" and not os.path.exists(path):
-            log.warning("no checkpoint at %s: starting from scratch", path)
-        else:
-            start_epoch, start_step_in_epoch, it = restore(t, load_checkpoint(path), path)
-            if ctx.is_main:
-                log.info("resumed from %s at epoch %d, step %d", path, start_epoch, it)
+    start_epoch, start_step_in_epoch, it = (0, 0, 0) if args.resume is None else _resume(run, args.resume)
 
     total_steps = cfg.optim.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -352,13 +235,12 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
 
         progress = tqdm(total=total_steps, initial=it, unit="step", dynamic_ncols=True, mininterval=1.0)
     if ctx.is_main:
-        log.info("fastdino: %s/%d, %d+%d crops, %d images, %d steps/epoch, global batch %d, device %s, "
-                 "data %s, loss %s", cfg.model.arch, cfg.model.patch_size, 2, cfg.data.local_crops_number,
-                 loader.num_images, steps_per_epoch, batch * ctx.world_size, device, loader.backend,
-                 cfg.loss.impl)
+        log.info("fastdino: %s/%d, %d+%d crops, %d images, %d steps/epoch, global batch %d, device %s",
+                 cfg.model.arch, cfg.model.patch_size, 2, cfg.data.local_crops_number, loader.num_images,
+                 steps_per_epoch, batch * ctx.world_size, device)
 
     images_per_step = batch * ctx.world_size
-    pending: list[tuple[int, int, torch.Tensor]] = []  # (step, epoch, loss) not yet read by the host
+    pending: list[tuple[int, int, dict]] = []  # (step, epoch, step outputs) not yet read by the host
     last_log_time, last_log_step = time.perf_counter(), it
     summary = {"steps": 0, "loss": float("nan")}
     done = it >= total_steps
@@ -367,35 +249,16 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
             break
         first_step = start_step_in_epoch if epoch == start_epoch else 0
         for step_in_epoch, crops in enumerate(loader.epoch(epoch, start_step=first_step), start=first_step):
-            log_step = (it + 1) % cfg.train.log_every == 0 or it + 1 == total_steps
-            loss, stats = train_step(t, crops, it, epoch, with_stats=log_step)
-            pending.append((it, epoch, loss))
+            state.load_hyperparams(run.table, it)
+            pending.append((it, epoch, run.step_fn(state, crops)))
             it += 1
 
-            if log_step:  # ============ logging: the only host sync, one device-to-host copy ============
-                read = torch.cat([torch.stack([p[2] for p in pending]).double(),  # fp64: exact step numbers
-                                  stats["teacher_entropy"].double().view(1),
-                                  t.bad_steps.double().view(1), t.first_bad_step.double().view(1)]).cpu().tolist()
-                losses, entropy, bad_steps, first_bad_step = read[:-3], read[-3], int(read[-2]), int(read[-1])
-                if bad_steps > 0:
-                    raise TrainingError(
-                        f"non-finite loss at step {first_bad_step} (epoch {epoch}): that step's "
-                        f"optimizer, teacher and center updates were skipped; last checkpoint in "
-                        f"'{cfg.train.output_dir}' is intact; lower optim.lr or check the data")
+            if (it % cfg.train.log_every == 0 or it == total_steps) and pending:
+                # ============ logging: the only host sync, one device-to-host copy ============
                 now = time.perf_counter()
                 ips = images_per_step * (it - last_log_step) / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step = now, it
-                for (step, ep, _), value in zip(pending, losses):
-                    record = {"step": step, "epoch": ep, "loss": value, "lr": float(schedules.lr[step]),
-                              "wd": float(schedules.wd[step]), "momentum": float(schedules.momentum[step]),
-                              "teacher_temp": dino_loss.teacher_temp(ep)}
-                    if step == it - 1:
-                        record.update(teacher_entropy=entropy, kl=value - entropy, images_per_s=ips,
-                                      corrupt_images=loader.num_corrupt)
-                        warning = monitor.update(entropy, value - entropy, step=step)
-                        if warning and ctx.is_main:
-                            log.warning(warning)
-                    metrics.write(record)
+                losses, last = _log_pending(run, pending, metrics, monitor, ips, loader.num_corrupt)
                 pending.clear()
                 summary.update(loss=losses[-1])
                 if progress is not None:
@@ -406,21 +269,16 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
 
             end_of_epoch = step_in_epoch + 1 == steps_per_epoch
             done = it >= total_steps
-            ckpt_now = (cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0) or end_of_epoch or done
-            if ckpt_now and t.ds is not None:  # DeepSpeed: every rank writes its shards
+            if (cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0) or end_of_epoch or done:
                 next_epoch, next_step = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)
-                t.ds.save_checkpoint(t, next_epoch, next_step, it,
-                                     keep=end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0)
-            elif ckpt_now and ctx.is_main:
-                next_epoch, next_step = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)
-                state = checkpoint_state(t, next_epoch, next_step, it)
-                atomic_save(state, ckpt_path)
-                if end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0:
-                    atomic_save(state, os.path.join(cfg.train.output_dir, f"checkpoint{epoch:04d}.pth"))
+                keep = end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0
+                run.backend.save(client_state(state.targets, next_epoch, next_step, it, cfg, resolved),
+                                 cfg.train.output_dir, keep_as=f"checkpoint{epoch:04d}.pth" if keep else None)
             if knn_sets is not None and end_of_epoch and (epoch + 1) % cfg.train.knn_every == 0:
-                zero3 = t.ds is not None and cfg.deepspeed.zero_stage == 3  # sharded teacher: every rank runs it
+                zero3 = resolved.backend == "deepspeed" and cfg.deepspeed.zero_stage == 3  # every rank gathers
                 if ctx.is_main or zero3:
-                    top1 = online_knn(t.teacher.backbone, *knn_sets, device, image_size=cfg.data.global_crop_size)
+                    top1 = online_knn(run.backend.teacher_module.backbone, *knn_sets, device,
+                                      image_size=cfg.data.global_crop_size)
                     if ctx.is_main:
                         metrics.write({"step": it - 1, "epoch": epoch, "knn_top1": top1})
                         log.info("epoch %d: online k-NN top-1 of the teacher %.2f%%", epoch, top1)
@@ -437,6 +295,37 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     return summary
 
 
+def _log_pending(run: Run, pending: list, metrics: MetricsLog, monitor: CollapseMonitor, ips: float,
+                 corrupt: int) -> tuple[list[float], dict]:
+    """Read the pending steps' values and the counters in one device-to-host copy (fp64: exact step
+    numbers), stop on a bad step, write one metrics record per step. Returns the losses."""
+    cfg, state = run.cfg, run.state
+    names = list(pending[-1][2])
+    values = torch.cat([torch.stack([p[2]["loss"] for p in pending]).double(),
+                        torch.stack([pending[-1][2][n] for n in names]).double(),
+                        state.counters.double()]).cpu().tolist()
+    n = len(pending)
+    losses, last = values[:n], dict(zip(names, values[n:n + len(names)]))
+    counters = values[n + len(names):]
+    if counters[BAD_STEPS] > 0:
+        raise TrainingError(
+            f"non-finite loss at step {int(counters[FIRST_BAD_STEP])} (epoch {pending[-1][1]}): that step's "
+            f"optimizer, teacher and center updates were skipped; last checkpoint in "
+            f"'{cfg.train.output_dir}' is intact; lower optim.lr or check the data")
+    for (step, ep, _), value in zip(pending, losses):
+        record = {"step": step, "epoch": ep, "loss": value, **run.schedules.values(step)}
+        record.pop("last_layer_frozen")
+        if step == pending[-1][0]:
+            entropy = last["teacher_entropy"]
+            record.update({k: v for k, v in last.items() if k != "loss"}, kl=value - entropy, images_per_s=ips,
+                          corrupt_images=corrupt, skipped_updates=int(counters[SKIPPED_UPDATES]))
+            warning = monitor.update(entropy, value - entropy, step=step)
+            if warning and run.ctx.is_main:
+                log.warning(warning)
+        metrics.write(record)
+    return losses, last
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -448,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # data errors and the like: one line, not a traceback
         from fastdino.data import DataError
         from fastdino.eval.common import EvalError
+        from fastdino.models import AttentionBackendError
 
-        if isinstance(e, (DataError, EvalError)):
+        if isinstance(e, (DataError, EvalError, AttentionBackendError)):
             print(f"fastdino: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -136,16 +136,19 @@ def test_cu_seqlens():
 def test_vit_backends_packed_and_unpacked(backend):
     """Whole tiny ViT + head: packed and unpacked outputs and grads under each backend equal the
     math backend (fp32; bf16 autocast on CUDA)."""
-    torch.manual_seed(0)
-    model = VisionTransformer(patch_size=8, img_size=32, embed_dim=128, depth=3, num_heads=2,
-                              drop_path_rate=0.2, attn=backend).to(DEV)
+    def vit(attn):
+        torch.manual_seed(0)  # the same weights for every backend
+        return VisionTransformer(patch_size=8, img_size=32, embed_dim=128, depth=3, num_heads=2,
+                                 drop_path_rate=0.2, attn=attn).to(DEV)
+
+    models = {"math": vit("math"), backend: vit(backend)}
     head = DINOHead(128, 13, hidden_dim=32, bottleneck_dim=8).to(DEV)
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(2, 3, s, s, generator=gen).to(DEV) for s in (32, 32, 16, 16, 16)]
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
 
     def step(attn, packed):
-        model.set_attn_backend(attn)
+        model = models[attn]
         torch.manual_seed(7)
         with torch.autocast(DEV, dtype=dtype, enabled=DEV == "cuda"):
             out = MultiCropWrapper(model, head, packed)(xs).float()
@@ -160,8 +163,7 @@ def test_vit_backends_packed_and_unpacked(backend):
         out, g = step(backend, packed)
         assert err(out, ref_out) <= tol * ref_out.abs().max().item(), (packed, err(out, ref_out))
         assert err(g, ref_g) <= tol * ref_g.abs().max().item(), (packed, err(g, ref_g))
-    model.set_attn_backend(backend)
-    model.eval()
+    model = models[backend].eval()
     with torch.no_grad():
         x = xs[0]
         assert torch.allclose(model(x), vit_forward_ref(model, x)[:, 0], atol=1e-4 if DEV == "cpu" else 3e-2)

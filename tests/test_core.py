@@ -1,34 +1,24 @@
-"""The reference recipe against closed forms and plain loops: loss, center, schedules, clipping, EMA,
-config errors."""
+"""The reference recipe: the drop-in DINOLoss equals the kernels' references composed as the paper
+says, the center update, schedules (host arrays and the device table), config errors."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+import fastdino  # noqa: F401  (registers fastdino.kernels from a checkout)
 from fastdino import DINOLoss
-from fastdino.clip import clip_gradients_foreach, clip_gradients_loop
-from fastdino.config import ConfigError, load_config, split_cli_overrides
-from fastdino.schedules import Schedules, cosine_scheduler
-from fastdino.teacher import ema_update_foreach, ema_update_loop
+from fastdino.config import REFERENCE, ConfigError, load_config, split_cli_overrides
+from fastdino.kernels.soft_cross_entropy import soft_cross_entropy_ref
+from fastdino.kernels.softmax_center import softmax_center_ref
+from fastdino.schedules import HYPERPARAMS, Schedules, cosine_scheduler
 
 
-def loss_double_loop(student, teacher, center, ncrops, tau_s, tau_t):
-    """-sum_k q_i,k log p_v,k over pairs (i, v != i), each pair averaged over the batch, then over
-    pairs; written element by element from the paper's formula, float64."""
-    B = teacher.shape[0] // 2
-    total, terms = 0.0, 0
-    for i in range(2):
-        t = (teacher[i * B:(i + 1) * B] - center) / tau_t
-        q = torch.exp(t - torch.logsumexp(t, dim=-1, keepdim=True))
-        for v in range(ncrops):
-            if v == i:
-                continue
-            s = student[v * B:(v + 1) * B] / tau_s
-            log_p = s - torch.logsumexp(s, dim=-1, keepdim=True)
-            total = total + (-(q * log_p).sum(-1)).mean()
-            terms += 1
-    return total / terms
+def reference_loss(student, teacher, center, ncrops, tau_s, tau_t):
+    """The official DINOLoss forward as the paper writes it: center and sharpen the teacher, then the
+    cross-entropy over the (teacher view, other student view) pairs (the kernels' references)."""
+    q = softmax_center_ref(teacher, center, tau_t)[0]
+    return soft_cross_entropy_ref(student, q, ncrops, tau_s)
 
 
 @pytest.mark.parametrize("ncrops,B,K", [(2, 1, 7), (4, 3, 33), (10, 2, 128)])
@@ -46,7 +36,7 @@ def test_reference_loss_equals_double_loop_float64(ncrops, B, K):
     loss = loss_fn(s1, teacher, epoch)
     loss.backward()
     s2 = student.clone().requires_grad_()
-    expected = loss_double_loop(s2, teacher, center, ncrops, 0.1, tau_t)
+    expected = reference_loss(s2, teacher, center, ncrops, 0.1, tau_t)
     expected.backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=1e-6, atol=1e-8)
@@ -64,8 +54,7 @@ def test_center_update_formula():
     c1 = loss_fn.center.clone()
     s = torch.randn(4 * B, K)
     l2 = loss_fn(s, teacher, 0)
-    from fastdino.loss import dino_loss_pairs_ref
-    torch.testing.assert_close(l2, dino_loss_pairs_ref(s, teacher, c1, 4, 0.1, 0.04))
+    torch.testing.assert_close(l2, reference_loss(s, teacher, c1, 4, 0.1, 0.04))
 
 
 def test_center_untouched_by_nonfinite_loss():
@@ -98,50 +87,22 @@ def test_cosine_schedules_closed_form():
         expected = 0.1 + 0.5 * 0.9 * (1 + math.cos(math.pi * j / n))
         assert s[warmup * niter + j] == pytest.approx(expected)
 
-    cfg = load_config("configs/demo.json")
-    sch = Schedules.from_config(cfg.optim, global_batch=512, niter_per_ep=4)
+    cfg = load_config("configs/demo.json", ["loss.warmup_teacher_temp=0.01", "loss.warmup_teacher_temp_epochs=3",
+                                            "optim.freeze_last_layer=2"])
+    sch = Schedules.from_config(cfg, global_batch=512, niter_per_ep=4)
     peak = cfg.optim.lr * 512 / 256
     assert sch.lr.max() == pytest.approx(peak)  # linear scaling rule
     assert sch.momentum[0] == pytest.approx(cfg.optim.momentum_teacher)
     assert sch.momentum[-1] == pytest.approx(1.0, abs=1e-3)
     assert sch.wd[0] == pytest.approx(0.04) and sch.wd[-1] == pytest.approx(0.4, abs=1e-2)
-
-
-def _params(seed, dtypes=(torch.float32,)):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(7,), (3, 5), (64, 33), (1,), (2, 3, 4)]
-    out = []
-    for i, shape in enumerate(shapes):
-        p = torch.nn.Parameter((torch.randn(shape, generator=g) * 5).to(dtypes[i % len(dtypes)]))
-        p.grad = (torch.randn(shape, generator=g) * (0.1 if i % 2 else 10)).to(p.dtype)
-        out.append(p)
-    return out
-
-
-def test_per_tensor_clipping_matches_loop():
-    a, b = _params(0), _params(0)
-    norms = clip_gradients_loop(a, 3.0)
-    assert any(n > 3.0 for n in norms) and any(n < 3.0 for n in norms)  # both branches exercised
-    clip_gradients_foreach(b, 3.0)
-    for pa, pb in zip(a, b):
-        torch.testing.assert_close(pa.grad, pb.grad)
-        assert pa.grad.norm() <= 3.0 + 1e-4
-
-
-@pytest.mark.parametrize("momentum", [0.996, 0.5, 1.0])
-def test_ema_matches_loop(momentum):
-    teacher_a, teacher_b, student = _params(2), _params(2), _params(3)
-    ema_update_loop(teacher_a, student, momentum)
-    ema_update_foreach(teacher_b, student, momentum)
-    for ta, tb in zip(teacher_a, teacher_b):
-        torch.testing.assert_close(ta, tb, rtol=1e-6, atol=1e-6)
-    teacher_c = _params(2)
-    ema_update_foreach(teacher_c, student, torch.tensor(momentum))  # device-tensor momentum
-    for ta, tc in zip(teacher_a, teacher_c):
-        torch.testing.assert_close(ta, tc, rtol=1e-6, atol=1e-6)
-    if momentum == 1.0:  # a skipped step leaves the teacher bit-identical
-        for t0, tc in zip(_params(2), teacher_c):
-            assert torch.equal(t0, tc)
+    # the device table the step reads: column it = step it's values, the teacher temperature per epoch
+    table = sch.table("cpu")
+    assert table.shape == (len(HYPERPARAMS), cfg.optim.epochs * 4) and table.dtype == torch.float32
+    for it in (0, 5, 9, 33, cfg.optim.epochs * 4 - 1):
+        values = sch.values(it)
+        assert table[:, it].tolist() == pytest.approx([values[k] for k in HYPERPARAMS], rel=1e-6)
+    assert sch.values(5)["teacher_temp"] == pytest.approx(0.01 + (0.02 - 0.01) / 2)  # epoch 1 of a 3-epoch warmup
+    assert [sch.values(it)["last_layer_frozen"] for it in (0, 7, 8)] == [1.0, 1.0, 0.0]
 
 
 def test_config_errors_name_the_key():
@@ -157,6 +118,12 @@ def test_config_errors_name_the_key():
         load_config("configs/demo.json", ["model.depth=0"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.json")
+    with pytest.raises(ConfigError, match="'optim.ema_impl': 'flat_triton' was renamed 'triton'"):
+        load_config("configs/demo.json", ["optim.ema_impl=flat_triton"])
+    with pytest.raises(ConfigError, match="'optim.optimizer': 'apex_adamw' was removed"):
+        load_config("configs/demo.json", ["optim.optimizer=apex_adamw"])
+    with pytest.raises(ConfigError, match="'train.compile_step'"):
+        load_config("configs/demo.json", ["train.compile_step=true", "train.precision=fp16"])
     cfg = load_config("configs/demo.json", ["optim.lr=0.001", "train.precision=bf16"])
     assert cfg.optim.lr == 0.001 and cfg.train.precision == "bf16"
     overrides, rest = split_cli_overrides(["--config", "x.json", "--optim.lr=2e-3", "--set", "data.num_workers=0",
@@ -169,3 +136,17 @@ def test_config_errors_name_the_key():
 def test_shipped_configs_are_valid(name):
     cfg = load_config(f"configs/{name}.json")
     assert cfg.model.out_dim >= 2
+
+
+def test_reference_mode_is_one_switch():
+    """train.reference=true resolves every component to its reference, whatever the config asks."""
+    from fastdino.resolve import resolve
+
+    cfg = load_config("configs/vits16.json", ["train.reference=true", "model.fused_head=true", "optim.ema_impl=foreach"])
+    r = resolve(cfg, torch.device("cpu"))
+    assert (r.loss, r.ema, r.clip, r.attn, r.packed_multicrop, r.fused_head, r.data, r.compile) == \
+        ("reference", "loop", "loop", "math", False, False, "torch", "off")
+    assert r.reference and set(REFERENCE) >= {"loss.impl", "optim.ema_impl", "optim.clip_impl", "model.attn"}
+    fast = resolve(load_config("configs/vits16.json"), torch.device("cpu"))
+    assert (fast.loss, fast.ema, fast.clip, fast.attn, fast.packed_multicrop) == \
+        ("reference", "foreach", "foreach", "sdpa", True)  # what auto means on a CPU

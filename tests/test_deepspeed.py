@@ -1,4 +1,4 @@
-"""DeepSpeed path (fastdino/ds.py) vs the single-process engine.
+"""DeepSpeed backend (fastdino/ds.py) of the one training step vs the local backend.
 
 One 2-process launch (torch.distributed.run, gloo, DeepSpeed's CPU accelerator) runs, one after
 another in the same processes: the plain engine under DDP, then ZeRO-0, 1, 2 and 3 for STEPS steps of
@@ -180,18 +180,14 @@ def test_resume_with_other_stage_fails_clearly(runs):
     """A ZeRO-2 checkpoint resumed as ZeRO-3: one-line CheckpointError naming both (checked by the
     stage/world-size record alone, no process group needed)."""
     from fastdino.checkpoint import CheckpointError
-    from fastdino.ds import DeepSpeedRun
+    from fastdino.ds import DeepSpeedBackend
 
     folder = runs["tmp"] / "zero2_resumed"
-    run = DeepSpeedRun.__new__(DeepSpeedRun)
-    run.stage = 3
-
-    class T:  # the fields resume() reads before touching DeepSpeed
-        cfg = load_config(None, tiny_overrides(str(runs["tmp"] / "demo"), str(folder), B, 3))
-        ctx = type("Ctx", (), {"world_size": 2, "rank": 0, "is_main": True})()
-
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)  # the fields resume() reads before touching DeepSpeed
+    backend.stage = 3
+    backend.ctx = type("Ctx", (), {"world_size": 2, "rank": 0, "is_main": True})()
     with pytest.raises(CheckpointError, match=r"ZeRO-2 on 2 ranks; this run is ZeRO-3 on 2 ranks"):
-        run.resume(T, "auto")
+        backend.resume("auto", str(folder))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,27 +235,29 @@ def test_deepspeed_dict_refuses_impossible_offload(overrides, key):
 
 
 def test_param_groups_isolate_last_layer():
-    from fastdino.ds import param_groups
-    from fastdino.optim import get_params_groups
+    from fastdino.optim import param_groups
+    from fastdino.resolve import resolve
     from fastdino.train import build_models
 
     cfg = load_config(None, ["model.arch=vit_tiny", "model.out_dim=64", "model.norm_last_layer=false"])
-    student, _ = build_models(cfg, torch.device("cpu"))
+    student, _ = build_models(cfg, resolve(cfg, torch.device("cpu")), torch.device("cpu"))
     groups = param_groups(student)
     last = {id(p) for p in student.head.last_layer.parameters()}
     for g in groups:
         assert all((id(p) in last) == g["last_layer"] for p in g["params"])
-    # same decay split as the engine's two groups
-    ref_decay = {id(p) for p in get_params_groups(student)[0]["params"]}
-    assert {id(p) for g in groups if g["regularized"] for p in g["params"]} == ref_decay
+    # the official decay rule: no decay on biases and 1-d parameters (norms, cls_token is 3-d)
+    decayed = {id(p) for n, p in student.named_parameters() if not n.endswith(".bias") and p.ndim > 1}
+    assert {id(p) for g in groups if g["regularized"] for p in g["params"]} == decayed
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in student.parameters())
+    # weight_v and weight_g (K, 1) are both 2-d: decayed, as official; the last layer has no bias
+    assert [(g["last_layer"], g["regularized"]) for g in groups] == [(False, True), (False, False), (True, True)]
 
 
-def test_dinoadamw_stage0_matches_reference():
-    """DINOAdamW on whole tensors (ZeRO-0): per-tensor clipping + AdamW, last layer frozen, and a
-    non-finite flag skipping the update, against clip_gradients_loop + torch AdamW."""
-    from fastdino.clip import clip_gradients_loop
-    from fastdino.ds import DINOAdamW, set_lr_wd
+def test_zero_adamw_stage0_matches_reference():
+    """ZeroAdamW on whole tensors (ZeRO-0): per-tensor clipping + AdamW, last layer frozen, and a
+    non-finite flag skipping the update, against the reference clip + torch AdamW."""
+    from fastdino.ds import ZeroAdamW
+    from fastdino.kernels.clip_grad import clip_grad_per_tensor_ref
 
     torch.manual_seed(0)
     shapes = [(7, 5), (5,), (33, 3), (4, 9)]
@@ -270,31 +268,29 @@ def test_dinoadamw_stage0_matches_reference():
     groups = lambda q: [{"params": [q[0], q[2]], "regularized": True, "last_layer": False},  # noqa: E731
                         {"params": [q[1]], "regularized": False, "last_layer": False, "weight_decay": 0.0},
                         {"params": [q[3]], "regularized": True, "last_layer": True}]
-    opt = DINOAdamW(groups(ps))
-    ref = torch.optim.AdamW(groups(rs), lr=0.0)
-    opt.clip = 0.5
+    opt = ZeroAdamW(groups(ps), clip=0.5)
+    ref = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("regularized", "last_layer")}
+                             for g in groups(rs)], lr=0.1, weight_decay=0.05, foreach=False)
+    scalar = torch.tensor
     for step in range(4):
         freeze = step < 2
         grads = [torch.randn(s) * 3 for s in shapes]
         for p, r, g in zip(ps, rs, grads):
             p.grad, r.grad = g.clone(), g.clone()
-        if step == 3:  # a non-finite loss: nothing moves
-            opt.loss_bad = torch.tensor(1.0)
+        if step == 3:  # a non-finite gradient: nothing moves, the flag is raised
+            ps[1].grad[0] = float("nan")
             before = [p.detach().clone() for p in ps]
-        else:
-            opt.loss_bad = torch.tensor(0.0)
-        opt.freeze_last_layer = freeze
-        set_lr_wd(opt, 0.1, 0.05)
-        set_lr_wd(ref, 0.1, 0.05)
-        opt.any_bad = None
+        opt.set_inputs(scalar(0.1), scalar(0.05), scalar(0.0), scalar(float(freeze)))
+        opt.grads_bad = None
         opt.step()
         if step == 3:
-            assert opt.any_bad.item() == 1.0
+            assert opt.grads_bad.item() == 1.0
             assert all(torch.equal(p, b) for p, b in zip(ps, before))
             break
+        assert opt.grads_bad.item() == 0.0
         if freeze:
             rs[3].grad = None
-        clip_gradients_loop([r for r in rs if r.grad is not None], 0.5)
+        clip_grad_per_tensor_ref([r.grad for r in rs if r.grad is not None], 0.5)
         ref.step()
         for p, r in zip(ps, rs):
             torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
@@ -344,12 +340,13 @@ def test_bf16_student_forward_under_deepspeed_matches_amp_reference():
     as on the H100; with autocast_forward it runs and its output and gradients are as close to
     the fp32 reference as the single-process engine's bf16 autocast with fp32 weights."""
     from fastdino.ds import autocast_forward
+    from fastdino.resolve import resolve
     from fastdino.train import build_models
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = load_config(None, BF16_OVERRIDES)
     torch.manual_seed(0)
-    student, teacher = build_models(cfg, device)
+    student, teacher = build_models(cfg, resolve(cfg, device), device)
     with torch.no_grad():  # weights exactly representable in bf16: the three runs share them
         for p in student.parameters():
             p.copy_(p.bfloat16().float() + 0.02 * torch.randn_like(p).bfloat16().float())
@@ -391,7 +388,8 @@ def test_bf16_student_forward_under_deepspeed_matches_amp_reference():
 def bf16_worker(out_path: str) -> None:
     """Two DeepSpeed ZeRO-2 bf16 steps (fp32 crops, then bf16 crops) through train_step, one process."""
     from fastdino.distributed import cleanup, init_distributed
-    from fastdino.train import build_training, train_step
+    from fastdino.step import BAD_STEPS, train_step
+    from fastdino.train import build_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_config(None, BF16_OVERRIDES + [f"train.device={device}", "deepspeed.enabled=true",
@@ -400,23 +398,23 @@ def bf16_worker(out_path: str) -> None:
     ctx = init_distributed(cfg.train.device)
     seen = []  # autocast state inside each checkpointed block call (forward and recompute)
     try:
-        t = build_training(cfg, ctx, steps_per_epoch=4)
-        for blk in t.student_module.backbone.blocks:
+        run = build_run(cfg, ctx, steps_per_epoch=4)
+        student, teacher = run.backend.student_module, run.backend.teacher_module
+        for blk in student.backbone.blocks:
             blk.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled(ctx.device.type)))
-        teacher0 = [p.detach().clone() for p in t.teacher.parameters()]
-        student0 = [p.detach().float().clone() for p in t.student_module.parameters()]
+        teacher0 = [p.detach().clone() for p in teacher.parameters()]
+        student0 = [p.detach().float().clone() for p in student.parameters()]
         losses = []
         for it, dtype in enumerate((torch.float32, torch.bfloat16)):
-            loss, _ = train_step(t, _crops(ctx.device, dtype, it), it, epoch=0)
-            losses.append(loss)
+            run.state.load_hyperparams(run.table, it)
+            losses.append(train_step(run.state, _crops(ctx.device, dtype, it))["loss"])
         result = {
             "losses": [float(x) for x in losses], "loss_dtypes": [str(x.dtype) for x in losses],
-            "student_dtypes": sorted({str(p.dtype) for p in t.student_module.parameters()}),
-            "teacher_dtypes": sorted({str(p.dtype) for p in t.teacher.parameters()}),
-            "student_moved": max((p.float() - q).abs().max().item()
-                                 for p, q in zip(t.student_module.parameters(), student0)),
-            "teacher_moved": max((p - q).abs().max().item() for p, q in zip(t.teacher.parameters(), teacher0)),
-            "bad_steps": int(t.bad_steps), "autocast_in_blocks": seen,
+            "student_dtypes": sorted({str(p.dtype) for p in student.parameters()}),
+            "teacher_dtypes": sorted({str(p.dtype) for p in teacher.parameters()}),
+            "student_moved": max((p.float() - q).abs().max().item() for p, q in zip(student.parameters(), student0)),
+            "teacher_moved": max((p - q).abs().max().item() for p, q in zip(teacher.parameters(), teacher0)),
+            "bad_steps": int(run.state.counters[BAD_STEPS]), "autocast_in_blocks": seen,
         }
     finally:
         cleanup()

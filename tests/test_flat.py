@@ -1,5 +1,6 @@
 """FlatParams: parameters and grads stay views into the flat buffers through backward, checkpoint
-load, DDP wrapping, fused AdamW; freeze_last_layer (grads set to None) keeps its meaning."""
+load, DDP wrapping and the engine's AdamW (fastdino.optim.DINOAdamW), whose device flags skip a
+group (the frozen last layer) or a whole step exactly as setting grads to None / found_inf would."""
 import copy
 import io
 
@@ -8,17 +9,25 @@ import torch
 import torch.nn as nn
 
 from fastdino.flat import ALIGN, FlatParams
-from fastdino.optim import build_optimizer as _build
-
-
-def build_optimizer(params, lr=1e-2, weight_decay=0.0):
-    """The engine's optimizer (fastdino.optim: fused AdamW) with a fixed lr and weight decay."""
-    opt = _build([{"params": list(params)}], "adamw", torch.device(DEVICE))
-    for g in opt.param_groups:
-        g["lr"], g["weight_decay"] = lr, weight_decay
-    return opt
+from fastdino.optim import DINOAdamW
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def scalar(x) -> torch.Tensor:
+    return torch.tensor(float(x), device=DEVICE)
+
+
+def build_optimizer(params, lr=1e-2, weight_decay=0.0, last=()):
+    """The engine's optimizer: one decayed group, and the parameters in `last` as a last-layer group;
+    lr and weight decay fixed, nothing skipped (set_inputs again to change that)."""
+    last_ids = {id(p) for p in last}
+    groups = [{"params": [p for p in params if id(p) not in last_ids], "regularized": True}]
+    if last:
+        groups.append({"params": list(last), "regularized": True, "last_layer": True})
+    opt = DINOAdamW(groups)
+    opt.set_inputs(scalar(lr), scalar(weight_decay), scalar(0), scalar(0))
+    return opt
 
 
 class Tiny(nn.Module):
@@ -102,8 +111,9 @@ def test_fused_adamw_step_on_views_matches_plain_and_reloads():
     model, ref = _model(), _model()
     flat = FlatParams(model)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.04)
-    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.04)
-    assert opt.defaults.get("fused"), "torch fused AdamW should be the default"
+    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.04,
+                                foreach=False)
+    assert opt.defaults.get("fused"), "torch fused AdamW should run the update"
     x = torch.randn(6, 7, device=DEVICE)
     for _ in range(3):
         flat.zero_grad()
@@ -116,57 +126,43 @@ def test_fused_adamw_step_on_views_matches_plain_and_reloads():
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
     state = copy.deepcopy(opt.state_dict())
+    assert all(v["step"].item() == 3 for v in state["state"].values())
     opt2 = build_optimizer([p for p in model.parameters() if p.requires_grad])
     opt2.load_state_dict(state)
     model(x).square().mean().backward()
     opt2.step()
+    assert all(v["step"].item() == 4 for v in opt2.state_dict()["state"].values())  # the loaded state is stepped
     _assert_views(flat)
 
 
-def test_freeze_last_layer_with_flat_grads():
-    """The official cancel_gradients_last_layer sets p.grad = None: AdamW skips those parameters
-    (no update, no weight decay, no state); zero_grad() re-attaches the views for the next step."""
+def test_frozen_last_layer_and_skip_flags():
+    """last_layer_frozen = 1: the last-layer group gets no update at all (no Adam step, no weight
+    decay, step count unchanged), as the official cancel_gradients_last_layer (grads set to None);
+    the gradient views stay attached. skip = 1: nothing moves (the found_inf of a bad step)."""
     model = _model()
     flat = FlatParams(model)
-    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    x = torch.randn(6, 7, device=DEVICE)
     last = list(model.last_layer.parameters())
+    opt = build_optimizer(flat.params_with_grad, lr=1e-2, weight_decay=0.1, last=last)
+    x = torch.randn(6, 7, device=DEVICE)
     before = [p.detach().clone() for p in model.parameters()]
+    opt.set_inputs(scalar(1e-2), scalar(0.1), scalar(0), scalar(1))
     flat.zero_grad()
     model(x).square().mean().backward()
-    for p in last:  # exactly the official code
-        p.grad = None
     opt.step()
     for p, b in zip(model.parameters(), before):
         changed = not torch.equal(p, b)
         assert changed == (p.requires_grad and all(p is not q for q in last))
-    assert all(p not in opt.state for p in last)
-    flat.zero_grad()  # re-attaches
+    assert all(opt.state[p]["step"].item() == 0 and not opt.state[p]["exp_avg"].any() for p in last)
     _assert_views(flat)
-    assert all(p.grad is not None for p in last)
-    model(x).square().mean().backward()
-    flat.drop_grads(last)  # the same through the API
-    assert all(p.grad is None for p in last)
-    flat.zero_grad()
-    model(x).square().mean().backward()
+    moved = [p.detach().clone() for p in model.parameters()]
+    opt.set_inputs(scalar(1e-2), scalar(0.1), scalar(1), scalar(0))  # a bad step: nothing moves
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), moved))
+    assert all(v["step"].item() in (0, 1) for v in opt.state.values())
+    opt.set_inputs(scalar(1e-2), scalar(0.1), scalar(0), scalar(0))  # unfrozen
     opt.step()
     assert not torch.equal(model.last_layer.weight, before[3])
-
-
-def test_found_inf_skips_fused_step():
-    """The engine's device-side guard: optimizer.found_inf = 1 skips the step without a sync."""
-    model = _model()
-    flat = FlatParams(model)
-    opt = build_optimizer(flat.params_with_grad, lr=1e-2)
-    model(torch.randn(3, 7, device=DEVICE)).sum().backward()
-    before = [p.detach().clone() for p in model.parameters()]
-    opt.found_inf = torch.ones((), device=DEVICE)
-    opt.step()
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    opt.found_inf = torch.zeros((), device=DEVICE)
-    opt.step()
-    assert not torch.equal(model.embed.weight, before[0])
-    _assert_views(flat)
+    assert all(opt.state[p]["step"].item() == 1 for p in last)
 
 
 def test_ddp_wrapping_keeps_views(tmp_path):
@@ -213,13 +209,19 @@ def test_broken_views_are_detected_and_bad_input_refused():
 
 
 def test_engine_step_matches_official_step():
-    """The engine contract end to end, 6 steps: flat grads, per-tensor clip, last layer frozen for
-    the first 3 steps, fused AdamW, EMA with a device momentum; step 4 has a non-finite loss, which
-    must reach neither the student (found_inf) nor the teacher (momentum 1). Compared with the
-    official step: loop clip, p.grad = None, plain AdamW, per-parameter EMA, skipped bad step."""
-    from fastdino.clip import GradClipper, clip_gradients_loop
-    from fastdino.teacher import TeacherUpdater, ema_update_loop
+    """The engine's update contract end to end, 6 steps: flat grads, per-tensor clip (Clipper), last
+    layer frozen for the first 3 steps (device flag), DINOAdamW, EMA with a device momentum
+    (TeacherEMA); step 4 has a non-finite loss, which must reach neither the student (skip flag) nor
+    the teacher (momentum 1). Compared with the official step: the reference clip, p.grad = None,
+    plain AdamW, the reference EMA, the bad step not taken. Triton impls under the interpreter/CUDA."""
+    import os
 
+    from fastdino.clip import Clipper
+    from fastdino.kernels.clip_grad import clip_grad_per_tensor_ref
+    from fastdino.kernels.ema import ema_ref
+    from fastdino.teacher import TeacherEMA
+
+    impl = "triton" if DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "foreach"
     student, ref_student = _model(0), _model(0)
     teacher, ref_teacher = _model(1), _model(1)
     teacher.load_state_dict(student.state_dict())
@@ -227,11 +229,11 @@ def test_engine_step_matches_official_step():
     fs, ft = FlatParams(student), FlatParams(teacher, grads=False)
     for p in list(teacher.parameters()) + list(ref_teacher.parameters()):
         p.requires_grad_(False)
-    opt = build_optimizer([p for p in student.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.04)
+    opt = build_optimizer(fs.params_with_grad, last=list(student.last_layer.parameters()))
     ref_opt = torch.optim.AdamW([p for p in ref_student.parameters() if p.requires_grad], lr=5e-2,
                                 weight_decay=0.04, foreach=False)
-    ema = TeacherUpdater(ft, fs)  # auto: flat_triton on CUDA, flat foreach on CPU
-    clipper = GradClipper(fs, 0.5)
+    ema = TeacherEMA(ft, fs, impl)
+    clipper = Clipper(fs, 0.5, impl)
     g = torch.Generator().manual_seed(0)
     for it in range(6):
         x = torch.randn(8, 7, generator=g).to(DEVICE)
@@ -240,24 +242,22 @@ def test_engine_step_matches_official_step():
         fs.zero_grad()
         loss = student(x).square().mean() * (float("nan") if it == 4 else 1.0)
         loss.backward()
-        clipper.clip_()
-        bad = ~(torch.isfinite(loss.detach()) & clipper.grads_finite())
-        if it < 3:
-            fs.drop_grads(student.last_layer.parameters())
-        opt.found_inf = bad.float()
+        norms = clipper.clip_()
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(norms).all())
+        opt.set_inputs(scalar(5e-2), scalar(0.04), bad.float(), scalar(it < 3))
         opt.step()
-        ema.step(torch.where(bad, torch.ones((), device=DEVICE), torch.full((), m, device=DEVICE)))
+        ema.step_(torch.where(bad, scalar(1), scalar(m)))
         # official
         if it == 4:
             continue  # the official code stops on a non-finite loss; the engine skips the step
         ref_opt.zero_grad()
         ref_student(x).square().mean().backward()
-        clip_gradients_loop(list(ref_student.parameters()), 0.5)
+        clip_grad_per_tensor_ref([p.grad for p in ref_student.parameters() if p.grad is not None], 0.5)
         if it < 3:
             for p in ref_student.last_layer.parameters():
                 p.grad = None
         ref_opt.step()
-        ema_update_loop(list(ref_teacher.parameters()), list(ref_student.parameters()), m)
+        ema_ref(list(ref_teacher.parameters()), list(ref_student.parameters()), m)
     _assert_views(fs)
     _assert_views(ft)
     for (n, p), q in zip(student.named_parameters(), ref_student.parameters()):

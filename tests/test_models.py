@@ -174,8 +174,9 @@ def test_drop_path_matches_reference_and_crop_order():
     torch.manual_seed(11)
     feats = MultiCropWrapper(model, torch.nn.Identity(), packed=True).forward_features(xs)
     torch.manual_seed(11)
-    s_global = drop_path_scales(8, model.dpr, DEV)  # the draws separate per-group calls make, in order
-    s_local = drop_path_scales(8, model.dpr, DEV)
+    keep = 1 - torch.tensor(model.dpr, device=DEV)
+    s_global = drop_path_scales(8, keep)  # the draws separate per-group calls make, in order
+    s_local = drop_path_scales(8, keep)
     with torch.no_grad():
         ref = torch.cat([vit_forward_ref(model, torch.cat(xs[:2]), s_global)[:, 0],
                          vit_forward_ref(model, torch.cat(xs[2:]), s_local)[:, 0]])
@@ -189,7 +190,7 @@ def test_drop_path_matches_reference_and_crop_order():
 def test_drop_path_statistics():
     dpr = torch.linspace(0, 0.4, 12).tolist()
     torch.manual_seed(0)
-    s = drop_path_scales(20000, dpr, "cpu")
+    s = drop_path_scales(20000, 1 - torch.tensor(dpr))
     kept = (s > 0).float().mean(-1)  # (depth, 2)
     want = 1 - torch.tensor(dpr).view(-1, 1)
     assert torch.all((kept - want).abs() < 0.015)
@@ -241,7 +242,9 @@ def test_dino_head_math_and_layout():
     want = z @ (v / v.norm(dim=1, keepdim=True)).T
     assert torch.allclose(head.forward_bottleneck(x), z)
     assert torch.allclose(head(x), want)
-    assert torch.allclose(head.last_layer_weight().norm(dim=1), torch.ones(300, dtype=torch.float64))
+    assert torch.allclose(head.last_layer.weight().norm(dim=1), torch.ones(300, dtype=torch.float64))
+    head.fused_last_layer = True  # the student's head when the DINO term applies the last layer
+    assert torch.allclose(head(x), z)
     assert head(x).abs().max() <= 1 + 1e-12  # cosines
 
 
@@ -254,7 +257,7 @@ def test_dino_head_weight_g_trainable_and_bn_layout():
     x = torch.randn(5, 48)
     head(x).sum().backward()
     assert head.last_layer.weight_g.grad is not None and head.last_layer.weight_v.grad is not None
-    w = head.last_layer_weight()
+    w = head.last_layer.weight()
     assert torch.allclose(w.norm(dim=1, keepdim=True), head.last_layer.weight_g, atol=1e-5)
     assert isinstance(DINOHead(8, 4, nlayers=1).mlp, torch.nn.Linear)
 
@@ -281,17 +284,27 @@ def test_unavailable_backend_fails_at_build(attn):
     assert "\n" not in str(e.value)
 
 
-def test_compile_blocks_traces():
-    """compile_blocks with the aot_eager backend (no C++ toolchain needed): same outputs and grads."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_compile_blocks_one_graph_per_layout(packed):
+    """compile_blocks with the aot_eager backend (no C++ toolchain needed): same outputs and grads as
+    eager, one static graph per token layout shared by all blocks, and no recompile over steps."""
+    from torch._dynamo.utils import counters
+
     xs = crops(B=2, n_local=1)
     head = torch.nn.Identity()
-    ref = run_step(MultiCropWrapper(tiny(drop_path_rate=0.1).train(), head, True), xs, seed=2)
-    model = compile_blocks(MultiCropWrapper(tiny(drop_path_rate=0.1).train(), head, True), backend="aot_eager")
-    got = run_step(model, xs, seed=2)
-    assert torch.allclose(got[0], ref[0], atol=1e-5)
-    for n in ref[1]:
-        assert torch.allclose(got[1][n], ref[1][n], atol=1e-5, rtol=1e-4), n
-    with pytest.raises(ValueError, match="no VisionTransformer"):
+    ref = [run_step(MultiCropWrapper(tiny(drop_path_rate=0.1).train(), head, packed), xs, seed=s) for s in (2, 3)]
+    torch._dynamo.reset()
+    counters.clear()
+    model = compile_blocks(MultiCropWrapper(tiny(drop_path_rate=0.1).train(), head, packed), backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile raises
+        got = [run_step(model, xs, seed=s) for s in (2, 3)]
+    for g, r in zip(got, ref):
+        assert torch.allclose(g[0], r[0], atol=1e-5)
+        for n in r[1]:
+            assert torch.allclose(g[1][n], r[1][n], atol=1e-5, rtol=1e-4), n
+    assert not counters["graph_break"], counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == (1 if packed else 2)  # globals and locals: two layouts
+    with pytest.raises(ValueError, match="no transformer block"):
         compile_blocks(torch.nn.Linear(2, 2))
 
 

@@ -50,9 +50,10 @@ def _standin_official_repo(path) -> str:
                         np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
 
                 def forward(self, student_output, teacher_output, epoch):
-                    from fastdino.loss import dino_loss_pairs_ref
-                    loss = dino_loss_pairs_ref(student_output, teacher_output, self.center, self.ncrops,
-                                               self.student_temp, float(self.teacher_temp_schedule[epoch]))
+                    from fastdino.kernels.soft_cross_entropy import soft_cross_entropy_ref
+                    from fastdino.kernels.softmax_center import softmax_center_ref
+                    q = softmax_center_ref(teacher_output, self.center, float(self.teacher_temp_schedule[epoch]))[0]
+                    loss = soft_cross_entropy_ref(student_output, q, self.ncrops, self.student_temp)
                     self.update_center(teacher_output)
                     return loss
 
@@ -64,13 +65,13 @@ def _standin_official_repo(path) -> str:
                     self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
         ''',
         "utils.py": '''
-            from fastdino.clip import clip_gradients_loop
+            from fastdino.kernels.clip_grad import clip_grad_per_tensor_ref
             from fastdino.models import MultiCropWrapper
-            from fastdino.optim import get_params_groups
+            from fastdino.optim import param_groups as get_params_groups
             from fastdino.schedules import cosine_scheduler
 
             def clip_gradients(model, clip):
-                return clip_gradients_loop(model.parameters(), clip)
+                return clip_grad_per_tensor_ref([p.grad for p in model.parameters() if p.grad is not None], clip)
 
             def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
                 if epoch >= freeze_last_layer:
@@ -185,13 +186,14 @@ def test_flops_match_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastdino.config import load_config
+    from fastdino.resolve import resolve
     from fastdino.train import build_models
 
     for arch, patch, g, l, n_local, k in (("vit_tiny", 16, 48, 32, 3, 300), ("vit_small", 8, 24, 16, 1, 77)):
         cfg = load_config(None, [f"model.arch={arch}", f"model.patch_size={patch}", f"model.out_dim={k}",
                                  f"data.global_crop_size={g}", f"data.local_crop_size={l}",
                                  f"data.local_crops_number={n_local}", "model.attn=math", "model.drop_path_rate=0.0"])
-        student, teacher = build_models(cfg, torch.device("cpu"))
+        student, teacher = build_models(cfg, resolve(cfg, torch.device("cpu")), torch.device("cpu"))
         B = 2
         crops = [torch.randn(B, 3, g, g) for _ in range(2)] + [torch.randn(B, 3, l, l) for _ in range(n_local)]
         with torch.no_grad():
@@ -270,8 +272,9 @@ def test_rows_switch_one_component_each():
     from fastdino.config import load_config
 
     cfg = load_config(os.path.join(ROOT, "configs", "vits16.json"), ["model.attn=sdpa_flash", "data.backend=torch"])
-    ref = tp.row_overrides("reference", cfg)
-    assert ref == tp.REFERENCE and tp.row_overrides("fastdino", cfg) == {}
+    assert tp.row_overrides("reference", cfg) == {"train.reference": True}  # the one switch
+    assert tp.row_overrides("fastdino", cfg) == {}
+    ref = tp.REFERENCE  # what that switch means, key by key: the component rows start from it
     for component, keys in tp.COMPONENTS.items():
         row = tp.row_overrides("+" + component, cfg)
         changed = {k for k in row if row[k] != ref[k]}
@@ -283,19 +286,19 @@ def test_rows_switch_one_component_each():
     plan = tp.plan_rows(list(tp.ROW_NAMES), "both")  # headline rows first, then the components
     assert plan[:4] == [("reference", "synthetic"), ("fastdino", "synthetic"), ("reference", "real"),
                         ("fastdino", "real")]
-    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == 10
+    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == 11
     assert tp.plan_rows(["fastdino", "+loss", "reference"], "real") == [("fastdino", "real"), ("reference", "real"),
                                                                        ("+loss", "real")]
     rows = [{"name": n, "data": m} for n, m in plan] + [{"name": "official", "data": "synthetic"}]
     ordered = [(r["name"], r["data"]) for r in sorted(rows, key=tp.display_order)]
     assert ordered[0] == ("reference", "synthetic")
-    assert ordered[6:8] == [("fastdino", "synthetic"), ("official", "synthetic")]
+    assert ordered[7:9] == [("fastdino", "synthetic"), ("official", "synthetic")]
     assert ordered[-3:] == [("reference", "real"), ("+data", "real"), ("fastdino", "real")]
 
 
 def test_same_as_reference_reasons():
     impls = {"loss": "reference", "ema": "foreach", "clip": None, "attn": "sdpa", "packed": True,
-             "fused_head": False, "data": "torch"}
+             "fused_head": False, "compile": "off", "data": "torch"}
     from fastdino.config import load_config
 
     cfg = load_config(None, ["loss.impl=auto"])

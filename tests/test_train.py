@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 
-from fastdino.config import load_config
 from fastdino.train import main, parse_args, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,53 +163,49 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
 def test_nonfinite_loss_skips_updates_and_stops_with_step(data_dir, tmp_path, monkeypatch, capsys):
     """A NaN loss at step 2: optimizer, teacher and center are untouched by that step, and the run
     stops with the step number at the next log step."""
-    from fastdino.loss import DINOLoss
     import fastdino.train as train_mod
+    from fastdino.losses import DINOTerm
 
     out = str(tmp_path / "run")
     calls = {"n": 0}
-    real_forward = DINOLoss.forward
+    real_forward = DINOTerm.forward
     snapshots = {}
 
-    def forward(self, student_output, teacher_output, epoch, **kw):
+    def forward(self, student, targets):
         calls["n"] += 1
         if calls["n"] == 3:  # step 2: the student's logits go bad
-            student_output = student_output * float("nan")
-        return real_forward(self, student_output, teacher_output, epoch, **kw)
+            student = {"cls": student["cls"] * float("nan")}
+        return real_forward(self, student, targets)
 
     real_step = train_mod.train_step
 
-    def step(t, crops, it, epoch, **kw):
-        if it == 2:
-            snapshots["before"] = {k: v.clone() for k, v in t.teacher.state_dict().items()}
-            snapshots["student_before"] = {k: v.clone() for k, v in t.student_module.state_dict().items()}
-            snapshots["center_before"] = t.dino_loss.center.clone()
-        result = real_step(t, crops, it, epoch, **kw)
-        if it == 2:
-            snapshots["after"] = {k: v.clone() for k, v in t.teacher.state_dict().items()}
-            snapshots["student_after"] = {k: v.clone() for k, v in t.student_module.state_dict().items()}
-            snapshots["center_after"] = t.dino_loss.center.clone()
+    def snapshot(s, when):
+        snapshots[f"teacher_{when}"] = {k: v.clone() for k, v in s.backend.teacher_module.state_dict().items()}
+        snapshots[f"student_{when}"] = {k: v.clone() for k, v in s.backend.student_module.state_dict().items()}
+        snapshots[f"center_{when}"] = s.targets.center.clone()
+
+    def step(s, crops, **kw):
+        if calls["n"] == 2:
+            snapshot(s, "before")
+        result = real_step(s, crops, **kw)
+        if calls["n"] == 3:
+            snapshot(s, "after")
         return result
 
-    monkeypatch.setattr(DINOLoss, "forward", forward)
+    monkeypatch.setattr(DINOTerm, "forward", forward)
     monkeypatch.setattr(train_mod, "train_step", step)
     err = _one_line_error(tiny(data_dir, out, "--train.log_every=4", "--train.max_steps=8",
                                "--train.checkpoint_every=2"), capsys)
     assert "non-finite loss at step 2" in err
-    for k, v in snapshots["before"].items():
-        assert torch.equal(v, snapshots["after"][k]), f"teacher {k} changed on a NaN step"
-    for k, v in snapshots["student_before"].items():
-        assert torch.equal(v, snapshots["student_after"][k]), f"student {k} changed on a NaN step"
+    for which in ("teacher", "student"):
+        for k, v in snapshots[f"{which}_before"].items():
+            assert torch.equal(v, snapshots[f"{which}_after"][k]), f"{which} {k} changed on a NaN step"
     assert torch.equal(snapshots["center_before"], snapshots["center_after"])
     assert load(out)["step"] == 2  # the last checkpoint before the bad step is intact
 
 
-REFERENCE_MODE = ["--loss.impl=reference", "--optim.ema_impl=loop", "--optim.clip_impl=loop", "--model.attn=math",
-                  "--model.packed_multicrop=false", "--model.fused_head=false"]
-
-
 @pytest.mark.parametrize("fast", [
-    ["--loss.impl=fused", "--optim.ema_impl=flat_triton", "--optim.clip_impl=flat_triton", "--model.attn=sdpa",
+    ["--loss.impl=fused", "--optim.ema_impl=triton", "--optim.clip_impl=triton", "--model.attn=sdpa",
      "--model.packed_multicrop=true"],
     ["--loss.impl=fused", "--model.fused_head=true", "--optim.ema_impl=foreach", "--optim.clip_impl=foreach"],
 ], ids=["fused-loss+flat-triton+packed", "fused-head"])
@@ -222,8 +217,9 @@ def test_fast_paths_follow_reference_trajectory(data_dir, tmp_path, fast):
     common = ["--train.max_steps=9", "--train.log_every=3", "--model.drop_path_rate=0.0",
               "--optim.freeze_last_layer=1", "--train.precision=fp32"]
     ref, fst = str(tmp_path / "ref"), str(tmp_path / "fast")
-    run_in_process(tiny(data_dir, ref, *common, *REFERENCE_MODE))
+    run_in_process(tiny(data_dir, ref, *common, "--train.reference=true"))
     run_in_process(tiny(data_dir, fst, *common, *fast))
+    assert load(ref)["resolved"]["loss"] == "reference" and load(fst)["resolved"]["loss"] == "fused"
     trace = lambda out: [json.loads(x)["loss"] for x in open(os.path.join(out, "metrics.jsonl"))]
     ra, fa = trace(ref), trace(fst)
     assert len(ra) == len(fa) == 9  # 6 steps with the last layer frozen, 3 without

@@ -39,15 +39,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def build_train_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                       device=None, dtype: torch.dtype = torch.float32):
+                       device=None, dtype: torch.dtype = torch.float32, backend: str | None = None):
     """The training loader for this rank: `.epoch(e, start_step)`, `.steps_per_epoch`, `.num_images`,
-    `.num_corrupt`, `.backend`. Generates the demo dataset first when data_cfg.generate_demo is set
-    (safe when every rank calls it)."""
+    `.num_corrupt`, `.backend`. backend: the resolved data backend (fastdino/resolve.py); None
+    resolves data_cfg.backend here (standalone use). Generates the demo dataset first when
+    data_cfg.generate_demo is set (safe when every rank calls it)."""
     device = torch.device(device or "cpu")
     if data_cfg.generate_demo:
         generate_demo_dataset(data_cfg.path, data_cfg.demo_num_images, data_cfg.demo_num_classes,
                               data_cfg.demo_image_size, seed)
-    backend = resolve_backend(data_cfg.backend, device)
+    backend = backend or resolve_backend(data_cfg.backend, device)
     if backend == "dali":
         from fastdino.data.dali import DaliMultiCropLoader
 

@@ -24,11 +24,11 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastdino.models.vision_transformer import ARCH_DIMS
 
 # embed_dim -> arch, for checkpoints that carry no arch name (plain backbone state dicts)
-ARCH_BY_DIM = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+ARCH_BY_DIM = {dim: arch for arch, (dim, _) in ARCH_DIMS.items()}
 
 
 class EvalError(ValueError):
@@ -39,11 +39,12 @@ class EvalError(ValueError):
 # device, images, transforms
 # ------------------------------------------------------------------------------------------------
 def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
+    from fastdino.distributed import resolve_device as resolve
+
+    try:
+        return resolve(device)
+    except (ValueError, RuntimeError) as e:
+        raise EvalError(f"--device {device}: {e}") from None
 
 
 def load_image(path: str, mode: str = "RGB"):

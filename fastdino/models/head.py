@@ -5,8 +5,9 @@
       -> logits = z W^T,  W = g * v / ||v||_row  (weight-normalized Linear(256, K), no bias) (last_layer)
 
 With norm_last_layer, g is fixed to 1, so the rows of W are unit vectors and the logits are cosines.
-The fused head+loss path (DESIGN.md) uses forward_bottleneck and last_layer.weight_g / weight_v and
-never forms the (N, K) logits.
+With fused_last_layer (model.fused_head, the student only), forward stops at the bottleneck z and the
+DINO loss term applies the last layer inside its kernel (fastdino.losses.dino.DINOTerm): the (N, K)
+logits are never formed.
 """
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ class WeightNormLinear(nn.Module):
 
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
-                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 fused_last_layer: bool = False):
         super().__init__()
+        self.fused_last_layer = fused_last_layer
         nlayers = max(nlayers, 1)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
@@ -74,10 +77,7 @@ class DINOHead(nn.Module):
         """(N, in_dim) -> L2-normalized bottleneck features (N, bottleneck_dim)."""
         return F.normalize(self.mlp(x), dim=-1, p=2)
 
-    def last_layer_weight(self) -> torch.Tensor:
-        """Effective last-layer weight (out_dim, bottleneck_dim)."""
-        return self.last_layer.weight()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_dim) -> logits (N, out_dim)."""
-        return self.last_layer(self.forward_bottleneck(x))
+        """(N, in_dim) -> logits (N, out_dim); with fused_last_layer the bottleneck (N, bottleneck_dim)."""
+        z = self.forward_bottleneck(x)
+        return z if self.fused_last_layer else self.last_layer(z)

@@ -47,9 +47,7 @@ class MultiCropWrapper(nn.Module):
         feats = [self.backbone(g) for g in groups]
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
-    def forward(self, crops: list[torch.Tensor], bottleneck: bool = False) -> torch.Tensor:
-        """Head output of all crops in crop order, (n_crops*B, K); with bottleneck=True the
-        L2-normalized features before the head's last layer, (n_crops*B, bottleneck_dim), for the
-        fused head + loss (model.fused_head). A flag rather than a method so DDP's forward runs."""
-        feats = self.forward_features(crops)
-        return self.head.forward_bottleneck(feats) if bottleneck else self.head(feats)
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """Head output of all crops in crop order, (n_crops*B, K) (the head's bottleneck features
+        when its last layer is fused into the loss)."""
+        return self.head(self.forward_features(crops))

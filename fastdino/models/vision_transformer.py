@@ -32,12 +32,13 @@ from fastdino.models.attention import (attention_weights_ref, cu_seqlens_for, pa
                                        resolve_backend)
 
 
-def drop_path_scales(rows: int, dpr: list[float], device, generator=None) -> torch.Tensor:
+def drop_path_scales(rows: int, keep: torch.Tensor, generator=None) -> torch.Tensor:
     """Per-sequence residual scales (depth, 2, rows), fp32: 0 (branch dropped) or 1/keep_i (kept).
 
-    dpr: drop probability of each block. One draw per backbone call per resolution group."""
-    keep = torch.tensor([1.0 - p for p in dpr], dtype=torch.float32).to(device, non_blocking=True).view(-1, 1, 1)
-    u = torch.rand(len(dpr), 2, rows, device=device, generator=generator)
+    keep: (depth,) keep probability 1 - p_i of each block, on the device (no host copy per call: the
+    draw is CUDA-graph capturable). One draw per backbone call per resolution group."""
+    keep = keep.view(-1, 1, 1)
+    u = torch.rand(keep.shape[0], 2, rows, device=keep.device, generator=generator)
     return (u < keep).float() / keep
 
 
@@ -139,6 +140,10 @@ class VisionTransformer(nn.Module):
         # stochastic depth rule as official: linear from 0 (first block) to drop_path_rate (last)
         self.dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # as official
         self.drop_path_rate = drop_path_rate
+        # made once per device, not per call (no host-to-device copy in the step; not a buffer, so a
+        # bf16 cast of the module, as DeepSpeed does, cannot round the probabilities)
+        self._drop_keep: dict = {}  # device -> (depth,) fp32 keep probabilities 1 - p_i
+        self._cu_seqlens: dict = {}  # packed flash-attn: cu_seqlens per token layout
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, self.attn_backend) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -156,12 +161,6 @@ class VisionTransformer(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-    def set_attn_backend(self, attn: str) -> None:
-        """Switch the attention backend of every block (checked like at build)."""
-        self.attn_backend = resolve_backend(attn, shape=self._attn_shape)
-        for blk in self.blocks:
-            blk.attn.backend = self.attn_backend
 
     # ---- tokens ---------------------------------------------------------------------------------
     def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
@@ -195,7 +194,9 @@ class VisionTransformer(nn.Module):
     def _drop_scales(self, rows: int, device) -> torch.Tensor | None:
         if not self.training or self.drop_path_rate == 0.0:
             return None
-        return drop_path_scales(rows, self.dpr, device)
+        if device not in self._drop_keep:
+            self._drop_keep[device] = torch.tensor([1.0 - p for p in self.dpr], dtype=torch.float32).to(device)
+        return drop_path_scales(rows, self._drop_keep[device])
 
     def _run_blocks(self, x, scales, groups=None, cu_seqlens=None, max_seqlen: int = 0):
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -251,7 +252,10 @@ class VisionTransformer(nn.Module):
         scales = (scales[0] if len(scales) == 1 else torch.cat(scales, dim=2)) if scales else None
         cu_seqlens, max_seqlen = None, 0
         if self.attn_backend == "flash_attn" and len(groups) > 1:
-            cu_seqlens, max_seqlen = cu_seqlens_for(groups, x.device)
+            key = (groups, x.device)
+            if key not in self._cu_seqlens:  # once per layout: no host-to-device copy in the step
+                self._cu_seqlens[key] = cu_seqlens_for(groups, x.device)
+            cu_seqlens, max_seqlen = self._cu_seqlens[key]
         x = self._run_blocks(x, scales, groups, cu_seqlens, max_seqlen)
         cls, start = [], 0
         for rows, seq in groups:  # [CLS] is the first token of every sequence
@@ -279,16 +283,25 @@ class VisionTransformer(nn.Module):
         return out
 
 
+# width (embed_dim) and heads of each architecture; depth 12 and mlp_ratio 4 for all three
+ARCH_DIMS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
+
+
+def _vit(arch: str, patch_size: int, depth: int, **kwargs) -> VisionTransformer:
+    dim, heads = ARCH_DIMS[arch]
+    return VisionTransformer(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4, **kwargs)
+
+
 def vit_tiny(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransformer:
-    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=depth, num_heads=3, mlp_ratio=4, **kwargs)
+    return _vit("vit_tiny", patch_size, depth, **kwargs)
 
 
 def vit_small(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransformer:
-    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=depth, num_heads=6, mlp_ratio=4, **kwargs)
+    return _vit("vit_small", patch_size, depth, **kwargs)
 
 
 def vit_base(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransformer:
-    return VisionTransformer(patch_size=patch_size, embed_dim=768, depth=depth, num_heads=12, mlp_ratio=4, **kwargs)
+    return _vit("vit_base", patch_size, depth, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

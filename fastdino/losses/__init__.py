@@ -1,0 +1,17 @@
+"""Objectives as terms: the step sums `weight * term(student, targets)` over the recipe's terms.
+
+A term is an nn.Module with
+    name: str                 the key of its value in the metrics ("dino"; next "ibot", "koleo", "gram")
+    weight: float             its weight in the total loss
+    forward(student, targets) -> scalar fp32 loss, differentiable w.r.t. the student's outputs
+where `student` is the dict of student outputs and `targets` the dict of teacher targets, keyed by
+what they hold:
+    student["cls"]   head outputs of all crops, crop-major (n_crops*B, K); the head's bottleneck
+                     (n_crops*B, 256) when its last layer is fused into the DINO term
+    targets["cls"]   teacher probabilities of the 2 global crops (2B, K), fp32 (fastdino/targets.py)
+Its state (if any) is its state_dict, saved in checkpoints. Adding a term touches no backend code:
+build it in fastdino/train.py's recipe and the step sums it.
+"""
+from fastdino.losses.dino import DINOLoss, DINOTerm
+
+__all__ = ["DINOLoss", "DINOTerm"]

@@ -1,0 +1,506 @@
+"""Multi-view soft-target cross-entropy: forward and backward in streaming passes, no [rows, K]
+intermediates. The student side of DINO ([CLS] rows) and of iBOT (masked patch rows).
+
+Inputs: student logits S (V*G, K), view-major (row v*G + g is view v of group g; for DINO a group
+is an image and V = 2 + n_local crops); target probabilities Q (T*G, K), row i*G + g, T in {1, 2},
+each row summing to 1 (the teacher's business: kernels/softmax_center.py, Sinkhorn-Knopp); optional
+per-group weights w (G,). View v is paired with target i unless skip_same_view and v == i.
+
+    n_v    = number of targets paired with view v,   P = sum_v n_v  (pairs per group)
+    lse_vg = logsumexp(s_vg / tau)
+    loss   = sum_g w_g sum_v sum_{i ~ v} -<q_ig, log_softmax(s_vg / tau)>,   w_g = 1/(P*G) by default
+           = sum_g w_g sum_v ( n_v lse_vg - <Q_vg, s_vg> / tau ),   Q_vg = sum_{i ~ v} q_ig
+
+because sum_k q_ik = 1. The dot terms of a group take one pass over its rows:
+sum_v <Q_vg, s_vg> = <sum_i q_ig, sum_v s_vg> - [skip] sum_{i < min(T, V)} <q_ig, s_ig>.
+
+    dL/ds_vg = g * w_g * (n_v softmax(s_vg / tau) - Q_vg) / tau          (g = upstream gradient)
+
+No gradient flows to Q or w. DINO: V = ncrops, T = 2, skip_same_view, uniform weights (the official
+loss exactly: mean over the 2V - 2 pairs, mean over the batch). iBOT: V = 1, T = 1, no skip,
+w = 1 / (masked tokens of the row's image) / n_images.
+
+Passes (fp32 accumulation; exponentials in base 2 with log2(e)/tau folded into one scale):
+  1. _soft_ce_fwd_kernel, grid (K tiles, group blocks): one K tile of every row of a block of
+     groups, read once. Per (row, tile): max and sum of exponentials; per (group, tile): the dot term.
+     Rows are loaded as 2-D blocks (the T target-aligned views and the targets as [T, BLOCK_K], the
+     other views ROWS at a time) to keep many 16-byte loads in flight per program. Splitting K across
+     programs fills the GPU at G = 16..128.
+  2. _soft_ce_combine_kernel, grid (G,): merges the tile partials of a group (online-softmax
+     rescaling) into lse per row (kept for the backward) and the group's unweighted loss.
+  3. _soft_ce_reduce_kernel, grid (1,): loss = sum_g w_g * group loss, weights read on device.
+  4. _soft_ce_bwd_kernel, grid (K tiles, group blocks): reads S and Q once more, writes dS.
+Host side: per-shape launch plans are cached, partials share one allocation, the upstream gradient
+and the weights are read in the kernels, student_temp is a kernel scalar (constant for a run):
+3 + 1 launches, no synchronization, CUDA-graph capturable. Both passes are torch.library custom ops
+(fastdino::soft_cross_entropy, fastdino::soft_cross_entropy_backward) with fake implementations,
+so torch.compile traces a step through them without a graph break.
+
+Traffic: S twice, Q twice, dS once, plus ~1% partials; the floor is S twice + Q once + dS once
+(memory_floor_bytes). S in fp32/bf16/fp16 (dS in S's dtype), Q read as fp32.
+Design limits: T in {1, 2}; rows of S and Q contiguous in K (other layouts are copied); any K (past
+MAX_TILES = 512 tiles of the table's BLOCK_K, BLOCK_K grows); the combine kernel holds one group's
+(views, tiles) partials in registers (compiled without spills up to 16 views x 512 tiles). Shapes
+with many single-row groups (iBOT: V = T = 1) run one group per loop iteration of a program:
+correct, not yet tuned (a group-blocked variant is the next step).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+def pair_counts(n_views: int, n_targets: int, skip_same_view: bool) -> list[int]:
+    """n_v for v in range(n_views): the targets paired with student view v."""
+    return [n_targets - int(skip_same_view and v < n_targets) for v in range(n_views)]
+
+
+def check_shapes(n_rows: int, K: int, target_shape, n_views: int, n_targets: int, skip_same_view: bool,
+                 weight_shape=None, what: str = "soft_cross_entropy") -> int:
+    """One-line ValueErrors for inconsistent shapes; returns G (groups)."""
+    if n_targets not in (1, 2):
+        raise ValueError(f"{what}: n_targets must be 1 or 2, got {n_targets}")
+    if n_views < 1 or n_rows % n_views != 0:
+        raise ValueError(f"{what}: student rows ({n_rows}) are not a multiple of n_views={n_views}")
+    G = n_rows // n_views
+    if tuple(target_shape) != (n_targets * G, K):
+        raise ValueError(f"{what}: targets must be (n_targets*G, K) = {(n_targets * G, K)}, "
+                         f"got {tuple(target_shape)}")
+    if weight_shape is not None and tuple(weight_shape) != (G,):
+        raise ValueError(f"{what}: weights must be (G,) = ({G},), got {tuple(weight_shape)}")
+    if sum(pair_counts(n_views, n_targets, skip_same_view)) == 0:
+        raise ValueError(f"{what}: no (target, view) pair with n_views={n_views}, n_targets={n_targets}, "
+                         f"skip_same_view={skip_same_view}")
+    return G
+
+
+def _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights):
+    if student_logits.dim() != 2 or targets.dim() != 2:
+        raise ValueError(f"soft_cross_entropy: student_logits and targets must be 2-D, got "
+                         f"{tuple(student_logits.shape)} and {tuple(targets.shape)}")
+    return check_shapes(student_logits.shape[0], student_logits.shape[1], targets.shape, n_views, n_targets,
+                        skip_same_view, None if weights is None else weights.shape)
+
+
+def soft_cross_entropy_ref(student_logits, targets, n_views, student_temp, n_targets=2, skip_same_view=True,
+                           weights=None):
+    """Plain PyTorch, from the paper: the double loop over (target i, student view v) pairs.
+
+    student_logits (n_views*G, K) view-major, targets (n_targets*G, K) probabilities (detached),
+    weights (G,) or None (= 1/(pairs*G): the mean over pairs and groups). Math in fp32, fp64 when
+    student_logits is fp64. Returns the scalar loss, differentiable w.r.t. student_logits.
+    """
+    _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights)
+    dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    student = (student_logits.to(dt) / student_temp).chunk(n_views)
+    target = targets.detach().to(dt).chunk(n_targets)
+    per_group, n_pairs = 0.0, 0  # summed cross-entropy of each group, over its pairs
+    for i, q_i in enumerate(target):
+        for v, s_v in enumerate(student):
+            if skip_same_view and v == i:
+                continue  # the same view for target and student is not a pair (DINO)
+            per_group = per_group + torch.sum(-q_i * F.log_softmax(s_v, dim=-1), dim=-1)
+            n_pairs += 1
+    if weights is None:
+        return per_group.mean() / n_pairs
+    return torch.sum(weights.detach().to(dt) * per_group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _row_stats(SStat_ptr, s, rows, rmask, mask, pid_k, n_tiles, s_plane, s_scale):
+    """Store the tile max m = max s*s_scale and z = sum 2^(s*s_scale - m) of a [R, BLOCK_K] block."""
+    x = tl.where(mask[None, :], s * s_scale, float("-inf"))
+    m = tl.max(x, axis=1)
+    tl.store(SStat_ptr + rows * n_tiles + pid_k, m, mask=rmask)
+    tl.store(SStat_ptr + s_plane + rows * n_tiles + pid_k, tl.sum(tl.exp2(x - m[:, None]), axis=1), mask=rmask)
+
+
+@triton.jit
+def _soft_ce_fwd_kernel(
+    S_ptr, Q_ptr, SStat_ptr, DStat_ptr,
+    G, K, n_views, group_size, n_tiles, stride_s, stride_q,
+    s_scale,  # log2(e) / tau
+    N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+):
+    """One K tile of the rows of groups [pid_g*group_size, +group_size). Partials, log2 units:
+    SStat (2, n_views*G, n_tiles) = (m, z) per student row; DStat (G, n_tiles) = the group's dot
+    term sum_v <Q_v, s_v> on the tile. The loop body ends in reductions, which the compiler does not
+    pipeline across iterations: the 2-D row blocks are what keeps loads in flight."""
+    pid_k = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    s_plane = n_views * G * n_tiles
+    offs_t = tl.arange(0, N_TARGETS)
+    offs_r = tl.arange(0, ROWS)
+    hmask = offs_t < n_views  # target-aligned views that exist (n_views may be < n_targets)
+    for j in range(0, group_size):
+        g = pid_g * group_size + j
+        if g < G:
+            rows_t = offs_t * G + g  # target i of group g and student view i of group g
+            q = tl.load(Q_ptr + rows_t[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
+                        other=0.0).to(tl.float32)
+            sh = tl.load(S_ptr + rows_t[:, None].to(tl.int64) * stride_s + offs[None, :],
+                         mask=hmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
+            _row_stats(SStat_ptr, sh, rows_t, hmask, mask, pid_k, n_tiles, s_plane, s_scale)
+            acc = tl.sum(sh, axis=0)  # sum over all views of the group
+            for v0 in range(N_TARGETS, n_views, ROWS):
+                vr = v0 + offs_r
+                rmask = vr < n_views
+                rows = vr * G + g
+                sl = tl.load(S_ptr + rows[:, None].to(tl.int64) * stride_s + offs[None, :],
+                             mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(sl, axis=0)
+                _row_stats(SStat_ptr, sl, rows, rmask, mask, pid_k, n_tiles, s_plane, s_scale)
+            # target i pairs with every view, or every view but its own: <q_i, sum_{v ~ i} s_v>
+            if SKIP_SAME_VIEW:
+                dot = tl.sum(tl.sum(q * (acc[None, :] - sh), axis=1), axis=0)
+            else:
+                dot = tl.sum(tl.sum(q * acc[None, :], axis=1), axis=0)
+            tl.store(DStat_ptr + g.to(tl.int64) * n_tiles + pid_k, dot)
+
+
+@triton.jit
+def _soft_ce_combine_kernel(
+    SStat_ptr, DStat_ptr, Lse_ptr, GroupLoss_ptr,
+    G, n_views, n_tiles, inv_student_temp,
+    N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_T: tl.constexpr, V_BLOCK: tl.constexpr,
+):
+    """Group g: merge the tile partials (rescale each by 2^(m_tile - M)) into Lse (n_views*G,) =
+    logsumexp(s/tau) per row (natural log) and GroupLoss[g] = sum_v n_v lse_v - dot / tau. All views
+    of the group are one [V_BLOCK, BLOCK_T] load: one memory round trip, not one per view."""
+    g = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    tmask = offs_t < n_tiles
+    dot = tl.sum(tl.load(DStat_ptr + g.to(tl.int64) * n_tiles + offs_t, mask=tmask, other=0.0), axis=0)
+    offs_v = tl.arange(0, V_BLOCK)
+    vmask = offs_v < n_views
+    rows = offs_v * G + g
+    idx = rows[:, None].to(tl.int64) * n_tiles + offs_t[None, :]
+    smask = vmask[:, None] & tmask[None, :]
+    m = tl.load(SStat_ptr + idx, mask=smask, other=float("-inf"))
+    z = tl.load(SStat_ptr + n_views * G * n_tiles + idx, mask=smask, other=0.0)
+    mx = tl.where(vmask, tl.max(m, axis=1), 0.0)  # padded rows: no -inf - -inf
+    lse = (mx + tl.log2(tl.where(vmask, tl.sum(z * tl.exp2(m - mx[:, None]), axis=1), 1.0))) * LN2
+    tl.store(Lse_ptr + rows, lse, mask=vmask)
+    if SKIP_SAME_VIEW:
+        n_v = tl.where(offs_v < N_TARGETS, N_TARGETS - 1.0, N_TARGETS * 1.0)
+    else:
+        n_v = tl.full([V_BLOCK], N_TARGETS, tl.float32)
+    tl.store(GroupLoss_ptr + g, tl.sum(tl.where(vmask, n_v * lse, 0.0), axis=0) - dot * inv_student_temp)
+
+
+@triton.jit
+def _soft_ce_reduce_kernel(
+    GroupLoss_ptr, Weight_ptr, Loss_ptr, G, uniform_weight,
+    HAS_WEIGHTS: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Loss = sum_g w_g * GroupLoss[g]; w_g = Weight[g] (read on device) or uniform_weight."""
+    offs = tl.arange(0, BLOCK_G)
+    acc = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        gmask = g0 + offs < G
+        part = tl.load(GroupLoss_ptr + g0 + offs, mask=gmask, other=0.0)
+        if HAS_WEIGHTS:
+            part *= tl.load(Weight_ptr + g0 + offs, mask=gmask, other=0.0).to(tl.float32)
+        acc += part
+    loss = tl.sum(acc, axis=0)
+    if not HAS_WEIGHTS:
+        loss *= uniform_weight
+    tl.store(Loss_ptr, loss)
+
+
+@triton.jit
+def _soft_ce_bwd_kernel(
+    S_ptr, Q_ptr, Lse_ptr, Weight_ptr, GradOut_ptr, DS_ptr,
+    G, K, n_views, group_size, stride_s, stride_q, stride_ds,
+    s_scale, grad_scale,  # log2(e) / tau;  1/tau, times 1/(P*G) without weights
+    N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+):
+    """dS_vg = g * w_g / tau * (n_v 2^(s_vg*s_scale - lse_vg*log2(e)) - Q_vg) with Q_vg = sum_i q_ig,
+    minus q_vg for the target-aligned views under skip_same_view. Same grid shape and 2-D row blocks
+    as the forward (its own group size)."""
+    pid_k = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    coef = tl.load(GradOut_ptr).to(tl.float32) * grad_scale  # upstream grad read on device: no sync
+    out_ty = DS_ptr.dtype.element_ty
+    offs_t = tl.arange(0, N_TARGETS)
+    offs_r = tl.arange(0, ROWS)
+    hmask = offs_t < n_views
+    for j in range(0, group_size):
+        g = pid_g * group_size + j
+        if g < G:
+            coef_g = coef
+            if HAS_WEIGHTS:
+                coef_g = coef * tl.load(Weight_ptr + g).to(tl.float32)
+            rows_t = offs_t * G + g
+            q = tl.load(Q_ptr + rows_t[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
+                        other=0.0).to(tl.float32)
+            q_all = tl.sum(q, axis=0)  # sum over the targets of the group
+            hm = hmask[:, None] & mask[None, :]
+            sh = tl.load(S_ptr + rows_t[:, None].to(tl.int64) * stride_s + offs[None, :], mask=hm,
+                         other=0.0).to(tl.float32)
+            lse_h = tl.load(Lse_ptr + rows_t, mask=hmask, other=0.0) * LOG2E
+            p = tl.exp2(sh * s_scale - lse_h[:, None])
+            if SKIP_SAME_VIEW:  # view i pairs with every target but i
+                dsh = coef_g * ((N_TARGETS - 1.0) * p - (q_all[None, :] - q))
+            else:
+                dsh = coef_g * (N_TARGETS * p - q_all[None, :])
+            tl.store(DS_ptr + rows_t[:, None].to(tl.int64) * stride_ds + offs[None, :], dsh.to(out_ty), mask=hm)
+            for v0 in range(N_TARGETS, n_views, ROWS):
+                vr = v0 + offs_r
+                rmask = vr < n_views
+                rows = vr * G + g
+                m2 = rmask[:, None] & mask[None, :]
+                sl = tl.load(S_ptr + rows[:, None].to(tl.int64) * stride_s + offs[None, :], mask=m2,
+                             other=0.0).to(tl.float32)
+                lse_l = tl.load(Lse_ptr + rows, mask=rmask, other=0.0) * LOG2E
+                pl = tl.exp2(sl * s_scale - lse_l[:, None])
+                tl.store(DS_ptr + rows[:, None].to(tl.int64) * stride_ds + offs[None, :],
+                         (coef_g * (N_TARGETS * pl - q_all[None, :])).to(out_ty), mask=m2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+# Launch table, (BLOCK_K, ROWS, num_warps) per element size of S, from the H100 sweep of the former
+# fused DINO loss (`python benchmarks/loss.py --sweep`, device time, B=64, K=65536, 2+10 crops; torch
+# 2.11, triton 3.6): bf16 fwd 0.0829 ms, bwd 0.0820 ms; fp32 fwd 0.135 ms, bwd 0.161 ms. That kernel
+# read the teacher logits in S's dtype; the targets are fp32 now, so re-run the sweep on a GPU before
+# trusting these for new numbers. PROGRAMS_PER_SM[kind][element size] sets the number of group
+# blocks: n_groups ~ PROGRAMS_PER_SM * SMs / n_tiles.
+FWD_CONFIG = {2: (1024, 2, 4), 4: (1024, 4, 8)}
+BWD_CONFIG = {2: (2048, 4, 8), 4: (1024, 4, 8)}
+PROGRAMS_PER_SM = {"fwd": {2: 4, 4: 4}, "bwd": {2: 2, 4: 4}}
+MAX_TILES = 512  # the combine kernel holds (views, tiles) partials of one group in registers
+
+_SM_COUNT: dict = {}
+_PLAN_CACHE: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs are enough to exercise the K split and the groups
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def launch_config(G: int, K: int, n_views: int, n_targets: int, itemsize: int, device: torch.device,
+                  kind: str = "fwd", block_k: int = 0, group_size: int = 0, num_warps: int = 0, rows: int = 0,
+                  programs_per_sm: int = 0) -> tuple[int, int, int, int]:
+    """(BLOCK_K, ROWS, num_warps, group_size) of the forward ("fwd") or backward ("bwd") streaming
+    kernel: K split into tiles of BLOCK_K columns, each program takes one tile of group_size groups
+    (the views past the target-aligned ones ROWS at a time), about programs_per_sm programs per SM.
+    Nonzero overrides win."""
+    table = FWD_CONFIG if kind == "fwd" else BWD_CONFIG
+    bk, rw, nw = table.get(itemsize, table[4])
+    if not block_k:
+        block_k = min(bk, max(16, triton.next_power_of_2(K)))
+        block_k = max(block_k, triton.next_power_of_2(triton.cdiv(K, MAX_TILES)))
+    if not rows:
+        rows = max(1, min(rw, triton.next_power_of_2(max(n_views - n_targets, 1))))
+    if not num_warps:
+        num_warps = max(1, min(nw, block_k * rows // 256))
+    n_tiles = triton.cdiv(K, block_k)
+    if not group_size:
+        pps = programs_per_sm or PROGRAMS_PER_SM[kind].get(itemsize, PROGRAMS_PER_SM[kind][4])
+        n_groups = max(1, min(G, triton.cdiv(pps * sm_count(device), n_tiles)))
+        group_size = triton.cdiv(G, n_groups)
+    return block_k, rows, num_warps, group_size
+
+
+def check_runnable(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{what}: the Triton kernels need CUDA tensors (got {t.device}); set "
+                           "TRITON_INTERPRET=1 to interpret them on CPU, or use impl='torch'")
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def combine_meta(n_views: int, n_tiles: int) -> dict:
+    BLOCK_T = max(16, triton.next_power_of_2(n_tiles))
+    V_BLOCK = max(2, triton.next_power_of_2(n_views))
+    return dict(BLOCK_T=BLOCK_T, V_BLOCK=V_BLOCK, num_warps=max(1, min(8, V_BLOCK * BLOCK_T // 512)))
+
+
+def reduce_meta(G: int) -> dict:
+    return dict(BLOCK_G=min(1024, max(16, triton.next_power_of_2(G))), num_warps=4)
+
+
+def _plan(G, K, n_views, n_targets, itemsize, device, launch):
+    """Per-shape launch plan, cached: (fwd config, bwd config, n_tiles, n_groups, combine meta,
+    reduce meta). `launch` = (block_k, group_size, num_warps, rows), 0 = from the table."""
+    key = (G, K, n_views, n_targets, itemsize, device, launch)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        block_k, group_size, num_warps, rows = launch
+        fwd = launch_config(G, K, n_views, n_targets, itemsize, device, "fwd", block_k, group_size, num_warps, rows)
+        bwd = launch_config(G, K, n_views, n_targets, itemsize, device, "bwd", block_k, group_size, num_warps, rows)
+        n_tiles = triton.cdiv(K, fwd[0])
+        plan = _PLAN_CACHE[key] = (fwd, bwd, n_tiles, triton.cdiv(G, fwd[3]), combine_meta(n_views, n_tiles),
+                                   reduce_meta(G))
+    return plan
+
+
+def workspace(G: int, n_views: int, n_tiles: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fp32 allocation for the forward's partials: SStat (2, n_views*G, n_tiles), DStat
+    (G, n_tiles), GroupLoss (G,)."""
+    s_n, d_n = 2 * n_views * G * n_tiles, G * n_tiles
+    ws = torch.empty(s_n + d_n + G, dtype=torch.float32, device=device)
+    return ws[:s_n], ws[s_n:s_n + d_n], ws[s_n + d_n:]
+
+
+def combine_and_reduce(sstat, dstat, group_loss, weights, G, n_views, n_tiles, student_temp, n_targets,
+                       skip_same_view, device):
+    """Passes 2 and 3 (shared with kernels/linear_soft_cross_entropy.py). Returns (loss 0-dim fp32,
+    lse (n_views*G,) fp32, natural log of the row sums of exp(s/tau))."""
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    lse = torch.empty(n_views * G, dtype=torch.float32, device=device)
+    _soft_ce_combine_kernel[(G,)](
+        sstat, dstat, lse, group_loss, G, n_views, n_tiles, 1.0 / student_temp,
+        N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, **combine_meta(n_views, n_tiles))
+    n_pairs = sum(pair_counts(n_views, n_targets, skip_same_view))
+    _soft_ce_reduce_kernel[(1,)](
+        group_loss, group_loss if weights is None else weights, loss, G, 1.0 / (n_pairs * G),
+        HAS_WEIGHTS=weights is not None, **reduce_meta(G))
+    return loss, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (torch.compile traces through them; CUDA-graph capturable)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdino::soft_cross_entropy", mutates_args=())
+def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
+                          n_views: int, student_temp: float, n_targets: int, skip_same_view: bool,
+                          block_k: int, group_size: int, num_warps: int, rows: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Passes 1-3: 3 kernels, 3 allocations. Returns (loss 0-dim fp32, lse (n_views*G,) fp32).
+    block_k / group_size / num_warps / rows: launch overrides, 0 = the launch table."""
+    S, Q = rows_contiguous(student_logits), rows_contiguous(targets)
+    W = None if weights is None else weights.contiguous()
+    n_rows, K = S.shape
+    G = n_rows // n_views
+    plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
+    (BLOCK_K, ROWS, nw, gs), _, n_tiles, n_groups, _, _ = plan
+    sstat, dstat, group_loss = workspace(G, n_views, n_tiles, S.device)
+    _soft_ce_fwd_kernel[(n_tiles, n_groups)](
+        S, Q, sstat, dstat, G, K, n_views, gs, n_tiles, S.stride(0), Q.stride(0), LOG2E.value / student_temp,
+        N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw)
+    return combine_and_reduce(sstat, dstat, group_loss, W, G, n_views, n_tiles, student_temp, n_targets,
+                              skip_same_view, S.device)
+
+
+@soft_cross_entropy_op.register_fake
+def _(student_logits, targets, weights, n_views, student_temp, n_targets, skip_same_view, block_k, group_size,
+      num_warps, rows):
+    f32 = dict(dtype=torch.float32, device=student_logits.device)
+    return torch.empty((), **f32), torch.empty(student_logits.shape[0], **f32)
+
+
+@torch.library.custom_op("fastdino::soft_cross_entropy_backward", mutates_args=())
+def soft_cross_entropy_backward_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor,
+                                   lse: torch.Tensor, weights: torch.Tensor | None, n_views: int,
+                                   student_temp: float, n_targets: int, skip_same_view: bool, block_k: int,
+                                   group_size: int, num_warps: int, rows: int) -> torch.Tensor:
+    """Pass 4: dS (same shape and dtype as student_logits, contiguous). grad_loss: the upstream
+    gradient of the loss, a 0-dim device tensor read in the kernel."""
+    S, Q = rows_contiguous(student_logits), rows_contiguous(targets)
+    W = None if weights is None else weights.contiguous()
+    n_rows, K = S.shape
+    G = n_rows // n_views
+    plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
+    BLOCK_K, ROWS, nw, gs = plan[1]
+    grad_scale = 1.0 / student_temp
+    if W is None:
+        grad_scale /= sum(pair_counts(n_views, n_targets, skip_same_view)) * G
+    dS = torch.empty_like(S, memory_format=torch.contiguous_format)
+    _soft_ce_bwd_kernel[(triton.cdiv(K, BLOCK_K), triton.cdiv(G, gs))](
+        S, Q, lse, lse if W is None else W, grad_loss, dS,
+        G, K, n_views, gs, S.stride(0), Q.stride(0), dS.stride(0), LOG2E.value / student_temp, grad_scale,
+        N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, HAS_WEIGHTS=W is not None,
+        BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw)
+    return dS
+
+
+@soft_cross_entropy_backward_op.register_fake
+def _(grad_loss, student_logits, targets, lse, weights, n_views, student_temp, n_targets, skip_same_view,
+      block_k, group_size, num_warps, rows):
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    student_logits, targets, weights, *args = inputs
+    ctx.save_for_backward(student_logits, targets, output[1], weights)
+    ctx.args = args
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    student_logits, targets, lse, weights = ctx.saved_tensors
+    dS = None
+    if grad_loss is not None and ctx.needs_input_grad[0]:
+        dS = soft_cross_entropy_backward_op(grad_loss, student_logits, targets, lse, weights, *ctx.args)
+    return (dS,) + (None,) * 10
+
+
+soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+IMPLS = ("triton", "torch")
+
+
+def soft_cross_entropy(student_logits, targets, n_views, student_temp, n_targets=2, skip_same_view=True,
+                       weights=None, impl="triton", *, block_k=0, group_size=0, num_warps=0, rows=0):
+    """Multi-view soft-target cross-entropy (see the header), scalar fp32 loss.
+
+    student_logits (n_views*G, K) view-major, fp32/bf16/fp16; targets (n_targets*G, K) fp32
+    probabilities (no gradient); weights (G,) fp32 per-group weights or None (mean over pairs and
+    groups). impl="triton": the custom op (CUDA tensors, or CPU under TRITON_INTERPRET=1);
+    impl="torch": soft_cross_entropy_ref. block_k / group_size / num_warps / rows override the
+    launch table of both streaming passes (tests, tuning).
+    Host cost per step: 4 kernel launches, 4 allocations, no synchronization.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"soft_cross_entropy: impl={impl!r} is not one of {list(IMPLS)}")
+    if impl == "torch":
+        return soft_cross_entropy_ref(student_logits, targets, n_views, student_temp, n_targets, skip_same_view,
+                                      weights)
+    _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights)
+    check_runnable(student_logits, "soft_cross_entropy")
+    loss, _ = soft_cross_entropy_op(student_logits, targets.detach(), None if weights is None else weights.detach(),
+                                    n_views, float(student_temp), n_targets, bool(skip_same_view),
+                                    block_k, group_size, num_warps, rows)
+    return loss
+
+
+def memory_floor_bytes(n_rows: int, n_target_rows: int, K: int, itemsize: int, target_itemsize: int = 4) -> int:
+    """Bytes one forward+backward must move: student logits read twice (statistics, then gradient),
+    targets read once, gradient written once."""
+    return (3 * n_rows * itemsize + n_target_rows * target_itemsize) * K
+
+
+__all__ = ["soft_cross_entropy", "soft_cross_entropy_ref", "soft_cross_entropy_op", "soft_cross_entropy_backward_op",
+           "memory_floor_bytes", "launch_config", "pair_counts"]

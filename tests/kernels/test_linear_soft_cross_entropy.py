@@ -1,0 +1,220 @@
+"""kernels/linear_soft_cross_entropy.py: the fused last layer + soft-target cross-entropy against the
+unfused head (F.linear logits) + reference loss: loss and gradients for the features and the
+last-layer weight, a frozen last layer included; the custom ops' registrations (opcheck,
+torch.compile without graph breaks); an ahead-of-time compile for sm_80 and sm_90a with the
+shared-memory limits. Interpreted on CPU: fp32 and fp16 (the interpreter's bf16 tl.dot is wrong;
+bf16 runs on CUDA)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdino  # noqa: F401  (registers fastdino.kernels from a plain checkout)
+from fastdino.kernels.linear_soft_cross_entropy import (linear_soft_cross_entropy,
+                                                        linear_soft_cross_entropy_backward_op,
+                                                        linear_soft_cross_entropy_op, linear_soft_cross_entropy_ref)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+TAU = 0.1
+
+
+def _inputs(B, K, D, n_views, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n_views * B, D, generator=g), dim=-1).to(DEV, dtype)
+    w = F.normalize(torch.randn(K, D, generator=g), dim=-1).to(DEV, dtype)
+    q = torch.softmax(torch.randn(2 * B, K, generator=g) * 3, dim=-1).to(DEV)
+    return x, w, q
+
+
+def _run(fn, x, w, q, n_views, train_weight=True, **kw):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_(train_weight)
+    loss = fn(x, w, q, n_views, TAU, **kw)
+    loss.backward(torch.tensor(0.7, device=DEV))  # not 1: the upstream gradient must be applied
+    return [a.detach().double() if a is not None else None for a in (loss, x.grad, w.grad)]
+
+
+CASES = [  # B, K, D, n_views, block_k
+    (3, 200, 32, 5, 32),  # K % block != 0, odd number of locals
+    (1, 100, 24, 2, 0),  # B = 1, no locals, D not a power of two, the launch table
+    (20, 150, 32, 4, 64),  # image block partly masked (B < BLOCK_B)
+    (2, 70, 16, 1, 32),  # one view: paired with target 1 only
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,K,D,n_views,block_k", CASES)
+def test_fused_head_matches_unfused(B, K, D, n_views, block_k, dtype):
+    x, w, q = _inputs(B, K, D, n_views, dtype, seed=B + K + D)
+    out = _run(linear_soft_cross_entropy, x, w, q, n_views, block_k=block_k)
+    ref = _run(linear_soft_cross_entropy_ref, x, w, q, n_views)
+    ref64 = _run(linear_soft_cross_entropy_ref, x.double(), w.double(), q.double(), n_views)
+    for name, o, r, r64 in zip(("loss", "dfeats", "dweight"), out, ref, ref64):
+        err = (o - r64).abs()
+        budget = 2 * (r - r64).abs() + EPS[dtype] * r64.abs().max().clamp_min(1.0 if name == "loss" else 1e-3)
+        assert (err <= budget).all(), f"{name}: max err {err.max().item():.3g}"
+
+
+def test_frozen_last_layer():
+    """weight without grad: no dW (the kernel is not launched), the same dX."""
+    x, w, q = _inputs(3, 120, 32, 4, torch.float32, seed=1)
+    loss, dx, dw = _run(linear_soft_cross_entropy, x, w, q, 4, train_weight=False, block_k=32)
+    ref = _run(linear_soft_cross_entropy_ref, x, w, q, 4, train_weight=False)
+    assert dw is None
+    torch.testing.assert_close(loss, ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx, ref[1], rtol=1e-5, atol=1e-7)
+    _, lse = linear_soft_cross_entropy_op(x, w, q, 4, TAU, 0, 32)
+    dx2, dw2 = linear_soft_cross_entropy_backward_op(torch.tensor(0.7, device=DEV), x, w, q, lse, 4, TAU, True,
+                                                     False, 0, 32)
+    assert dw2.numel() == 0
+    torch.testing.assert_close(dx2.double(), dx)
+
+
+def test_impl_switch_and_lse():
+    x, w, q = _inputs(2, 90, 16, 3, torch.float32, seed=2)
+    torch.testing.assert_close(linear_soft_cross_entropy(x, w, q, 3, TAU, impl="torch"),
+                               linear_soft_cross_entropy_ref(x, w, q, 3, TAU))
+    _, lse = linear_soft_cross_entropy_op(x, w, q, 3, TAU, 0, 32)
+    torch.testing.assert_close(lse, torch.logsumexp(F.linear(x, w).double() / TAU, -1).float(), rtol=1e-6,
+                               atol=1e-5)
+
+
+def test_opcheck():
+    x, w, q = _inputs(2, 40, 16, 3, torch.float32, seed=3)
+    torch.library.opcheck(linear_soft_cross_entropy_op, (x.requires_grad_(), w.requires_grad_(), q, 3, TAU, 0, 16))
+    _, lse = linear_soft_cross_entropy_op(x.detach(), w.detach(), q, 3, TAU, 0, 16)
+    g = torch.tensor(0.7, device=DEV)
+    for need_dx, need_dw in ((True, True), (True, False)):
+        torch.library.opcheck(linear_soft_cross_entropy_backward_op,
+                              (g, x.detach(), w.detach(), q, lse, 3, TAU, need_dx, need_dw, 0, 16))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    x, w, q = _inputs(2, 60, 16, 3, torch.float32, seed=4)
+
+    def step(x, w, q):
+        return linear_soft_cross_entropy(x, F.normalize(w, dim=-1), q, 3, TAU, block_k=32) * 0.7
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    outs = []
+    for fn in (step, compiled):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(xg, wg, q)
+        loss.backward()
+        outs.append((loss.detach(), xg.grad, wg.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_inputs_raise():
+    x, w, q = _inputs(2, 64, 16, 4, torch.float32, seed=5)
+    with pytest.raises(ValueError, match="disagree"):
+        linear_soft_cross_entropy(x, w[:, :8], q, 4, TAU)
+    with pytest.raises(ValueError, match="dtype"):
+        linear_soft_cross_entropy(x, w.half(), q, 4, TAU)
+    with pytest.raises(ValueError, match="targets must be"):
+        linear_soft_cross_entropy(x, w, q[:2], 4, TAU)
+    with pytest.raises(ValueError, match="multiple of n_views"):
+        linear_soft_cross_entropy(x, w, q, 3, TAU, impl="torch")
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="CPU-only check")
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, q = _inputs(2, 64, 16, 4, torch.float32, seed=6)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        linear_soft_cross_entropy(x, w, q, 4, TAU)
+
+
+KERNELS = {"fwd": "_linear_soft_ce_fwd_kernel", "dw": "_linear_soft_ce_bwd_dw_kernel",
+           "dx": "_linear_soft_ce_bwd_dx_kernel"}
+
+
+def _launcher_configs(itemsize, D=256):
+    """Every (kind, BLOCK_B, BLOCK_K, BLOCK_D, num_warps, num_stages) head_launch_config picks at D for
+    any batch size, reduced to the largest BLOCK_B per kind: the others differ only by a smaller
+    BLOCK_B, i.e. smaller X/Q/dS tiles (asserted here), so they need no more shared memory."""
+    from fastdino.kernels.linear_soft_cross_entropy import head_launch_config
+
+    seen = {}
+    for B in (1, 3, 16, 17, 32, 48, 64, 65, 128, 1024):
+        for kind, cfg in head_launch_config(B, D, itemsize).items():
+            seen.setdefault(kind, set()).add(cfg)
+    out = {}
+    for kind, cfgs in seen.items():
+        top = max(cfgs)
+        assert all(c[1:] == top[1:] and c[0] <= top[0] for c in cfgs), f"{kind}: {sorted(cfgs)}"
+        out[kind] = top
+    return out
+
+
+def test_aot_compile_sm80_sm90a():
+    """Every head kernel at D=256 with the launcher's own configs, for each input dtype (fp32 with
+    IEEE and TF32 dots, bf16, fp16; fp32 targets) and sm_80/sm_90a: compiles, no spills, and its
+    shared memory fits the target."""
+    from aot import SMEM_LIMIT, aot_compile
+
+    mod = "fastdino.kernels.linear_soft_cross_entropy"
+    f32 = "*fp32:16"
+    common = {"B": "i32", "K": "i32:16", "D": "i32:16", "n_views": "i32", "n_tiles": "i32", "n_bblocks": "i32",
+              "tiles_per_chunk": "i32", "stride_x": "i32:16", "stride_w": "i32:16", "stride_q": "i32:16",
+              "stride_dw": "i32:16", "s_scale": "fp32", "grad_scale": "fp32", "Q_ptr": f32, "SStat_ptr": f32,
+              "DStat_ptr": f32, "Lse_ptr": f32, "GradOut_ptr": f32, "DXPart_ptr": f32}
+    jobs = []
+    for cap in (80, 90):
+        for dt, itemsize, prec in (("fp32", 4, "ieee"), ("fp32", 4, "tf32"), ("bf16", 2, "ieee"), ("fp16", 2, "ieee")):
+            p = f"*{dt}:16"
+            types = {**common, "X_ptr": p, "W_ptr": p, "DW_ptr": p}
+            for kind, (bb, bk, bd, nw, ns) in _launcher_configs(itemsize).items():
+                jobs.append((mod, KERNELS[kind], types,
+                             {"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_D": bd, "DOT_PRECISION": prec},
+                             {"num_warps": nw, "num_stages": ns}, cap))
+    assert len(jobs) == 2 * 4 * 3
+    results = aot_compile(jobs)
+    assert {r["target"] for r in results} == {"sm_80", "sm_90a"}
+    for job, r in zip(jobs, results):
+        what = f"{r['kernel']} ({r['target']}, X {job[2]['X_ptr']}, {job[3]}, {job[4]})"
+        assert r["shared"] <= SMEM_LIMIT[r["target"]], f"{what}: {r['shared']} B of shared memory"
+        assert not r["local_memory"], f"{what} spills to local memory"
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="real sizes: CUDA only (the AOT test covers them on CPU)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_real_size_cuda(dtype):
+    """B=64, K=65536, D=256, 2+10 crops."""
+    x, w, q = _inputs(64, 65536, 256, 12, dtype, seed=7)
+    out = _run(linear_soft_cross_entropy, x, w, q, 12)
+    ref = _run(linear_soft_cross_entropy_ref, x, w, q, 12)
+    ref64 = _run(linear_soft_cross_entropy_ref, x.double(), w.double(), q.double(), 12)
+    for name, o, r, r64 in zip(("loss", "dfeats", "dweight"), out, ref, ref64):
+        err = (o - r64).abs()
+        budget = 2 * (r - r64).abs() + EPS[dtype] * r64.abs().max().clamp_min(1.0 if name == "loss" else 1e-3)
+        assert (err <= budget).all(), f"{name}: max err {err.max().item():.3g}"
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs: CUDA only")
+def test_cuda_graph_capture():
+    x, w, q = _inputs(64, 8192, 256, 12, torch.bfloat16, seed=8)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    grad_out = torch.tensor(0.7, device=DEV)
+
+    def step():
+        xg.grad = wg.grad = None
+        loss = linear_soft_cross_entropy(xg, wg, q, 12, TAU)
+        loss.backward(grad_out)
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = _run(linear_soft_cross_entropy, x, w, q, 12)  # eager, the same upstream gradient
+    for a, b in zip((loss, xg.grad, wg.grad), ref):
+        torch.testing.assert_close(a.double(), b)

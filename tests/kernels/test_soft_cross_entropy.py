@@ -1,0 +1,396 @@
+"""kernels/soft_cross_entropy.py: the reference against an element-by-element float64 formula and
+the official DINO loss; the Triton op against the reference on fresh random inputs (gradients
+included) for DINO pairings, the iBOT pairing and per-group weights; the custom ops' registrations
+(opcheck, torch.compile without graph breaks); an ahead-of-time compile for sm_80 and sm_90a at the
+real sizes; the benchmark's CPU smoke run. On CPU the kernels run under TRITON_INTERPRET=1."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdino  # noqa: F401  (registers fastdino.kernels from a plain checkout)
+from fastdino.kernels.soft_cross_entropy import (pair_counts, soft_cross_entropy, soft_cross_entropy_backward_op,
+                                                 soft_cross_entropy_op, soft_cross_entropy_ref)
+from fastdino.kernels.softmax_center import softmax_center, softmax_center_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# gradient budget: one ulp of dS's dtype at the largest element (a GPU rounds the fp32 result, half an
+# ulp; the Triton interpreter truncates, up to one ulp)
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+TAU = 0.1
+
+
+def _inputs(G, K, n_views, n_targets, dtype, seed, weighted=False):
+    """Student logits spread over ~30 nats after /tau, targets = softmax of random logits, and, when
+    weighted, iBOT-like weights: each group (masked token) belongs to one of a few images and weighs
+    1 / (tokens of its image) / n_images."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n_views * G, K, generator=g) * 3).to(DEV, dtype)
+    q = torch.softmax(torch.randn(n_targets * G, K, generator=g) * 2, dim=-1).to(DEV)
+    w = None
+    if weighted:
+        image = torch.randint(0, 3, (G,), generator=g)
+        count = torch.bincount(image, minlength=3).float()
+        w = (1.0 / count[image] / int((count > 0).sum())).to(DEV)
+    return s, q, w
+
+
+def _run(fn, s, q, w, n_views, n_targets, skip, grad_out, **kw):
+    s = s.clone().requires_grad_()
+    loss = fn(s, q, n_views, TAU, n_targets, skip, w, **kw)
+    loss.backward(grad_out)
+    return loss.detach().double(), s.grad.double()
+
+
+def _close(out, ref, ref64, eps, what):
+    """|out - ref64| <= 2 |ref - ref64| + eps * max|ref64|: the reference's own error sets the budget."""
+    err = (out - ref64).abs()
+    budget = 2 * (ref - ref64).abs() + eps * ref64.abs().max().clamp_min(1.0 if out.dim() == 0 else 1e-3)
+    assert (err <= budget).all(), f"{what}: max err {err.max().item():.3g}, budget {budget.min().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference
+# ---------------------------------------------------------------------------------------------
+def _elementwise(s, q, n_views, n_targets, skip, tau, w):
+    """Loss and dL/ds, float64 Python scalars, element by element: the formula of the header."""
+    s, q = s.double().tolist(), q.double().tolist()
+    G, K = len(s) // n_views, len(s[0])
+    n = pair_counts(n_views, n_targets, skip)
+    weight = [1.0 / (sum(n) * G)] * G if w is None else w.double().tolist()
+    loss, grad = 0.0, [[0.0] * K for _ in s]
+    for g in range(G):
+        for v in range(n_views):
+            row = [x / tau for x in s[v * G + g]]
+            mx = max(row)
+            lse = mx + math.log(sum(math.exp(x - mx) for x in row))
+            for i in range(n_targets):
+                if skip and v == i:
+                    continue
+                t = q[i * G + g]
+                loss += weight[g] * -sum(t[k] * (row[k] - lse) for k in range(K))
+                for k in range(K):  # d/ds of the pair: w (softmax - q) / tau
+                    grad[v * G + g][k] += weight[g] * (math.exp(row[k] - lse) - t[k]) / tau
+    return torch.tensor(loss, dtype=torch.float64), torch.tensor(grad, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("G,K,n_views,n_targets,skip,weighted", [
+    (2, 7, 4, 2, True, False),  # DINO: 2 global + 2 local views
+    (3, 5, 1, 1, False, True),  # iBOT: one view, one target, weights
+    (2, 6, 3, 2, True, True),  # DINO pairing with weights
+    (2, 5, 1, 2, True, False),  # fewer views than targets
+])
+def test_reference_matches_elementwise_formula(G, K, n_views, n_targets, skip, weighted):
+    s, q, w = _inputs(G, K, n_views, n_targets, torch.float64, seed=G + K, weighted=weighted)
+    q = q.cpu().double()
+    s, q, w = s.cpu(), q / q.sum(-1, keepdim=True), None if w is None else w.cpu().double()  # sum_k q = 1 in fp64
+    loss, grad = _run(soft_cross_entropy_ref, s, q, w, n_views, n_targets, skip, torch.tensor(1.0, dtype=torch.float64))
+    loss_e, grad_e = _elementwise(s, q, n_views, n_targets, skip, TAU, w)
+    torch.testing.assert_close(loss, loss_e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, grad_e, rtol=1e-10, atol=1e-12)
+
+
+def _official_dino_loss(student_output, teacher_output, center, ncrops, student_temp, teacher_temp):
+    """facebookresearch/dino main_dino.py DINOLoss.forward, without the center update."""
+    student_out = student_output / student_temp
+    student_out = student_out.chunk(ncrops)
+    teacher_out = F.softmax((teacher_output - center) / teacher_temp, dim=-1)
+    teacher_out = teacher_out.detach().chunk(2)
+    total_loss = 0
+    n_loss_terms = 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+            total_loss += loss.mean()
+            n_loss_terms += 1
+    total_loss /= n_loss_terms
+    return total_loss
+
+
+@pytest.mark.parametrize("ncrops", [2, 5, 12])
+def test_reference_is_the_official_dino_loss(ncrops):
+    g = torch.Generator().manual_seed(ncrops)
+    B, K = 3, 50
+    s = (torch.randn(ncrops * B, K, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randn(2 * B, K, generator=g, dtype=torch.float64) * 2
+    c = torch.randn(1, K, generator=g, dtype=torch.float64) * 0.5
+    official = _official_dino_loss(s, t, c, ncrops, 0.1, 0.04)
+    (grad_official,) = torch.autograd.grad(official, s)
+    q = softmax_center_ref(t, c, 0.04)[0]
+    ours = soft_cross_entropy_ref(s, q, ncrops, 0.1)
+    (grad_ours,) = torch.autograd.grad(ours, s)
+    torch.testing.assert_close(ours, official, rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad_ours, grad_official, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton op against the reference
+# ---------------------------------------------------------------------------------------------
+CASES = [  # G, K, n_views, n_targets, skip, weighted, dtype, launch overrides
+    (3, 1000, 5, 2, True, False, torch.float32, dict(block_k=256, group_size=2)),  # K % block, 3 locals
+    (1, 300, 2, 2, True, False, torch.float32, dict(block_k=128)),  # G = 1, no local views
+    (4, 513, 6, 2, True, True, torch.bfloat16, dict(block_k=128, group_size=3, rows=2)),  # DINO + weights
+    (2, 77, 4, 2, True, False, torch.float16, dict(block_k=32, group_size=1)),
+    (2, 1500, 12, 2, True, False, torch.bfloat16, {}),  # 2 + 10 crops, the launch table
+    (37, 200, 1, 1, False, True, torch.float32, dict(block_k=64, group_size=8)),  # iBOT: masked-token rows
+    (9, 130, 1, 1, False, True, torch.bfloat16, {}),
+    (3, 90, 3, 1, True, False, torch.float16, dict(block_k=32)),  # view 0 has no pair
+    (2, 100, 1, 2, True, False, torch.float32, dict(block_k=64)),  # fewer views than targets
+]
+
+
+@pytest.mark.parametrize("G,K,n_views,n_targets,skip,weighted,dtype,launch", CASES)
+def test_triton_matches_reference(G, K, n_views, n_targets, skip, weighted, dtype, launch):
+    s, q, w = _inputs(G, K, n_views, n_targets, dtype, seed=G * 1000 + K, weighted=weighted)
+    grad_out = torch.tensor(0.7, device=DEV)  # not 1: the upstream gradient must be applied
+    out = _run(soft_cross_entropy, s, q, w, n_views, n_targets, skip, grad_out, **launch)
+    ref = _run(soft_cross_entropy_ref, s, q, w, n_views, n_targets, skip, grad_out)
+    w64 = None if w is None else w.double()
+    ref64 = _run(soft_cross_entropy_ref, s.double(), q.double(), w64, n_views, n_targets, skip, grad_out.double())
+    _close(out[0], ref[0], ref64[0], 1e-5, "loss")
+    _close(out[1], ref[1], ref64[1], EPS[dtype], "grad")
+
+
+def test_lse_output_and_impl_switch():
+    """The op's second output is logsumexp(s / tau) per row; impl="torch" is the reference."""
+    s, q, _ = _inputs(3, 200, 4, 2, torch.float32, seed=1)
+    loss, lse = soft_cross_entropy_op(s, q, None, 4, TAU, 2, True, 64, 0, 0, 0)
+    torch.testing.assert_close(lse, torch.logsumexp(s.double() / TAU, dim=-1).float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(soft_cross_entropy(s, q, 4, TAU, impl="torch"), soft_cross_entropy_ref(s, q, 4, TAU))
+    torch.testing.assert_close(loss, soft_cross_entropy_ref(s, q, 4, TAU), rtol=1e-6, atol=1e-5)
+
+
+def test_strided_rows_and_no_grad_for_targets():
+    """Logits whose rows are strided (a slice of a wider tensor), targets that require grad."""
+    s, _, _ = _inputs(2, 150, 3, 2, torch.float32, seed=2)
+    s = s.requires_grad_()
+    q = torch.softmax(torch.randn(4, 150, device=DEV), -1).requires_grad_()
+    s_view = torch.cat([s, s], dim=1)[:, :150]  # row stride 300; the gradient reaches s through it
+    soft_cross_entropy(s_view, q, 3, TAU, block_k=64).backward()
+    assert q.grad is None
+    ref_s = s.detach().clone().requires_grad_()
+    soft_cross_entropy_ref(ref_s, q, 3, TAU).backward()
+    torch.testing.assert_close(s.grad, ref_s.grad, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom-op registrations: fake impls, autograd, torch.compile
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck(weighted):
+    s, q, w = _inputs(2, 40, 3, 2, torch.float32, seed=3, weighted=weighted)
+    args = (3, TAU, 2, True, 16, 0, 0, 0)
+    torch.library.opcheck(soft_cross_entropy_op, (s.requires_grad_(), q, w, *args))
+    _, lse = soft_cross_entropy_op(s.detach(), q, w, *args)
+    g = torch.tensor(0.7, device=DEV)
+    torch.library.opcheck(soft_cross_entropy_backward_op, (g, s.detach(), q, lse, w, *args))
+
+
+def test_compile_fullgraph_matches_eager():
+    """DINO loss from teacher logits, both ops in one graph (no break), forward and backward; a new
+    teacher_temp value (a device tensor) reuses the compiled graph."""
+    torch._dynamo.reset()
+    s, _, _ = _inputs(2, 50, 3, 2, torch.float32, seed=4)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(4, 50, generator=g).to(DEV)
+    c = torch.randn(1, 50, generator=g).to(DEV) * 0.1
+
+    def step(s, t, c, teacher_temp):
+        q, entropy, colsum = softmax_center(t, c, teacher_temp)
+        return soft_cross_entropy(s, q, 3, TAU, block_k=16), entropy.mean(), colsum
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+
+    def check(temp):
+        temp = torch.tensor(temp, device=DEV)
+        outs = []
+        for fn in (step, compiled):
+            x = s.clone().requires_grad_()
+            loss, ent, colsum = fn(x, t, c, temp)
+            (loss * 0.7).backward()
+            outs.append((loss.detach(), ent, colsum, x.grad))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    check(0.04)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        check(0.07)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs: CUDA only")
+def test_cuda_graph_capture():
+    """The whole fused step (teacher targets, weighted loss, backward) captured and replayed."""
+    s, _, w = _inputs(64, 4096, 12, 2, torch.bfloat16, seed=6, weighted=True)
+    t, c = torch.randn(128, 4096, device=DEV, dtype=torch.bfloat16), torch.randn(1, 4096, device=DEV) * 0.1
+    temp = torch.tensor(0.04, device=DEV)
+    x = s.clone().requires_grad_()
+
+    def step():
+        x.grad = None
+        q, _, colsum = softmax_center(t, c, temp)
+        loss = soft_cross_entropy(x, q, 12, TAU, weights=w)
+        loss.backward()
+        return loss, colsum
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, colsum = step()
+    temp.fill_(0.07)  # a new temperature reaches the captured kernels
+    graph.replay()
+    torch.cuda.synchronize()
+    q, _, colsum_ref = softmax_center(t, c, 0.07)
+    ref = _run(soft_cross_entropy, s, q, w, 12, 2, True, torch.tensor(1.0, device=DEV))
+    torch.testing.assert_close(loss.double(), ref[0])
+    torch.testing.assert_close(x.grad.double(), ref[1])
+    torch.testing.assert_close(colsum, colsum_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+def _raises_one_line(match, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=match) as e:
+        fn(*args, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_inputs_raise():
+    s, q, w = _inputs(2, 64, 4, 2, torch.float32, seed=7, weighted=True)
+    for fn in (soft_cross_entropy, soft_cross_entropy_ref):
+        _raises_one_line("multiple of n_views", fn, s, q, 3, TAU)
+        _raises_one_line("targets must be", fn, s, q[:3], 4, TAU)
+        _raises_one_line("weights must be", fn, s, q, 4, TAU, weights=w[:1])
+        _raises_one_line("n_targets", fn, s, q, 4, TAU, n_targets=3)
+        _raises_one_line("no \\(target, view\\) pair", fn, s[:2], q[:2], 1, TAU, n_targets=1, skip_same_view=True)
+        _raises_one_line("2-D", fn, s[0], q, 4, TAU)
+    _raises_one_line("impl", soft_cross_entropy, s, q, 4, TAU, impl="cuda")
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="CPU-only check")
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    s, q, _ = _inputs(2, 64, 4, 2, torch.float32, seed=8)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        soft_cross_entropy(s, q, 4, TAU)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for real GPUs (no GPU needed): every kernel at the constexprs the
+# launchers pick for the real sizes (DINO: G=64, K=65536, 2+10 crops; iBOT: 4096 masked tokens,
+# K=65536), plus the launch sweep's largest configuration.
+# ---------------------------------------------------------------------------------------------
+def _jobs():
+    from fastdino.kernels.soft_cross_entropy import combine_meta, launch_config, reduce_meta
+
+    mod = "fastdino.kernels.soft_cross_entropy"
+    f32 = "*fp32:16"
+    common = {"G": "i32", "K": "i32:16", "n_views": "i32", "group_size": "i32", "n_tiles": "i32",
+              "stride_s": "i32:16", "stride_q": "i32:16", "stride_ds": "i32:16", "s_scale": "fp32",
+              "grad_scale": "fp32", "Q_ptr": f32, "SStat_ptr": f32, "DStat_ptr": f32, "Lse_ptr": f32,
+              "Weight_ptr": f32, "GradOut_ptr": f32}
+    combine = {"SStat_ptr": f32, "DStat_ptr": f32, "Lse_ptr": f32, "GroupLoss_ptr": f32, "G": "i32",
+               "n_views": "i32", "n_tiles": "i32", "inv_student_temp": "fp32"}
+    reduce = {"GroupLoss_ptr": f32, "Weight_ptr": f32, "Loss_ptr": f32, "G": "i32", "uniform_weight": "fp32"}
+    cpu = torch.device("cpu")
+    jobs = []
+    for cap in (80, 90):
+        for dt, size in (("bf16", 2), ("fp32", 4)):
+            types = {**common, "S_ptr": f"*{dt}:16", "DS_ptr": f"*{dt}:16"}
+            for G, V, T, skip, weighted in ((64, 12, 2, True, False), (4096, 1, 1, False, True)):
+                pairing = {"N_TARGETS": T, "SKIP_SAME_VIEW": skip}
+                configs = {"fwd": {launch_config(G, 65536, V, T, size, cpu, "fwd")[:3]},
+                           "bwd": {launch_config(G, 65536, V, T, size, cpu, "bwd")[:3]}}
+                if T == 2:  # the sweep's largest tiles
+                    configs["fwd"].add((2048, 8, 8))
+                    configs["bwd"].add((2048, 8, 8))
+                for kind, kernel in (("fwd", "_soft_ce_fwd_kernel"), ("bwd", "_soft_ce_bwd_kernel")):
+                    extra = {} if kind == "fwd" else {"HAS_WEIGHTS": weighted}
+                    for block_k, rows, nw in sorted(configs[kind]):
+                        jobs.append((mod, kernel, types, {**pairing, **extra, "BLOCK_K": block_k, "ROWS": rows},
+                                     nw, cap))
+        for n_tiles in (32, 64, 128, 512):  # block_k 2048 / 1024 / 512 at K=65536; MAX_TILES
+            meta = combine_meta(12, n_tiles)
+            nw = meta.pop("num_warps")
+            jobs.append((mod, "_soft_ce_combine_kernel", combine, {**meta, "N_TARGETS": 2, "SKIP_SAME_VIEW": True},
+                         nw, cap))
+        meta = combine_meta(1, 64)
+        nw = meta.pop("num_warps")
+        jobs.append((mod, "_soft_ce_combine_kernel", combine, {**meta, "N_TARGETS": 1, "SKIP_SAME_VIEW": False},
+                     nw, cap))
+        for weighted in (False, True):
+            meta = reduce_meta(4096)
+            nw = meta.pop("num_warps")
+            jobs.append((mod, "_soft_ce_reduce_kernel", reduce, {**meta, "HAS_WEIGHTS": weighted}, nw, cap))
+    return jobs
+
+
+def test_aot_compile_sm80_sm90a():
+    from aot import aot_compile
+
+    jobs = _jobs()
+    results = aot_compile(jobs)
+    assert {r["target"] for r in results} == {"sm_80", "sm_90a"}
+    for job, r in zip(jobs, results):
+        what = f"{r['kernel']} ({r['target']}, {job[2].get('S_ptr')}, {job[3]}, num_warps={job[4]})"
+        assert not r["local_memory"], f"{what} spills to local memory"
+        if r["kernel"] in ("_soft_ce_fwd_kernel", "_soft_ce_bwd_kernel"):
+            assert r["vector_loads"], f"{what}: S/Q loads are not 16-byte vectorized"
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark, as CI runs it
+# ---------------------------------------------------------------------------------------------
+def test_benchmark_script_runs(tmp_path):
+    """benchmarks/loss.py on CPU: the reference and the interpreted fused variants."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "loss.py")
+    spec = importlib.util.spec_from_file_location("bench_loss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "loss.json"
+    rows = bench.main(["--quick", "--cpu", "--B", "2", "--K", "512", "--crops", "2+1", "--json", str(out)])
+    assert [r["variant"] for r in rows] == ["reference", "fused"]
+    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-4 * abs(rows[0]["loss"])
+    assert json.loads(out.read_text())[1]["speedup"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sizes, CUDA only (the AOT test covers them on CPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(DEV != "cuda", reason="real sizes: CUDA only (the AOT test covers them on CPU)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("launch", [{}, dict(block_k=512, rows=2, num_warps=4, group_size=3),
+                                    dict(block_k=2048, rows=8, num_warps=8, group_size=16)])
+def test_real_size_dino_cuda(dtype, launch):
+    """B=64, K=65536, 2+10 crops: the launch table and the sweep's corner configs."""
+    s, q, _ = _inputs(64, 65536, 12, 2, dtype, seed=11)
+    grad_out = torch.tensor(0.7, device=DEV)
+    out = _run(soft_cross_entropy, s, q, None, 12, 2, True, grad_out, **launch)
+    ref = _run(soft_cross_entropy_ref, s, q, None, 12, 2, True, grad_out)
+    ref64 = _run(soft_cross_entropy_ref, s.double(), q.double(), None, 12, 2, True, grad_out.double())
+    _close(out[0], ref[0], ref64[0], 1e-5, "loss")
+    _close(out[1], ref[1], ref64[1], EPS[dtype], "grad")
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="real sizes: CUDA only")
+def test_real_size_ibot_cuda():
+    """iBOT: 4096 masked-token rows of K=8192, one view, one target, per-token weights."""
+    s, q, w = _inputs(4096, 8192, 1, 1, torch.bfloat16, seed=12, weighted=True)
+    grad_out = torch.tensor(0.7, device=DEV)
+    out = _run(soft_cross_entropy, s, q, w, 1, 1, False, grad_out)
+    ref = _run(soft_cross_entropy_ref, s, q, w, 1, 1, False, grad_out)
+    ref64 = _run(soft_cross_entropy_ref, s.double(), q.double(), w.double(), 1, 1, False, grad_out.double())
+    _close(out[0], ref[0], ref64[0], 1e-5, "loss")
+    _close(out[1], ref[1], ref64[1], EPS[torch.bfloat16], "grad")
