@@ -84,7 +84,12 @@ class LocalBackend:
         return os.path.join(output_dir, "checkpoint.pth")
 
     def save(self, client: dict, output_dir: str, keep_as: str | None = None) -> None:
-        """OUTPUT_DIR/checkpoint.pth (atomic), and a copy named keep_as; rank 0 writes."""
+        """OUTPUT_DIR/checkpoint.pth (atomic), and a copy named keep_as. Every rank calls it (each
+        one's RNG states are gathered: drop path draws per rank); rank 0 writes."""
+        if self.distributed:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, client["rng"])
+            client = {**client, "rng_per_rank": states}
         if not self.ctx.is_main:
             return
         state = {"student": self.student_module.state_dict(), "teacher": self.teacher_module.state_dict(),

@@ -8,7 +8,7 @@ entries (fastdino/backend.py, fastdino/ds.py), `client_state` the rest:
     epoch, step_in_epoch   where to continue (the next step of that epoch)
     step                   the next global step
     dino_loss              the teacher targets' state ({"center": (1, K)})
-    rng                    torch / numpy / python (/ cuda) generator states
+    rng                    torch / numpy / python (/ cuda) generator states (rng_per_rank: of every rank)
     config, resolved       the resolved config and what every "auto" became (fastdino/resolve.py)
 """
 from __future__ import annotations
@@ -61,11 +61,12 @@ def client_state(targets, epoch: int, step_in_epoch: int, step: int, cfg, resolv
             "rng": rng_state(), "config": cfg.to_dict(), "resolved": resolved.to_dict()}
 
 
-def restore_client(ckpt: dict, targets, path: str) -> tuple[int, int, int]:
-    """Load the targets' state and the RNG states; returns (epoch, step_in_epoch, step)."""
+def restore_client(ckpt: dict, targets, path: str, rank: int = 0) -> tuple[int, int, int]:
+    """Load the targets' state and this rank's RNG states; returns (epoch, step_in_epoch, step)."""
     load_states([(targets, ckpt.get("dino_loss"))], path)
     try:
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        set_rng_state(per_rank[rank] if rank < len(per_rank) else ckpt["rng"])
         return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint '{path}' is not a fastdino training checkpoint (missing {e})")

@@ -188,7 +188,7 @@ def _resume(run: Run, resume: str) -> tuple[int, int, int]:
         log.warning("no checkpoint at %s: starting from scratch", run.backend.checkpoint_path(cfg.train.output_dir))
         return 0, 0, 0
     path = ckpt.get("path", resume if resume != "auto" else run.backend.checkpoint_path(cfg.train.output_dir))
-    epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path)
+    epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path, run.ctx.rank)
     run.state.counters[STEP] = it
     if run.ctx.is_main:
         log.info("resumed from %s at epoch %d, step %d", path, epoch, it)

@@ -72,7 +72,11 @@ def test_demo_steps_write_metrics_and_checkpoint(data_dir, tmp_path):
     ckpt = load(out)
     assert {"student", "teacher", "optimizer", "dino_loss", "epoch", "step", "rng", "config"} <= ckpt.keys()
     assert ckpt["step"] == 4 and ckpt["config"]["model"]["out_dim"] == 128
-    assert json.load(open(os.path.join(out, "config.json")))["data"]["path"] == data_dir
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert written["data"]["path"] == data_dir
+    # what every "auto" became: next to the config and in every checkpoint, the same record
+    assert written["_resolved"] == ckpt["resolved"]
+    assert ckpt["resolved"]["loss"] == "reference" and ckpt["resolved"]["backend"] == "local"
     # the teacher moved away from its initial copy of the student, and differs from the student
     assert any(not torch.equal(ckpt["student"][k], ckpt["teacher"][k]) for k in ckpt["student"])
 
@@ -90,6 +94,28 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     assert a["step"] == b["step"] == 3
     assert_states_equal(a, b, exact=False, atol=2e-5)
     torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=0, atol=1e-5)
+
+
+def test_ddp_stop_and_resume_is_bit_identical(data_dir, tmp_path):
+    """2-process DDP with drop path: a run stopped at step 3 and resumed to step 6 ends bit for bit
+    where the uninterrupted run does (each rank's RNG state is saved and restored)."""
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+    def launch(out, port, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", TRAIN,
+               *tiny(data_dir, out, "--optim.batch_size_per_gpu=4", "--train.device=cpu", "--model.drop_path_rate=0.3",
+                     "--train.checkpoint_every=3", *extra)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(full, 29532, "--train.max_steps=6")
+    launch(stopped, 29533, "--train.max_steps=3")
+    assert load(stopped)["step"] == 3 and len(load(stopped)["rng_per_rank"]) == 2
+    launch(stopped, 29534, "--train.max_steps=6", "--resume")
+    a, b = load(full), load(stopped)
+    assert a["step"] == b["step"] == 6
+    assert_states_equal(a, b, exact=True)
 
 
 def test_kill_and_resume_is_bit_identical(data_dir, tmp_path):
