@@ -2,9 +2,10 @@
 # Every GPU measurement behind benchmarks/RESULTS.md, in two parts of under 10 minutes each.
 #
 #   bash benchmarks/gpu_suite.sh A OUTDIR   # installs carried DALI/DeepSpeed wheels if present;
-#                                           # end-to-end throughput (vits16, vitb8), DALI data, ZeRO-2 step
+#                                           # end-to-end throughput (vits16; vitb8 through DeepSpeed ZeRO-2), DALI data
 #   bash benchmarks/gpu_suite.sh B OUTDIR   # GPU tests, fused loss suite, EMA/clip, attention, ViT-B/8 memory
-#   bash benchmarks/gpu_suite.sh C OUTDIR   # short re-measure of the fused loss/head, DALI, vits16, ZeRO-2
+#   bash benchmarks/gpu_suite.sh C OUTDIR   # the per-session default (~8 min): the step's CUDA-graph and
+#                                           # no-sync tests, GPU kernel tests, fused loss/head, DALI, vits16
 #
 # Wheels (optional): .whl/p0..p3 hold the parts of a tar of DALI and its needs (too large for one
 # transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python.
@@ -40,20 +41,20 @@ if [ "$part" = A ]; then
     step throughput_vitb8 200 $py benchmarks/throughput.py --config configs/vitb8.json --batch-size 64 --data both \
         --steps 5 --warmup 3 --repeats 3 --time-budget 150 --json "$out/throughput_vitb8.json"
     step data 90 $py benchmarks/data.py --backend all --device cuda --batch-size 128 --steps 20 --json "$out/data.json"
-    step zero2_vitb8 120 $py -m fastdino.ds --config configs/vitb8.json --steps 12 --warmup 3 --json "$out/zero2_vitb8.json"
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
-    step pytest_gpu 100 $py -m pytest -q -p no:cacheprovider tests/kernels/test_dino_head_loss.py \
-        tests/kernels/test_ema.py tests/test_dali.py
+    step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"
+    step pytest_gpu 80 $py -m pytest -q -p no:cacheprovider tests/kernels/test_linear_soft_cross_entropy.py \
+        tests/kernels/test_soft_cross_entropy.py tests/kernels/test_softmax_center.py tests/kernels/test_ema.py
     step loss 50 $py benchmarks/loss.py --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss.json"
     step loss_head 50 $py benchmarks/loss.py --head --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss_head.json"
-    step data 70 $py benchmarks/data.py --backend dali --device cuda --batch-size 128 --steps 20 --locals 10 \
+    step data 60 $py benchmarks/data.py --backend dali --device cuda --batch-size 128 --steps 20 --locals 10 \
         --json "$out/data.json"
-    step throughput_vits16 180 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
-        --batch-size 256 --data both --steps 8 --warmup 4 --repeats 3 --time-budget 140 --json "$out/throughput_vits16.json"
-    step zero2_vitb8 60 $py -m fastdino.ds --config configs/vitb8.json --steps 8 --warmup 2 --json "$out/zero2_vitb8.json"
+    step throughput_vits16 130 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
+        --batch-size 256 --data synthetic --rows reference,fastdino,+compile --steps 8 --warmup 4 --repeats 3 \
+        --time-budget 120 --json "$out/throughput_vits16.json"
 else
     step pytest_gpu 170 $py -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_loss_dropin.py \
-        tests/test_attention.py tests/test_models.py tests/test_dali.py
+        tests/test_attention.py tests/test_models.py tests/test_dali.py tests/test_step.py
     step loss_suite 200 $py benchmarks/loss.py --suite --sweep-dtypes bf16 --json "$out/loss_suite.json"
     step ema 70 $py benchmarks/ema.py --models vits16,vitb8 --no-sweep --json "$out/ema.json"
     step attention 80 $py benchmarks/attention.py --modes matmul,attn --json "$out/attention.json"
