@@ -31,38 +31,17 @@ tp = _load()
 # the whole benchmark on CPU (CI): demo config, every row, real and synthetic data, official stand-in
 # ------------------------------------------------------------------------------------------------
 def _standin_official_repo(path) -> str:
-    """A folder with the official DINO layout and API (main_dino.py DINOLoss with dist.all_reduce,
-    utils.py, vision_transformer.py) built on fastdino's modules; main_dino.py imports torchvision,
+    """A folder with the official DINO layout and API (main_dino.py DINOLoss, utils.py,
+    vision_transformer.py) built on fastdino's modules; main_dino.py imports torchvision,
     which is not installed, so the benchmark must not import that file."""
     os.makedirs(path)
     files = {
         "main_dino.py": '''
             import torchvision  # not importable here: the benchmark must only compile DINOLoss
 
-            class DINOLoss(nn.Module):
-                def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
-                             warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9):
-                    super().__init__()
-                    self.student_temp, self.center_momentum, self.ncrops = student_temp, center_momentum, ncrops
-                    self.register_buffer("center", torch.zeros(1, out_dim))
-                    self.teacher_temp_schedule = np.concatenate((
-                        np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-                        np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
-
-                def forward(self, student_output, teacher_output, epoch):
-                    from fastdino.kernels.soft_cross_entropy import soft_cross_entropy_ref
-                    from fastdino.kernels.softmax_center import softmax_center_ref
-                    q = softmax_center_ref(teacher_output, self.center, float(self.teacher_temp_schedule[epoch]))[0]
-                    loss = soft_cross_entropy_ref(student_output, q, self.ncrops, self.student_temp)
-                    self.update_center(teacher_output)
-                    return loss
-
-                @torch.no_grad()
-                def update_center(self, teacher_output):
-                    batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-                    dist.all_reduce(batch_center)  # needs a process group, as the official code
-                    batch_center = batch_center / (len(teacher_output) * dist.get_world_size())
-                    self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+            class DINOLoss(__import__("fastdino").DINOLoss):
+                """fastdino's drop-in: the official interface, numbers and center all-reduce (it needs the
+                process group the benchmark starts, as the official code does)."""
         ''',
         "utils.py": '''
             from fastdino.kernels.clip_grad import clip_grad_per_tensor_ref

@@ -379,6 +379,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (and of training)")
 
 
+def parse_checked(parser: argparse.ArgumentParser, argv=None):
+    """parser.parse_args(argv), then the data-argument rules (check_data_args)."""
+    args = parser.parse_args(argv)
+    check_data_args(parser, args)
+    return args
+
+
 def check_data_args(parser: argparse.ArgumentParser, args) -> None:
     if bool(args.data_path) == bool(args.train_path or args.val_path):
         parser.error("give either --data_path or both --train_path and --val_path")
@@ -412,6 +419,27 @@ def backbone_from_args(args) -> torch.nn.Module:
         raise EvalError("give exactly one of --checkpoint PATH or --random_init (with --arch)")
     return load_backbone(None if args.random_init else args.checkpoint, args.which, args.arch,
                          args.patch_size, resolve_device(args.device), args.depth)
+
+
+class EvalRun:
+    """What both evaluation commands start from: the labeled samples, the backbone on its device,
+    the output folder and the feature cache (None with --no_cache); `features` extracts or loads."""
+
+    def __init__(self, args):
+        self.args = args
+        self.train, self.val, self.classes = samples_from_args(args)
+        self.model = backbone_from_args(args)
+        self.device = next(self.model.parameters()).device
+        self.out_dir = default_output_dir(args)
+        self.cache_dir = None if args.no_cache else os.path.join(self.out_dir, "cache")
+
+    def features(self, samples, feature_fn, kind: tuple) -> torch.Tensor:
+        """feature_fn(model, images) over the samples, cached under `kind` + the weights and images."""
+        a = self.args
+        key = (*kind, backbone_id(a), a.image_size, [s[0] for s in samples])
+        return cached_features(self.cache_dir, key, lambda: extract_features(
+            self.model, samples, feature_fn, a.image_size, a.batch_size, a.num_workers, self.device,
+            progress=sys.stderr.isatty()))
 
 
 def backbone_id(args) -> str:

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id,
-                                  cached_features, check_data_args, cls_features, default_output_dir,
-                                  extract_features, run_cli, samples_from_args, save_report)
+from fastdino.eval.common import (EvalError, EvalRun, add_backbone_args, add_data_args, cls_features, parse_checked,
+                                  run_cli, save_report)
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -129,27 +127,14 @@ def parse_args(argv=None):
                                                        "cpu streams it chunk by chunk)")
     p.add_argument("--query_chunk", type=int, default=1024)
     p.add_argument("--bank_chunk", type=int, default=262144)
-    args = p.parse_args(argv)
-    check_data_args(p, args)
-    return args
+    return parse_checked(p, argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    train, val, classes = samples_from_args(args)
-    model = backbone_from_args(args)
-    device = next(model.parameters()).device
-    out_dir = default_output_dir(args)
-    cache_dir = None if args.no_cache else os.path.join(out_dir, "cache")
-
-    def features(samples):
-        key = ("knn-cls", backbone_id(args), args.image_size, [s[0] for s in samples])
-        return cached_features(cache_dir, key, lambda: extract_features(
-            model, samples, cls_features, args.image_size, args.batch_size, args.num_workers, device,
-            progress=sys.stderr.isatty()))
-
+    run = EvalRun(parse_args(argv))
+    args, train, val, classes, model, device = run.args, run.train, run.val, run.classes, run.model, run.device
     t0 = time.perf_counter()
-    train_feats, val_feats = features(train), features(val)
+    train_feats, val_feats = (run.features(x, cls_features, ("knn-cls",)) for x in (train, val))
     t_feat = time.perf_counter() - t0
     train_labels = torch.tensor([s[1] for s in train])
     val_labels = torch.tensor([s[1] for s in val])
@@ -172,7 +157,7 @@ def main(argv=None) -> dict:
               "arch": model.arch, "patch_size": model.patch_size, "depth": model.depth, "temperature": args.temperature,
               "image_size": args.image_size, "num_train": len(train), "num_val": len(val),
               "num_classes": len(classes), "results": {str(k): r for k, r in results.items()}}
-    save_report(report, out_dir, "knn.json" if not args.random_init else "knn-random.json")
+    save_report(report, run.out_dir, "knn.json" if not args.random_init else "knn-random.json")
     return report
 
 

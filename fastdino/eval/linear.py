@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdino.eval.common import (EvalError, add_backbone_args, add_data_args, backbone_from_args, backbone_id,
-                                  cached_features, check_data_args, default_output_dir, extract_features,
-                                  run_cli, samples_from_args, save_report)
+from fastdino.eval.common import (EvalError, EvalRun, add_backbone_args, add_data_args, parse_checked, run_cli,
+                                  save_report)
 
 DEFAULT_LRS = (0.001, 0.01, 0.1)
 
@@ -121,30 +119,21 @@ def parse_args(argv=None):
                    help="base learning rates at batch 256, trained side by side")
     p.add_argument("--train_batch_size", type=int, default=256, help="batch of the classifier's SGD")
     p.add_argument("--weight_decay", type=float, default=0.0)
-    args = p.parse_args(argv)
-    check_data_args(p, args)
-    return args
+    return parse_checked(p, argv)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    train, val, classes = samples_from_args(args)
-    model = backbone_from_args(args)
-    device = next(model.parameters()).device
+    run = EvalRun(parse_args(argv))
+    args, train, val, classes, model, device = run.args, run.train, run.val, run.classes, run.model, run.device
     n_blocks, avgpool = default_feature_layout(model.arch)
     n_blocks = args.n_last_blocks or n_blocks
     avgpool = bool(args.avgpool_patchtokens) if args.avgpool_patchtokens is not None else avgpool
-    out_dir = default_output_dir(args)
-    cache_dir = None if args.no_cache else os.path.join(out_dir, "cache")
 
-    def features(samples):
-        key = ("linear", n_blocks, avgpool, backbone_id(args), args.image_size, [s[0] for s in samples])
-        return cached_features(cache_dir, key, lambda: extract_features(
-            model, samples, lambda m, x: linear_features(m, x, n_blocks, avgpool), args.image_size,
-            args.batch_size, args.num_workers, device, progress=sys.stderr.isatty()))
+    def layout(m, x):
+        return linear_features(m, x, n_blocks, avgpool)
 
     t0 = time.perf_counter()
-    train_x, val_x = features(train), features(val)
+    train_x, val_x = (run.features(x, layout, ("linear", n_blocks, avgpool)) for x in (train, val))
     t_feat = time.perf_counter() - t0
     train_y = torch.tensor([s[1] for s in train])
     val_y = torch.tensor([s[1] for s in val])
@@ -167,7 +156,7 @@ def main(argv=None) -> dict:
               "avgpool_patchtokens": avgpool, "epochs": args.epochs, "num_train": len(train), "num_val": len(val),
               "num_classes": len(classes), "best_lr": res["best_lr"], "best_top1": res["best_top1"],
               "last_top1": res["last_top1"], "runs": {str(lr): r for lr, r in res["runs"].items()}}
-    save_report(report, out_dir, "linear.json" if not args.random_init else "linear-random.json")
+    save_report(report, run.out_dir, "linear.json" if not args.random_init else "linear-random.json")
     return report
 
 

@@ -14,7 +14,7 @@ import sys
 SMEM_LIMIT = {"sm_80": 166912, "sm_90a": 232448}
 
 _AOT_SCRIPT = r"""
-import importlib, json, sys
+import importlib, json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 sys.path.insert(0, sys.argv[1])
@@ -38,7 +38,7 @@ for module, kernel, types, constexprs, num_warps, capability in jobs:
     c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     ptx = c.asm["ptx"]
     target = [line.split()[1] for line in ptx.splitlines() if line.startswith(".target")][0]
-    out.append({"kernel": kernel, "target": target, "vector_loads": "ld.global.v4" in ptx,
+    out.append({"kernel": kernel, "target": target, "vector_loads": re.search(r"ld\.global[\w:.]*\.v4", ptx) is not None,
                 "local_memory": "ld.local" in ptx, "shared": c.metadata.shared})
 print(json.dumps(out))
 """
@@ -49,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def aot_compile(jobs, processes: int = 2):
     """Compile [(module, kernel, types, constexprs, num_warps or options dict, capability)] for real
     GPUs, `processes` compiler subprocesses side by side; returns, per job in order: target,
-    vector_loads (ld.global.v4 in the PTX), local_memory (spills), shared (bytes)."""
+    vector_loads (16-byte ld.global...v4 loads in the PTX, cache hints allowed), local_memory (spills), shared (bytes)."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

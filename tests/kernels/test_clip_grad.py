@@ -2,11 +2,8 @@
 reference clip_grad_per_tensor_ref on fresh random inputs (fp32/bf16/fp16, odd and empty segments,
 chunks smaller than segments, FlatParams buffers); NaN gradients are left as is; deterministic; the
 custom op passes opcheck; the kernels compile for sm_80/sm_90a."""
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -206,46 +203,22 @@ def test_flat_clip_cuda_large_no_sync_graph():
     assert torch.equal(grad, out) and torch.equal(norms_g, norms)
 
 
-AOT_SCRIPT = r"""
-import json, re, sys
-sys.path.insert(0, sys.argv[1])
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-import fastdino
-from fastdino.kernels import clip_grad as cg
-def jit(fn):
-    return fn if isinstance(fn, triton.runtime.jit.JITFunction) else triton.runtime.jit.JITFunction(fn.fn)
-out = []
-div = [["tt.divisibility", 16]]
-for cap in (80, 90):
-    for dt in ("fp32", "bf16"):
-        sig = {"G_ptr": "*" + dt, "CHUNK_START": "*i64", "CHUNK_END": "*i64", "PARTIAL": "*fp32",
-               "CHUNK": "constexpr", "BLOCK": "constexpr"}
-        k1 = triton.compile(ASTSource(fn=jit(cg._seg_sumsq_kernel), signature=sig, constexprs={"CHUNK": 16384, "BLOCK": 2048},
-                                      attrs={(i,): div for i in range(4)}), target=GPUTarget("cuda", cap, 32), options={"num_warps": 8})
-        sig = {"G_ptr": "*" + dt, "CHUNK_START": "*i64", "CHUNK_END": "*i64", "CHUNK_SEG": "*i32", "SEG_LO": "*i32",
-               "SEG_HI": "*i32", "PARTIAL": "*fp32", "NORMS": "*fp32", "clip": "fp32", "eps": "fp32",
-               "CHUNK": "constexpr", "BLOCK": "constexpr", "BLOCK_P": "constexpr"}
-        k2 = triton.compile(ASTSource(fn=jit(cg._seg_scale_kernel), signature=sig,
-                                      constexprs={"CHUNK": 16384, "BLOCK": 2048, "BLOCK_P": 1024},
-                                      attrs={(i,): div for i in range(8)}), target=GPUTarget("cuda", cap, 32), options={"num_warps": 8})
-        for name, k in (("sumsq", k1), ("scale", k2)):
-            ptx = k.asm["ptx"]
-            out.append({"cap": cap, "dtype": dt, "kernel": name, "target": re.findall(r"\.target (\w+)", ptx)[0],
-                        "vector_loads": len(re.findall(r"ld\.global[\w:.]*\.v\d", ptx)), "cubin": len(k.asm["cubin"])})
-print(json.dumps(out))
-"""
-
-
 def test_clip_kernels_compile_ahead_of_time_sm80_sm90a():
-    """In a clean process (the interpreter's patches break a real compile in this one); the
-    gradient loads must vectorize (segments start and end on multiples of 16 elements)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", AOT_SCRIPT, ROOT], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {(o["cap"], o["target"]) for o in out} == {(80, "sm_80"), (90, "sm_90a")}
-    assert len(out) == 8
+    """Both segmented kernels, fp32 and bf16 gradients, sm_80 and sm_90a (tests/kernels/aot.py): the
+    gradient loads vectorize (segments start and end on multiples of 16 elements), no spills."""
+    from aot import aot_compile
+
+    jobs = []
+    for cap in (80, 90):
+        for dt in ("fp32", "bf16"):
+            table = {"CHUNK_START": "*i64:16", "CHUNK_END": "*i64:16", "PARTIAL": "*fp32:16"}
+            jobs.append(("fastdino.kernels.clip_grad", "_seg_sumsq_kernel", {"G_ptr": f"*{dt}:16", **table},
+                         {"CHUNK": 16384, "BLOCK": 2048}, 8, cap))
+            jobs.append(("fastdino.kernels.clip_grad", "_seg_scale_kernel",
+                         {"G_ptr": f"*{dt}:16", **table, "CHUNK_SEG": "*i32:16", "SEG_LO": "*i32:16",
+                          "SEG_HI": "*i32:16", "NORMS": "*fp32:16", "clip": "fp32", "eps": "fp32"},
+                         {"CHUNK": 16384, "BLOCK": 2048, "BLOCK_P": 1024}, 8, cap))
+    out = aot_compile(jobs)
+    assert {o["target"] for o in out} == {"sm_80", "sm_90a"} and len(out) == 8
     for o in out:
-        assert o["cubin"] > 0 and o["vector_loads"] >= 1, o
+        assert o["vector_loads"] and not o["local_memory"], o

@@ -205,14 +205,9 @@ def test_cuda_graph_capture():
         loss.backward(grad_out)
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    from cuda_graph import capture
+
+    graph, loss = capture(step)
     graph.replay()
     torch.cuda.synchronize()
     ref = _run(linear_soft_cross_entropy, x, w, q, 12)  # eager, the same upstream gradient

@@ -235,14 +235,9 @@ def test_cuda_graph_capture():
         loss.backward()
         return loss, colsum
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss, colsum = step()
+    from cuda_graph import capture
+
+    graph, (loss, colsum) = capture(step)
     temp.fill_(0.07)  # a new temperature reaches the captured kernels
     graph.replay()
     torch.cuda.synchronize()
