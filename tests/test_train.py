@@ -234,7 +234,7 @@ def test_nonfinite_loss_skips_updates_and_stops_with_step(data_dir, tmp_path, mo
     ["--loss.impl=fused", "--optim.ema_impl=triton", "--optim.clip_impl=triton", "--model.attn=sdpa",
      "--model.packed_multicrop=true"],
     ["--loss.impl=fused", "--model.fused_head=true", "--optim.ema_impl=foreach", "--optim.clip_impl=foreach"],
-], ids=["fused-loss+flat-triton+packed", "fused-head"])
+], ids=["fused-loss+triton+packed", "fused-head"])
 def test_fast_paths_follow_reference_trajectory(data_dir, tmp_path, fast):
     """9 steps of the tiny model with fast paths on and off (Triton under the interpreter on
     CPU): same loss trace and same final teacher, including the frozen-last-layer epoch."""
