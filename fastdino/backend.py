@@ -106,11 +106,11 @@ class LocalBackend:
         if resume == "auto" and not os.path.exists(path):
             return None
         ckpt = load_checkpoint(path)
-        pairs = [(self.student_module, ckpt.get("student")), (self.teacher_module, ckpt.get("teacher")),
-                 (self.optimizer, ckpt.get("optimizer"))]
+        entries = [(name, obj, ckpt.get(name)) for name, obj in
+                   (("student", self.student_module), ("teacher", self.teacher_module), ("optimizer", self.optimizer))]
         if self.scaler is not None and ckpt.get("scaler"):
-            pairs.append((self.scaler, ckpt["scaler"]))
-        load_states(pairs, path)
+            entries.append(("scaler", self.scaler, ckpt["scaler"]))
+        load_states(entries, path)
         return ckpt
 
 

@@ -63,7 +63,7 @@ def client_state(targets, epoch: int, step_in_epoch: int, step: int, cfg, resolv
 
 def restore_client(ckpt: dict, targets, path: str, rank: int = 0) -> tuple[int, int, int]:
     """Load the targets' state and this rank's RNG states; returns (epoch, step_in_epoch, step)."""
-    load_states([(targets, ckpt.get("dino_loss"))], path)
+    load_states([("dino_loss", targets, ckpt.get("dino_loss"))], path)
     try:
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
         set_rng_state(per_rank[rank] if rank < len(per_rank) else ckpt["rng"])
@@ -72,17 +72,36 @@ def restore_client(ckpt: dict, targets, path: str, rank: int = 0) -> tuple[int, 
         raise CheckpointError(f"checkpoint '{path}' is not a fastdino training checkpoint (missing {e})")
 
 
-def load_states(pairs, path: str) -> None:
-    """obj.load_state_dict(state) for each (obj, state); a missing or mismatched entry is a one-line
-    CheckpointError naming the checkpoint."""
-    for obj, state in pairs:
+def first_mismatch(mine: dict, saved: dict) -> str | None:
+    """The first difference between two state dicts, in words: a key only one has, or a shape."""
+    shape = lambda t: tuple(t.shape) if hasattr(t, "shape") else type(t).__name__  # noqa: E731
+    for key, value in saved.items():
+        if key not in mine:
+            return f"'{key}' {shape(value)} is in the checkpoint but not in this model"
+    for key, value in mine.items():
+        if key not in saved:
+            return f"'{key}' {shape(value)} of this model is missing from the checkpoint"
+        if shape(saved[key]) != shape(value):
+            return f"'{key}' is {shape(saved[key])} in the checkpoint, {shape(value)} in this model"
+    return None
+
+
+def load_states(entries, path: str) -> None:
+    """obj.load_state_dict(state) for each (name, obj, state); a missing entry, key or shape is a
+    one-line CheckpointError naming the checkpoint, the entry and the first mismatched key."""
+    for name, obj, state in entries:
         if state is None:
-            raise CheckpointError(f"checkpoint '{path}' has no {type(obj).__name__} state")
+            raise CheckpointError(f"checkpoint '{path}' has no '{name}' entry (not a fastdino training checkpoint?)")
+        what = None
+        if isinstance(obj, torch.nn.Module):
+            what = first_mismatch(obj.state_dict(), state)
         try:
-            obj.load_state_dict(state)
+            if what is None:
+                obj.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint '{path}' does not match this config ({first})")
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if what is not None:
+            raise CheckpointError(f"checkpoint '{path}' does not match this config: {name} {what}")
 
 
 def load_checkpoint(path: str) -> dict:

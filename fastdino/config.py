@@ -102,6 +102,7 @@ class TrainConfig:
     compile_step: bool = False  # torch.compile the whole step (forward, backward, optimizer, EMA) as one graph
     log_every: int = 10  # host reads loss and metrics only every N steps (no per-step sync)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
+    checkpoint_minutes: float = 30.0  # also checkpoint.pth every N minutes (0: off); a stop signal checkpoints too
     saveckp_freq: int = 20  # keep a numbered copy every N epochs
     max_steps: int = 0  # stop after N steps in total (0: train all epochs)
     progress: bool = True  # progress bar with loss, images/s and ETA
@@ -137,6 +138,10 @@ class Config:
     def get(self, key: str):
         section, name = key.split(".")
         return getattr(getattr(self, section), name)
+
+    def source(self, key: str) -> str:
+        """Where a key's value came from: "default", "file" (the JSON config) or "cli"."""
+        return getattr(self, "_sources", {}).get(key, "default")
 
 
 # The reference mode (train.reference=true): what every component runs as its plain reference. The
@@ -206,7 +211,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {typ}")
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def _set(cfg: Config, key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     if len(parts) != 2:
         raise ConfigError(f"config key '{key}': expected section.key (e.g. optim.lr)")
@@ -219,6 +224,9 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     if name not in hints:
         raise ConfigError(f"config key '{key}': unknown key (known in '{section_name}': {', '.join(hints)})")
     setattr(section, name, _coerce(key, value, hints[name]))
+    if not hasattr(cfg, "_sources"):
+        cfg._sources = {}
+    cfg._sources[key] = source
 
 
 def _check_choices(cfg: Config) -> None:
@@ -275,6 +283,7 @@ def _validate(cfg: Config) -> None:
     need(d.demo_image_size >= 8, "data.demo_image_size", "must be >= 8")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+    need(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0 (0: no checkpoints on the clock)")
     need(t.saveckp_freq >= 1, "train.saveckp_freq", "must be >= 1")
     need(t.max_steps >= 0, "train.max_steps", "must be >= 0")
     need(t.knn_every >= 0, "train.knn_every", "must be >= 0 (0 disables the online k-NN)")
@@ -290,7 +299,7 @@ def _validate(cfg: Config) -> None:
                           "(DeepSpeed's engine step is not traceable); use model.compile")
 
 
-def merge(cfg: Config, overrides: dict, prefix: str = "") -> Config:
+def merge(cfg: Config, overrides: dict, prefix: str = "", source: str = "file") -> Config:
     """Apply a nested dict of overrides ({"optim": {"lr": 1e-3}}) to cfg, checking every key."""
     for section_name, values in overrides.items():
         if section_name.startswith("_"):  # "_comment" / "_resolved" keys are allowed at the top level
@@ -298,7 +307,7 @@ def merge(cfg: Config, overrides: dict, prefix: str = "") -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"config key '{prefix}{section_name}': expected a section object, got {values!r}")
         for name, value in values.items():
-            _set(cfg, f"{section_name}.{name}", value)
+            _set(cfg, f"{section_name}.{name}", value, source)
     return cfg
 
 
@@ -320,7 +329,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected section.key=value")
         key, value = item.split("=", 1)
-        _set(cfg, key.strip(), value)
+        _set(cfg, key.strip(), value, "cli")
     _validate(cfg)
     return cfg
 

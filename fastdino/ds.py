@@ -492,7 +492,7 @@ class DeepSpeedBackend:
             except (KeyError, RuntimeError, ValueError) as e:
                 raise CheckpointError(f"checkpoint '{folder}' does not match this config ({e})")
         else:
-            load_states([(self.teacher_module, main.get("teacher"))], folder)
+            load_states([("teacher", self.teacher_module, main.get("teacher"))], folder)
         return {**main, "rng": own["rng"], "path": folder}
 
     def _full_state(self, module: torch.nn.Module) -> dict:

@@ -114,17 +114,35 @@ def knn_holdout(root: str, n_per_class: int = 50, seed: int = 0):
     return holdout_split(samples, n_per_class, 0.5, seed)
 
 
-def _images(samples, image_size: int) -> torch.Tensor:
-    """uint8 [N, 3, S, S] center crops (eval transform geometry), cached across calls."""
-    from fastdino.eval.common import EvalTransform, center_crop, load_image, resize_shorter, to_tensor
+_UNREADABLE = None  # fastdino.data.folder.Unreadable of the online k-NN (made on first use)
 
+
+def _images(samples, image_size: int) -> tuple[torch.Tensor, list]:
+    """(uint8 [N, 3, S, S] center crops in the eval transform's geometry, the samples they are of),
+    cached across calls. Unreadable images are skipped, named once in the log and counted."""
+    from fastdino.data.folder import Unreadable
+    from fastdino.eval.common import EvalTransform, UnreadableImage, center_crop, load_image, resize_shorter, to_tensor
+
+    global _UNREADABLE
     key = (tuple(p for p, _ in samples), image_size)
     if key in _IMAGE_CACHE:
         return _IMAGE_CACHE[key]
+    _UNREADABLE = _UNREADABLE or Unreadable("online k-NN")
     tf = EvalTransform(image_size)
-    out = torch.stack([(to_tensor(center_crop(resize_shorter(load_image(p), tf.resize_size), image_size,
-                                              image_size)) * 255).round().to(torch.uint8) for p, _ in samples])
-    if out.numel() + sum(v.numel() for v in _IMAGE_CACHE.values()) <= _IMAGE_CACHE_MAX_BYTES:
+    crops, kept = [], []
+    for path, label in samples:
+        try:
+            img = load_image(path)
+        except UnreadableImage as e:
+            _UNREADABLE.add(path, str(e).split(": ", 1)[-1])
+            continue
+        crops.append((to_tensor(center_crop(resize_shorter(img, tf.resize_size), image_size, image_size)) * 255)
+                     .round().to(torch.uint8))
+        kept.append((path, label))
+    if not crops:
+        raise ValueError(f"online k-NN: none of the {len(samples)} holdout images could be read")
+    out = (torch.stack(crops), kept)
+    if out[0].numel() + sum(v[0].numel() for v in _IMAGE_CACHE.values()) <= _IMAGE_CACHE_MAX_BYTES:
         _IMAGE_CACHE[key] = out
     return out
 
@@ -154,11 +172,13 @@ def online_knn(backbone, train_samples, val_samples, device, image_size: int, k:
 
     if not train_samples or not val_samples:
         raise ValueError("online_knn: empty bank or query set")
+    (bank_images, train_samples), (query_images, val_samples) = (_images(x, image_size)
+                                                                 for x in (train_samples, val_samples))
     was_training = backbone.training
     backbone.eval()
     try:
-        bank = _features(backbone, _images(train_samples, image_size), device, batch_size)
-        queries = _features(backbone, _images(val_samples, image_size), device, batch_size)
+        bank = _features(backbone, bank_images, device, batch_size)
+        queries = _features(backbone, query_images, device, batch_size)
     finally:
         backbone.train(was_training)
     bank_labels = torch.tensor([y for _, y in train_samples], device=bank.device)

@@ -48,6 +48,7 @@ def read_metrics(path: str) -> tuple[list[dict], dict | None]:
                 continue
             if isinstance(rec, dict):
                 records.append(rec)
+    records = latest_per_step(records)
     if not records:
         raise PlotError(f"metrics log '{path}' holds no records")
     config = None
@@ -59,6 +60,21 @@ def read_metrics(path: str) -> tuple[list[dict], dict | None]:
         except (OSError, json.JSONDecodeError):
             config = None
     return records, config
+
+
+def latest_per_step(records: list[dict]) -> list[dict]:
+    """Each step once: a run resumed from a checkpoint logs the steps after it again (the training
+    loop also trims the file on resume); a step record that goes back in time drops every earlier
+    record from that step on."""
+    out, last = [], None
+    for rec in records:
+        step = rec.get("step")
+        if "loss" in rec and isinstance(step, int):
+            if last is not None and step <= last:
+                out = [r for r in out if not (isinstance(r.get("step"), int) and r["step"] >= step)]
+            last = step
+        out.append(rec)
+    return out
 
 
 def series(records: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from fastdino.config import Config, ConfigError, load_config, split_cli_override
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
 from fastdino.losses import DINOTerm
 from fastdino.monitor import CollapseMonitor, knn_holdout, online_knn
+from fastdino.preemption import Abort, Interrupted, StopControl
 from fastdino.resolve import Resolved, resolve
 from fastdino.schedules import Schedules
 from fastdino.step import BAD_STEPS, FIRST_BAD_STEP, SKIPPED_UPDATES, STEP, StepState, compile_step, new_counters, train_step
@@ -52,7 +54,14 @@ class TrainingError(RuntimeError):
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = split_cli_overrides(argv)
-    parser = argparse.ArgumentParser(description="DINO training (fastdino)")
+    parser = argparse.ArgumentParser(
+        description="DINO training (fastdino)", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config overrides: any key of fastdino/config.py, after the JSON config, in either form:\n"
+               "  --set section.key=value      e.g. --set optim.lr=0.001\n"
+               "  --section.key value          e.g. --data.path /data/imagenet/train --train.reference=true\n"
+               "unknown keys and bad values stop the run with one line naming the key.\n\n"
+               "SIGINT / SIGTERM: the run stops at the next step with a checkpoint (exit 130 / 143); a second "
+               "signal stops at once.\n--resume with no checkpoint in the output folder starts fresh (and says so).")
     parser.add_argument("--config", default=None, help="JSON config (overrides of fastdino/config.py defaults)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue from OUTPUT_DIR/checkpoint.pth (or the given checkpoint)")
@@ -185,7 +194,8 @@ def _resume(run: Run, resume: str) -> tuple[int, int, int]:
     cfg = run.cfg
     ckpt = run.backend.resume(resume, cfg.train.output_dir)
     if ckpt is None:
-        log.warning("no checkpoint at %s: starting from scratch", run.backend.checkpoint_path(cfg.train.output_dir))
+        log.warning("--resume: nothing to resume (no checkpoint at %s): starting fresh",
+                    run.backend.checkpoint_path(cfg.train.output_dir))
         return 0, 0, 0
     path = ckpt.get("path", resume if resume != "auto" else run.backend.checkpoint_path(cfg.train.output_dir))
     epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path, run.ctx.rank)
@@ -193,6 +203,21 @@ def _resume(run: Run, resume: str) -> tuple[int, int, int]:
     if run.ctx.is_main:
         log.info("resumed from %s at epoch %d, step %d", path, epoch, it)
     return epoch, step_in_epoch, it
+
+
+def demo_data_wanted(cfg: Config) -> bool:
+    """data.generate_demo applies to the data.path of the same config layer (the demo config's own
+    folder), or to any path when it is given on the command line; another missing folder is an error,
+    not 2,000 synthetic images trained on by mistake."""
+    d = cfg.data
+    if not d.generate_demo or os.path.isdir(d.path):
+        return d.generate_demo
+    if cfg.source("data.generate_demo") == "cli" or cfg.source("data.path") == cfg.source("data.generate_demo"):
+        return True
+    from fastdino.data import DataError
+
+    raise DataError(f"data folder '{d.path}' does not exist (data.generate_demo=true of the config file applies "
+                    f"to its own data.path; add --data.generate_demo=true to generate the demo images there)")
 
 
 def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
@@ -203,9 +228,10 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     resolved = resolve(cfg, device, ctx.world_size)
 
     # ============ data ============
-    if cfg.data.generate_demo and ctx.is_main:
+    if demo_data_wanted(cfg) and ctx.is_main:
         d = cfg.data
-        generate_demo_dataset(d.path, d.demo_num_images, d.demo_num_classes, d.demo_image_size, seed=cfg.train.seed)
+        generate_demo_dataset(d.path, d.demo_num_images, d.demo_num_classes, d.demo_image_size, seed=cfg.train.seed,
+                              progress=cfg.train.progress)
     barrier()
     batch = cfg.optim.batch_size_per_gpu
     loader = build_train_loader(cfg.data, batch_size=batch, rank=ctx.rank, world_size=ctx.world_size,
@@ -217,32 +243,68 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     run = build_run(cfg, ctx, steps_per_epoch, resolved)
     if ctx.is_main:
         write_config(cfg, resolved)
-    state = run.state
 
     # ============ resume ============
-    start_epoch, start_step_in_epoch, it = (0, 0, 0) if args.resume is None else _resume(run, args.resume)
+    start = (0, 0, 0) if args.resume is None else _resume(run, args.resume)
+    metrics_path = os.path.join(cfg.train.output_dir, "metrics.jsonl")
+    if ctx.is_main and args.resume is not None:
+        drop_metrics_from(metrics_path, start[2])  # the steps after the checkpoint are logged again
+    metrics = MetricsLog(metrics_path if ctx.is_main else None)
+    progress = None
+    try:
+        with StopControl(ctx.world_size, ctx.is_main, cfg.train.checkpoint_minutes) as control:
+            total_steps = cfg.optim.epochs * steps_per_epoch
+            if cfg.train.max_steps:
+                total_steps = min(total_steps, cfg.train.max_steps)
+            if ctx.is_main and cfg.train.progress:
+                from tqdm import tqdm
 
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    metrics = MetricsLog(os.path.join(cfg.train.output_dir, "metrics.jsonl") if ctx.is_main else None)
+                progress = tqdm(total=total_steps, initial=start[2], unit="step", dynamic_ncols=True,
+                                mininterval=1.0)
+            if ctx.is_main:
+                log.info("fastdino: %s/%d, %d+%d crops, %d images, %d steps/epoch, global batch %d, device %s",
+                         cfg.model.arch, cfg.model.patch_size, 2, cfg.data.local_crops_number, loader.num_images,
+                         steps_per_epoch, batch * ctx.world_size, device)
+            summary = _loop(run, loader, metrics, progress, control, start, total_steps)
+    finally:
+        if progress is not None:
+            progress.close()
+        metrics.close()
+    barrier()
+    summary.update(corrupt_images=loader.num_corrupt)
+    if ctx.is_main:
+        log.info("done: %d steps, last loss %.4f, %d corrupt images skipped", summary["steps"], summary["loss"],
+                 loader.num_corrupt)
+    return summary
+
+
+def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl, start: tuple,
+          total_steps: int) -> dict:
+    """The epochs: step, log (the only host reads), checkpoint (epoch ends, train.checkpoint_every,
+    the clock, a stop signal), online k-NN. Returns {"steps", "loss"}."""
+    cfg, ctx, state = run.cfg, run.ctx, run.state
+    device, steps_per_epoch = ctx.device, loader.steps_per_epoch
+    start_epoch, start_step_in_epoch, it = start
     monitor = CollapseMonitor(cfg.model.out_dim)  # warns when entropy -> 0 or ln K, or KL -> 0
     knn_sets = (knn_holdout(cfg.data.path, cfg.train.knn_holdout_per_class, seed=cfg.train.seed)
                 if cfg.train.knn_every > 0 else None)
-    progress = None
-    if ctx.is_main and cfg.train.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=it, unit="step", dynamic_ncols=True, mininterval=1.0)
-    if ctx.is_main:
-        log.info("fastdino: %s/%d, %d+%d crops, %d images, %d steps/epoch, global batch %d, device %s",
-                 cfg.model.arch, cfg.model.patch_size, 2, cfg.data.local_crops_number, loader.num_images,
-                 steps_per_epoch, batch * ctx.world_size, device)
-
-    images_per_step = batch * ctx.world_size
+    images_per_step = cfg.optim.batch_size_per_gpu * ctx.world_size
     pending: list[tuple[int, int, dict]] = []  # (step, epoch, step outputs) not yet read by the host
     last_log_time, last_log_step = time.perf_counter(), it
-    summary = {"steps": 0, "loss": float("nan")}
+    summary = {"steps": it, "loss": float("nan")}
+
+    def log_pending():
+        nonlocal last_log_time, last_log_step
+        now = time.perf_counter()
+        ips = images_per_step * (it - last_log_step) / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, it
+        losses, _ = _log_pending(run, pending, metrics, monitor, ips, loader.num_corrupt)
+        pending.clear()
+        summary.update(loss=losses[-1], steps=it)
+        if progress is not None:
+            progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", img_s=f"{ips:.1f}",
+                                 **({"warn": monitor.flag} if monitor.flag else {}))
+
     done = it >= total_steps
     for epoch in range(start_epoch, cfg.optim.epochs):
         if done:
@@ -252,30 +314,28 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
             state.load_hyperparams(run.table, it)
             pending.append((it, epoch, run.step_fn(state, crops)))
             it += 1
-
-            if (it % cfg.train.log_every == 0 or it == total_steps) and pending:
-                # ============ logging: the only host sync, one device-to-host copy ============
-                now = time.perf_counter()
-                ips = images_per_step * (it - last_log_step) / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step = now, it
-                losses, last = _log_pending(run, pending, metrics, monitor, ips, loader.num_corrupt)
-                pending.clear()
-                summary.update(loss=losses[-1])
-                if progress is not None:
-                    progress.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", img_s=f"{ips:.1f}",
-                                         **({"warn": monitor.flag} if monitor.flag else {}))
+            if it % cfg.train.log_every == 0 or it == total_steps:  # ============ logging ============
+                log_pending()
             if progress is not None:
                 progress.update(1)
 
+            # ============ checkpoint: epoch end, every N steps, on the clock, on a stop signal ============
             end_of_epoch = step_in_epoch + 1 == steps_per_epoch
             done = it >= total_steps
-            if (cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0) or end_of_epoch or done:
+            stop, due = control.poll()
+            if (cfg.train.checkpoint_every and it % cfg.train.checkpoint_every == 0) or end_of_epoch or done \
+                    or due or stop:
                 next_epoch, next_step = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)
                 keep = end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0
-                run.backend.save(client_state(state.targets, next_epoch, next_step, it, cfg, resolved),
+                run.backend.save(client_state(state.targets, next_epoch, next_step, it, cfg, run.resolved),
                                  cfg.train.output_dir, keep_as=f"checkpoint{epoch:04d}.pth" if keep else None)
+                control.checkpointed()
+            if stop:
+                if pending:
+                    log_pending()
+                raise Interrupted(stop, it, run.backend.checkpoint_path(cfg.train.output_dir))
             if knn_sets is not None and end_of_epoch and (epoch + 1) % cfg.train.knn_every == 0:
-                zero3 = resolved.backend == "deepspeed" and cfg.deepspeed.zero_stage == 3  # every rank gathers
+                zero3 = run.resolved.backend == "deepspeed" and cfg.deepspeed.zero_stage == 3  # every rank gathers
                 if ctx.is_main or zero3:
                     top1 = online_knn(run.backend.teacher_module.backbone, *knn_sets, device,
                                       image_size=cfg.data.global_crop_size)
@@ -284,15 +344,28 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
                         log.info("epoch %d: online k-NN top-1 of the teacher %.2f%%", epoch, top1)
             if done:
                 break
-    if progress is not None:
-        progress.close()
-    metrics.close()
-    barrier()
-    summary.update(steps=it, corrupt_images=loader.num_corrupt)
-    if ctx.is_main:
-        log.info("done: %d steps, last loss %.4f, %d corrupt images skipped", it, summary["loss"],
-                 loader.num_corrupt)
+    summary["steps"] = it
     return summary
+
+
+def drop_metrics_from(path: str, step: int) -> None:
+    """Resuming at `step`: drop the records of steps >= step (they are about to be logged again), so
+    metrics.jsonl holds each step once. Rewritten atomically; broken lines (a killed run) go too."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", -1) < step:
+                kept.append(json.dumps(record) + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _log_pending(run: Run, pending: list, metrics: MetricsLog, monitor: CollapseMonitor, ips: float,
@@ -326,11 +399,36 @@ def _log_pending(run: Run, pending: list, metrics: MetricsLog, monitor: Collapse
     return losses, last
 
 
+class ProgressAwareHandler(logging.StreamHandler):
+    """Log lines go above the progress bar (tqdm.write), never onto its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[ProgressAwareHandler()])
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg, args = parse_args(argv)
         train(cfg, args)
+    except Interrupted as e:  # checkpointed at a step boundary: exit as the signal would have
+        if main_rank:
+            print(f"fastdino: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except (Abort, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if main_rank:
+            print(f"fastdino: {'aborted' if isinstance(e, Abort) else 'interrupted'} by "
+                  f"{signal.Signals(signum).name}: stopped at once; the last complete checkpoint is intact "
+                  "(resume with --resume)", file=sys.stderr)
+        return 128 + signum
     except (ConfigError, TrainingError, CheckpointError) as e:
         print(f"fastdino: error: {e}", file=sys.stderr)
         return 2

@@ -247,6 +247,38 @@ def test_knn_and_linear_cli(tmp_path, capsys):
     assert "top-1" in capsys.readouterr().out
 
 
+def _corrupt(path) -> str:
+    with open(path, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    return str(path)
+
+
+def test_evaluation_commands_skip_unreadable_images(tmp_path, caplog):
+    """A corrupt image in the labeled folder (k-NN, linear probe) or the image list (attention maps)
+    is skipped, named once in the log and counted in the report; the command finishes."""
+    data = _color_folder(tmp_path / "data")
+    bad = _corrupt(data / "class1" / "broken.jpg")
+    out = tmp_path / "out"
+    args = ["--random_init", "--arch", "vit_tiny", "--data_path", str(data), "--image_size", "32",
+            "--num_workers", "0", "--output_dir", str(out), "--device", DEVICE]
+    with caplog.at_level("WARNING", logger="fastdino"):
+        rep = knn.main(args + ["--nb_knn", "3"])
+        rep2 = knn.main(args + ["--nb_knn", "3"])  # from the feature cache: skipped and named again
+        lin = linear.main(args + ["--epochs", "1", "--lr", "0.1"])
+    for r in (rep, rep2, lin):
+        assert r["unreadable_images"] == 1 and r["num_train"] + r["num_val"] == 18, r
+    named = [m for m in caplog.messages if "broken.jpg" in m]
+    assert len(named) == 3 and all(m.startswith("evaluation: skipped unreadable image") for m in named), named
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(images / "ok.png")
+    _corrupt(images / "bad.png")
+    rep = attention.main(["--random_init", "--arch", "vit_tiny", "--images", str(images), "--image_size", "32",
+                          "--output_dir", str(tmp_path / "attn"), "--device", DEVICE])
+    assert list(rep["images"]) == ["ok"] and rep["unreadable_images"] == 1
+    assert bad.endswith("broken.jpg")
+
+
 def test_attention_cli_writes_pngs_and_jaccard(tmp_path):
     img = np.zeros((48, 64, 3), np.uint8)
     img[8:40, 16:48] = (250, 250, 250)
@@ -320,6 +352,10 @@ def test_online_knn(tmp_path):
     tiny = load_backbone(None, arch="vit_tiny", device=DEVICE)
     top1 = online_knn(tiny, bank, queries, DEVICE, image_size=16, k=5)
     assert 0.0 <= top1 <= 100.0
+    _corrupt(tmp_path / "data" / "class0" / "0_broken.jpg")  # sorts first: in the holdout
+    bank, queries = knn_holdout(str(data), n_per_class=6)
+    assert any("0_broken" in p for p, _ in bank + queries)
+    assert online_knn(backbone, bank, queries, DEVICE, image_size=16, k=5) == 100.0  # skipped, not fatal
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,6 +372,16 @@ def _metrics(run):
             f.write(json.dumps(rec) + "\n")
         f.write('{"step": 12, "loss"')  # a line cut by a killed run is skipped
     (run / "config.json").write_text(json.dumps({"model": {"out_dim": 4096}}))
+
+
+def test_plot_reads_each_step_once_after_a_resume():
+    from fastdino.plot import latest_per_step
+
+    first = [{"step": s, "loss": 1.0} for s in range(6)] + [{"step": 5, "knn_top1": 50.0}]
+    again = [{"step": s, "loss": 2.0} for s in range(4, 8)]  # resumed from step 4: 4 and 5 logged again
+    got = latest_per_step(first + again)
+    assert [(r["step"], r.get("loss")) for r in got] == [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0),
+                                                         (5, 2.0), (6, 2.0), (7, 2.0)]
 
 
 def test_plot(tmp_path, monkeypatch):

@@ -172,18 +172,24 @@ def test_bad_input_gives_one_line_errors(data_dir, tmp_path, capsys):
     assert "nope.pth" in err
 
 
-def test_corrupt_image_is_skipped_and_counted(tmp_path):
+def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
+    """In training and in the online k-NN of the teacher: skipped, named once each, the run ends normally."""
     from fastdino.data import generate_demo_dataset
 
     root = str(tmp_path / "data")
     generate_demo_dataset(root, num_images=15, num_classes=3, image_size=40, seed=1)
-    with open(os.path.join(root, os.listdir(root)[0], "broken.jpg"), "wb") as f:
+    with open(os.path.join(root, sorted(os.listdir(root))[0], "broken.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 this is not a jpeg")
     out = str(tmp_path / "run")
-    summary = run_in_process(tiny(root, out, "--optim.epochs=1", "--optim.warmup_epochs=0"))
+    with caplog.at_level("WARNING", logger="fastdino"):
+        summary = run_in_process(tiny(root, out, "--optim.epochs=1", "--optim.warmup_epochs=0",
+                                      "--train.knn_every=1", "--train.knn_holdout_per_class=10"))
     assert summary["steps"] == 2 and summary["corrupt_images"] == 1
-    last = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][-1]
-    assert last["corrupt_images"] == 1
+    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert records[-2]["corrupt_images"] == 1 and "knn_top1" in records[-1]
+    named = [m for m in caplog.messages if "broken.jpg" in m]
+    assert named == [m for m in named if "skipped unreadable image" in m] and 1 <= len(named) <= 2, named
+    assert any(m.startswith("online k-NN:") for m in named)  # the holdout met it too, and said so
 
 
 def test_nonfinite_loss_skips_updates_and_stops_with_step(data_dir, tmp_path, monkeypatch, capsys):
@@ -265,3 +271,123 @@ def test_mixed_precision_steps(data_dir, tmp_path, precision):
     ckpt = load(out)
     assert (ckpt["scaler"] is not None) == (precision == "fp16")
     assert summary["steps"] == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# safe to leave running: signals, resume, data path, mismatched checkpoints
+# ------------------------------------------------------------------------------------------------
+def _start(argv, tmp_path, env_extra=None, **kw):
+    """A training subprocess; the same thread count as this process unless env_extra says otherwise
+    (runs compared bit for bit must reduce in the same order)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for_steps(proc, metrics, n, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach {n} logged steps (rc {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+def _steps_logged(out):
+    return [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl")) if "loss" in json.loads(x)]
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(data_dir, tmp_path):
+    """SIGTERM to the whole process group (as SLURM does; a DataLoader worker included): the run
+    stops at a step boundary with a checkpoint, one line and exit 143; --resume then ends bit for bit
+    where the uninterrupted run does, and metrics.jsonl holds every step once."""
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    common = ["--train.max_steps=14", "--train.log_every=1", "--data.num_workers=1"]
+    run_in_process(tiny(data_dir, full, *common))
+    proc = _start([sys.executable, TRAIN, *tiny(data_dir, stopped, *common)], tmp_path, start_new_session=True)
+    _wait_for_steps(proc, os.path.join(stopped, "metrics.jsonl"), 5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    step = load(stopped)["step"]
+    assert 5 <= step < 14
+    assert last == f"fastdino: interrupted by SIGTERM at step {step}: checkpoint written to " \
+                   f"{os.path.join(stopped, 'checkpoint.pth')}; resume with --resume", last
+    assert "Traceback" not in err
+    run_in_process(tiny(data_dir, stopped, *common, "--resume"))
+    assert_states_equal(load(full), load(stopped), exact=True)
+    assert _steps_logged(stopped) == list(range(14))  # each step once, though steps were redone
+
+
+def test_ddp_sigterm_checkpoints_and_resume_matches_uninterrupted(data_dir, tmp_path):
+    """2-process DDP: torchrun passes SIGTERM on; both ranks stop at the same step (one gloo
+    all-reduce per step), rank 0 checkpoints, and the resumed run equals the uninterrupted one."""
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    common = ["--train.max_steps=10", "--train.log_every=1", "--optim.batch_size_per_gpu=4", "--train.device=cpu"]
+
+    def cmd(out, port, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", TRAIN,
+                *tiny(data_dir, out, *common, *extra)]
+
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    proc = _start(cmd(full, 29541), tmp_path, one_thread)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    proc = _start(cmd(stopped, 29542), tmp_path, one_thread)
+    _wait_for_steps(proc, os.path.join(stopped, "metrics.jsonl"), 4)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "interrupted by SIGTERM at step" in err, err[-3000:]
+    assert 4 <= load(stopped)["step"] < 10
+    proc = _start(cmd(stopped, 29543, "--resume"), tmp_path, one_thread)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert_states_equal(load(full), load(stopped), exact=True)
+    assert _steps_logged(stopped) == list(range(10))
+
+
+def test_second_signal_aborts_and_the_last_checkpoint_stays_loadable(data_dir, tmp_path):
+    from fastdino.checkpoint import load_checkpoint
+
+    out = str(tmp_path / "run")
+    proc = _start([sys.executable, TRAIN, *tiny(data_dir, out, "--train.max_steps=40", "--train.log_every=1",
+                                               "--train.checkpoint_every=1")], tmp_path)
+    _wait_for_steps(proc, os.path.join(out, "metrics.jsonl"), 3)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("fastdino: ")  # one line: aborted, or stopped at the boundary
+    ckpt = load_checkpoint(os.path.join(out, "checkpoint.pth"))  # complete: it loads
+    assert ckpt["step"] >= 3
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # no half-written file left behind
+
+
+def test_demo_data_is_generated_only_where_asked(tmp_path, capsys):
+    """configs/demo.json generates its own data/demo; another missing data.path is an error, unless
+    data.generate_demo is given with it on the command line."""
+    missing = str(tmp_path / "some" / "missing")
+    out = str(tmp_path / "run")
+    err = _one_line_error(["--config", os.path.join(ROOT, "configs", "demo.json"), f"--data.path={missing}",
+                           f"--train.output_dir={out}"], capsys)
+    assert missing in err and "--data.generate_demo=true" in err and not os.path.exists(missing)
+    run_in_process(tiny(missing, out, "--data.generate_demo=true", "--data.demo_num_images=16",
+                        "--data.demo_image_size=32", "--train.max_steps=1"))
+    assert len([f for _, _, fs in os.walk(missing) for f in fs]) == 16
+
+
+def test_mismatched_checkpoint_names_the_key_and_shapes(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run_in_process(tiny(data_dir, out, "--train.max_steps=1"))
+    err = _one_line_error(tiny(data_dir, out, "--model.out_dim=64", "--resume"), capsys)
+    assert err == (f"fastdino: error: checkpoint '{os.path.join(out, 'checkpoint.pth')}' does not match this config: "
+                   "student 'head.last_layer.weight_v' is (128, 256) in the checkpoint, (64, 256) in this model"), err
+    err = _one_line_error(tiny(data_dir, out, "--model.depth=3", "--resume"), capsys)
+    assert "student 'backbone.blocks.3.norm1.weight' (192,) is in the checkpoint but not in this model" in err, err
+
+
+def test_bare_resume_without_checkpoint_starts_fresh(data_dir, tmp_path, caplog):
+    out = str(tmp_path / "run")
+    with caplog.at_level("WARNING", logger="fastdino"):
+        summary = run_in_process(tiny(data_dir, out, "--train.max_steps=1", "--resume"))
+    assert summary["steps"] == 1
+    assert any(m.startswith("--resume: nothing to resume") for m in caplog.messages), caplog.messages

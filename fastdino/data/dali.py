@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from fastdino.data.augment import PARAM_KEYS, crop_specs, photometric, photometric_params, resized_crop_boxes, uniforms
-from fastdino.data.folder import DataError, ImageSource, image_size_from_header
+from fastdino.data.folder import DataError, ImageSource, Unreadable, image_size_from_header
 from fastdino.data.torch_loader import MAX_REPLACEMENTS, EpochBatches, check_batch_geometry
 
 PIPELINE_DEPTH = 2  # DALI iterations in flight (prefetch_queue_depth): one running while one is consumed
@@ -161,6 +161,7 @@ class DaliMultiCropLoader:
         self._pipes_built = 0  # pipelines built over the loader's life (rebuilds happen only after decoder errors)
         self._readers = None
         self._bad: set[int] = set()  # dataset indices known unreadable on this rank
+        self._unreadable = Unreadable("training data")  # names them in the log
         # seconds summed over batches: host thread (file reads + header checks, parameter draws),
         # consumer (waiting for the host queue, waiting for DALI outputs, photometric launch)
         self.timing = collections.Counter()
@@ -206,8 +207,9 @@ class DaliMultiCropLoader:
                 data = self.source.read(i)
                 w, h = image_size_from_header(data)
                 return i, data, w, h, first_bad, k
-            except (OSError, ValueError):
+            except (OSError, ValueError) as e:
                 self._bad.add(i)
+                self._unreadable.add(self.source.name(i), str(e))
                 first_bad = first_bad or self.source.name(i)
         raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
                         f"e.g. '{first_bad}'")
@@ -307,9 +309,10 @@ class DaliMultiCropLoader:
             for i in item["indices"]:
                 try:
                     Image.open(io.BytesIO(self.source.read(i))).load()
-                except Exception:
+                except Exception as e:
                     if i not in self._bad:
                         self._bad.add(i)
+                        self._unreadable.add(self.source.name(i), str(e))
                         found = True
         if not found:
             raise err

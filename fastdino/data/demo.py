@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from fastdino.data.folder import DataError, ImageFolder
+
+log = logging.getLogger("fastdino")
 
 SHAPES = ("disk", "square", "triangle", "stripes", "checker", "ring", "cross", "blob")
 
@@ -106,8 +109,9 @@ def _count_images(root: str) -> int:
 
 
 def generate_demo_dataset(root: str, num_images: int = 2000, num_classes: int = 4, image_size: int = 96,
-                          seed: int = 0) -> str:
+                          seed: int = 0, progress: bool = False) -> str:
     """Write root/class_XX/img_XXXXX.jpg (image i has class i % num_classes); returns root.
+    progress: say so in the log and show a progress bar (it takes about a minute for the demo).
 
     Skipped when root already holds num_images images. Written into a temporary sibling folder and
     renamed into place, so an interrupted run never leaves a partial dataset, and concurrent callers
@@ -127,10 +131,16 @@ def generate_demo_dataset(root: str, num_images: int = 2000, num_classes: int = 
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+    indices = range(num_images)
+    if progress:
+        from tqdm import tqdm
+
+        log.info("generating the demo dataset: %d images of %d px in %s", num_images, image_size, root)
+        indices = tqdm(indices, desc="demo images", unit="img", leave=False, mininterval=1.0)
     try:
         for c in range(num_classes):
             os.makedirs(os.path.join(tmp, f"class_{c:02d}"))
-        for i in range(num_images):
+        for i in indices:
             label = i % num_classes
             pixels = render_demo_image(i, label, num_classes, image_size, seed)
             Image.fromarray(pixels).save(os.path.join(tmp, f"class_{label:02d}", f"img_{i:05d}.jpg"), quality=90)

@@ -6,10 +6,12 @@ are kept for k-NN / linear evaluation.
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+log = logging.getLogger("fastdino")
 
 
 class DataError(RuntimeError):
@@ -41,6 +43,28 @@ class ImageFolder:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+class Unreadable:
+    """The unreadable images a reader skipped: each distinct file is counted and named once in the
+    log, the first `name_at_most` of them; past that one line says further ones are only counted.
+    Every reader of images uses one (training loaders, online k-NN, evaluation)."""
+
+    def __init__(self, what: str, name_at_most: int = 10):
+        self.what, self.name_at_most = what, name_at_most
+        self.names: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def add(self, name: str, reason: str = "") -> None:
+        if name in self.names:
+            return
+        self.names.add(name)
+        if len(self.names) <= self.name_at_most:
+            log.warning("%s: skipped unreadable image '%s'%s", self.what, name, f" ({reason})" if reason else "")
+            if len(self.names) == self.name_at_most:
+                log.warning("%s: further unreadable images are skipped and counted, not named", self.what)
 
 
 def image_size_from_header(data: bytes) -> tuple[int, int]:

@@ -23,9 +23,18 @@ import numpy as np
 import torch
 
 from fastdino.data.augment import crop_specs, draw_params, photometric, pil_to_uint8, resized_crop_pil, stack_params, uniforms
-from fastdino.data.folder import DataError, ImageSource
+from fastdino.data.folder import DataError, ImageSource, Unreadable
 
 MAX_REPLACEMENTS = 16
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the main process (which checkpoints and stops
+    them): Ctrl-C reaches the whole process group, and SLURM signals every process of a job."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _decode(data: bytes):
@@ -142,8 +151,9 @@ class TorchMultiCropLoader:
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             generator=torch.Generator(),  # the loader's base seed must not consume torch's global RNG
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
         )
-        self._bad: set[str] = set()
+        self._bad = Unreadable("training data")
 
     @property
     def num_corrupt(self) -> int:
@@ -157,7 +167,8 @@ class TorchMultiCropLoader:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         self.sampler.epoch, self.sampler.start_step = int(epoch), int(start_step)
         for batch in self._loader:
-            self._bad.update(batch["bad"])
+            for name in batch["bad"]:
+                self._bad.add(name)
             if 2 * batch["primary_bad"] > self.batch_size:
                 raise DataError(f"{batch['primary_bad']} of {self.batch_size} images of a batch are unreadable, "
                                 f"e.g. '{batch['bad'][0]}' (check data.path)")

@@ -21,8 +21,9 @@ import os
 
 import torch
 
-from fastdino.eval.common import (EvalError, add_backbone_args, backbone_from_args, center_crop, load_image,
-                                  normalize, resize_shorter, run_cli, save_report, to_tensor)
+from fastdino.data.folder import Unreadable
+from fastdino.eval.common import (EvalError, UnreadableImage, add_backbone_args, backbone_from_args, center_crop,
+                                  load_image, normalize, resize_shorter, run_cli, save_report, to_tensor)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # a perceptually ordered dark-to-bright color map (anchors of an inferno-like ramp), for heat maps
@@ -235,8 +236,13 @@ def main(argv=None) -> dict:
     out_dir = args.output_dir or (os.path.join("runs", f"attention-random-{args.arch}") if args.random_init
                                   else os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "attention"))
     report, used = {"images": {}}, set()
+    unreadable = Unreadable("attention maps")
     for path, gt in zip(images, gts):
-        img, attn, masks, scores = analyze_image(model, path, args.image_size, args.threshold, device, gt)
+        try:
+            img, attn, masks, scores = analyze_image(model, path, args.image_size, args.threshold, device, gt)
+        except UnreadableImage as e:
+            unreadable.add(path, str(e))
+            continue
         stem = os.path.splitext(os.path.basename(path))[0]
         name, n = stem, 1
         while name in used:  # same file name in two folders
@@ -262,7 +268,7 @@ def main(argv=None) -> dict:
         m = report["mean"]
         print(f"mean Jaccard over {len(scored)} images: best head {m['best']:.3f} (head {best}), mean over "
               f"heads {m['mean_over_heads']:.3f}, head-averaged map {m['mean_attention']:.3f}")
-    report.update(threshold=args.threshold, image_size=args.image_size,
+    report.update(threshold=args.threshold, image_size=args.image_size, unreadable_images=len(unreadable),
                   checkpoint=None if args.random_init else os.path.abspath(args.checkpoint))
     save_report(report, out_dir, "attention.json")
     return report

@@ -35,6 +35,10 @@ class EvalError(ValueError):
     """A bad evaluation input (checkpoint, folder, mask, option): one line naming the culprit."""
 
 
+class UnreadableImage(EvalError):
+    """An image file that cannot be decoded: skipped and counted by every command that reads images."""
+
+
 # ------------------------------------------------------------------------------------------------
 # device, images, transforms
 # ------------------------------------------------------------------------------------------------
@@ -54,7 +58,7 @@ def load_image(path: str, mode: str = "RGB"):
         with Image.open(path) as img:
             return img.convert(mode)
     except (OSError, ValueError) as e:
-        raise EvalError(f"cannot read image '{path}': {e}") from None
+        raise UnreadableImage(f"cannot read image '{path}': {e}") from None
 
 
 def resize_shorter(img, size: int, resample=None):
@@ -101,7 +105,8 @@ class EvalTransform:
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    """(path, label) list -> (image tensor, label)."""
+    """(path, label) list -> (image tensor, label, readable). An unreadable image gives zeros and
+    readable=False: the caller drops it (skipped and counted, never the end of an evaluation)."""
 
     def __init__(self, samples, transform):
         self.samples, self.transform = list(samples), transform
@@ -111,7 +116,11 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return self.transform(load_image(path)), label
+        try:
+            return self.transform(load_image(path)), label, True
+        except UnreadableImage:
+            size = self.transform.image_size
+            return torch.zeros(3, size, size), label, False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,14 +441,20 @@ class EvalRun:
         self.device = next(self.model.parameters()).device
         self.out_dir = default_output_dir(args)
         self.cache_dir = None if args.no_cache else os.path.join(self.out_dir, "cache")
+        from fastdino.data.folder import Unreadable
 
-    def features(self, samples, feature_fn, kind: tuple) -> torch.Tensor:
-        """feature_fn(model, images) over the samples, cached under `kind` + the weights and images."""
+        self.unreadable = Unreadable("evaluation")
+
+    def features(self, samples, feature_fn, kind: tuple) -> tuple[torch.Tensor, list]:
+        """feature_fn(model, images) over the samples, cached under `kind` + the weights and images.
+        Returns (features, samples) of the readable images: unreadable ones are skipped, named once
+        in the log and counted in `self.unreadable`."""
         a = self.args
         key = (*kind, backbone_id(a), a.image_size, [s[0] for s in samples])
-        return cached_features(self.cache_dir, key, lambda: extract_features(
+        out = cached_features(self.cache_dir, key, lambda: extract_features(
             self.model, samples, feature_fn, a.image_size, a.batch_size, a.num_workers, self.device,
             progress=sys.stderr.isatty()))
+        return keep_readable(out["features"], out["readable"], samples, self.unreadable)
 
 
 def backbone_id(args) -> str:
@@ -460,24 +475,38 @@ def cls_features(model, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(model, samples, feature_fn=cls_features, image_size: int = 224, batch_size: int = 64,
-                     num_workers: int = 0, device=None, progress: bool = False) -> torch.Tensor:
-    """feature_fn(model, images) for every sample, in order: [N, D] float32 on the CPU."""
+                     num_workers: int = 0, device=None, progress: bool = False) -> dict:
+    """feature_fn(model, images) for every sample, in order: {"features": [N, D] float32 on the CPU,
+    "readable": [N] bool} (an unreadable image's row is zeros: drop it with keep_readable)."""
     device = device or next(model.parameters()).device
     loader = torch.utils.data.DataLoader(SampleDataset(samples, EvalTransform(image_size)), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else _null()
-    feats = []
+    feats, readable = [], []
     it = loader
     if progress:
         from tqdm import tqdm
 
         it = tqdm(loader, desc="features", leave=False)
-    for images, _ in it:
+    for images, _, ok in it:
         with amp:
             out = feature_fn(model, images.to(device, non_blocking=True))
-        feats.append(out.float().cpu())
-    return torch.cat(feats) if feats else torch.empty(0)
+        feats.append(out.float().cpu() * ok.view(-1, 1))
+        readable.append(ok)
+    return {"features": torch.cat(feats) if feats else torch.empty(0),
+            "readable": torch.cat(readable) if readable else torch.zeros(0, dtype=torch.bool)}
+
+
+def keep_readable(features: torch.Tensor, readable: torch.Tensor, samples: list, unreadable) -> tuple:
+    """(features, samples) without the unreadable images; each one is named once (Unreadable)."""
+    for (path, _), ok in zip(samples, readable.tolist()):
+        if not ok:
+            unreadable.add(path)
+    keep = [i for i, ok in enumerate(readable.tolist()) if ok]
+    if not keep:
+        raise EvalError(f"none of the {len(samples)} images could be read (e.g. '{samples[0][0]}')")
+    return features[keep], [samples[i] for i in keep]
 
 
 class _null:

@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     run = EvalRun(parse_args(argv))
     args, train, val, classes, model, device = run.args, run.train, run.val, run.classes, run.model, run.device
     t0 = time.perf_counter()
-    train_feats, val_feats = (run.features(x, cls_features, ("knn-cls",)) for x in (train, val))
+    (train_feats, train), (val_feats, val) = (run.features(x, cls_features, ("knn-cls",)) for x in (train, val))
     t_feat = time.perf_counter() - t0
     train_labels = torch.tensor([s[1] for s in train])
     val_labels = torch.tensor([s[1] for s in val])
@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
     report = {"checkpoint": None if args.random_init else os.path.abspath(args.checkpoint),
               "which": None if args.random_init else args.which, "random_init": args.random_init,
               "arch": model.arch, "patch_size": model.patch_size, "depth": model.depth, "temperature": args.temperature,
-              "image_size": args.image_size, "num_train": len(train), "num_val": len(val),
+              "image_size": args.image_size,
+              "num_train": len(train), "num_val": len(val), "unreadable_images": len(run.unreadable),
               "num_classes": len(classes), "results": {str(k): r for k, r in results.items()}}
     save_report(report, run.out_dir, "knn.json" if not args.random_init else "knn-random.json")
     return report

@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
         return linear_features(m, x, n_blocks, avgpool)
 
     t0 = time.perf_counter()
-    train_x, val_x = (run.features(x, layout, ("linear", n_blocks, avgpool)) for x in (train, val))
+    (train_x, train), (val_x, val) = (run.features(x, layout, ("linear", n_blocks, avgpool)) for x in (train, val))
     t_feat = time.perf_counter() - t0
     train_y = torch.tensor([s[1] for s in train])
     val_y = torch.tensor([s[1] for s in val])
@@ -153,7 +153,8 @@ def main(argv=None) -> dict:
     report = {"checkpoint": None if args.random_init else os.path.abspath(args.checkpoint),
               "which": None if args.random_init else args.which, "random_init": args.random_init,
               "arch": model.arch, "patch_size": model.patch_size, "depth": model.depth, "n_last_blocks": n_blocks,
-              "avgpool_patchtokens": avgpool, "epochs": args.epochs, "num_train": len(train), "num_val": len(val),
+              "avgpool_patchtokens": avgpool, "epochs": args.epochs,
+              "num_train": len(train), "num_val": len(val), "unreadable_images": len(run.unreadable),
               "num_classes": len(classes), "best_lr": res["best_lr"], "best_top1": res["best_top1"],
               "last_top1": res["last_top1"], "runs": {str(lr): r for lr, r in res["runs"].items()}}
     save_report(report, run.out_dir, "linear.json" if not args.random_init else "linear-random.json")
