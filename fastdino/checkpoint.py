@@ -34,9 +34,16 @@ def atomic_save(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # an interrupt inside torch.save's writer surfaces as the writer's RuntimeError ("unexpected
+        # pos ...") with the interrupt as its context: re-raise the interrupt itself
+        cause = e
+        while cause is not None and isinstance(cause, Exception):
+            cause = cause.__context__
+        if cause is not None and cause is not e:
+            raise cause from None
         raise
 
 

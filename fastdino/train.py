@@ -272,7 +272,9 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
         metrics.close()
     barrier()
     summary.update(corrupt_images=loader.num_corrupt)
-    if ctx.is_main:
+    if ctx.is_main and summary["steps"] == start[2]:
+        log.info("done: nothing left to train, the run is at step %d (optim.epochs / train.max_steps)", start[2])
+    elif ctx.is_main:
         log.info("done: %d steps, last loss %.4f, %d corrupt images skipped", summary["steps"], summary["loss"],
                  loader.num_corrupt)
     return summary

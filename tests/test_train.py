@@ -362,6 +362,29 @@ def test_second_signal_aborts_and_the_last_checkpoint_stays_loadable(data_dir, t
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]  # no half-written file left behind
 
 
+def test_interrupt_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    """torch.save's writer turns an interrupt into its own RuntimeError ("unexpected pos"): the
+    interrupt itself comes out, the temporary file is gone and the previous checkpoint loads."""
+    from fastdino.checkpoint import atomic_save, load_checkpoint
+    from fastdino.preemption import Abort
+
+    path = str(tmp_path / "checkpoint.pth")
+    atomic_save({"step": 1}, path)
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        try:
+            raise Abort(signal.SIGTERM)
+        except Abort:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(Abort):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
 def test_demo_data_is_generated_only_where_asked(tmp_path, capsys):
     """configs/demo.json generates its own data/demo; another missing data.path is an error, unless
     data.generate_demo is given with it on the command line."""
