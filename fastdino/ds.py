@@ -254,12 +254,8 @@ class ZeroAdamW(DINOAdamW):
         bad = torch.zeros((), device=device)
         segs = self._segments(tensors)
         if self.stage == 0:  # stage 0: whole tensors, gradients already all-reduced by DeepSpeed
-            grads = [p.grad for p in tensors]
-            norms = torch.stack(torch._foreach_norm(grads)).float()
-            bad = torch.maximum(bad, (~torch.isfinite(norms)).any().float())
-            if self.clip > 0:
-                clip_grad_foreach_(grads, self.clip)
-            return bad
+            norms = clip_grad_foreach_([p.grad for p in tensors], self.clip if self.clip > 0 else float("inf"))
+            return (~torch.isfinite(norms).all()).float()
         for p, seg in zip(tensors, segs):  # ZeRO: fragments of parameters, norms summed over ranks
             g = p.grad
             views = [g.narrow(0, s, n) for s, n in zip(seg.starts, seg.lengths)]
