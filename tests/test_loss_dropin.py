@@ -124,6 +124,7 @@ def _dist_worker(rank, world, path, out):
         result[impl] = {"center": sd["center"].cpu(), "loss": loss.detach().cpu()}
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 

@@ -155,6 +155,15 @@ class TorchMultiCropLoader:
         )
         self._bad = Unreadable("training data")
 
+    def close(self) -> None:
+        """Stop the persistent workers now. They ignore SIGTERM (ignore_stop_signals), so the
+        interpreter's exit, which terminates and then joins them, would wait forever for a run that
+        ends by an exception while their iterator is still referenced."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None:
+            self._loader._iterator = None
+            it._shutdown_workers()
+
     @property
     def num_corrupt(self) -> int:
         """Distinct unreadable files met so far on this rank."""
