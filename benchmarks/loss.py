@@ -7,6 +7,10 @@ forward and backward. Variants:
              (the double loop over pairs), plus the center's column sum;
   fused      softmax_center + soft_cross_entropy, the Triton custom ops (CUDA; on CPU only under
              TRITON_INTERPRET=1).
+Sinkhorn-Knopp rows (--sk, and in --suite): DINOv2's teacher targets from the 2B teacher logits,
+3 iterations, one process: sk_reference (the official steps in PyTorch, kernels/sinkhorn_knopp.py's
+sinkhorn_knopp_ref) vs sk_fused (its Triton custom ops); floor = teacher logits read once + q written
+once in fp32.
 Two times per row:
   ms       host-inclusive: triton.testing.do_bench of one eager step (L2 flushed), what a training
            loop that launches eagerly sees when the GPU waits for the host;
@@ -24,6 +28,7 @@ peak DRAM bandwidth; peak_extra_MB is max_memory_allocated above the inputs; spe
     python benchmarks/loss.py --sweep              # CUDA: loss fwd/bwd launch configs at B=64, K=65536, 2+10
     python benchmarks/loss.py --head               # F.linear + loss vs the fused last layer + loss
     python benchmarks/loss.py --profile            # CUDA: per-kernel device time of the fused step
+    python benchmarks/loss.py --sk                 # Sinkhorn-Knopp teacher targets, reference vs fused
     python benchmarks/loss.py --json out.json
 """
 from __future__ import annotations
@@ -172,6 +177,29 @@ def _inputs(B, K, ncrops, dtype, device):
     return s, t, c, temp
 
 
+def compare_to_reference(row: dict, base: dict) -> None:
+    """speedup, dev_speedup and mem_vs_ref of `row` against the reference row `base` of its group."""
+    row["speedup"] = base["ms"] / row["ms"]
+    if base.get("dev_ms") and row.get("dev_ms"):
+        row["dev_speedup"] = base["dev_ms"] / row["dev_ms"]
+    if base["peak_extra_MB"] and row["peak_extra_MB"] is not None:
+        row["mem_vs_ref"] = row["peak_extra_MB"] / base["peak_extra_MB"]
+
+
+def measure(row: dict, step, floor: int, device: str, reps: int, peak: float | None) -> None:
+    """Time `step` into row: host-inclusive ms and GB/s against the traffic floor (bytes); on CUDA
+    also the host cost per call, the CUDA-graph device time, its GB/s and its fraction of the peak."""
+    row["ms"] = time_ms(step, device, reps)
+    row["floor_MB"] = floor / 1e6
+    row["GBps"] = floor / (row["ms"] * 1e-3) / 1e9
+    if device == "cuda":
+        row["cpu_us"] = cpu_us(step)
+        row["dev_ms"] = graph_ms(step)
+        if row["dev_ms"]:
+            row["dev_GBps"] = floor / (row["dev_ms"] * 1e-3) / 1e9
+            row["floor_frac"] = row["dev_GBps"] / peak if peak else None
+
+
 def bench_one(variant: str, B: int, K: int, ncrops: int, dtype: torch.dtype, device: str, reps: int,
               peak: float | None = None, **launch) -> dict:
     s, t, c, temp = _inputs(B, K, ncrops, dtype, device)
@@ -188,18 +216,9 @@ def bench_one(variant: str, B: int, K: int, ncrops: int, dtype: torch.dtype, dev
     row["loss"] = float(fn(s, t, c, temp, ncrops, **launch)[0].detach())  # once, outside the timings
     row["peak_extra_MB"] = peak_extra_mb(step, device, clear)
     clear()
-    row["ms"] = time_ms(step, device, reps)
-    fb = floor_bytes(B, ncrops, K, s.element_size())
-    row["floor_MB"] = fb / 1e6
-    row["GBps"] = fb / (row["ms"] * 1e-3) / 1e9
-    if device == "cuda":
-        row["cpu_us"] = cpu_us(step)
-        row["dev_ms"] = graph_ms(step)
-        if row["dev_ms"]:
-            row["dev_GBps"] = fb / (row["dev_ms"] * 1e-3) / 1e9
-            row["floor_frac"] = row["dev_GBps"] / peak if peak else None
-        if variant == "fused":
-            row.update(fused_parts_ms(s, t, c, temp, ncrops, **launch))
+    measure(row, step, floor_bytes(B, ncrops, K, s.element_size()), device, reps, peak)
+    if device == "cuda" and variant == "fused":
+        row.update(fused_parts_ms(s, t, c, temp, ncrops, **launch))
     clear()
     return {**row, **launch}
 
@@ -384,11 +403,48 @@ def head_bench(args) -> list[dict]:
                         r["TFLOPs"] = flops / (r["dev_ms"] * 1e-3) / 1e12
                 clear()
                 base = base or r
-                r["speedup"] = base["ms"] / r["ms"]
-                if base.get("dev_ms") and r.get("dev_ms"):
-                    r["dev_speedup"] = base["dev_ms"] / r["dev_ms"]
-                if base["peak_extra_MB"] and r["peak_extra_MB"] is not None:
-                    r["mem_vs_ref"] = r["peak_extra_MB"] / base["peak_extra_MB"]
+                compare_to_reference(r, base)
+                rows.append(r)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- sinkhorn-knopp
+SK_VARIANTS = {"sk_reference": "torch", "sk_fused": "triton"}
+SK_ITERATIONS = 3
+
+
+def sk_bench(args) -> list[dict]:
+    """Sinkhorn-Knopp teacher targets (q, entropy) of 2B teacher rows, reference vs fused."""
+    from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    quick = args.quick or device == "cpu"
+    Bs = args.B or ([4] if quick else [32, 64, 128])
+    K = args.K or (4096 if quick else 65536)
+    dtypes = args.dtypes or (["fp32"] if quick else ["bf16", "fp32"])
+    variants = list(SK_VARIANTS) if _triton_runs(device) else ["sk_reference"]
+    peak = args.peak_gbs or (peak_bandwidth_gbs() if device == "cuda" else None)
+    temp = torch.full((), TEACHER_TEMP, device=device)
+    rows = []
+    for dt in dtypes:
+        for B in Bs:
+            g = torch.Generator().manual_seed(0)
+            t = (torch.randn(2 * B, K, generator=g) * 0.3).to(device, DTYPES[dt])
+            fb = 2 * B * K * (t.element_size() + 4)  # T read once, q written once in fp32
+            base = None
+            for v in variants:
+                def step(impl=SK_VARIANTS[v]):
+                    return sinkhorn_knopp(t, temp, SK_ITERATIONS, impl=impl)
+
+                r = {"variant": v, "dtype": dt, "B": B, "R": 2 * B, "K": K, "iters": SK_ITERATIONS,
+                     "entropy": float(step()[1].mean())}
+                r["peak_extra_MB"] = peak_extra_mb(step, device)
+                measure(r, step, fb, device, 100 if quick else 200, peak)
+                base = base or r
+                compare_to_reference(r, base)
+                r["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
                 rows.append(r)
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -442,6 +498,8 @@ MAIN_COLS = ["variant", "dtype", "crops", "B", "K", "ms", "cpu_us", "dev_ms", "t
              "block_k", "num_warps", "group_size", "rows"]
 SWEEP_COLS = ["dtype", "block_k", "rows", "num_warps", "pps", "group_size", "programs", "fwd_ms", "fwd_frac",
               "bwd_ms", "bwd_frac"]
+SK_COLS = ["variant", "dtype", "B", "R", "K", "iters", "ms", "cpu_us", "dev_ms", "dev_GBps", "floor_frac",
+           "peak_extra_MB", "mem_vs_ref", "speedup", "dev_speedup", "GBps", "entropy"]
 HEAD_COLS = ["variant", "dtype", "crops", "B", "K", "D", "ms", "cpu_us", "dev_ms", "TFLOPs", "peak_extra_MB",
              "logits_MB", "mem_vs_ref", "speedup", "dev_speedup"]
 
@@ -481,8 +539,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sweep-dtypes", nargs="*", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--head", action="store_true", help="fused head (last layer + loss) table")
     p.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of the fused step")
+    p.add_argument("--sk", action="store_true", help="Sinkhorn-Knopp teacher targets: reference vs fused")
     p.add_argument("--suite", action="store_true",
-                   help="CUDA: main table (B=64, 2+10/2+8, bf16/fp32), kernel breakdown, sweep, head table")
+                   help="CUDA: main table (B=64, 2+10/2+8, bf16/fp32), kernel breakdown, sweep, head table, "
+                        "Sinkhorn-Knopp table")
     p.add_argument("--peak-gbs", type=float, help="peak DRAM bandwidth (default: from NVML)")
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -506,6 +566,9 @@ def main(argv=None) -> list[dict]:
         print("## Fused head (last layer 256->65536 + loss), fwd+bwd to X and W")
         out["head"] = head_bench(argparse.Namespace(**{**vars(args), "B": [64], "crops": ["2+10"]}))
         print_table(out["head"], HEAD_COLS)
+        print("## Sinkhorn-Knopp teacher targets (3 iterations), B=64")
+        out["sk"] = sk_bench(argparse.Namespace(**{**vars(args), "B": [64]}))
+        print_table(out["sk"], SK_COLS)
         rows = out["main"]
     elif args.sweep:
         rows = out["sweep"] = sweep(args)
@@ -513,6 +576,9 @@ def main(argv=None) -> list[dict]:
     elif args.profile:
         profile(args)
         rows = []
+    elif args.sk:
+        rows = out["sk"] = sk_bench(args)
+        print_table(rows, SK_COLS)
     elif args.head:
         rows = out["head"] = head_bench(args)
         print_table(rows, HEAD_COLS)

@@ -55,7 +55,8 @@ if ROOT not in sys.path:  # `python benchmarks/throughput.py` from a checkout
 import torch  # noqa: E402
 
 from fastdino.config import REFERENCE, Config, ConfigError, load_config, split_cli_overrides  # noqa: E402
-from fastdino.models.vision_transformer import ARCH_DIMS  # noqa: E402
+from fastdino.models import arch_spec  # noqa: E402
+from fastdino.models.vision_transformer import ARCH_DIMS  # noqa: E402,F401  (the widths, for tests)
 
 # ------------------------------------------------------------------------------------------------
 # Rows
@@ -166,9 +167,11 @@ def head_forward_flops(dim: int, out_dim: int, hidden: int = HEAD_HIDDEN, bottle
 def flops_per_image(cfg: Config) -> dict:
     """Model FLOPs per image of one training step (see the module docstring); GFLOP in the keys' units."""
     m, d = cfg.model, cfg.data
-    if m.arch not in ARCH_DIMS:
-        raise BenchmarkError(f"model.arch={m.arch!r}: no FLOP model (known: {', '.join(ARCH_DIMS)})")
-    dim, depth = ARCH_DIMS[m.arch][0], m.depth
+    try:
+        spec = arch_spec(m.arch, m.depth)
+    except ValueError as e:
+        raise BenchmarkError(f"no FLOP model: {e}") from None
+    dim, depth = spec["embed_dim"], spec["depth"]  # (dinov2 SwiGLU: the same 8 d^2 per token as the MLP)
     head = head_forward_flops(dim, m.out_dim)
     g = vit_forward_flops(dim, depth, m.patch_size, d.global_crop_size)
     loc = vit_forward_flops(dim, depth, m.patch_size, d.local_crop_size)
@@ -548,7 +551,7 @@ def run_official(repo: str, base_cfg: Config, args, device: torch.device) -> dic
     added = False
     student = teacher = optimizer = dino_loss = None
     try:
-        if cfg.model.depth != 12:  # the official vit_tiny/small/base fix depth=12: no like-for-like baseline
+        if cfg.model.depth not in (0, 12):  # the official vit_tiny/small/base fix depth=12: no like-for-like baseline
             return {**row, "status": "failed", "reason": f"model.depth={cfg.model.depth}: the official ViTs have "
                     f"12 blocks; set --model.depth=12 to time the official step"}
         for name in ("main_dino.py", "utils.py", "vision_transformer.py"):

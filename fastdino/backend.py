@@ -11,7 +11,7 @@ The step (fastdino/step.py) only calls:
     step(lr, wd, skip, last_layer_frozen) clip each gradient tensor, then AdamW unless skip (device
                                           flags); returns a device bool: the gradients were not finite
     ema_(momentum)                        teacher <- m teacher + (1 - m) student
-    all_reduce_(x)                        sum over ranks, in place (no-op in one process)
+    all_reduce_(x, op="sum")              sum (or "max") over ranks, in place (no-op in one process)
 and the training loop: save(client, output_dir, keep_as), resume(arg, output_dir), student_module /
 teacher_module (the bare MultiCropWrappers), optimizer.
 """
@@ -74,9 +74,9 @@ class LocalBackend:
     def ema_(self, momentum: torch.Tensor) -> None:
         self.ema.step_(momentum)
 
-    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(x)  # NCCL: ordered on the device streams, the host does not wait
+    def all_reduce_(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.distributed:  # NCCL: ordered on the device streams, the host does not wait
+            dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return x
 
     # ---- checkpoints ---------------------------------------------------------------------------

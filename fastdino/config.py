@@ -31,9 +31,12 @@ def choice(default, *allowed):
 
 @dataclass
 class ModelConfig:
-    arch: str = choice("vit_small", "vit_tiny", "vit_small", "vit_base")
-    patch_size: int = choice(16, 16, 8)  # /8 models see 785 tokens at 224 px
-    depth: int = 12  # transformer blocks; 12 in every standard arch (the CPU demo trains a 4-block ViT-tiny)
+    # vit_*: DINO's ViTs (patch 16 or 8); dinov2_*: DINOv2's (patch 14, LayerScale, registers option)
+    arch: str = choice("vit_small", "vit_tiny", "vit_small", "vit_base",
+                       "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")
+    patch_size: int = choice(16, 16, 8, 14)  # /8 models see 785 tokens at 224 px; dinov2_* need 14
+    depth: int = 0  # transformer blocks; 0: the architecture's own (12; dinov2 L 24, g 40). The CPU demo uses 4
+    num_register_tokens: int = choice(0, 0, 4)  # dinov2_*: register tokens between [CLS] and the patches
     drop_path_rate: float = 0.1  # stochastic depth of the student (teacher has none)
     out_dim: int = 65536  # K: dimension of the DINO head output
     norm_last_layer: bool = True  # weight_g fixed to 1: logits are cosines. False helps ViT-B stability
@@ -49,6 +52,11 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     impl: str = choice("auto", "auto", "fused", "reference")  # auto: fused (Triton) on CUDA, reference elsewhere
+    # teacher targets: DINO's centering, or DINOv2's Sinkhorn-Knopp (no center; batch equipartition)
+    targets: str = choice("centering", "centering", "sinkhorn_knopp")
+    sinkhorn_iterations: int = 3
+    dino_weight: float = 1.0  # weight of the DINO [CLS] term
+    koleo_weight: float = 0.0  # KoLeo on the student's pre-head [CLS] of each global crop (DINOv2: 0.1)
     warmup_teacher_temp: float = 0.04  # initial teacher temperature
     teacher_temp: float = 0.04  # final teacher temperature; anything above 0.07 is unstable
     warmup_teacher_temp_epochs: int = 0  # linear warmup of the teacher temperature (30 for ViT-B)
@@ -254,7 +262,11 @@ def _validate(cfg: Config) -> None:
     o, d, lo, t, m = cfg.optim, cfg.data, cfg.loss, cfg.train, cfg.model
     need(m.out_dim >= 2, "model.out_dim", "must be >= 2")
     need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
-    need(m.depth >= 1, "model.depth", "must be >= 1")
+    need(m.depth >= 0, "model.depth", "must be >= 1 (or 0: the architecture's own depth)")
+    dinov2 = m.arch.startswith("dinov2_")
+    need(dinov2 == (m.patch_size == 14), "model.patch_size",
+         f"{m.arch} takes patch 14" if dinov2 else f"{m.arch} takes patch 16 or 8 (14 is for the dinov2_* models)")
+    need(dinov2 or m.num_register_tokens == 0, "model.num_register_tokens", "registers need a dinov2_* model.arch")
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")
     need(o.batch_size_per_gpu >= 1, "optim.batch_size_per_gpu", "must be >= 1")
     need(o.lr > 0, "optim.lr", "must be > 0")
@@ -270,12 +282,18 @@ def _validate(cfg: Config) -> None:
     need(lo.warmup_teacher_temp > 0, "loss.warmup_teacher_temp", "must be > 0")
     need(0 <= lo.warmup_teacher_temp_epochs <= o.epochs, "loss.warmup_teacher_temp_epochs", "must be in [0, optim.epochs]")
     need(0.0 <= lo.center_momentum <= 1.0, "loss.center_momentum", "must be in [0, 1]")
+    need(lo.sinkhorn_iterations >= 1, "loss.sinkhorn_iterations", "must be >= 1")
+    need(lo.dino_weight > 0, "loss.dino_weight", "must be > 0")
+    need(lo.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0 (0 disables KoLeo)")
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
         lo_s, hi_s = cfg.get(key)
         need(0 < lo_s <= hi_s <= 1, key, "must satisfy 0 < min <= max <= 1")
     need(d.local_crops_number >= 0, "data.local_crops_number", "must be >= 0")
-    need(d.global_crop_size >= m.patch_size, "data.global_crop_size", "must be >= model.patch_size")
-    need(d.local_crop_size >= m.patch_size, "data.local_crop_size", "must be >= model.patch_size")
+    for key in ("data.global_crop_size", "data.local_crop_size"):
+        size = cfg.get(key)
+        need(size >= m.patch_size and size % m.patch_size == 0, key,
+             f"must be a multiple of model.patch_size={m.patch_size}, got {size} "
+             f"(e.g. {max(size // m.patch_size, 1) * m.patch_size} or {(size // m.patch_size + 1) * m.patch_size})")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(bool(d.path), "data.path", "must name a folder of images")
     need(d.demo_num_images >= 1, "data.demo_num_images", "must be >= 1")

@@ -414,9 +414,9 @@ class DeepSpeedBackend:
         else:
             self.ema.step_(momentum)
 
-    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce_(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(x)
+            dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return x
 
     # ---- checkpoints and export ----------------------------------------------------------------

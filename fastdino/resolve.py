@@ -115,15 +115,16 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
     """The one place where "auto" is decided (see the module docstring). Raises ConfigError (one
     line) for a choice that cannot run here."""
     from fastdino.data import resolve_backend as resolve_data_backend
+    from fastdino.models import arch_spec
     from fastdino.models.attention import resolve_backend as resolve_attention
-    from fastdino.models.vision_transformer import ARCH_DIMS
 
     if cfg.train.reference:
         cfg = with_overrides(cfg, REFERENCE)
     device = torch.device(device)
     m, ds = cfg.model, cfg.deepspeed.enabled
-    dim, heads = ARCH_DIMS[m.arch]
-    seq = (cfg.data.global_crop_size // m.patch_size) ** 2 + 1  # `auto` attention is timed on the global crop
+    spec = arch_spec(m.arch)
+    dim, heads = spec["embed_dim"], spec["num_heads"]
+    seq = (cfg.data.global_crop_size // m.patch_size) ** 2 + 1 + m.num_register_tokens  # `auto` times the global crop
     if ds and m.fused_head:
         raise ConfigError("config key 'model.fused_head': not supported with deepspeed.enabled yet "
                           "(set model.fused_head=false)")

@@ -72,16 +72,17 @@ def train_step(s: StepState, crops: list[torch.Tensor], mark=_no_mark) -> dict[s
 
     # ============ student forward and the loss terms (fp32) ============
     with autocast:
-        student = {"cls": b.student(crops)}
+        student = b.student(crops)  # head outputs, or a dict of them and the features terms ask for
+    student = student if isinstance(student, dict) else {"cls": student}
     mark("student_forward")
     targets = {"cls": q}
     values = {term.name: term(student, targets) for term in s.terms}
     loss = sum(term.weight * values[term.name] for term in s.terms)
     mark("loss")
 
-    # ============ one all-reduce: the center's column sums and the non-finite-loss flag ============
-    reduced = b.all_reduce_(torch.cat([teacher_stats["colsum"].float(),
-                                       (~torch.isfinite(loss.detach())).float().view(1)]))
+    # ============ one all-reduce: the center's column sums (centering) and the non-finite-loss flag ============
+    colsum = teacher_stats.get("colsum", q.new_zeros(0))  # Sinkhorn-Knopp keeps no center: nothing to sum
+    reduced = b.all_reduce_(torch.cat([colsum.float(), (~torch.isfinite(loss.detach())).float().view(1)]))
     loss_bad = reduced[-1] > 0
 
     # ============ student update: backward, per-tensor clipping, AdamW ============

@@ -5,12 +5,28 @@ DINO centers and sharpens (Caron et al. 2021):
     q_i = softmax((t_i - c) / teacher_temp)         each teacher row (the 2 global crops of each image)
     c  <- m c + (1 - m) mean of t over all teacher rows of all ranks      after the step (m = 0.9)
 
-The targets are the teacher's business: a target module turns teacher logits into probabilities and
-statistics and owns its state (the center); the student-side cross-entropy (fastdino/losses) only
-reads the probabilities. Sinkhorn-Knopp (DINOv2) will be a second target module with the same calls.
+DINOv2 offers Sinkhorn-Knopp instead (from SwAV, Caron et al. 2020): a few alternating
+normalizations of exp(t / teacher_temp), each prototype's column to 1/K of the batch (sums all-reduced
+over ranks), then each row to 1, so that the targets of a batch use all prototypes equally
+(kernels/sinkhorn_knopp.py has the steps).
 
-    q, stats = targets(teacher_logits, teacher_temp)    stats: entropy (rows,), colsum (K,) fp32
-    targets.update_(colsum_all_ranks, rows_all_ranks, ok)        the center update, gated on device
+The targets are the teacher's business: a target module turns teacher logits into probabilities and
+statistics and owns its state; the student-side cross-entropy (fastdino/losses) only reads the
+probabilities. Both modules answer the same calls:
+
+    q, stats = targets(teacher_logits, teacher_temp)    q (rows, K) fp32, rows summing to 1;
+                                                        stats["entropy"] (rows,) fp32
+    targets.update_(colsum_all_ranks, rows_all_ranks, ok)        after the step, gated on device
+
+How they differ:
+    Centering       state: the center (1, K), its state_dict entry; forward is local (no collective),
+                    stats also hold "colsum" (K,), which the step all-reduces for update_ (the EMA).
+                    Collapse is held off across steps, by the center's running mean.
+    SinkhornKnopp   no state (empty state_dict; update_ is a no-op); forward is collective: it
+                    all-reduces the column maxima once ("max") and the prototype sums once per
+                    iteration ("sum"; the reference also the official total) through its
+                    all_reduce(x, op), in place (None: one process); stats hold only "entropy".
+                    Collapse is held off within each batch, by the equipartition of the prototypes.
 """
 from __future__ import annotations
 
@@ -54,3 +70,41 @@ class Centering(nn.Module):
     def update_(self, colsum: torch.Tensor, rows: int, ok: torch.Tensor | None = None) -> None:
         """colsum: column sums of the teacher logits over all `rows` teacher rows of all ranks."""
         update_center_(self.center, colsum.float() / rows, self.center_momentum, ok)
+
+
+class SinkhornKnopp(nn.Module):
+    """DINOv2's Sinkhorn-Knopp teacher targets, n_iterations (3) alternating normalizations of
+    exp(t / teacher_temp) over the teacher rows of all ranks (kernels/sinkhorn_knopp.py).
+
+    impl: "fused" (the Triton ops) or "reference" (the plain-PyTorch steps of the official code).
+    all_reduce(x, op): reduces a (K,) fp32 tensor in place over ranks, op "sum" or "max"; None in one
+    process. A plain attribute, set by whoever owns the process group (the backend). No state: the
+    state_dict is empty and update_ does nothing (the arguments are accepted for Centering's calls)."""
+
+    def __init__(self, out_dim: int, n_iterations: int = 3, impl: str = "reference", all_reduce=None):
+        super().__init__()
+        if impl not in ("fused", "reference"):
+            raise ValueError(f"SinkhornKnopp: impl={impl!r} is not one of ['fused', 'reference']")
+        if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
+            raise ValueError(f"SinkhornKnopp: n_iterations must be an int >= 1, got {n_iterations!r}")
+        self.out_dim, self.n_iterations, self.impl, self.all_reduce = out_dim, n_iterations, impl, all_reduce
+
+    @torch.no_grad()
+    def forward(self, teacher_logits: torch.Tensor, teacher_temp) -> tuple[torch.Tensor, dict]:
+        """teacher_logits (R, K) any float dtype, this rank's rows; teacher_temp a 0-dim device
+        tensor (or a float). Returns q (R, K) fp32 and {"entropy": (R,) fp32}."""
+        from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp
+
+        if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.out_dim:
+            raise ValueError(f"SinkhornKnopp: teacher_logits must be (R, out_dim={self.out_dim}), "
+                             f"got {tuple(teacher_logits.shape)}")
+        q, entropy = sinkhorn_knopp(teacher_logits.detach(), teacher_temp, self.n_iterations, self.all_reduce,
+                                    impl="triton" if self.impl == "fused" else "torch")
+        return q, {"entropy": entropy}
+
+    def update_(self, colsum: torch.Tensor | None = None, rows: int | None = None,
+                ok: torch.Tensor | None = None) -> None:
+        """Nothing to update: Sinkhorn-Knopp keeps no state between steps."""
+
+    def extra_repr(self) -> str:
+        return f"out_dim={self.out_dim}, n_iterations={self.n_iterations}, impl={self.impl!r}"

@@ -31,13 +31,13 @@ import torch.nn as nn
 from fastdino.checkpoint import CheckpointError, client_state, restore_client
 from fastdino.config import Config, ConfigError, load_config, split_cli_overrides
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
-from fastdino.losses import DINOTerm
+from fastdino.losses import DINOTerm, KoLeoTerm
 from fastdino.monitor import CollapseMonitor, knn_holdout, online_knn
 from fastdino.preemption import Abort, Interrupted, StopControl
 from fastdino.resolve import Resolved, resolve
 from fastdino.schedules import Schedules
 from fastdino.step import BAD_STEPS, FIRST_BAD_STEP, SKIPPED_UPDATES, STEP, StepState, compile_step, new_counters, train_step
-from fastdino.targets import Centering
+from fastdino.targets import Centering, SinkhornKnopp
 
 log = logging.getLogger("fastdino")
 
@@ -100,16 +100,26 @@ def build_models(cfg: Config, resolved: Resolved, device: torch.device) -> tuple
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
+    if getattr(student_backbone, "mask_token", None) is not None:
+        student_backbone.mask_token.requires_grad = False  # DINOv2's mask token: only iBOT (masked crops) trains it
     return student, teacher
 
 
 def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module, device) -> tuple[nn.Module, nn.ModuleList]:
-    """The DINO recipe: centering targets and one DINO term over 2 + N crops."""
-    targets = Centering(cfg.model.out_dim, cfg.loss.center_momentum, resolved.loss).to(device)
+    """The recipe: teacher targets (centering, or Sinkhorn-Knopp), the DINO term over 2 + N crops and,
+    with loss.koleo_weight, KoLeo on the student's global [CLS] features."""
+    lo = cfg.loss
+    if lo.targets == "sinkhorn_knopp":  # its all_reduce is wired to the backend once that exists
+        targets = SinkhornKnopp(cfg.model.out_dim, lo.sinkhorn_iterations, resolved.loss)
+    else:
+        targets = Centering(cfg.model.out_dim, lo.center_momentum, resolved.loss).to(device)
     head = student.head if resolved.fused_head else None
-    terms = nn.ModuleList([DINOTerm(2 + cfg.data.local_crops_number, cfg.loss.student_temp, resolved.loss,
-                                    head=head, matmul_dtype=resolved.autocast_dtype or torch.float32)])
-    return targets, terms
+    terms = [DINOTerm(2 + cfg.data.local_crops_number, lo.student_temp, resolved.loss, weight=lo.dino_weight,
+                      head=head, matmul_dtype=resolved.autocast_dtype or torch.float32)]
+    if lo.koleo_weight > 0:
+        terms.append(KoLeoTerm(weight=lo.koleo_weight))
+        student.keep_features = True  # the student also returns its global crops' [CLS] features
+    return targets, nn.ModuleList(terms)
 
 
 @dataclass
@@ -144,6 +154,8 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
         compile_blocks(teacher)  # shares the student's graphs where the layouts agree
     targets, terms = build_recipe(cfg, resolved, student, device)
     backend = build_backend(cfg, resolved, ctx, student, teacher)
+    if isinstance(targets, SinkhornKnopp) and ctx.world_size > 1:
+        targets.all_reduce = backend.all_reduce_  # its column maxima and prototype sums span every rank
     schedules = Schedules.from_config(cfg, cfg.optim.batch_size_per_gpu * ctx.world_size, steps_per_epoch)
     table = schedules.table(device)
     state = StepState(backend=backend, targets=targets, terms=terms, hp=table[:, 0].clone(),
@@ -270,6 +282,7 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
         if progress is not None:
             progress.close()
         metrics.close()
+        loader.close()
     barrier()
     summary.update(corrupt_images=loader.num_corrupt)
     if ctx.is_main and summary["steps"] == start[2]:

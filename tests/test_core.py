@@ -115,7 +115,14 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="'data.local_crops_scale'"):
         load_config("configs/demo.json", ["data.local_crops_scale=[0.5, 0.1]"])
     with pytest.raises(ConfigError, match="'model.depth'"):
-        load_config("configs/demo.json", ["model.depth=0"])
+        load_config("configs/demo.json", ["model.depth=-1"])
+    with pytest.raises(ConfigError, match="'model.patch_size': dinov2_vits14 takes patch 14"):
+        load_config("configs/demo.json", ["model.arch=dinov2_vits14"])
+    with pytest.raises(ConfigError, match="'model.num_register_tokens'"):
+        load_config("configs/demo.json", ["model.num_register_tokens=4"])
+    with pytest.raises(ConfigError, match=r"'data.global_crop_size': must be a multiple of model.patch_size=14, "
+                                          r"got 64 \(e.g. 56 or 70\)"):
+        load_config("configs/demo.json", ["model.arch=dinov2_vits14", "model.patch_size=14"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.json")
     with pytest.raises(ConfigError, match="'optim.ema_impl': 'flat_triton' was renamed 'triton'"):

@@ -197,6 +197,32 @@ def test_load_backbone_handles_all_checkpoint_layouts(tmp_path):
     assert len(load_backbone(None, arch="vit_tiny", depth=2).blocks) == 2
 
 
+def test_dinov2_backbones_load_and_evaluate(tmp_path):
+    """A DINOv2-layout state dict (registers, LayerScale, mask token; a training checkpoint's or a
+    plain backbone file) is rebuilt from its keys and gives the same features; k-NN, linear probe
+    (patch-token mean after the registers) and attention maps run on it."""
+    from fastdino.models import dinov2_vits14
+
+    torch.manual_seed(0)
+    src = dinov2_vits14(num_register_tokens=4, depth=2).eval()
+    path = str(tmp_path / "backbone.pth")
+    torch.save(src.state_dict(), path)
+    model = load_backbone(path)
+    assert (model.arch, model.patch_size, model.num_register_tokens, len(model.blocks)) == ("dinov2_vits14", 14, 4, 2)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(model(x), src(x), atol=1e-5)
+        assert linear.linear_features(model, x, 1, avgpool=True).shape == (2, 2 * 384)
+    data = _color_folder(tmp_path / "data")
+    args = ["--checkpoint", path, "--data_path", str(data), "--image_size", "28", "--num_workers", "0",
+            "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert knn.main(args + ["--nb_knn", "3"])["arch"] == "dinov2_vits14"
+    Image.fromarray(np.full((28, 42, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    rep = attention.main(["--checkpoint", path, "--images", str(tmp_path / "a.png"), "--image_size", "28",
+                          "--output_dir", str(tmp_path / "attn"), "--device", "cpu"])
+    assert rep["images"]["a"]["size"] == [42, 28]  # 2 x 3 patches: the registers are not taken for patches
+
+
 def test_strip_prefixes_and_pos_embed_resize(tmp_path):
     sd = {"module.backbone.blocks.0.attn.qkv.weight": torch.ones(1), "module.head.mlp.0.weight": torch.ones(1),
           "backbone.norm.bias": torch.ones(1), "cls_token": torch.ones(1)}

@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model: metrics and checkpoints, 1-process vs 2-process DDP,
 kill-and-resume (bit-identical on CPU), and bad input (one-line errors, corrupt images, NaN loss)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -81,9 +82,12 @@ def test_demo_steps_write_metrics_and_checkpoint(data_dir, tmp_path):
     assert any(not torch.equal(ckpt["student"][k], ckpt["teacher"][k]) for k in ckpt["student"])
 
 
-def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
+@pytest.mark.parametrize("targets", ["centering", "sinkhorn_knopp"])
+def test_ddp_two_processes_match_one_process(data_dir, tmp_path, targets):
+    """Global batch 8 on one process = 2 ranks x 4: the all-reduced gradients, center statistics and
+    (Sinkhorn-Knopp) column maxima and prototype sums make the two runs one computation."""
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
-    common = ["--train.max_steps=3", "--model.drop_path_rate=0.0"]  # drop path draws per rank
+    common = ["--train.max_steps=3", "--model.drop_path_rate=0.0", f"--loss.targets={targets}"]  # drop path: per rank
     run_in_process(tiny(data_dir, single, *common))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", TRAIN,
@@ -93,7 +97,10 @@ def test_ddp_two_processes_match_one_process(data_dir, tmp_path):
     a, b = load(single), load(ddp)
     assert a["step"] == b["step"] == 3
     assert_states_equal(a, b, exact=False, atol=2e-5)
-    torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=0, atol=1e-5)
+    if targets == "centering":
+        torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=0, atol=1e-5)
+    else:
+        assert a["dino_loss"] == b["dino_loss"] == {}  # Sinkhorn-Knopp keeps no state
 
 
 def test_ddp_stop_and_resume_is_bit_identical(data_dir, tmp_path):
@@ -192,6 +199,20 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
     assert any(m.startswith("online k-NN:") for m in named)  # the holdout met it too, and said so
 
 
+def test_unexpected_error_with_loader_workers_exits(data_dir, tmp_path):
+    """An exception nobody expected, raised in the step while persistent DataLoader workers run (they
+    ignore SIGTERM), ends the process with its traceback instead of hanging in the exit's join."""
+    out = str(tmp_path / "run")
+    code = ("import sys, fastdino.models.multicrop as m\n"
+            "def boom(self, *a, **k): raise RuntimeError('boom in the step')\n"
+            "m.MultiCropWrapper.forward = boom\n"
+            "from fastdino.train import main\n"
+            f"sys.exit(main({tiny(data_dir, out, '--data.num_workers=2')!r}))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "RuntimeError: boom in the step" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_nonfinite_loss_skips_updates_and_stops_with_step(data_dir, tmp_path, monkeypatch, capsys):
     """A NaN loss at step 2: optimizer, teacher and center are untouched by that step, and the run
     stops with the step number at the next log step."""
@@ -240,14 +261,17 @@ def test_nonfinite_loss_skips_updates_and_stops_with_step(data_dir, tmp_path, mo
     ["--loss.impl=fused", "--optim.ema_impl=triton", "--optim.clip_impl=triton", "--model.attn=sdpa",
      "--model.packed_multicrop=true"],
     ["--loss.impl=fused", "--model.fused_head=true", "--optim.ema_impl=foreach", "--optim.clip_impl=foreach"],
-], ids=["fused-loss+triton+packed", "fused-head"])
+    ["--loss.impl=fused", "--loss.targets=sinkhorn_knopp", "--loss.koleo_weight=0.1"],
+], ids=["fused-loss+triton+packed", "fused-head", "sinkhorn-knopp+koleo"])
 def test_fast_paths_follow_reference_trajectory(data_dir, tmp_path, fast):
     """9 steps of the tiny model with fast paths on and off (Triton under the interpreter on
-    CPU): same loss trace and same final teacher, including the frozen-last-layer epoch."""
+    CPU): same loss trace and same final teacher, including the frozen-last-layer epoch. The recipe
+    keys of the fast run (targets, KoLeo) apply to the reference run too."""
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("fused kernels need CUDA or TRITON_INTERPRET=1")
+    recipe = [a for a in fast if a.split("=")[0] in ("--loss.targets", "--loss.koleo_weight")]
     common = ["--train.max_steps=9", "--train.log_every=3", "--model.drop_path_rate=0.0",
-              "--optim.freeze_last_layer=1", "--train.precision=fp32"]
+              "--optim.freeze_last_layer=1", "--train.precision=fp32", *recipe]
     ref, fst = str(tmp_path / "ref"), str(tmp_path / "fast")
     run_in_process(tiny(data_dir, ref, *common, "--train.reference=true"))
     run_in_process(tiny(data_dir, fst, *common, *fast))
@@ -257,6 +281,9 @@ def test_fast_paths_follow_reference_trajectory(data_dir, tmp_path, fast):
     assert len(ra) == len(fa) == 9  # 6 steps with the last layer frozen, 3 without
     torch.testing.assert_close(torch.tensor(fa), torch.tensor(ra), rtol=1e-4, atol=1e-5)
     assert_states_equal(load(ref), load(fst), exact=False, atol=5e-5)
+    if recipe:  # the extra term is logged on its own
+        last = [json.loads(x) for x in open(os.path.join(fst, "metrics.jsonl"))][-1]
+        assert last["koleo"] > 0 and last["dino"] < last["loss"]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -414,3 +441,36 @@ def test_bare_resume_without_checkpoint_starts_fresh(data_dir, tmp_path, caplog)
         summary = run_in_process(tiny(data_dir, out, "--train.max_steps=1", "--resume"))
     assert summary["steps"] == 1
     assert any(m.startswith("--resume: nothing to resume") for m in caplog.messages), caplog.messages
+
+
+# ------------------------------------------------------------------------------------------------
+# DINOv2 pieces through the same step: backbones with registers, Sinkhorn-Knopp targets, KoLeo
+# ------------------------------------------------------------------------------------------------
+DINOV2_TINY = ["--model.arch=dinov2_vits14", "--model.patch_size=14", "--model.depth=2", "--model.num_register_tokens=4",
+               "--data.global_crop_size=28", "--data.local_crop_size=14", "--loss.targets=sinkhorn_knopp",
+               "--loss.koleo_weight=0.1", "--train.max_steps=3", "--train.log_every=1"]
+
+
+def test_dinov2_backbone_with_sinkhorn_knopp_and_koleo_trains(data_dir, tmp_path):
+    """One process and 2-process DDP: the losses are finite and logged per term, the mask token (only
+    iBOT trains it) stays as initialized, and the checkpoint evaluates as a DINOv2 backbone."""
+    from fastdino.eval.common import load_backbone
+
+    out, ddp = str(tmp_path / "run"), str(tmp_path / "ddp")
+    run_in_process(tiny(data_dir, out, *DINOV2_TINY))
+    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    last = records[-1]  # each term logged unweighted; the loss is their weighted sum
+    assert last["koleo"] != 0 and last["loss"] == pytest.approx(last["dino"] + 0.1 * last["koleo"], rel=1e-5)
+    ckpt = load(out)
+    assert ckpt["student"]["backbone.register_tokens"].shape == (1, 4, 384)
+    assert torch.equal(ckpt["student"]["backbone.mask_token"], torch.zeros(1, 384))
+    assert ckpt["dino_loss"] == {} and ckpt["resolved"]["loss"] == "reference"
+    model = load_backbone(os.path.join(out, "checkpoint.pth"))
+    assert (model.arch, model.num_register_tokens) == ("dinov2_vits14", 4)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535", TRAIN,
+           *tiny(data_dir, ddp, *DINOV2_TINY, "--optim.batch_size_per_gpu=4", "--train.device=cpu")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load(ddp)["step"] == 3

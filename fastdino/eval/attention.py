@@ -59,9 +59,9 @@ def jaccard(mask: torch.Tensor, gt: torch.Tensor) -> float:
 def cls_attention(model, x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[heads, H/p, W/p]: last block's attention of [CLS] to every patch token, for one image x
     [1, 3, H, W] (H, W multiples of the patch size)."""
-    attn = model.get_last_selfattention(x)  # [1, heads, 1 + N, 1 + N]
+    attn = model.get_last_selfattention(x)  # [1, heads, 1 + R + N, 1 + R + N]: [CLS], R registers, patches
     h, w = x.shape[-2] // patch_size, x.shape[-1] // patch_size
-    cls = attn[0, :, 0, 1:].float()
+    cls = attn[0, :, 0, 1 + getattr(model, "num_register_tokens", 0):].float()
     if cls.shape[-1] != h * w:
         raise EvalError(f"attention has {cls.shape[-1]} patch tokens, expected {h}x{w}")
     return cls.reshape(-1, h, w)

@@ -25,10 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastdino.models import DINOV2_BASE
 from fastdino.models.vision_transformer import ARCH_DIMS
 
 # embed_dim -> arch, for checkpoints that carry no arch name (plain backbone state dicts)
 ARCH_BY_DIM = {dim: arch for arch, (dim, _) in ARCH_DIMS.items()}
+ARCH_CHOICES = tuple(ARCH_BY_DIM.values()) + tuple(DINOV2_BASE)
+
+
+def model_arch_name(base: str) -> str:
+    """The dinov2_* name of a DINOv2 backbone of width `base` (vit_small -> dinov2_vits14)."""
+    return {b: name for name, b in DINOV2_BASE.items()}[base]
 
 
 class EvalError(ValueError):
@@ -311,13 +318,31 @@ def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
     return torch.cat([cls, grid], dim=1)
 
 
-def build_vit(arch: str, patch_size: int, depth: int = 12) -> torch.nn.Module:
+def dinov2_options(state_dict: dict) -> dict | None:
+    """The builder options of a DINOv2-layout backbone state dict (LayerScale, mask token or
+    registers), or None for a DINO v1 layout."""
+    sd = state_dict
+    if not ("mask_token" in sd or "register_tokens" in sd or "blocks.0.ls1.gamma" in sd):
+        return None
+    return {"num_register_tokens": int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0,
+            "ffn": "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp", "mask_token": "mask_token" in sd,
+            "layerscale_init": 1e-5 if "blocks.0.ls1.gamma" in sd else None}
+
+
+def build_vit(arch: str, patch_size: int, depth: int = 0, dinov2: dict | None = None) -> torch.nn.Module:
+    """arch: a DINO ViT (vit_*) or a DINOv2 one (dinov2_*, or vit_* with `dinov2` options from
+    dinov2_options); depth 0: the architecture's own."""
     from fastdino import models
 
-    if arch not in ARCH_BY_DIM.values():
-        raise EvalError(f"arch {arch!r} is not supported (choose from {', '.join(ARCH_BY_DIM.values())})")
-    if depth < 1:
+    if dinov2 is not None and arch not in DINOV2_BASE:
+        arch = model_arch_name(arch)  # a vit_* width with the DINOv2 options of a checkpoint
+    if arch not in ARCH_CHOICES:
+        raise EvalError(f"arch {arch!r} is not supported (choose from {', '.join(ARCH_CHOICES)})")
+    if depth < 0:
         raise EvalError(f"depth must be >= 1, got {depth}")
+    depth = models.arch_spec(arch, depth)["depth"]
+    if arch in models.DINOV2_ARCHS:
+        return models.DINOV2_ARCHS[arch](depth=depth, drop_path_rate=0.0, **(dinov2 or {}))
     return getattr(models, arch)(patch_size=patch_size, depth=depth, drop_path_rate=0.0)
 
 
@@ -331,22 +356,25 @@ def load_backbone(path: str | None, which: str = "teacher", arch: str | None = N
             raise EvalError("a random-init backbone needs --arch")
         with torch.random.fork_rng(devices=[]):  # a fixed init, without touching the caller's RNG
             torch.manual_seed(0)
-            model = build_vit(arch, patch_size or 16, depth or 12)
+            model = build_vit(arch, patch_size or 16, depth or 0)
     else:
         sd, meta = backbone_state_dict(torch_load(path), which)
         arch_sd, patch_sd = infer_arch(sd)
         depth_sd = infer_depth(sd)
         if depth is not None and depth != depth_sd:
             raise EvalError(f"checkpoint '{path}' has {depth_sd} blocks, not --depth {depth}")
+        dinov2 = dinov2_options(sd)
         arch = arch or meta.get("arch") or arch_sd
         patch_size = patch_size or meta.get("patch_size") or patch_sd
-        if arch not in ARCH_BY_DIM.values():
+        if arch not in ARCH_CHOICES:
             arch = arch_sd  # e.g. official "deit_small"-style names: trust the shapes
         if patch_sd != patch_size:
             raise EvalError(f"checkpoint '{path}' has patch size {patch_sd}, not {patch_size}")
-        if ARCH_BY_DIM.get(int(sd["patch_embed.proj.weight"].shape[0])) != arch:
+        base = DINOV2_BASE.get(arch, arch)
+        if ARCH_BY_DIM.get(int(sd["patch_embed.proj.weight"].shape[0])) != base:
             raise EvalError(f"checkpoint '{path}' holds a {arch_sd}, not a {arch}")
-        model = build_vit(arch, patch_size, depth_sd)
+        model = build_vit(base, patch_size, depth_sd, dinov2)
+        arch = arch if dinov2 is None or arch in DINOV2_BASE else model_arch_name(base)
         own = model.state_dict()
         if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
             sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], own["pos_embed"].shape[1] - 1)
@@ -367,8 +395,7 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
                         help="network of a training checkpoint (the teacher is the one DINO evaluates)")
     parser.add_argument("--random_init", action="store_true",
                         help="evaluate a randomly initialized --arch instead (baseline)")
-    parser.add_argument("--arch", default=None, choices=tuple(ARCH_BY_DIM.values()),
-                        help="default: from the checkpoint")
+    parser.add_argument("--arch", default=None, choices=ARCH_CHOICES, help="default: from the checkpoint")
     parser.add_argument("--patch_size", type=int, default=None, help="default: from the checkpoint")
     parser.add_argument("--depth", type=int, default=None,
                         help="transformer blocks of a --random_init backbone (default 12; checkpoints: from the weights)")

@@ -41,8 +41,9 @@ def linear_features(model, x: torch.Tensor, n_last_blocks: int = 4, avgpool: boo
     mean of the last block's patch tokens."""
     blocks = model.get_intermediate_layers(x, n_last_blocks)
     out = torch.cat([b[:, 0] for b in blocks], dim=-1)
-    if avgpool:
-        out = torch.cat([out, blocks[-1][:, 1:].mean(dim=1)], dim=-1)
+    if avgpool:  # patch tokens only: after [CLS] and the registers (DINOv2)
+        first_patch = 1 + getattr(model, "num_register_tokens", 0)
+        out = torch.cat([out, blocks[-1][:, first_patch:].mean(dim=1)], dim=-1)
     return out
 
 

@@ -1,6 +1,10 @@
-"""Models: ViT backbones (official DINO parameter names), the DINO head, the multi-crop wrapper.
+"""Models: ViT backbones (official DINO / DINOv2 parameter names), the DINO head, the multi-crop wrapper.
 
     student = MultiCropWrapper(build_backbone(cfg.model, attn, teacher=False), DINOHead(...), packed=...)
+
+ARCHS: DINO v1 builders (width and heads from ARCH_DIMS, depth from model.depth).
+DINOV2_ARCHS: the official DINOv2 backbones (patch 14, img_size 518, official depths, LayerScale,
+mask token; ViT-g with SwiGLU), each with `num_register_tokens` (0, or 4 for the "reg" models).
 """
 from __future__ import annotations
 
@@ -10,24 +14,43 @@ from fastdino.models.attention import BACKENDS, AttentionBackendError, resolve_b
 from fastdino.models.compile import compile_modules
 from fastdino.models.head import DINOHead, WeightNormLinear
 from fastdino.models.multicrop import MultiCropWrapper
-from fastdino.models.vision_transformer import ARCH_DIMS, Block, VisionTransformer, vit_base, vit_small, vit_tiny
+from fastdino.models.vision_transformer import (ARCH_DIMS, DINOV2_DEPTH, Block, VisionTransformer, dinov2_vitb14,
+                                               dinov2_vitg14,
+                                               dinov2_vitl14, dinov2_vits14, vit_base, vit_giant2, vit_large,
+                                               vit_small, vit_tiny)
 
-ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large,
+         "vit_giant2": vit_giant2}
+DINOV2_ARCHS = {"dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14, "dinov2_vitl14": dinov2_vitl14,
+                "dinov2_vitg14": dinov2_vitg14}
+DINOV2_BASE = {"dinov2_vits14": "vit_small", "dinov2_vitb14": "vit_base", "dinov2_vitl14": "vit_large",
+               "dinov2_vitg14": "vit_giant2"}  # the width / heads of each (ARCH_DIMS)
+
+
+def arch_spec(arch: str, depth: int = 0) -> dict:
+    """embed_dim, num_heads, depth (model.depth, or the architecture's own when 0: 12 for vit_*,
+    the official depth for dinov2_*) and patch size (None: any of 8 / 16) of an architecture name."""
+    if arch in DINOV2_ARCHS:
+        base = DINOV2_BASE[arch]
+        return {"embed_dim": ARCH_DIMS[base][0], "num_heads": ARCH_DIMS[base][1],
+                "depth": depth or DINOV2_DEPTH[base], "patch_size": 14}
+    if arch in ARCHS:
+        return {"embed_dim": ARCH_DIMS[arch][0], "num_heads": ARCH_DIMS[arch][1], "depth": depth or 12,
+                "patch_size": None}
+    raise ValueError(f"model.arch={arch!r}: unknown architecture (choose one of {list(ARCHS) + list(DINOV2_ARCHS)})")
 
 
 def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionTransformer:
     """ViT from a fastdino.config.ModelConfig with the resolved attention backend `attn` (default:
     model_cfg.attn, resolved by the ViT). The teacher has no drop path; activation checkpointing only
-    acts while gradients are recorded (never for the teacher)."""
-    if model_cfg.arch not in ARCHS:
-        raise ValueError(f"model.arch={model_cfg.arch!r}: unknown architecture (choose one of {list(ARCHS)})")
-    return ARCHS[model_cfg.arch](
-        patch_size=model_cfg.patch_size,
-        depth=model_cfg.depth,
-        drop_path_rate=0.0 if teacher else model_cfg.drop_path_rate,
-        attn=attn or model_cfg.attn,
-        activation_checkpointing=model_cfg.activation_checkpointing and not teacher,
-    )
+    acts while gradients are recorded (never for the teacher). dinov2_* are the DINOv2 backbones
+    (official names: LayerScale, mask token, model.num_register_tokens registers)."""
+    spec = arch_spec(model_cfg.arch, model_cfg.depth)
+    kwargs = dict(depth=spec["depth"], drop_path_rate=0.0 if teacher else model_cfg.drop_path_rate,
+                  attn=attn or model_cfg.attn, activation_checkpointing=model_cfg.activation_checkpointing and not teacher)
+    if model_cfg.arch in DINOV2_ARCHS:
+        return DINOV2_ARCHS[model_cfg.arch](num_register_tokens=model_cfg.num_register_tokens, **kwargs)
+    return ARCHS[model_cfg.arch](patch_size=model_cfg.patch_size, **kwargs)
 
 
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
@@ -39,6 +62,7 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
     return model
 
 
-__all__ = ["vit_tiny", "vit_small", "vit_base", "VisionTransformer", "DINOHead", "WeightNormLinear",
+__all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vits14", "dinov2_vitb14",
+           "dinov2_vitl14", "dinov2_vitg14", "DINOV2_ARCHS", "VisionTransformer", "DINOHead", "WeightNormLinear",
            "MultiCropWrapper", "build_backbone", "compile_blocks", "resolve_backend", "BACKENDS",
            "AttentionBackendError", "ARCHS", "ARCH_DIMS"]

@@ -28,8 +28,9 @@ def resolution_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class MultiCropWrapper(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False):
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False, keep_features: bool = False):
         super().__init__()
+        self.keep_features = keep_features  # also return the global crops' backbone [CLS] (KoLeo)
         if packed and not hasattr(backbone, "forward_packed"):
             raise ValueError(f"MultiCropWrapper: packed=True needs a backbone with forward_packed, "
                              f"got {type(backbone).__name__}")
@@ -47,7 +48,12 @@ class MultiCropWrapper(nn.Module):
         feats = [self.backbone(g) for g in groups]
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor]):
         """Head output of all crops in crop order, (n_crops*B, K) (the head's bottleneck features
-        when its last layer is fused into the loss)."""
-        return self.head(self.forward_features(crops))
+        when its last layer is fused into the loss). With keep_features: {"cls": that,
+        "cls_features": the backbone [CLS] features of the first two (global) crops, (2B, D)}."""
+        feats = self.forward_features(crops)
+        out = self.head(feats)
+        if not self.keep_features:
+            return out
+        return {"cls": out, "cls_features": feats[:2 * crops[0].shape[0]]}  # crops: a crop-major list

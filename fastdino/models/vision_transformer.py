@@ -1,23 +1,59 @@
-"""Vision Transformer as in official DINO (pre-norm blocks, qkv bias, LayerNorm eps 1e-6, stochastic
-depth, learnable [CLS] and position embeddings bicubically interpolated to other resolutions).
+"""Vision Transformer of official DINO and of official DINOv2, one class.
 
-Parameter names follow the standard ViT state dict (cls_token, pos_embed, patch_embed.proj.*,
-blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm.*; head.* only when
-num_classes > 0), so official DINO backbones and timm ViT checkpoints load with strict=True.
+Pre-norm blocks, qkv bias, LayerNorm eps 1e-6, stochastic depth, learnable [CLS] and position
+embeddings bicubically interpolated to other resolutions. The defaults build the DINO v1 backbone;
+the DINOv2 options add, with the official DINOv2 names and shapes:
+    layerscale_init        per-channel gamma on each residual branch: blocks.i.ls1.gamma, blocks.i.ls2.gamma
+    num_register_tokens    register_tokens (1, R, dim), inserted after [CLS] once the position embedding is added
+    ffn="swiglu"           fused SwiGLU: blocks.i.mlp.w12 Linear(dim, 2h), blocks.i.mlp.w3 Linear(h, dim),
+                           h = int(mlp_ratio*dim * 2/3) rounded up to a multiple of 8 (DINOv2 SwiGLUFFNFused)
+    mask_token             mask_token (1, dim): replaces the masked patch embeddings (iBOT) before the
+                           position embedding
+    interpolate_offset, interpolate_antialias   DINOv2's position-embedding interpolation
+    drop_path_uniform, efficient_drop_path      DINOv2's stochastic-depth options (see below)
 
-Speed-ups over the official module, all exact:
+State dicts: DINO v1 models (no LayerScale, registers, mask token or SwiGLU) have the standard ViT
+layout (cls_token, pos_embed, patch_embed.proj.*, blocks.i.{norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2}, norm.*; head.* only when num_classes > 0), so official DINO backbones and timm
+ViT checkpoints load with strict=True; DINOv2 models have the official DINOv2 backbone layout
+(block_chunks=0: blocks.i.*), so the official DINOv2 / DINOv2-with-registers backbones load with
+strict=True. `layout` says which: "dino" or "dinov2".
+
+Token layout of every sequence: [CLS] at 0, the R register tokens at 1..R, the patch tokens from
+1 + R on (row-major patch grid). forward_features, get_intermediate_layers and
+get_last_selfattention return all of them in that order; `num_register_tokens` gives R.
+
+forward_features(x, masks=None) returns, for a DINOv2 model, the official dict
+    x_norm_clstoken (B, dim), x_norm_regtokens (B, R, dim), x_norm_patchtokens (B, P, dim),
+    x_prenorm (B, 1+R+P, dim) (after the last block, before the final norm), masks (as given)
+and for a DINO v1 model the normed tokens (B, 1+P, dim) (fastdino's v1 API). A list of image
+groups gives a list of those, computed in one packed pass.
+
+Speed-ups over the official modules, all exact:
 - attention through fused kernels (fastdino.models.attention): no (seq x seq) matrix is stored;
   get_last_selfattention keeps an explicit-softmax path for visualization;
 - forward_packed: crops of several resolutions run through each block together, as one (T, dim)
   token matrix (one LayerNorm / qkv / proj / MLP matmul per block), attention kept within each crop;
-- per-block activation checkpointing; the drop-path masks are drawn before the blocks run, so
+- per-block activation checkpointing; the drop-path draws are made before the blocks run, so
   packing and recomputation see the same masks.
 
-Drop path (stochastic depth): each block has two residual branches (attention, MLP); for a backbone
-call on a batch of `rows` sequences, one Bernoulli(1 - p_i) draw of shape (depth, 2, rows) decides
-which sequences keep which branch (kept branches are scaled by 1 / (1 - p_i)). forward_packed makes
-the same draw per resolution group, in group order, so it uses exactly the masks that separate
-backbone calls per group (the official MultiCropWrapper) would use with the same RNG state.
+Drop path (stochastic depth): each block has two residual branches (attention, MLP). For a backbone
+call on a batch of `rows` sequences, one uniform draw u of shape (depth, 2, rows) decides which
+sequences keep which branch; forward_packed makes the same draw per resolution group, in group
+order, so it uses exactly what separate backbone calls per group (the official MultiCropWrapper)
+would use with the same RNG state. Two ways to use u:
+- per-sample masks (default, DINO v1 and DINOv2's DropPath): the branch of sequence r in block i is
+  kept when u < 1 - p_i and then scaled by 1 / (1 - p_i);
+- efficient_drop_path (DINOv2's drop_add_residual_stochastic_depth): the branch runs only on a
+  uniformly random subset of k_i = max(int(rows * (1 - p_i)), 1) sequences (the first k_i of
+  argsort(u)) and is added back with index_add, scaled by rows / k_i. Same expectation, and the
+  dropped sequences cost nothing. Official DINOv2 takes this path for every block with p_i > 0 in its
+  multi-crop (list) forward, the one its training uses; here it applies to every block with p_i > 0
+  of every training forward. With one sequence (k = 1 = rows) nothing is dropped, as official.
+  The branch shapes depend on k_i: under model.compile, blocks with different rates compile
+  different graphs (drop_path_uniform, DINOv2's recipe, keeps one per token layout).
+Rates: linear from 0 (first block) to drop_path_rate (last), or drop_path_rate for every block with
+drop_path_uniform (DINOv2's recipe).
 """
 from __future__ import annotations
 
@@ -31,6 +67,8 @@ from torch.utils.checkpoint import checkpoint
 from fastdino.models.attention import (attention_weights_ref, cu_seqlens_for, packed_attention,
                                        resolve_backend)
 
+FFNS = ("mlp", "swiglu", "swiglufused")  # "swiglufused" is the official DINOv2 config name of "swiglu"
+
 
 def drop_path_scales(rows: int, keep: torch.Tensor, generator=None) -> torch.Tensor:
     """Per-sequence residual scales (depth, 2, rows), fp32: 0 (branch dropped) or 1/keep_i (kept).
@@ -40,6 +78,20 @@ def drop_path_scales(rows: int, keep: torch.Tensor, generator=None) -> torch.Ten
     keep = keep.view(-1, 1, 1)
     u = torch.rand(keep.shape[0], 2, rows, device=keep.device, generator=generator)
     return (u < keep).float() / keep
+
+
+def subset_size(rows: int, rate: float) -> int:
+    """Sequences whose branch runs under efficient drop path at rate p: max(int(rows * (1 - p)), 1) (official)."""
+    return max(int(rows * (1 - rate)), 1)
+
+
+def drop_path_subsets(rows: int, rates: list[float], device=None, generator=None) -> list[torch.Tensor | None]:
+    """Efficient drop path: for each block with rate p > 0, the (2, k) int64 indices of the sequences
+    whose attention / MLP branch runs (a uniformly random k-subset per branch, k = subset_size(rows, p));
+    None for p = 0. Makes the same torch.rand(depth, 2, rows) draw as drop_path_scales (the subsets
+    are the first k of its argsort), so switching modes does not shift the RNG stream."""
+    order = torch.rand(len(rates), 2, rows, device=device, generator=generator).argsort(-1)
+    return [None if p == 0 else order[i, :, :subset_size(rows, p)] for i, p in enumerate(rates)]
 
 
 class PatchEmbed(nn.Module):
@@ -64,6 +116,33 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    """DINOv2's SwiGLUFFNFused: w3(silu(a) * b), (a | b) = w12(x) (the two halves of one matmul).
+    `hidden` is the MLP width int(mlp_ratio*dim); the SwiGLU width is 2/3 of it, rounded up to a
+    multiple of 8 (ViT-g: 6144 -> 4096), which keeps the parameter count of the MLP."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (CaiT / DINOv2): x * gamma, gamma initialized to `init`."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
 
 
 class Attention(nn.Module):
@@ -95,32 +174,49 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + drop_path(attn(norm1 x)), then x + drop_path(mlp(norm2 x))."""
+    """Pre-norm transformer block: x + drop_path(ls1(attn(norm1 x))), then x + drop_path(ls2(mlp(norm2 x)));
+    ls1 / ls2 are LayerScale with layerscale_init, else identities (no parameters)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 backend: str = "sdpa"):
+                 backend: str = "sdpa", layerscale_init: float | None = None, ffn: str = "mlp"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, backend)
+        self.ls1 = nn.Identity() if layerscale_init is None else LayerScale(dim, layerscale_init)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = (Mlp if ffn == "mlp" else SwiGLUFFN)(dim, int(dim * mlp_ratio))
+        self.ls2 = nn.Identity() if layerscale_init is None else LayerScale(dim, layerscale_init)
 
     def forward(self, x: torch.Tensor, drop_scale: torch.Tensor | None = None, groups=None,
-                cu_seqlens=None, max_seqlen: int = 0) -> torch.Tensor:
-        """drop_scale: None (no drop path) or fp32 residual scales (2, ...) broadcastable to x per sequence."""
-        y = self.attn(self.norm1(x), groups, cu_seqlens, max_seqlen)
-        x = x + (y if drop_scale is None else y * drop_scale[0])
-        y = self.mlp(self.norm2(x))
-        return x + (y if drop_scale is None else y * drop_scale[1])
+                cu_seqlens=None, max_seqlen: int = 0, drop_index: torch.Tensor | None = None) -> torch.Tensor:
+        """drop_scale: None (no drop path) or fp32 residual scales (2, ...) broadcastable to each branch's
+        output. drop_index (efficient drop path): (2, n) rows of x (sequences of a dense (B, N, dim) x,
+        tokens of a packed (T, dim) x) on which each branch runs; the branch output times drop_scale is
+        index-added there, and groups / cu_seqlens / max_seqlen describe the attention branch's subset."""
+        if drop_index is None:
+            y = self.ls1(self.attn(self.norm1(x), groups, cu_seqlens, max_seqlen))
+            x = x + (y if drop_scale is None else y * drop_scale[0])
+            y = self.ls2(self.mlp(self.norm2(x)))
+            return x + (y if drop_scale is None else y * drop_scale[1])
+        idx = drop_index[0]
+        y = self.ls1(self.attn(self.norm1(x[idx]), groups, cu_seqlens, max_seqlen))
+        x = x.index_add(0, idx, (y * drop_scale[0]).to(x.dtype))
+        idx = drop_index[1]
+        y = self.ls2(self.mlp(self.norm2(x[idx])))
+        return x.index_add(0, idx, (y * drop_scale[1]).to(x.dtype))
 
 
 class VisionTransformer(nn.Module):
-    """ViT backbone; forward(x) returns the [CLS] token after the final norm, (B, embed_dim)."""
+    """ViT backbone (DINO v1 by default, DINOv2 with its options, see the module docstring);
+    forward(x) returns the [CLS] token after the final norm, (B, embed_dim)."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path_rate: float = 0.0, attn: str = "auto",
-                 activation_checkpointing: bool = False, **kwargs):
+                 activation_checkpointing: bool = False, layerscale_init: float | None = None,
+                 num_register_tokens: int = 0, ffn: str = "mlp", mask_token: bool = False,
+                 interpolate_offset: float = 0.1, interpolate_antialias: bool = False,
+                 drop_path_uniform: bool = False, efficient_drop_path: bool = False, **kwargs):
         super().__init__()
         if isinstance(img_size, (list, tuple)):  # official DINO passes img_size=[224]
             img_size = img_size[0]
@@ -128,32 +224,61 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"VisionTransformer: unsupported arguments {sorted(kwargs)}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"VisionTransformer: drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if layerscale_init is not None and (isinstance(layerscale_init, bool) or not isinstance(layerscale_init, (int, float))
+                                            or layerscale_init <= 0):
+            raise ValueError(f"VisionTransformer: layerscale_init must be None (no LayerScale) or a float > 0 "
+                             f"(DINOv2: 1e-5), got {layerscale_init!r}")
+        if isinstance(num_register_tokens, bool) or not isinstance(num_register_tokens, int) or num_register_tokens < 0:
+            raise ValueError(f"VisionTransformer: num_register_tokens must be an int >= 0, got {num_register_tokens!r}")
+        if ffn not in FFNS:
+            raise ValueError(f"VisionTransformer: ffn must be one of {list(FFNS)}, got {ffn!r}")
+        if not isinstance(interpolate_offset, (int, float)) or interpolate_offset < 0:
+            raise ValueError(f"VisionTransformer: interpolate_offset must be a float >= 0 (DINO, DINOv2: 0.1; "
+                             f"DINOv2 with registers: 0.0), got {interpolate_offset!r}")
+        ffn = "swiglu" if ffn == "swiglufused" else ffn
         # global-crop attention shape: what `auto` times on CUDA
-        self._attn_shape = ((img_size // patch_size) ** 2 + 1, num_heads, embed_dim // num_heads)
+        self._attn_shape = ((img_size // patch_size) ** 2 + 1 + num_register_tokens, num_heads, embed_dim // num_heads)
         self.attn_backend = resolve_backend(attn, shape=self._attn_shape)  # one-line error if unavailable
         self.num_features = self.embed_dim = embed_dim
         self.depth, self.num_heads, self.patch_size = depth, num_heads, patch_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_offset, self.interpolate_antialias = float(interpolate_offset), bool(interpolate_antialias)
+        self.efficient_drop_path = bool(efficient_drop_path)
         self.activation_checkpointing = activation_checkpointing
+        # which official backbone the state dict (and forward_features) follows
+        self.layout = "dinov2" if (layerscale_init is not None or num_register_tokens or mask_token
+                                   or ffn != "mlp") else "dino"
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.register_tokens = (nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
+                                if num_register_tokens else None)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if mask_token else None  # official: zeros
         # stochastic depth rule as official: linear from 0 (first block) to drop_path_rate (last)
-        self.dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # as official
+        self.dpr = ([float(drop_path_rate)] * depth if drop_path_uniform
+                    else torch.linspace(0, drop_path_rate, depth, device="cpu").tolist())
         self.drop_path_rate = drop_path_rate
         # made once per device, not per call (no host-to-device copy in the step; not a buffer, so a
         # bf16 cast of the module, as DeepSpeed does, cannot round the probabilities)
         self._drop_keep: dict = {}  # device -> (depth,) fp32 keep probabilities 1 - p_i
+        self._drop_consts: dict = {}  # efficient drop path: (what, ..., device) -> scales / offsets
         self._cu_seqlens: dict = {}  # packed flash-attn: cu_seqlens per token layout
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, self.attn_backend) for _ in range(depth)])
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, self.attn_backend, layerscale_init, ffn)
+             for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.layout == "dino":
+            nn.init.trunc_normal_(self.cls_token, std=0.02)  # official DINO
+        else:
+            nn.init.normal_(self.cls_token, std=1e-6)  # official DINOv2
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
         self.apply(self._init_weights)
 
     @staticmethod
-    def _init_weights(m: nn.Module) -> None:  # as official DINO; the patch conv keeps torch's default
+    def _init_weights(m: nn.Module) -> None:  # as official DINO / DINOv2; the patch conv keeps torch's default
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -165,115 +290,221 @@ class VisionTransformer(nn.Module):
     # ---- tokens ---------------------------------------------------------------------------------
     def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
         """Position embedding for an image of height w and width h (official naming) with x the
-        (B, 1 + npatch, dim) tokens: bicubic resize of the learned grid, as official DINO (including
-        its +0.1 on the target size and scale_factor-based sampling, so outputs match it)."""
+        (B, 1 + npatch, dim) tokens before the registers: bicubic resize of the learned grid, as
+        official. With interpolate_offset > 0 (DINO; DINOv2 0.1) the resize is given by scale factors
+        (npatch_side + offset) / side, as official (so outputs match it); with 0 (DINOv2 with
+        registers) by the target size; interpolate_antialias as DINOv2. The resize runs in fp32."""
         npatch, n = x.shape[1] - 1, self.pos_embed.shape[1] - 1
         if npatch == n and w == h:
             return self.pos_embed
         side = int(math.sqrt(n))
         dim = x.shape[-1]
-        w0, h0 = w // self.patch_size + 0.1, h // self.patch_size + 0.1
-        grid = self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=(w0 / side, h0 / side), mode="bicubic")
-        if grid.shape[-2] != int(w0) or grid.shape[-1] != int(h0):
+        w0, h0 = w // self.patch_size, h // self.patch_size
+        grid = self.pos_embed[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        if self.interpolate_offset:
+            resize = {"scale_factor": ((w0 + self.interpolate_offset) / side, (h0 + self.interpolate_offset) / side)}
+        else:
+            resize = {"size": (w0, h0)}
+        grid = F.interpolate(grid, mode="bicubic", antialias=self.interpolate_antialias, **resize)
+        if grid.shape[-2:] != (w0, h0):
             raise ValueError(f"interpolate_pos_encoding: got a {tuple(grid.shape[-2:])} grid for a {w}x{h} image")
-        return torch.cat((self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
+        grid = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((self.pos_embed[:, :1], grid), dim=1)
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1 + H/p * W/p, dim): [CLS] + patch tokens + position embedding."""
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + R + H/p * W/p, dim): [CLS], registers, patch tokens, as official:
+        masked patch embeddings (masks (B, npatch) bool, True = masked) become the mask token, then
+        [CLS] is prepended and the position embedding added, then the registers go after [CLS]."""
         if x.dim() != 4:
             raise ValueError(f"VisionTransformer: expected images (B, C, H, W), got shape {tuple(x.shape)}")
         B, _, w, h = x.shape
         if w % self.patch_size or h % self.patch_size:
             raise ValueError(f"VisionTransformer: image size {w}x{h} is not a multiple of patch {self.patch_size}")
         x = self.patch_embed(x)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("VisionTransformer: masks given to a model without a mask token (mask_token=False)")
+            if masks.dtype != torch.bool or tuple(masks.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"VisionTransformer: masks must be bool (B, npatch) = {tuple(x.shape[:2])}, "
+                                 f"got {masks.dtype} {tuple(masks.shape)}")
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
-        return x + self.interpolate_pos_encoding(x, w, h)
+        x = x + self.interpolate_pos_encoding(x, w, h)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]), dim=1)
+        return x
 
-    # ---- blocks ---------------------------------------------------------------------------------
-    def _drop_scales(self, rows: int, device) -> torch.Tensor | None:
+    # ---- drop path ------------------------------------------------------------------------------
+    def _drop_draw(self, rows: int, device):
+        """The draw of one backbone call (one resolution group): per-sequence scales (depth, 2, rows),
+        or with efficient_drop_path the per-block subsets (drop_path_subsets); None when off."""
         if not self.training or self.drop_path_rate == 0.0:
             return None
+        if self.efficient_drop_path:
+            return drop_path_subsets(rows, self.dpr, device)
         if device not in self._drop_keep:
             self._drop_keep[device] = torch.tensor([1.0 - p for p in self.dpr], dtype=torch.float32).to(device)
         return drop_path_scales(rows, self._drop_keep[device])
 
-    def _run_blocks(self, x, scales, groups=None, cu_seqlens=None, max_seqlen: int = 0):
+    def _const(self, key, make):
+        """Small constant tensors of the efficient drop path, made once per layout and device."""
+        if key not in self._drop_consts:
+            self._drop_consts[key] = make()
+        return self._drop_consts[key]
+
+    def _seqlens(self, groups, device):
+        """(cu_seqlens, max_seqlen) of a packed layout for flash_attn varlen; (None, 0) when not needed."""
+        if self.attn_backend != "flash_attn" or len(groups) < 2:
+            return None, 0
+        key = (groups, device)
+        if key not in self._cu_seqlens:  # once per layout: no host-to-device copy in the step
+            self._cu_seqlens[key] = cu_seqlens_for(groups, device)
+        return self._cu_seqlens[key]
+
+    def _dense_block_args(self, rows: int, device) -> list[tuple]:
+        """Per block (drop_scale, groups, cu_seqlens, max_seqlen, drop_index) for a dense (rows, N, dim) pass."""
+        draw = self._drop_draw(rows, device)
+        if draw is None:
+            return [(None, None, None, 0, None)] * self.depth
+        if not self.efficient_drop_path:
+            scales = draw[..., None, None]  # (depth, 2, rows, 1, 1) against (rows, N, dim)
+            return [(scales[i], None, None, 0, None) for i in range(self.depth)]
+        args = []
+        for idx in draw:
+            if idx is None:
+                args.append((None, None, None, 0, None))
+                continue
+            k = idx.shape[1]
+            scale = self._const(("dense", rows, k, device),
+                                lambda: torch.full((2, 1, 1, 1), rows / k, dtype=torch.float32, device=device))
+            args.append((scale, None, None, 0, idx))
+        return args
+
+    def _packed_block_args(self, groups, device) -> list[tuple]:
+        """Per block (drop_scale, groups, cu_seqlens, max_seqlen, drop_index) for a packed (T, dim) pass."""
+        cu, mx = self._seqlens(groups, device)
+        draws = [self._drop_draw(rows, device) for rows, _ in groups]  # same draws, same order as separate calls
+        if draws[0] is None:
+            return [(None, groups, cu, mx, None)] * self.depth
+        if not self.efficient_drop_path:
+            scales = [s[..., None].expand(-1, -1, rows, seq).reshape(self.depth, 2, rows * seq, 1)
+                      for s, (rows, seq) in zip(draws, groups)]
+            scales = scales[0] if len(scales) == 1 else torch.cat(scales, dim=2)
+            return [(scales[i], groups, cu, mx, None) for i in range(self.depth)]
+        args = []
+        for i in range(self.depth):
+            if draws[0][i] is None:  # rate 0: same for every group
+                args.append((None, groups, cu, mx, None))
+                continue
+            index, sub, start = [], [], 0
+            for d, (rows, seq) in zip(draws, groups):  # token ids of the kept sequences, group by group
+                k = d[i].shape[1]
+                offsets = self._const(("arange", seq, device), lambda: torch.arange(seq, device=device))
+                index.append((d[i][..., None] * seq + (start + offsets)).reshape(2, k * seq))
+                sub.append((k, seq))
+                start += rows * seq
+            sub = tuple(sub)
+            scale = self._const(("packed", groups, sub, device), lambda: torch.cat(
+                [torch.full((2, k * seq, 1), rows / k, dtype=torch.float32, device=device)
+                 for (rows, _), (k, seq) in zip(groups, sub)], dim=1))
+            index = torch.cat(index, dim=1) if len(index) > 1 else index[0]
+            args.append((scale, sub, *self._seqlens(sub, device), index))
+        return args
+
+    # ---- blocks ---------------------------------------------------------------------------------
+    def _run_blocks(self, x, args):
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for i, blk in enumerate(self.blocks):
-            s = None if scales is None else scales[i]
+        for blk, a in zip(self.blocks, args):
+            if a[-1] is None:
+                a = a[:-1]  # Block's call as without efficient drop path
             if ckpt:
-                # no RNG inside a block (drop-path masks are inputs): skip saving/restoring RNG state
-                x = checkpoint(blk, x, s, groups, cu_seqlens, max_seqlen, use_reentrant=False,
-                               preserve_rng_state=False)
+                # no RNG inside a block (drop-path draws are inputs): skip saving/restoring RNG state
+                x = checkpoint(blk, x, *a, use_reentrant=False, preserve_rng_state=False)
             else:
-                x = blk(x, s, groups, cu_seqlens, max_seqlen)
+                x = blk(x, *a)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the last block and the final norm, (B, 1 + npatch, dim)."""
-        tokens = self.prepare_tokens(x)
-        scales = self._drop_scales(tokens.shape[0], tokens.device)
-        if scales is not None:
-            scales = scales[..., None, None]  # (depth, 2, B, 1, 1) against (B, N, dim)
-        return self.norm(self._run_blocks(tokens, scales))
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Dense (B, N, dim) tokens through all blocks (drop path drawn for B sequences)."""
+        return self._run_blocks(tokens, self._dense_block_args(tokens.shape[0], tokens.device))
 
-    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """x: images (B, C, H, W) -> [CLS] features (B, dim); or a list of resolution groups -> the
-        packed pass (forward_packed). Going through __call__ keeps module hooks working (ZeRO-3
-        gathers cls_token / pos_embed in this module's pre-forward hook)."""
+    def _encode_packed(self, tokens: list[torch.Tensor]):
+        """Several (rows_g, seq_g, dim) groups through all blocks as one (T, dim) token matrix.
+        Returns (x (T, dim), groups ((rows_g, seq_g), ...))."""
+        groups = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens]) if len(tokens) > 1 else tokens[0].flatten(0, 1)
+        return self._run_blocks(x, self._packed_block_args(groups, x.device)), groups
+
+    def _features(self, normed: torch.Tensor, prenorm: torch.Tensor, masks):
+        if self.layout == "dino":
+            return normed
+        r = self.num_register_tokens
+        return {"x_norm_clstoken": normed[:, 0], "x_norm_regtokens": normed[:, 1:r + 1],
+                "x_norm_patchtokens": normed[:, r + 1:], "x_prenorm": prenorm, "masks": masks}
+
+    def forward_features(self, x: torch.Tensor | list[torch.Tensor], masks=None):
+        """Features of every token (see the module docstring for the token layout).
+
+        x: images (B, C, H, W) with masks None or bool (B, npatch); or a list of resolution groups with
+        masks None or a list (entries None or bool masks), run in one packed pass -> a list.
+        DINOv2 models return the official dict (x_norm_clstoken, x_norm_regtokens, x_norm_patchtokens,
+        x_prenorm, masks); DINO v1 models the normed tokens (B, 1 + npatch, dim). Where module hooks
+        must run (DeepSpeed ZeRO-3 gathers this module's own parameters in its pre-forward hook), call
+        model(x, masks, is_training=True) instead: the same thing through __call__."""
         if isinstance(x, (list, tuple)):
-            return self.forward_packed(x)
-        tokens = self.prepare_tokens(x)
-        scales = self._drop_scales(tokens.shape[0], tokens.device)
-        if scales is not None:
-            scales = scales[..., None, None]
-        x = self._run_blocks(tokens, scales)
+            masks = [None] * len(x) if masks is None else list(masks)
+            if len(masks) != len(x):
+                raise ValueError(f"VisionTransformer: {len(x)} image groups but {len(masks)} masks")
+            out, groups = self._encode_packed([self.prepare_tokens(im, m) for im, m in zip(x, masks)])
+            normed, feats, start = self.norm(out), [], 0
+            for (rows, seq), m in zip(groups, masks):
+                part = slice(start, start + rows * seq)
+                feats.append(self._features(normed[part].view(rows, seq, -1), out[part].view(rows, seq, -1), m))
+                start += rows * seq
+            return feats
+        out = self._encode(self.prepare_tokens(x, masks))
+        return self._features(self.norm(out), out, masks)
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor], masks=None, is_training: bool = False):
+        """x: images (B, C, H, W) -> [CLS] features (B, dim); or a list of resolution groups -> the
+        packed pass (forward_packed). is_training=True (the official DINOv2 switch) returns
+        forward_features(x, masks) instead. Going through __call__ keeps module hooks working (ZeRO-3
+        gathers cls_token / pos_embed / register_tokens / mask_token in this module's pre-forward hook)."""
+        if is_training:
+            return self.forward_features(x, masks)
+        if isinstance(x, (list, tuple)):
+            return self.forward_packed(x, masks)
+        x = self._encode(self.prepare_tokens(x, masks))
         return self.head(self.norm(x[:, 0]))  # LayerNorm is per token: norm the [CLS] rows only
 
-    def forward_packed(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def forward_packed(self, images: list[torch.Tensor], masks=None) -> torch.Tensor:
         """[CLS] features of several resolution groups in one pass: images[g] is (rows_g, C, H_g, W_g);
         returns (sum rows_g, dim) in group order, equal to torch.cat([self(x) for x in images]).
 
         All tokens are concatenated to one (T, dim) matrix, so LayerNorm, qkv, proj and the MLP run
         as single matmuls; attention runs per sequence (varlen flash-attn, or one SDPA call per group).
         """
-        tokens, groups, scales = [], [], []
-        for x in images:
-            t = self.prepare_tokens(x)
-            rows, seq, dim = t.shape
-            tokens.append(t.reshape(rows * seq, dim))
-            groups.append((rows, seq))
-            s = self._drop_scales(rows, t.device)  # same draw, same order as separate backbone calls
-            if s is not None:
-                scales.append(s[..., None].expand(-1, -1, rows, seq).reshape(self.depth, 2, rows * seq, 1))
-        groups = tuple(groups)
-        x = tokens[0] if len(tokens) == 1 else torch.cat(tokens)
-        scales = (scales[0] if len(scales) == 1 else torch.cat(scales, dim=2)) if scales else None
-        cu_seqlens, max_seqlen = None, 0
-        if self.attn_backend == "flash_attn" and len(groups) > 1:
-            key = (groups, x.device)
-            if key not in self._cu_seqlens:  # once per layout: no host-to-device copy in the step
-                self._cu_seqlens[key] = cu_seqlens_for(groups, x.device)
-            cu_seqlens, max_seqlen = self._cu_seqlens[key]
-        x = self._run_blocks(x, scales, groups, cu_seqlens, max_seqlen)
+        masks = [None] * len(images) if masks is None else list(masks)
+        x, groups = self._encode_packed([self.prepare_tokens(im, m) for im, m in zip(images, masks)])
         cls, start = [], 0
-        for rows, seq in groups:  # [CLS] is the first token of every sequence
+        for rows, seq in groups:  # [CLS] is the first token of every sequence (registers follow it)
             cls.append(x[start:start + rows * seq].view(rows, seq, -1)[:, 0])
             start += rows * seq
         return self.head(self.norm(torch.cat(cls) if len(cls) > 1 else cls[0]))
 
-    # ---- evaluation / visualization (official API) --------------------------------------------
+    # ---- evaluation / visualization (official DINO API) ---------------------------------------
     @torch.no_grad()
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention weights of the last block, (B, heads, N+1, N+1), by an explicit fp32 softmax."""
+        """Attention weights of the last block, (B, heads, 1+R+N, 1+R+N) ([CLS] 0, registers 1..R,
+        patches from 1+R), by an explicit fp32 softmax."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.blocks[-1].attn.attention_weights(self.blocks[-1].norm1(x))
 
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
-        """Outputs of the last n blocks, each after the final norm, (B, N+1, dim) each (official)."""
+        """Outputs of the last n blocks, each after the final norm, (B, 1+R+N, dim) each (official DINO;
+        [CLS] at 0, registers at 1..R, patch tokens from 1+R)."""
         x = self.prepare_tokens(x)
         out = []
         for i, blk in enumerate(self.blocks):
@@ -283,8 +514,10 @@ class VisionTransformer(nn.Module):
         return out
 
 
-# width (embed_dim) and heads of each architecture; depth 12 and mlp_ratio 4 for all three
-ARCH_DIMS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
+# width (embed_dim) and heads of each architecture. DINO v1 builders: depth from the caller (default
+# 12, model.depth) and mlp_ratio 4 for all; the DINOv2 builders below use the official depths.
+ARCH_DIMS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12), "vit_large": (1024, 16),
+             "vit_giant2": (1536, 24)}
 
 
 def _vit(arch: str, patch_size: int, depth: int, **kwargs) -> VisionTransformer:
@@ -304,13 +537,57 @@ def vit_base(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransform
     return _vit("vit_base", patch_size, depth, **kwargs)
 
 
+def vit_large(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransformer:
+    """Width 1024, 16 heads; the official ViT-L has 24 blocks (pass depth=24, or use dinov2_vitl14)."""
+    return _vit("vit_large", patch_size, depth, **kwargs)
+
+
+def vit_giant2(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransformer:
+    """Width 1536, 24 heads of 64; the official ViT-g has 40 blocks and SwiGLU (dinov2_vitg14)."""
+    return _vit("vit_giant2", patch_size, depth, **kwargs)
+
+
+# ---- DINOv2 backbones (official hub definitions: img_size 518, patch 14) -------------------------
+DINOV2_DEPTH = {"vit_small": 12, "vit_base": 12, "vit_large": 24, "vit_giant2": 40}
+
+
+def _dinov2(arch: str, num_register_tokens: int, ffn: str = "mlp", **kwargs) -> VisionTransformer:
+    """DINOv2 backbone with the official dims, LayerScale 1e-5 (the training recipe; the hub's 1.0 is
+    overwritten by any checkpoint) and a mask token. With registers, the interpolation of the reg
+    models (offset 0, antialias). kwargs override any of these (e.g. depth for a short test model)."""
+    dim, heads = ARCH_DIMS[arch]
+    opts = dict(img_size=518, patch_size=14, embed_dim=dim, depth=DINOV2_DEPTH[arch], num_heads=heads, mlp_ratio=4,
+                layerscale_init=1e-5, mask_token=True, ffn=ffn, num_register_tokens=num_register_tokens,
+                interpolate_offset=0.0 if num_register_tokens else 0.1, interpolate_antialias=bool(num_register_tokens))
+    opts.update(kwargs)
+    return VisionTransformer(**opts)
+
+
+def dinov2_vits14(num_register_tokens: int = 0, **kwargs) -> VisionTransformer:
+    return _dinov2("vit_small", num_register_tokens, **kwargs)
+
+
+def dinov2_vitb14(num_register_tokens: int = 0, **kwargs) -> VisionTransformer:
+    return _dinov2("vit_base", num_register_tokens, **kwargs)
+
+
+def dinov2_vitl14(num_register_tokens: int = 0, **kwargs) -> VisionTransformer:
+    return _dinov2("vit_large", num_register_tokens, **kwargs)
+
+
+def dinov2_vitg14(num_register_tokens: int = 0, **kwargs) -> VisionTransformer:
+    return _dinov2("vit_giant2", num_register_tokens, ffn="swiglu", **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------
 # Reference: the official block math written out with an explicit fp32 softmax (tests, benchmarks)
 # ------------------------------------------------------------------------------------------------
 def vit_forward_ref(model: VisionTransformer, x: torch.Tensor, drop_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """All tokens after the final norm, (B, N+1, dim), computed block by block from model's weights:
-    x += s_attn * proj(softmax(q k^T / sqrt(hd)) v),  x += s_mlp * fc2(gelu(fc1(norm2 x))).
-    drop_scales: optional (depth, 2, B) residual scales (see drop_path_scales)."""
+    """All tokens after the final norm, (B, N+1, dim) (N+1+R with registers), computed block by block
+    from model's weights: x += s_attn * g1 * proj(softmax(q k^T / sqrt(hd)) v),
+    x += s_mlp * g2 * fc2(gelu(fc1(norm2 x)))  (or w3(silu(a) * b), (a | b) = w12(norm2 x));
+    g1, g2 the LayerScale gammas (1 without). drop_scales: optional (depth, 2, B) residual scales
+    (see drop_path_scales)."""
     x = model.prepare_tokens(x)
     B, N, C = x.shape
     H = model.num_heads
@@ -319,8 +596,16 @@ def vit_forward_ref(model: VisionTransformer, x: torch.Tensor, drop_scales: torc
         q, k, v = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).view(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
         a = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * (C // H) ** -0.5, dim=-1)
         y = F.linear((a @ v.float()).to(x.dtype).transpose(1, 2).reshape(B, N, C), blk.attn.proj.weight, blk.attn.proj.bias)
+        if isinstance(blk.ls1, LayerScale):
+            y = y * blk.ls1.gamma
         x = x + (y if drop_scales is None else y * drop_scales[i, 0].view(B, 1, 1))
         h = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, 1e-6)
-        y = F.linear(F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        if isinstance(blk.mlp, SwiGLUFFN):
+            a, b = F.linear(h, blk.mlp.w12.weight, blk.mlp.w12.bias).chunk(2, dim=-1)
+            y = F.linear(F.silu(a) * b, blk.mlp.w3.weight, blk.mlp.w3.bias)
+        else:
+            y = F.linear(F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        if isinstance(blk.ls2, LayerScale):
+            y = y * blk.ls2.gamma
         x = x + (y if drop_scales is None else y * drop_scales[i, 1].view(B, 1, 1))
     return F.layer_norm(x, (C,), model.norm.weight, model.norm.bias, 1e-6)

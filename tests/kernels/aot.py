@@ -70,3 +70,23 @@ def aot_compile(jobs, processes: int = 2):
     for i, part in enumerate(results):
         out[i::processes] = part
     return out
+
+
+def assert_compiled(jobs, results, vector_loads: bool = True) -> None:
+    """Every job compiled for sm_80 and sm_90a without spilling to local memory and (the streaming
+    kernels) with 16-byte vectorized loads."""
+    assert {r["target"] for r in results} == {"sm_80", "sm_90a"}
+    for job, r in zip(jobs, results):
+        what = f"{r['kernel']} ({r['target']}, {job[2]}, {job[3]}, num_warps={job[4]})"
+        assert not r["local_memory"], f"{what} spills to local memory"
+        assert r["vector_loads"] or not vector_loads, f"{what}: loads are not 16-byte vectorized"
+
+
+def load_loss_benchmark():
+    """benchmarks/loss.py as a module (it is a script, not a package member)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_loss", os.path.join(ROOT, "benchmarks", "loss.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench

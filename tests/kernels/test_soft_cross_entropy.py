@@ -328,7 +328,7 @@ def _jobs():
 
 
 def test_aot_compile_sm80_sm90a():
-    from aot import aot_compile
+    from aot import aot_compile, assert_compiled
 
     jobs = _jobs()
     results = aot_compile(jobs)
@@ -345,14 +345,11 @@ def test_aot_compile_sm80_sm90a():
 # ---------------------------------------------------------------------------------------------
 def test_benchmark_script_runs(tmp_path):
     """benchmarks/loss.py on CPU: the reference and the interpreted fused variants."""
-    import importlib.util
     import json
-    import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "loss.py")
-    spec = importlib.util.spec_from_file_location("bench_loss", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from aot import load_loss_benchmark
+
+    bench = load_loss_benchmark()
     out = tmp_path / "loss.json"
     rows = bench.main(["--quick", "--cpu", "--B", "2", "--K", "512", "--crops", "2+1", "--json", str(out)])
     assert [r["variant"] for r in rows] == ["reference", "fused"]

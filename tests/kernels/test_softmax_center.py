@@ -104,7 +104,7 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_aot_compile_sm80_sm90a():
     """The row kernel at the launcher's constexprs for DINO's K=65536 and a small K, teacher logits
     in bf16, fp16 and fp32: compiles, no spills, 16-byte loads."""
-    from aot import aot_compile
+    from aot import aot_compile, assert_compiled
 
     from fastdino.kernels.softmax_center import launch_config
 
@@ -118,12 +118,7 @@ def test_aot_compile_sm80_sm90a():
                 block_k, nw = launch_config(K)
                 jobs.append(("fastdino.kernels.softmax_center", "_softmax_center_kernel", types,
                              {"BLOCK_K": block_k}, nw, cap))
-    results = aot_compile(jobs)
-    assert {r["target"] for r in results} == {"sm_80", "sm_90a"}
-    for job, r in zip(jobs, results):
-        what = f"{r['kernel']} ({r['target']}, {job[2]['T_ptr']}, {job[3]})"
-        assert not r["local_memory"], f"{what} spills to local memory"
-        assert r["vector_loads"], f"{what}: loads are not 16-byte vectorized"
+    assert_compiled(jobs, aot_compile(jobs))
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="real sizes: CUDA only (the AOT test covers them on CPU)")
