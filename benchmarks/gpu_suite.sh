@@ -6,12 +6,14 @@
 #   bash benchmarks/gpu_suite.sh B OUTDIR   # GPU tests, fused loss suite, EMA/clip, attention, ViT-B/8 memory
 #   bash benchmarks/gpu_suite.sh C OUTDIR   # the per-session default (~8 min): the step's CUDA-graph and
 #                                           # no-sync tests, GPU kernel tests, fused loss/head, DALI, vits16
+#   bash benchmarks/gpu_suite.sh D OUTDIR   # DINOv2 (~6 min, the open measurements first): its GPU tests,
+#                                           # Sinkhorn-Knopp and iBOT loss rows, dinov2_vits14 throughput
 #
 # Wheels (optional): .whl/p0..p3 hold the parts of a tar of DALI and its needs (too large for one
 # transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh A|B|C OUTDIR}
-out=${2:?usage: gpu_suite.sh A|B OUTDIR}
+part=${1:?usage: gpu_suite.sh A|B|C|D OUTDIR}
+out=${2:?usage: gpu_suite.sh A|B|C|D OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 py=python3
@@ -41,6 +43,14 @@ if [ "$part" = A ]; then
     step throughput_vitb8 200 $py benchmarks/throughput.py --config configs/vitb8.json --batch-size 64 --data both \
         --steps 5 --warmup 3 --repeats 3 --time-budget 150 --json "$out/throughput_vitb8.json"
     step data 90 $py benchmarks/data.py --backend all --device cuda --batch-size 128 --steps 20 --json "$out/data.json"
+elif [ "$part" = D ]; then  # DINOv2: nothing of it was measured on a GPU yet
+    step pytest_dinov2 150 $py -m pytest -q -p no:cacheprovider tests/kernels/test_sinkhorn_knopp.py tests/test_ibot.py \
+        tests/test_dinov2_step.py tests/test_dinov2_models.py tests/kernels/test_soft_cross_entropy.py -k "not aot"
+    step loss_sk 60 $py benchmarks/loss.py --sk --B 32 64 --dtypes bf16 fp32 --json "$out/loss_sk.json"
+    step loss_ibot 60 $py benchmarks/loss.py --ibot --B 32 64 --dtypes bf16 fp32 --json "$out/loss_ibot.json"
+    step throughput_dinov2_vits14 150 $py benchmarks/throughput.py --config configs/dinov2_vits14.json \
+        --batch-size 128 --data synthetic --rows reference,fastdino,+compile --steps 8 --warmup 4 --repeats 3 \
+        --time-budget 130 --json "$out/throughput_dinov2_vits14.json"
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
     step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"
     step pytest_gpu 80 $py -m pytest -q -p no:cacheprovider tests/kernels/test_linear_soft_cross_entropy.py \

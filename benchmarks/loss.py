@@ -11,6 +11,12 @@ Sinkhorn-Knopp rows (--sk, and in --suite): DINOv2's teacher targets from the 2B
 3 iterations, one process: sk_reference (the official steps in PyTorch, kernels/sinkhorn_knopp.py's
 sinkhorn_knopp_ref) vs sk_fused (its Triton custom ops); floor = teacher logits read once + q written
 once in fp32.
+iBOT rows (--ibot, and in --suite): the masked-patch loss forward+backward over the static (U, K)
+masked-token buffer of a batch of B images (U = IBOTMasks(16).upper_bound(B), the DINOv2 recipe at
+224 px / patch 14; a real mask batch, padding weighted 0): ibot_reference (fastdino/losses/ibot.py's
+ibot_loss_ref, the official forward_masked: log_softmax over all U rows) vs ibot_fused (IBOTTerm
+fused: the soft-target cross-entropy kernel, V = T = 1, per-row weights); floor = memory_floor_bytes
+(student read twice, targets once, gradient written once).
 Two times per row:
   ms       host-inclusive: triton.testing.do_bench of one eager step (L2 flushed), what a training
            loop that launches eagerly sees when the GPU waits for the host;
@@ -29,6 +35,7 @@ peak DRAM bandwidth; peak_extra_MB is max_memory_allocated above the inputs; spe
     python benchmarks/loss.py --head               # F.linear + loss vs the fused last layer + loss
     python benchmarks/loss.py --profile            # CUDA: per-kernel device time of the fused step
     python benchmarks/loss.py --sk                 # Sinkhorn-Knopp teacher targets, reference vs fused
+    python benchmarks/loss.py --ibot               # iBOT masked-patch loss, reference vs fused
     python benchmarks/loss.py --json out.json
 """
 from __future__ import annotations
@@ -175,6 +182,14 @@ def _inputs(B, K, ncrops, dtype, device):
     c = torch.zeros(1, K, device=device)
     temp = torch.full((), TEACHER_TEMP, device=device)  # a device tensor, as the engine passes it
     return s, t, c, temp
+
+
+def add_row(rows: list, row: dict, base: dict, device: str) -> dict:
+    """Append `row` with its comparison to the reference row `base` and the device name; returns base."""
+    compare_to_reference(row, base)
+    row["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    rows.append(row)
+    return base
 
 
 def compare_to_reference(row: dict, base: dict) -> None:
@@ -442,10 +457,61 @@ def sk_bench(args) -> list[dict]:
                      "entropy": float(step()[1].mean())}
                 r["peak_extra_MB"] = peak_extra_mb(step, device)
                 measure(r, step, fb, device, 100 if quick else 200, peak)
-                base = base or r
-                compare_to_reference(r, base)
-                r["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-                rows.append(r)
+                base = add_row(rows, r, base or r, device)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- iBOT
+IBOT_VARIANTS = ("ibot_reference", "ibot_fused")
+
+
+def ibot_bench(args) -> list[dict]:
+    """iBOT patch loss forward+backward on a static masked-token buffer, reference vs fused."""
+    import numpy as np
+
+    from fastdino.data.masking import IBOTMasks
+    from fastdino.losses.ibot import IBOTTerm
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    quick = args.quick or device == "cpu"
+    Bs = args.B or ([2] if quick else [32, 64])
+    K = args.K or (1024 if quick else 65536)
+    grid = 4 if quick else 16
+    dtypes = args.dtypes or (["fp32"] if quick else ["bf16", "fp32"])
+    variants = list(IBOT_VARIANTS) if _triton_runs(device) else ["ibot_reference"]
+    peak = args.peak_gbs or (peak_bandwidth_gbs() if device == "cuda" else None)
+    rows = []
+    for dt in dtypes:
+        for B in Bs:
+            mb = IBOTMasks(grid)(0, 0, np.arange(B)).to(device)
+            U = mb.upper_bound
+            g = torch.Generator().manual_seed(0)
+            x = (torch.randn(U, K, generator=g) * 3).to(device, DTYPES[dt]).requires_grad_()
+            real = (torch.arange(U) < int(mb.n_masked)).to(device)
+            q = torch.where(real[:, None], torch.softmax(torch.randn(U, K, generator=g) * 2, -1).to(device), 0.0)
+            targets = {"patch": q, "patch_weights": mb.mask_weights}
+            floor = memory_floor_bytes(U, U, K, x.element_size())
+            base = None
+            for v in variants:
+                term = IBOTTerm(2 * B, STUDENT_TEMP, impl="fused" if v == "ibot_fused" else "reference")
+
+                def step(term=term):
+                    x.grad = None
+                    loss = term({"patch": x}, targets)
+                    loss.backward()
+                    return loss
+
+                def clear():
+                    x.grad = None
+
+                r = {"variant": v, "dtype": dt, "B": B, "U": U, "n_masked": int(mb.n_masked), "K": K,
+                     "loss": float(step().detach())}
+                r["peak_extra_MB"] = peak_extra_mb(step, device, clear)
+                measure(r, step, floor, device, 100 if quick else 200, peak)
+                clear()
+                base = add_row(rows, r, base or r, device)
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -500,6 +566,8 @@ SWEEP_COLS = ["dtype", "block_k", "rows", "num_warps", "pps", "group_size", "pro
               "bwd_ms", "bwd_frac"]
 SK_COLS = ["variant", "dtype", "B", "R", "K", "iters", "ms", "cpu_us", "dev_ms", "dev_GBps", "floor_frac",
            "peak_extra_MB", "mem_vs_ref", "speedup", "dev_speedup", "GBps", "entropy"]
+IBOT_COLS = ["variant", "dtype", "B", "U", "n_masked", "K", "ms", "cpu_us", "dev_ms", "dev_GBps", "floor_frac",
+             "peak_extra_MB", "mem_vs_ref", "speedup", "dev_speedup", "GBps", "loss"]
 HEAD_COLS = ["variant", "dtype", "crops", "B", "K", "D", "ms", "cpu_us", "dev_ms", "TFLOPs", "peak_extra_MB",
              "logits_MB", "mem_vs_ref", "speedup", "dev_speedup"]
 
@@ -540,9 +608,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--head", action="store_true", help="fused head (last layer + loss) table")
     p.add_argument("--profile", action="store_true", help="CUDA: per-kernel device time of the fused step")
     p.add_argument("--sk", action="store_true", help="Sinkhorn-Knopp teacher targets: reference vs fused")
+    p.add_argument("--ibot", action="store_true", help="iBOT masked-patch loss: reference vs fused")
     p.add_argument("--suite", action="store_true",
                    help="CUDA: main table (B=64, 2+10/2+8, bf16/fp32), kernel breakdown, sweep, head table, "
-                        "Sinkhorn-Knopp table")
+                        "Sinkhorn-Knopp table, iBOT table")
     p.add_argument("--peak-gbs", type=float, help="peak DRAM bandwidth (default: from NVML)")
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -569,6 +638,9 @@ def main(argv=None) -> list[dict]:
         print("## Sinkhorn-Knopp teacher targets (3 iterations), B=64")
         out["sk"] = sk_bench(argparse.Namespace(**{**vars(args), "B": [64]}))
         print_table(out["sk"], SK_COLS)
+        print("## iBOT masked-patch loss fwd+bwd, B=64 (U masked-token rows)")
+        out["ibot"] = ibot_bench(argparse.Namespace(**{**vars(args), "B": [64]}))
+        print_table(out["ibot"], IBOT_COLS)
         rows = out["main"]
     elif args.sweep:
         rows = out["sweep"] = sweep(args)
@@ -579,6 +651,9 @@ def main(argv=None) -> list[dict]:
     elif args.sk:
         rows = out["sk"] = sk_bench(args)
         print_table(rows, SK_COLS)
+    elif args.ibot:
+        rows = out["ibot"] = ibot_bench(args)
+        print_table(rows, IBOT_COLS)
     elif args.head:
         rows = out["head"] = head_bench(args)
         print_table(rows, HEAD_COLS)

@@ -52,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python benchmarks/throughput.py` from a checkout
     sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastdino.config import REFERENCE, Config, ConfigError, load_config, split_cli_overrides  # noqa: E402
@@ -287,6 +288,20 @@ def real_batches(loader, start_epoch: int = 0):
         epoch += 1
 
 
+def with_masks(batches, cfg: Config, batch: int, device: torch.device, from_loader: bool):
+    """(crops, iBOT masks or None) per step: a loader built with the config's masking yields both;
+    synthetic crops get the masks of a fixed batch of dataset indices (the recipe's statistics)."""
+    from fastdino.train import build_masking
+
+    masking = build_masking(cfg)
+    if masking is not None and from_loader:
+        yield from batches
+        return
+    masks = None if masking is None else masking(cfg.train.seed, 0, np.arange(batch)).to(device)
+    for crops in batches:
+        yield crops, masks
+
+
 def prefetch_depth(loader) -> int:
     """Batches a loader can hold ready before the model asks (torch: workers x prefetch factor)."""
     depth = getattr(loader, "prefetch_depth", None)
@@ -339,10 +354,10 @@ def run_steps(run, batches, n: int, it0: int, epoch: int, spe: int, clock: Phase
     log_every = run.cfg.train.log_every
     for i in range(n):
         it = it0 + i
-        crops = next(batches)
+        crops, masks = next(batches)
         mark("data")
         run.state.load_hyperparams(run.table, epoch * spe + it % spe)
-        out = run.step_fn(run.state, crops, mark=mark)
+        out = run.step_fn(run.state, crops, masks, mark=mark)
         if (it + 1) % log_every == 0:  # train.py's only host sync: read the losses and the counters
             float(out["loss"])
             int(run.state.counters[BAD_STEPS].item())
@@ -461,13 +476,16 @@ def run_row(name: str, mode: str, base_cfg: Config, args, device: torch.device, 
             if mode == "real":
                 from fastdino.data import build_train_loader
 
+                from fastdino.train import build_masking
+
                 loader = build_train_loader(cfg.data, batch_size=batch, rank=0, world_size=1, seed=cfg.train.seed,
-                                            device=device, dtype=crop_dtype(cfg, device))
+                                            device=device, dtype=crop_dtype(cfg, device), masking=build_masking(cfg))
                 spe = loader.steps_per_epoch
-                batches = real_batches(loader)
+                batches = with_masks(real_batches(loader), cfg, batch, device, from_loader=True)
             else:
                 spe = args.warmup + args.steps * args.repeats + 1
-                batches = synthetic_batches(cfg, batch, device, crop_dtype(cfg, device), cfg.train.seed)
+                batches = with_masks(synthetic_batches(cfg, batch, device, crop_dtype(cfg, device), cfg.train.seed),
+                                     cfg, batch, device, from_loader=False)
             t = build_run(cfg, device, spe)
         except Exception as e:
             return {**row, "status": "failed" if required else "n/a", "reason": _one_line(e)}

@@ -27,7 +27,7 @@ import torch.nn as nn
 from fastdino.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_states
 from fastdino.clip import Clipper
 from fastdino.flat import FlatParams
-from fastdino.optim import DINOAdamW, param_groups
+from fastdino.optim import DINOAdamW, describe_param_groups, param_groups
 from fastdino.teacher import TeacherEMA
 
 log = logging.getLogger("fastdino")
@@ -44,7 +44,10 @@ class LocalBackend:
         self.teacher_flat = FlatParams(teacher_module, grads=False)
         self.clipper = Clipper(self.student_flat, cfg.optim.clip_grad, resolved.clip)
         self.ema = TeacherEMA(self.teacher_flat, self.student_flat, resolved.ema)
-        self.optimizer = DINOAdamW(param_groups(student_module))
+        o = cfg.optim  # groups by (last layer, lr multiplier, wd multiplier): fastdino/optim.py
+        self.optimizer = DINOAdamW(param_groups(student_module, o.layerwise_decay, o.patch_embed_lr_mult))
+        if ctx.is_main:
+            log.info(describe_param_groups(self.optimizer.param_groups))
         self.scaler = torch.amp.GradScaler(ctx.device.type) if resolved.precision == "fp16" else None
         self.distributed = resolved.backend == "ddp"
         self.student = student_module

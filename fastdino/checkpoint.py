@@ -62,15 +62,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def client_state(targets, epoch: int, step_in_epoch: int, step: int, cfg, resolved) -> dict:
-    """The backend-independent entries of a checkpoint."""
-    return {"dino_loss": targets.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
-            "rng": rng_state(), "config": cfg.to_dict(), "resolved": resolved.to_dict()}
+def client_state(targets, epoch: int, step_in_epoch: int, step: int, cfg, resolved, patch_targets=None) -> dict:
+    """The backend-independent entries of a checkpoint (iBOT's patch targets as "ibot_patch_loss")."""
+    state = {"dino_loss": targets.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
+             "rng": rng_state(), "config": cfg.to_dict(), "resolved": resolved.to_dict()}
+    if patch_targets is not None:
+        state["ibot_patch_loss"] = patch_targets.state_dict()
+    return state
 
 
-def restore_client(ckpt: dict, targets, path: str, rank: int = 0) -> tuple[int, int, int]:
+def restore_client(ckpt: dict, targets, path: str, rank: int = 0, patch_targets=None) -> tuple[int, int, int]:
     """Load the targets' state and this rank's RNG states; returns (epoch, step_in_epoch, step)."""
     load_states([("dino_loss", targets, ckpt.get("dino_loss"))], path)
+    if patch_targets is not None:
+        load_states([("ibot_patch_loss", patch_targets, ckpt.get("ibot_patch_loss"))], path)
     try:
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
         set_rng_state(per_rank[rank] if rank < len(per_rank) else ckpt["rng"])

@@ -31,13 +31,16 @@ def choice(default, *allowed):
 
 @dataclass
 class ModelConfig:
-    # vit_*: DINO's ViTs (patch 16 or 8); dinov2_*: DINOv2's (patch 14, LayerScale, registers option)
+    # vit_*: DINO's ViTs (patch 16 or 8); dinov2_*: DINOv2's (patch 14, LayerScale, registers option;
+    # dinov2_vitt14: a ViT-Ti width with those options, no official weights: the CPU demo)
     arch: str = choice("vit_small", "vit_tiny", "vit_small", "vit_base",
-                       "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")
+                       "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")
     patch_size: int = choice(16, 16, 8, 14)  # /8 models see 785 tokens at 224 px; dinov2_* need 14
     depth: int = 0  # transformer blocks; 0: the architecture's own (12; dinov2 L 24, g 40). The CPU demo uses 4
     num_register_tokens: int = choice(0, 0, 4)  # dinov2_*: register tokens between [CLS] and the patches
     drop_path_rate: float = 0.1  # stochastic depth of the student (teacher has none)
+    drop_path_uniform: bool = False  # every block at drop_path_rate (DINOv2) instead of linear from 0
+    efficient_drop_path: bool = False  # DINOv2's: a block's branch runs on the kept sequences only (same expectation)
     out_dim: int = 65536  # K: dimension of the DINO head output
     norm_last_layer: bool = True  # weight_g fixed to 1: logits are cosines. False helps ViT-B stability
     use_bn_in_head: bool = False
@@ -47,6 +50,8 @@ class ModelConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (memory for /8 models)
     compile: bool = False  # torch.compile the backbone blocks and the heads (one static graph per token layout)
     fused_head: bool = False  # the student head's last layer (256 -> K) inside the DINO loss: no [n*B, K] logits
+    ibot_head: str = choice("separate", "separate", "shared")  # iBOT patch head: its own (DINOv2) or the DINO head
+    ibot_out_dim: int = 65536  # K of a separate iBOT head
 
 
 @dataclass
@@ -57,6 +62,7 @@ class LossConfig:
     sinkhorn_iterations: int = 3
     dino_weight: float = 1.0  # weight of the DINO [CLS] term
     koleo_weight: float = 0.0  # KoLeo on the student's pre-head [CLS] of each global crop (DINOv2: 0.1)
+    ibot_weight: float = 0.0  # iBOT masked-patch loss on the global crops (DINOv2: 1.0; 0 disables masking)
     warmup_teacher_temp: float = 0.04  # initial teacher temperature
     teacher_temp: float = 0.04  # final teacher temperature; anything above 0.07 is unstable
     warmup_teacher_temp_epochs: int = 0  # linear warmup of the teacher temperature (30 for ViT-B)
@@ -69,7 +75,10 @@ class OptimConfig:
     optimizer: str = choice("adamw", "adamw")  # torch's fused AdamW, lr / wd / skip flags on the device
     epochs: int = 100
     batch_size_per_gpu: int = 64
-    lr: float = 0.0005  # peak lr at batch 256; scaled linearly by the global batch / 256
+    lr: float = 0.0005  # peak lr at the reference batch, scaled by optim.lr_scaling
+    lr_scaling: str = choice("linear_256", "linear_256", "sqrt_1024")  # DINO: lr*B/256; DINOv2: lr*sqrt(B/1024)
+    layerwise_decay: float = 1.0  # lr of block i (0-based, of D) times decay^(D - i); embeddings decay^(D+1) (DINOv2: 0.9)
+    patch_embed_lr_mult: float = 1.0  # patch embedding lr multiplier on top of the layer-wise one (DINOv2: 0.2)
     min_lr: float = 1e-6  # end of the cosine schedule
     warmup_epochs: int = 10  # linear lr warmup
     weight_decay: float = 0.04  # cosine from weight_decay to weight_decay_end; none on biases/norms
@@ -96,6 +105,11 @@ class DataConfig:
     local_crops_number: int = 8  # N local crops per image (0 allowed)
     global_crop_size: int = 224
     local_crop_size: int = 96
+    mask_probability: float = 0.5  # iBOT: fraction of the global crops that get a block mask
+    mask_ratio: tuple = (0.1, 0.5)  # iBOT: masked fraction of a masked crop, stratified over [min, max]
+    # iBOT: images per mask stratification group; 0: the rank's batch (official). A divisor of every per-GPU
+    # batch you use keeps the masks of an image the same when the global batch is split over other ranks
+    mask_group_size: int = 0
     num_workers: int = 10  # DataLoader workers per process (torch backend)
     dtype: str = choice("auto", "auto", "fp32", "bf16")  # crops on the device; auto: bf16 when training bf16 on a GPU
 
@@ -285,6 +299,21 @@ def _validate(cfg: Config) -> None:
     need(lo.sinkhorn_iterations >= 1, "loss.sinkhorn_iterations", "must be >= 1")
     need(lo.dino_weight > 0, "loss.dino_weight", "must be > 0")
     need(lo.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0 (0 disables KoLeo)")
+    need(lo.ibot_weight >= 0, "loss.ibot_weight", "must be >= 0 (0 disables iBOT and masking)")
+    need(m.ibot_out_dim >= 1, "model.ibot_out_dim", "must be >= 1")
+    need(0 < o.layerwise_decay <= 1, "optim.layerwise_decay", "must be in (0, 1] (1 disables it)")
+    need(o.patch_embed_lr_mult > 0, "optim.patch_embed_lr_mult", "must be > 0")
+    need(0 <= d.mask_probability <= 1, "data.mask_probability", "must be in [0, 1]")
+    need(d.mask_group_size >= 0 and (d.mask_group_size == 0 or o.batch_size_per_gpu % d.mask_group_size == 0),
+         "data.mask_group_size", f"must be 0 or a divisor of optim.batch_size_per_gpu={o.batch_size_per_gpu}")
+    mr_lo, mr_hi = d.mask_ratio
+    need(0 <= mr_lo <= mr_hi <= 1, "data.mask_ratio", "must satisfy 0 <= min <= max <= 1")
+    need(lo.ibot_weight == 0 or (d.mask_probability > 0 and mr_hi > 0), "loss.ibot_weight",
+         "iBOT needs masked patches: data.mask_probability and max(data.mask_ratio) must be > 0")
+    need(lo.ibot_weight == 0 or m.arch.startswith("dinov2_"), "loss.ibot_weight",
+         f"iBOT needs a backbone with a mask token: a dinov2_* model.arch, not {m.arch}")
+    need(lo.ibot_weight == 0 or not m.fused_head, "model.fused_head",
+         "the fused head is not built for the iBOT loss yet: set model.fused_head=false with loss.ibot_weight > 0")
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
         lo_s, hi_s = cfg.get(key)
         need(0 < lo_s <= hi_s <= 1, key, "must satisfy 0 < min <= max <= 1")

@@ -23,9 +23,13 @@ fragment is scaled by min(1, clip / (norm + 1e-6)). Under stage 0 each tensor is
 communication. The same norms give the finiteness flag that gates fused AdamW (found_inf) on the
 device, as the single-process engine does.
 
-Frozen last layer: the head's last layer is in param groups of their own (fastdino.optim.param_groups),
-whose flat partitions DINOAdamW skips on the device while epoch < optim.freeze_last_layer (no weight
-decay, no moment or step-count update), exactly as the official cancel_gradients_last_layer.
+Param groups (fastdino.optim.param_groups): one per (last layer, lr multiplier, wd multiplier), so
+DeepSpeed makes one flat partition per group; DINOAdamW reads each group's multipliers from the group
+itself (ZeRO-1/2 step the groups one at a time, ZeRO-3 one sub-group at a time). With layer-wise lr
+decay there are about two groups per block, hence as many small clipping all-reduces per step.
+Frozen last layer: every head's last layer is in param groups of its own, whose flat partitions
+DINOAdamW skips on the device while epoch < optim.freeze_last_layer (no weight decay, no moment or
+step-count update), exactly as the official cancel_gradients_last_layer.
 
 Teacher. Stages 0-2: a plain fp32 module, replicated on every rank; the EMA reads the student's full
 parameters, which ZeRO-1/2 all-gather after each step anyway: no extra communication. Under bf16 the
@@ -79,7 +83,7 @@ import torch.distributed as dist
 from fastdino.checkpoint import CheckpointError, atomic_save, load_states
 from fastdino.config import Config, ConfigError
 from fastdino.kernels.clip_grad import clip_grad_foreach_
-from fastdino.optim import DINOAdamW, param_groups
+from fastdino.optim import DINOAdamW, describe_param_groups, param_groups
 from fastdino.teacher import TeacherEMA
 
 log = logging.getLogger("fastdino")
@@ -366,7 +370,10 @@ class DeepSpeedBackend:
         if resolved.autocast_dtype is not None:
             for module in (student_module, teacher_module):
                 self.autocast_hooks += autocast_forward(module, ctx.device.type, resolved.autocast_dtype)
-        self.basic = ZeroAdamW(param_groups(student_module), cfg.optim.clip_grad)
+        o = cfg.optim  # groups by (last layer, lr multiplier, wd multiplier): fastdino/optim.py
+        self.basic = ZeroAdamW(param_groups(student_module, o.layerwise_decay, o.patch_embed_lr_mult), o.clip_grad)
+        if ctx.is_main:
+            log.info(describe_param_groups(self.basic.param_groups))
         engine, _, _, _ = deepspeed.initialize(model=student_module, optimizer=self.basic, config=self.ds_config)
         self.engine = self.student = engine
         self.optimizer = engine.optimizer

@@ -1,12 +1,18 @@
 """Per-iteration schedules of the DINO recipe, as arrays indexed by the global step, and the device
 table the step reads them from.
 
-    lr           linear warmup from 0, then cosine to min_lr   (peak = lr * global_batch / 256)
+    lr           linear warmup from 0, then cosine to min_lr   (peak: `peak_lr`, optim.lr_scaling)
     wd           cosine from weight_decay to weight_decay_end
     momentum     cosine from momentum_teacher to 1             (teacher EMA)
     teacher_temp linear warmup over warmup_teacher_temp_epochs, then constant (per epoch, as official)
     last_layer_frozen  1 while epoch < freeze_last_layer (the head's last layer gets no update)
 Same arrays as the official `utils.cosine_scheduler` and DINOLoss.teacher_temp_schedule.
+
+The peak lr scales with the global batch B (`peak_lr`):
+    linear_256   lr * B / 256           (DINO: main_dino.py's linear scaling rule)
+    sqrt_1024    lr * sqrt(B / 1024)    (DINOv2: apply_scaling_rules_to_cfg, scaling_rule sqrt_wrt_1024)
+min_lr is absolute under both rules (neither official code scales it). Per-parameter-group lr and
+weight decay multipliers (layer-wise decay) are applied by the optimizer (fastdino/optim.py).
 
 The step never reads a Python float: before each step the training loop copies column `it` of
 `Schedules.table(device)` into the step's hyper-parameter tensor (device to device, no host sync),
@@ -14,6 +20,7 @@ so a compiled or CUDA-graph-captured step sees new values without recompiling.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +28,16 @@ import torch
 
 HYPERPARAMS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_frozen")  # rows of the table
 LR, WD, MOMENTUM, TEACHER_TEMP, LAST_LAYER_FROZEN = range(len(HYPERPARAMS))
+LR_SCALING = ("linear_256", "sqrt_1024")
+
+
+def peak_lr(lr: float, global_batch: int, rule: str = "linear_256") -> float:
+    """The peak (post-warmup) lr for `global_batch` images per step under optim.lr_scaling `rule`."""
+    if rule == "linear_256":
+        return lr * global_batch / 256.0
+    if rule == "sqrt_1024":
+        return lr * math.sqrt(global_batch / 1024.0)
+    raise ValueError(f"peak_lr: unknown lr scaling rule {rule!r} (choose one of {list(LR_SCALING)})")
 
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
@@ -55,9 +72,9 @@ class Schedules:
     @classmethod
     def from_config(cls, cfg, global_batch: int, niter_per_ep: int) -> "Schedules":
         o, lo = cfg.optim, cfg.loss
-        peak_lr = o.lr * global_batch / 256.0  # linear scaling rule
+        peak = peak_lr(o.lr, global_batch, o.lr_scaling)  # min_lr is not scaled (as DINO and DINOv2)
         return cls(
-            lr=cosine_scheduler(peak_lr, o.min_lr, o.epochs, niter_per_ep, o.warmup_epochs),
+            lr=cosine_scheduler(peak, o.min_lr, o.epochs, niter_per_ep, o.warmup_epochs),
             wd=cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, niter_per_ep),
             momentum=cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, niter_per_ep),
             teacher_temp=teacher_temp_schedule(lo.warmup_teacher_temp, lo.teacher_temp,

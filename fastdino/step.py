@@ -1,10 +1,12 @@
 """One DINO training step (Algorithm 1 of the paper), the same for every backend and recipe.
 
-    targets  <- teacher targets of the global crops (centering; no grad)
-    loss     <- sum of the recipe's weighted terms on the student's outputs of all crops
+    targets  <- teacher targets of the global crops (centering or Sinkhorn-Knopp; no grad), and with
+                iBOT masks those of the global crops' masked patch tokens (the teacher sees them unmasked)
+    loss     <- sum of the recipe's weighted terms on the student's outputs of all crops (the student
+                sees the masked patches as the mask token)
     student  <- backward, per-tensor clipping, AdamW (lr, wd schedules; last layer frozen early)
     teacher  <- m * teacher + (1 - m) * student
-    center   <- m_c * center + (1 - m_c) * mean of the teacher logits over all ranks
+    center   <- m_c * center + (1 - m_c) * mean of the teacher logits over all ranks (and the iBOT center)
 
 The step holds no Python-side state and never reads a value on the host: this step's lr, weight
 decay, teacher momentum, teacher temperature and last-layer flag are the device tensor `s.hp` (the
@@ -36,10 +38,12 @@ STEP, BAD_STEPS, FIRST_BAD_STEP, SKIPPED_UPDATES = range(len(COUNTERS))
 class StepState:
     backend: object  # fastdino.backend.Backend: student/teacher forwards, backward, optimizer, EMA
     targets: nn.Module  # teacher targets (fastdino/targets.py): q and statistics, center state
+    patch_targets: nn.Module | None  # iBOT: the masked patch tokens' targets (their own center), or None
     terms: nn.ModuleList  # loss terms (fastdino/losses), each with .name and .weight
     hp: torch.Tensor  # (len(schedules.HYPERPARAMS),) fp32: this step's hyper-parameters
     counters: torch.Tensor  # (len(COUNTERS),) int64
     teacher_rows: int  # teacher rows per step over all ranks (2 * batch * world size)
+    world_size: int
     autocast_dtype: torch.dtype | None  # bf16 / fp16 forwards, None: fp32
     nonfinite_grads_are_bad: bool  # False under fp16 (an overflow is the grad scaler's business)
 
@@ -52,9 +56,10 @@ def _no_mark(phase: str) -> None:
     pass
 
 
-def train_step(s: StepState, crops: list[torch.Tensor], mark=_no_mark) -> dict[str, torch.Tensor]:
-    """One iteration on crop-major crops (2 global, then the locals). Returns device tensors: the
-    total loss, each term's value and the mean teacher entropy (read by the host on log steps only).
+def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mark) -> dict[str, torch.Tensor]:
+    """One iteration on crop-major crops (2 global, then the locals) and, for iBOT, the batch's
+    masks (fastdino.data.masking.MaskBatch on the device). Returns device tensors: the total loss,
+    each term's value and the mean teacher entropy (read by the host on log steps only).
     `mark(phase)` is called as each phase ends (benchmarks/throughput.py records CUDA events there)."""
     hp, b = s.hp, s.backend
     device_type = crops[0].device.type
@@ -64,25 +69,32 @@ def train_step(s: StepState, crops: list[torch.Tensor], mark=_no_mark) -> dict[s
     b.zero_grad()  # in place, before the forward: the gradient buffers are not mutated between forward
     # and backward (torch.compile's tracing of the backward needs that of the views p.grad)
 
-    # ============ teacher: targets from the two global crops ============
+    # ============ teacher: targets from the two global crops (and their masked patch tokens) ============
     with torch.no_grad(), autocast:
-        teacher_logits = b.teacher(crops[:2])
-    q, teacher_stats = s.targets(teacher_logits, hp[TEACHER_TEMP])
+        teacher = b.teacher(crops[:2]) if masks is None else b.teacher(crops[:2], masks, mask_input=False)
+    teacher = teacher if isinstance(teacher, dict) else {"cls": teacher}
+    q, teacher_stats = s.targets(teacher["cls"], hp[TEACHER_TEMP])
+    targets, patch_colsum = {"cls": q}, q.new_zeros(0)
+    if masks is not None:
+        real = torch.arange(masks.upper_bound, device=q.device) < masks.n_masked  # the rest is padding
+        targets["patch"], patch_stats = s.patch_targets(teacher["patch"], hp[TEACHER_TEMP], real)
+        targets["patch_weights"] = masks.mask_weights
+        patch_colsum = patch_stats.get("colsum", patch_colsum)
     mark("teacher_forward")
 
     # ============ student forward and the loss terms (fp32) ============
-    with autocast:
-        student = b.student(crops)  # head outputs, or a dict of them and the features terms ask for
+    with autocast:  # head outputs, or a dict of them and the features / patch outputs terms ask for
+        student = b.student(crops) if masks is None else b.student(crops, masks)
     student = student if isinstance(student, dict) else {"cls": student}
     mark("student_forward")
-    targets = {"cls": q}
     values = {term.name: term(student, targets) for term in s.terms}
     loss = sum(term.weight * values[term.name] for term in s.terms)
     mark("loss")
 
-    # ============ one all-reduce: the center's column sums (centering) and the non-finite-loss flag ============
+    # ============ one all-reduce: the centers' column sums (centering) and the non-finite-loss flag ============
     colsum = teacher_stats.get("colsum", q.new_zeros(0))  # Sinkhorn-Knopp keeps no center: nothing to sum
-    reduced = b.all_reduce_(torch.cat([colsum.float(), (~torch.isfinite(loss.detach())).float().view(1)]))
+    reduced = b.all_reduce_(torch.cat([colsum.float(), patch_colsum.float(),
+                                       (~torch.isfinite(loss.detach())).float().view(1)]))
     loss_bad = reduced[-1] > 0
 
     # ============ student update: backward, per-tensor clipping, AdamW ============
@@ -97,7 +109,9 @@ def train_step(s: StepState, crops: list[torch.Tensor], mark=_no_mark) -> dict[s
     mark("teacher_update")
 
     # ============ center EMA ============
-    s.targets.update_(reduced[:-1], s.teacher_rows, ~bad)
+    s.targets.update_(reduced[:colsum.numel()], s.teacher_rows, ~bad)
+    if masks is not None:  # iBOT's center: the mean of the ranks' masked-token means
+        s.patch_targets.update_(reduced[colsum.numel():-1], s.world_size, ~bad)
 
     # ============ bookkeeping on the device ============
     c = s.counters

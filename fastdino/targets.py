@@ -18,6 +18,13 @@ probabilities. Both modules answer the same calls:
                                                         stats["entropy"] (rows,) fp32
     targets.update_(colsum_all_ranks, rows_all_ranks, ok)        after the step, gated on device
 
+iBOT's patch targets (DINOv2) are a second target module of the same kind over the static-shaped
+masked-token rows (fastdino/data/masking.py MaskBatch), called with row_valid (rows,) bool, False on
+padding: Centering keeps its own center, updated as the official iBOTPatchLoss: stats["colsum"] is
+then the mean of this rank's valid rows (zeros when it has none; the official mean of no rows is
+NaN), and update_ divides the all-reduced sum by the world size (the mean of the ranks' means);
+SinkhornKnopp runs over the valid rows of all ranks only (B = their global count), padding gets q = 0.
+
 How they differ:
     Centering       state: the center (1, K), its state_dict entry; forward is local (no collective),
                     stats also hold "colsum" (K,), which the step all-reduces for update_ (the EMA).
@@ -57,13 +64,19 @@ class Centering(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     @torch.no_grad()
-    def forward(self, teacher_logits: torch.Tensor, teacher_temp) -> tuple[torch.Tensor, dict]:
+    def forward(self, teacher_logits: torch.Tensor, teacher_temp,
+                row_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """teacher_logits (R, K) any float dtype; teacher_temp a 0-dim device tensor (or a float).
-        Returns q (R, K) fp32 and {"entropy": (R,) fp32, "colsum": (K,) fp32 column sums of t}."""
+        Returns q (R, K) fp32 and {"entropy": (R,) fp32, "colsum": (K,) fp32 column sums of t}.
+        row_valid (R,) bool (iBOT rows): "colsum" is the mean of the valid rows, entropy 0 elsewhere."""
         from fastdino.kernels.softmax_center import softmax_center
 
-        q, entropy, colsum = softmax_center(teacher_logits.detach(), self.center, teacher_temp,
+        t = teacher_logits.detach()
+        q, entropy, colsum = softmax_center(t, self.center, teacher_temp,
                                             impl="triton" if self.impl == "fused" else "torch")
+        if row_valid is not None:  # a (1, R) x (R, K) product: no (R, K) temporary
+            colsum = (row_valid.to(t.dtype)[None] @ t).view(-1).float() / row_valid.sum().clamp(min=1)
+            entropy = torch.where(row_valid, entropy, 0.0)
         return q, {"entropy": entropy, "colsum": colsum}
 
     @torch.no_grad()
@@ -90,16 +103,18 @@ class SinkhornKnopp(nn.Module):
         self.out_dim, self.n_iterations, self.impl, self.all_reduce = out_dim, n_iterations, impl, all_reduce
 
     @torch.no_grad()
-    def forward(self, teacher_logits: torch.Tensor, teacher_temp) -> tuple[torch.Tensor, dict]:
+    def forward(self, teacher_logits: torch.Tensor, teacher_temp,
+                row_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """teacher_logits (R, K) any float dtype, this rank's rows; teacher_temp a 0-dim device
-        tensor (or a float). Returns q (R, K) fp32 and {"entropy": (R,) fp32}."""
+        tensor (or a float). Returns q (R, K) fp32 and {"entropy": (R,) fp32}. row_valid (R,) bool
+        (iBOT rows): only the valid rows of all ranks take part; the others get q = 0, entropy 0."""
         from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp
 
         if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.out_dim:
             raise ValueError(f"SinkhornKnopp: teacher_logits must be (R, out_dim={self.out_dim}), "
                              f"got {tuple(teacher_logits.shape)}")
         q, entropy = sinkhorn_knopp(teacher_logits.detach(), teacher_temp, self.n_iterations, self.all_reduce,
-                                    impl="triton" if self.impl == "fused" else "torch")
+                                    impl="triton" if self.impl == "fused" else "torch", row_valid=row_valid)
         return q, {"entropy": entropy}
 
     def update_(self, colsum: torch.Tensor | None = None, rows: int | None = None,

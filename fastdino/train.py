@@ -31,7 +31,7 @@ import torch.nn as nn
 from fastdino.checkpoint import CheckpointError, client_state, restore_client
 from fastdino.config import Config, ConfigError, load_config, split_cli_overrides
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
-from fastdino.losses import DINOTerm, KoLeoTerm
+from fastdino.losses import DINOTerm, IBOTTerm, KoLeoTerm
 from fastdino.monitor import CollapseMonitor, knn_holdout, online_knn
 from fastdino.preemption import Abort, Interrupted, StopControl
 from fastdino.resolve import Resolved, resolve
@@ -91,35 +91,63 @@ def build_models(cfg: Config, resolved: Resolved, device: torch.device) -> tuple
     student_backbone = build_backbone(m, teacher=False, attn=resolved.attn)
     teacher_backbone = build_backbone(m, teacher=True, attn=resolved.attn)
     dim = student_backbone.embed_dim
+    ibot = cfg.loss.ibot_weight > 0
+
+    def ibot_head():  # DINOv2's separate iBOT head: the DINO head's shape with its own prototypes
+        if not ibot or m.ibot_head == "shared":
+            return None
+        return DINOHead(dim, m.ibot_out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer)
+
     student = MultiCropWrapper(student_backbone, DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head,
                                                          norm_last_layer=m.norm_last_layer,
                                                          fused_last_layer=resolved.fused_head),
-                               packed=resolved.packed_multicrop)
-    teacher = MultiCropWrapper(teacher_backbone, DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head))
+                               packed=resolved.packed_multicrop, ibot_head=ibot_head())
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head),
+                               ibot_head=ibot_head())
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
-    if getattr(student_backbone, "mask_token", None) is not None:
+    if getattr(student_backbone, "mask_token", None) is not None and not ibot:
         student_backbone.mask_token.requires_grad = False  # DINOv2's mask token: only iBOT (masked crops) trains it
     return student, teacher
 
 
-def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module, device) -> tuple[nn.Module, nn.ModuleList]:
-    """The recipe: teacher targets (centering, or Sinkhorn-Knopp), the DINO term over 2 + N crops and,
-    with loss.koleo_weight, KoLeo on the student's global [CLS] features."""
+def build_masking(cfg: Config):
+    """iBOT's block masks of the global crops (fastdino/data/masking.py), or None without iBOT."""
+    if cfg.loss.ibot_weight == 0:
+        return None
+    from fastdino.data.masking import IBOTMasks
+
+    d = cfg.data
+    return IBOTMasks(d.global_crop_size // cfg.model.patch_size, mask_probability=d.mask_probability,
+                     mask_ratio=d.mask_ratio, group_size=d.mask_group_size or None)
+
+
+def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,
+                 device) -> tuple[nn.Module, nn.Module | None, nn.ModuleList]:
+    """The recipe: teacher targets (centering, or Sinkhorn-Knopp), the DINO term over 2 + N crops;
+    with loss.koleo_weight, KoLeo on the student's global [CLS] features; with loss.ibot_weight, the
+    iBOT term on the masked patch tokens of the global crops and its own targets (its own center)."""
     lo = cfg.loss
-    if lo.targets == "sinkhorn_knopp":  # its all_reduce is wired to the backend once that exists
-        targets = SinkhornKnopp(cfg.model.out_dim, lo.sinkhorn_iterations, resolved.loss)
-    else:
-        targets = Centering(cfg.model.out_dim, lo.center_momentum, resolved.loss).to(device)
+
+    def make_targets(out_dim):  # a Sinkhorn-Knopp all_reduce is wired to the backend once that exists
+        if lo.targets == "sinkhorn_knopp":
+            return SinkhornKnopp(out_dim, lo.sinkhorn_iterations, resolved.loss)
+        return Centering(out_dim, lo.center_momentum, resolved.loss).to(device)
+
+    targets = make_targets(cfg.model.out_dim)
     head = student.head if resolved.fused_head else None
     terms = [DINOTerm(2 + cfg.data.local_crops_number, lo.student_temp, resolved.loss, weight=lo.dino_weight,
                       head=head, matmul_dtype=resolved.autocast_dtype or torch.float32)]
     if lo.koleo_weight > 0:
         terms.append(KoLeoTerm(weight=lo.koleo_weight))
         student.keep_features = True  # the student also returns its global crops' [CLS] features
-    return targets, nn.ModuleList(terms)
+    patch_targets = None
+    if lo.ibot_weight > 0:
+        patch_targets = make_targets(cfg.model.ibot_out_dim if cfg.model.ibot_head == "separate" else cfg.model.out_dim)
+        terms.append(IBOTTerm(2 * cfg.optim.batch_size_per_gpu, lo.student_temp, resolved.loss, weight=lo.ibot_weight))
+    return targets, patch_targets, nn.ModuleList(terms)
 
 
 @dataclass
@@ -152,15 +180,16 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
     if resolved.compile == "blocks":
         compile_blocks(student)
         compile_blocks(teacher)  # shares the student's graphs where the layouts agree
-    targets, terms = build_recipe(cfg, resolved, student, device)
+    targets, patch_targets, terms = build_recipe(cfg, resolved, student, device)
     backend = build_backend(cfg, resolved, ctx, student, teacher)
-    if isinstance(targets, SinkhornKnopp) and ctx.world_size > 1:
-        targets.all_reduce = backend.all_reduce_  # its column maxima and prototype sums span every rank
+    for t in (targets, patch_targets):
+        if isinstance(t, SinkhornKnopp) and ctx.world_size > 1:
+            t.all_reduce = backend.all_reduce_  # its column maxima and prototype sums span every rank
     schedules = Schedules.from_config(cfg, cfg.optim.batch_size_per_gpu * ctx.world_size, steps_per_epoch)
     table = schedules.table(device)
-    state = StepState(backend=backend, targets=targets, terms=terms, hp=table[:, 0].clone(),
-                      counters=new_counters(device),
-                      teacher_rows=2 * cfg.optim.batch_size_per_gpu * ctx.world_size,
+    state = StepState(backend=backend, targets=targets, patch_targets=patch_targets, terms=terms,
+                      hp=table[:, 0].clone(), counters=new_counters(device),
+                      teacher_rows=2 * cfg.optim.batch_size_per_gpu * ctx.world_size, world_size=ctx.world_size,
                       autocast_dtype=resolved.autocast_dtype,
                       nonfinite_grads_are_bad=resolved.precision != "fp16")
     step_fn = compile_step(train_step) if resolved.compile == "step" else train_step
@@ -210,7 +239,7 @@ def _resume(run: Run, resume: str) -> tuple[int, int, int]:
                     run.backend.checkpoint_path(cfg.train.output_dir))
         return 0, 0, 0
     path = ckpt.get("path", resume if resume != "auto" else run.backend.checkpoint_path(cfg.train.output_dir))
-    epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path, run.ctx.rank)
+    epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path, run.ctx.rank, run.state.patch_targets)
     run.state.counters[STEP] = it
     if run.ctx.is_main:
         log.info("resumed from %s at epoch %d, step %d", path, epoch, it)
@@ -248,7 +277,7 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     batch = cfg.optim.batch_size_per_gpu
     loader = build_train_loader(cfg.data, batch_size=batch, rank=ctx.rank, world_size=ctx.world_size,
                                 seed=cfg.train.seed, device=device, dtype=DTYPES[resolved.crops_dtype],
-                                backend=resolved.data)
+                                backend=resolved.data, masking=build_masking(cfg))
     steps_per_epoch = loader.steps_per_epoch  # >= 1: the loader refuses data smaller than one global batch
 
     # ============ student, teacher, recipe, backend ============
@@ -325,9 +354,10 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
         if done:
             break
         first_step = start_step_in_epoch if epoch == start_epoch else 0
-        for step_in_epoch, crops in enumerate(loader.epoch(epoch, start_step=first_step), start=first_step):
+        for step_in_epoch, batch in enumerate(loader.epoch(epoch, start_step=first_step), start=first_step):
+            crops, masks = batch if loader.masking is not None else (batch, None)  # iBOT: (crops, MaskBatch)
             state.load_hyperparams(run.table, it)
-            pending.append((it, epoch, run.step_fn(state, crops)))
+            pending.append((it, epoch, run.step_fn(state, crops, masks)))
             it += 1
             if it % cfg.train.log_every == 0 or it == total_steps:  # ============ logging ============
                 log_pending()
@@ -342,7 +372,8 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
                     or due or stop:
                 next_epoch, next_step = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)
                 keep = end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0
-                run.backend.save(client_state(state.targets, next_epoch, next_step, it, cfg, run.resolved),
+                run.backend.save(client_state(state.targets, next_epoch, next_step, it, cfg, run.resolved,
+                                              state.patch_targets),
                                  cfg.train.output_dir, keep_as=f"checkpoint{epoch:04d}.pth" if keep else None)
                 control.checkpointed()
             if stop:

@@ -51,6 +51,19 @@ def test_shapes_and_agreement_with_torch_backend(demo, epoch_dali):
             assert d.mean() < mean_tol and d.max() < max_tol, (d.mean(), d.max())
 
 
+def test_ibot_masks_equal_the_torch_backend(demo):
+    """The iBOT masks come from the batch's dataset indices: DALI and torch give the same ones."""
+    from fastdino.data.masking import IBOTMasks
+
+    masking = IBOTMasks(2)
+    dali = [mb for _, mb in build_train_loader(cfg(demo, "dali"), 12, seed=4, device=DEVICE, masking=masking).epoch(1)]
+    ref = [mb for _, mb in build_train_loader(cfg(demo, "torch"), 12, seed=4, masking=masking).epoch(1)]
+    assert len(dali) == len(ref) == 4
+    for a, b in zip(dali, ref):
+        for name in ("masks", "mask_indices", "mask_weights", "n_masked"):
+            assert torch.equal(getattr(a, name).cpu(), getattr(b, name)), name
+
+
 def test_observed_rates(epoch_dali):
     """Grayscale (R == G == B) and solarize-free statistics seen in DALI's pixels."""
     locs = torch.cat([c for crops in epoch_dali for c in crops[2:]]) * STD + MEAN

@@ -315,6 +315,28 @@ def test_determinism_workers_resume_world_size_and_global_rng(demo):
     assert not torch.equal(again[0], single[0][0])
 
 
+def test_ibot_masks_are_keyed_by_the_batch(demo):
+    """With masking, each item is (crops, MaskBatch): the masks of the batch's sampler indices
+    whatever the workers, resume position or rank split (the same rank-local B); crops unchanged."""
+    from fastdino.data.masking import IBOTMasks
+
+    masking = IBOTMasks(2)  # 32-px globals, patch 16
+    plain = list(build_train_loader(small_cfg(demo), 8, seed=7).epoch(2))
+    masked = list(build_train_loader(small_cfg(demo), 8, seed=7, masking=masking).epoch(2))
+    workers = list(build_train_loader(small_cfg(demo, num_workers=2), 8, seed=7, masking=masking).epoch(2, start_step=3))
+    sampler = EpochBatches(48, 8, 0, 1, 7)
+    assert len(masked) == 6
+    for step, ((crops, mb), ref_crops) in enumerate(zip(masked, plain)):
+        assert all(torch.equal(x, y) for x, y in zip(crops, ref_crops))
+        expected = masking(7, 2, sampler.indices(2, step))
+        for name in ("masks", "mask_indices", "mask_weights", "n_masked"):
+            assert torch.equal(getattr(mb, name), getattr(expected, name)), (step, name)
+        assert mb.masks.shape == (16, 4) and mb.upper_bound == masking.upper_bound(8)
+    assert any(int(mb.n_masked) > 0 for _, mb in masked)
+    for (_, a), (_, b) in zip(masked[3:], workers):
+        assert torch.equal(a.masks, b.masks) and torch.equal(a.mask_indices, b.mask_indices)
+
+
 def test_corrupt_files_skipped_counted_or_raise(demo, tmp_path):
     root = tmp_path / "bad"
     shutil.copytree(demo, root)

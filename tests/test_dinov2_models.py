@@ -262,6 +262,46 @@ def test_packed_equals_unpacked_with_registers(efficient):
         assert "backbone." + name in p[1], name  # registers, LayerScale and SwiGLU get gradients
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_wrapper_with_ibot_masks_packed_equals_unpacked_and_reference(shared):
+    """MultiCropWrapper(crops, masks): "cls" as without masks but for the masked global crops,
+    "patch" = the iBOT head (or the shared DINO head) on the masked global patch tokens gathered at
+    mask_indices, equal to the backbone's own dense forward; packed == unpacked, gradients included
+    (the mask token gets one); the teacher (mask_input=False) sees its crops unmasked."""
+    from fastdino.data.masking import IBOTMasks
+
+    model = tiny_v2(drop_path_rate=0.0).train()
+    head = DINOHead(96, 37, hidden_dim=64, bottleneck_dim=16).to(DEV)
+    ibot_head = None if shared else DINOHead(96, 29, hidden_dim=64, bottleneck_dim=16).to(DEV)
+    xs = crops(B=4)
+    mb = IBOTMasks(4)(0, 0, [3, 1, 4, 5]).to(DEV)
+    assert 0 < int(mb.n_masked) < mb.upper_bound
+    results = []
+    for packed in (False, True):
+        w = MultiCropWrapper(model, head, packed=packed, ibot_head=ibot_head)
+        out = w(xs, mb)
+        assert out.keys() == {"cls", "patch"} and out["patch"].shape == (mb.upper_bound, 37 if shared else 29)
+        torch.manual_seed(1)
+        (out["cls"] * torch.randn_like(out["cls"])).sum().add((out["patch"] * torch.randn_like(out["patch"])).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in w.named_parameters() if p.grad is not None}
+        w.zero_grad(set_to_none=True)
+        results.append(({k: v.detach() for k, v in out.items()}, grads))
+    (u, gu), (p, gp) = results
+    for k in ("cls", "patch"):
+        torch.testing.assert_close(p[k], u[k], atol=1e-5, rtol=1e-5)
+    assert gu.keys() == gp.keys() and "backbone.mask_token" in gu
+    for n in gu:
+        torch.testing.assert_close(gp[n], gu[n], atol=1e-5, rtol=1e-4, msg=n)
+    with torch.no_grad():  # reference: the dense masked forward of the global crops, then the gather
+        dense = model(torch.cat(xs[:2]), mb.masks, is_training=True)["x_norm_patchtokens"].flatten(0, 1)
+        ref = (ibot_head or head)(dense[mb.mask_indices])
+        torch.testing.assert_close(u["patch"], ref, atol=1e-5, rtol=1e-5)
+        teacher = MultiCropWrapper(model, head, ibot_head=ibot_head)(xs[:2], mb, mask_input=False)
+        plain = model(torch.cat(xs[:2]), is_training=True)["x_norm_patchtokens"].flatten(0, 1)
+        torch.testing.assert_close(teacher["patch"], (ibot_head or head)(plain[mb.mask_indices]), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(teacher["patch"], u["patch"], atol=1e-3)
+
+
 def test_forward_features_list_is_packed_and_equals_per_group():
     model = tiny_v2(drop_path_rate=0.3).train()
     xs = crops(B=2, n_local=1)

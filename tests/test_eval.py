@@ -197,6 +197,14 @@ def test_load_backbone_handles_all_checkpoint_layouts(tmp_path):
     assert len(load_backbone(None, arch="vit_tiny", depth=2).blocks) == 2
 
 
+def test_random_init_dinov2_backbone_is_patch_14():
+    from fastdino.eval.common import load_backbone
+
+    model = load_backbone(None, arch="dinov2_vits14", depth=1)
+    assert model.patch_size == 14 and model.patch_embed.proj.kernel_size == (14, 14)
+    assert model(torch.randn(2, 3, 28, 28)).shape == (2, 384)
+
+
 def test_dinov2_backbones_load_and_evaluate(tmp_path):
     """A DINOv2-layout state dict (registers, LayerScale, mask token; a training checkpoint's or a
     plain backbone file) is rebuilt from its keys and gives the same features; k-NN, linear probe

@@ -4,6 +4,10 @@
                                 device=device, dtype=torch.bfloat16)
     for crops in loader.epoch(epoch, start_step):   # crop-major list of 2+N [B,3,S,S] on device
         ...
+
+With masking=IBOTMasks(...) (the DINOv2 recipe's iBOT masks, fastdino/data/masking.py) each item is
+(crops, MaskBatch on the device), the masks keyed by the batch's dataset indices: both loaders give
+the same masks.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def build_train_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                       device=None, dtype: torch.dtype = torch.float32, backend: str | None = None):
+                       device=None, dtype: torch.dtype = torch.float32, backend: str | None = None,
+                       masking=None):
     """The training loader for this rank: `.epoch(e, start_step)`, `.steps_per_epoch`, `.num_images`,
     `.num_corrupt`, `.backend`. backend: the resolved data backend (fastdino/resolve.py); None
     resolves data_cfg.backend here (standalone use). Generates the demo dataset first when
@@ -52,7 +57,7 @@ def build_train_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int
     if backend == "dali":
         from fastdino.data.dali import DaliMultiCropLoader
 
-        return DaliMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype)
+        return DaliMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype, masking=masking)
     from fastdino.data.torch_loader import TorchMultiCropLoader
 
-    return TorchMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype)
+    return TorchMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype, masking=masking)

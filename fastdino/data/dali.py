@@ -145,8 +145,9 @@ class DaliMultiCropLoader:
 
     def __init__(self, data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device=None, dtype: torch.dtype = torch.float32, source: ImageSource | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, masking=None):
         self.device = torch.device(device or "cpu")
+        self.masking = masking  # fastdino.data.masking.IBOTMasks: also yield the batch's iBOT masks
         self.source = source or ImageSource(data_cfg.path)
         self.num_images = len(self.source)
         self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
@@ -231,7 +232,10 @@ class DaliMultiCropLoader:
         self.timing["host_read_s"] += t1 - t0
         self.timing["host_params_s"] += time.perf_counter() - t1
         self.timing["batches"] += 1
-        return {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step}
+        item = {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step}
+        if self.masking is not None:  # keyed by the sampler's indices, as the torch loader's
+            item["masks"] = self.masking(self.seed, epoch, self.sampler.indices(epoch, step))
+        return item
 
     def _host_batches(self, epoch: int, start_step: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -392,7 +396,7 @@ class DaliMultiCropLoader:
                 crops = self.to_crops(outs, item["feed"]["photometric"])
                 del outs
                 self.timing["photometric_s"] += time.perf_counter() - t0
-                yield crops
+                yield crops if self.masking is None else (crops, item["masks"].to(self.device))
         finally:
             stop.set()
             if self._pending:

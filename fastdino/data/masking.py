@@ -216,6 +216,10 @@ class MaskBatch:
     def upper_bound(self) -> int:
         return self.mask_indices.numel()
 
+    def to(self, device, non_blocking: bool = False) -> "MaskBatch":
+        return MaskBatch(*(t.to(device, non_blocking=non_blocking) for t in
+                           (self.masks, self.mask_indices, self.mask_weights, self.n_masked)))
+
 
 class IBOTMasks:
     """The DINOv2 collate's masks for a rank-local batch, keyed and static-shaped.

@@ -50,8 +50,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
     {'crops': list of uint8 [B,3,S,S] per crop, 'params': list of param dicts per crop,
      'bad': names of unreadable files met, 'primary_bad': how many of the batch's own files failed}."""
 
-    def __init__(self, source: ImageSource, specs, seed: int):
-        self.source, self.specs, self.seed = source, specs, seed
+    def __init__(self, source: ImageSource, specs, seed: int, masking=None):
+        self.source, self.specs, self.seed, self.masking = source, specs, seed, masking
 
     def __len__(self) -> int:
         return len(self.source)
@@ -88,7 +88,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
             primary_bad += len(bad) > before
         crops = [torch.stack([im[0][c] for im in per_image]) for c in range(len(self.specs))]
         params = [stack_params([im[1][c] for im in per_image]) for c in range(len(self.specs))]
-        return {"crops": crops, "params": params, "bad": bad, "primary_bad": primary_bad}
+        out = {"crops": crops, "params": params, "bad": bad, "primary_bad": primary_bad}
+        if self.masking is not None:  # keyed by the sampler's indices (not the replacements of bad files)
+            out["masks"] = self.masking(self.seed, keys[0][0], [index for _, index in keys])
+        return out
 
 
 def _first(batch):
@@ -137,8 +140,10 @@ class TorchMultiCropLoader:
     backend = "torch"
 
     def __init__(self, data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 device=None, dtype: torch.dtype = torch.float32, source: ImageSource | None = None):
+                 device=None, dtype: torch.dtype = torch.float32, source: ImageSource | None = None,
+                 masking=None):
         self.source = source or ImageSource(data_cfg.path)
+        self.masking = masking  # fastdino.data.masking.IBOTMasks: also yield the batch's iBOT masks
         self.num_images = len(self.source)
         self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
         self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
@@ -147,7 +152,7 @@ class TorchMultiCropLoader:
         self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed)
         workers = int(data_cfg.num_workers)
         self._loader = torch.utils.data.DataLoader(
-            MultiCropDataset(self.source, self.specs, seed), batch_sampler=self.sampler, collate_fn=_first,
+            MultiCropDataset(self.source, self.specs, seed, masking), batch_sampler=self.sampler, collate_fn=_first,
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             generator=torch.Generator(),  # the loader's base seed must not consume torch's global RNG
@@ -181,7 +186,8 @@ class TorchMultiCropLoader:
             if 2 * batch["primary_bad"] > self.batch_size:
                 raise DataError(f"{batch['primary_bad']} of {self.batch_size} images of a batch are unreadable, "
                                 f"e.g. '{batch['bad'][0]}' (check data.path)")
-            yield self.to_device(batch["crops"], batch["params"])
+            crops = self.to_device(batch["crops"], batch["params"])
+            yield crops if self.masking is None else (crops, batch["masks"].to(self.device, non_blocking=True))
 
     def to_device(self, crops: list, params: list) -> list:
         """uint8 crops + host params -> normalized device crops; same-size crops are processed together."""

@@ -23,7 +23,7 @@ import torch
 
 from fastdino.data.folder import Unreadable
 from fastdino.eval.common import (EvalError, UnreadableImage, add_backbone_args, backbone_from_args, center_crop,
-                                  load_image, normalize, resize_shorter, run_cli, save_report, to_tensor)
+                                  load_image, normalize, resize_shorter, run_cli, save_report, to_tensor, unique_name)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # a perceptually ordered dark-to-bright color map (anchors of an inferno-like ramp), for heat maps
@@ -243,12 +243,7 @@ def main(argv=None) -> dict:
         except UnreadableImage as e:
             unreadable.add(path, str(e))
             continue
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name, n = stem, 1
-        while name in used:  # same file name in two folders
-            n += 1
-            name = f"{stem}-{n}"
-        used.add(name)
+        name = unique_name(path, used)
         save_maps(os.path.join(out_dir, name), img, attn, masks, model.patch_size)
         kept = [float(masks[i].float().mean()) for i in range(masks.shape[0])]
         report["images"][name] = {"path": os.path.abspath(path), "mask": gt, "size": list(img.size),

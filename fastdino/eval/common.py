@@ -356,7 +356,8 @@ def load_backbone(path: str | None, which: str = "teacher", arch: str | None = N
             raise EvalError("a random-init backbone needs --arch")
         with torch.random.fork_rng(devices=[]):  # a fixed init, without touching the caller's RNG
             torch.manual_seed(0)
-            model = build_vit(arch, patch_size or 16, depth or 0)
+            patch_size = 14 if arch.startswith("dinov2_") else (patch_size or 16)  # DINOv2 backbones are /14
+            model = build_vit(arch, patch_size, depth or 0)
     else:
         sd, meta = backbone_state_dict(torch_load(path), which)
         arch_sd, patch_sd = infer_arch(sd)
@@ -484,10 +485,21 @@ class EvalRun:
         return keep_readable(out["features"], out["readable"], samples, self.unreadable)
 
 
+def unique_name(path: str, used: set) -> str:
+    """The file's stem, made unique among `used` (same file name in two folders: stem-2, ...); added to used."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
+
+
 def backbone_id(args) -> str:
     """Identifies the weights in a feature cache key."""
     if args.random_init:
-        return f"random:{args.arch}:{args.patch_size or 16}:{args.depth or 12}"
+        return f"random:{args.arch}:{args.patch_size or 16}:{args.depth or 0}"
     st = os.stat(args.checkpoint)
     return f"{os.path.abspath(args.checkpoint)}:{st.st_mtime_ns}:{st.st_size}:{args.which}"
 

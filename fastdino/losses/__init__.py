@@ -1,7 +1,7 @@
 """Objectives as terms: the step sums `weight * term(student, targets)` over the recipe's terms.
 
 A term is an nn.Module with
-    name: str                 the key of its value in the metrics ("dino", "koleo"; next "ibot", "gram")
+    name: str                 the key of its value in the metrics ("dino", "koleo", "ibot"; next "gram")
     weight: float             its weight in the total loss
     forward(student, targets) -> scalar fp32 loss, differentiable w.r.t. the student's outputs
 where `student` is the dict of student outputs and `targets` the dict of teacher targets, keyed by
@@ -10,11 +10,16 @@ what they hold:
                      (n_crops*B, 256) when its last layer is fused into the DINO term
     student["cls_features"]  the backbone's [CLS] features of the 2 global crops (2B, D), pre-head,
                      present when a term asks for them (KoLeo: MultiCropWrapper(keep_features=True))
+    student["patch"] iBOT head outputs of the global crops' masked patch tokens (U, K_ibot), static
+                     U = the masks' upper bound (MultiCropWrapper with masks)
     targets["cls"]   teacher probabilities of the 2 global crops (2B, K), fp32 (fastdino/targets.py)
+    targets["patch"], targets["patch_weights"]  the teacher's targets of those tokens (U, K_ibot)
+                     fp32 and their weights (U,), 1 / (masked tokens of the crop), 0 on padding
 Its state (if any) is its state_dict, saved in checkpoints. Adding a term touches no backend code:
 build it in fastdino/train.py's recipe and the step sums it.
 """
 from fastdino.losses.dino import DINOLoss, DINOTerm
+from fastdino.losses.ibot import IBOTTerm
 from fastdino.losses.koleo import KoLeoTerm
 
-__all__ = ["DINOLoss", "DINOTerm", "KoLeoTerm"]
+__all__ = ["DINOLoss", "DINOTerm", "IBOTTerm", "KoLeoTerm"]

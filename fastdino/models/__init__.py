@@ -4,7 +4,8 @@
 
 ARCHS: DINO v1 builders (width and heads from ARCH_DIMS, depth from model.depth).
 DINOV2_ARCHS: the official DINOv2 backbones (patch 14, img_size 518, official depths, LayerScale,
-mask token; ViT-g with SwiGLU), each with `num_register_tokens` (0, or 4 for the "reg" models).
+mask token; ViT-g with SwiGLU), each with `num_register_tokens` (0, or 4 for the "reg" models);
+dinov2_vitt14 is a ViT-Ti width with the same options (no official weights: demos and tests).
 """
 from __future__ import annotations
 
@@ -15,16 +16,15 @@ from fastdino.models.compile import compile_modules
 from fastdino.models.head import DINOHead, WeightNormLinear
 from fastdino.models.multicrop import MultiCropWrapper
 from fastdino.models.vision_transformer import (ARCH_DIMS, DINOV2_DEPTH, Block, VisionTransformer, dinov2_vitb14,
-                                               dinov2_vitg14,
-                                               dinov2_vitl14, dinov2_vits14, vit_base, vit_giant2, vit_large,
-                                               vit_small, vit_tiny)
+                                               dinov2_vitg14, dinov2_vitl14, dinov2_vits14, dinov2_vitt14, vit_base,
+                                               vit_giant2, vit_large, vit_small, vit_tiny)
 
 ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large,
          "vit_giant2": vit_giant2}
-DINOV2_ARCHS = {"dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14, "dinov2_vitl14": dinov2_vitl14,
-                "dinov2_vitg14": dinov2_vitg14}
-DINOV2_BASE = {"dinov2_vits14": "vit_small", "dinov2_vitb14": "vit_base", "dinov2_vitl14": "vit_large",
-               "dinov2_vitg14": "vit_giant2"}  # the width / heads of each (ARCH_DIMS)
+DINOV2_ARCHS = {"dinov2_vitt14": dinov2_vitt14, "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14,
+                "dinov2_vitl14": dinov2_vitl14, "dinov2_vitg14": dinov2_vitg14}
+DINOV2_BASE = {"dinov2_vitt14": "vit_tiny", "dinov2_vits14": "vit_small", "dinov2_vitb14": "vit_base",
+               "dinov2_vitl14": "vit_large", "dinov2_vitg14": "vit_giant2"}  # the width / heads of each (ARCH_DIMS)
 
 
 def arch_spec(arch: str, depth: int = 0) -> dict:
@@ -47,6 +47,7 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
     (official names: LayerScale, mask token, model.num_register_tokens registers)."""
     spec = arch_spec(model_cfg.arch, model_cfg.depth)
     kwargs = dict(depth=spec["depth"], drop_path_rate=0.0 if teacher else model_cfg.drop_path_rate,
+                  drop_path_uniform=model_cfg.drop_path_uniform, efficient_drop_path=model_cfg.efficient_drop_path,
                   attn=attn or model_cfg.attn, activation_checkpointing=model_cfg.activation_checkpointing and not teacher)
     if model_cfg.arch in DINOV2_ARCHS:
         return DINOV2_ARCHS[model_cfg.arch](num_register_tokens=model_cfg.num_register_tokens, **kwargs)
@@ -62,7 +63,7 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
     return model
 
 
-__all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vits14", "dinov2_vitb14",
+__all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14",
            "dinov2_vitl14", "dinov2_vitg14", "DINOV2_ARCHS", "VisionTransformer", "DINOHead", "WeightNormLinear",
            "MultiCropWrapper", "build_backbone", "compile_blocks", "resolve_backend", "BACKENDS",
            "AttentionBackendError", "ARCHS", "ARCH_DIMS"]

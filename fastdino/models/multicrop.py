@@ -6,6 +6,13 @@ Consecutive crops of the same resolution form a group (official DINO): unpacked,
 once per group on the concatenated crops; packed (model.packed_multicrop), all groups run through
 each block together as one token matrix (VisionTransformer.forward_packed). Both give the same
 outputs, drop path included (same RNG draws, see vision_transformer.py).
+
+iBOT (DINOv2 recipe): forward(crops, masks) also returns the head outputs of the global crops'
+masked patch tokens, static-shaped: masks.mask_indices (U,) pick rows of the global crops' patch
+tokens (2B*H*W, D) (padding rows pick token 0 and carry weight 0 in the loss), the iBOT head (its own,
+or the DINO head when shared) maps them to (U, K_ibot). The student replaces the masked patch
+embeddings by the mask token first (mask_input=True, masks.masks (2B, H*W) bool); the teacher sees
+its crops unmasked and only gathers (mask_input=False), as the official SSLMetaArch.
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ def resolution_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class MultiCropWrapper(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False, keep_features: bool = False):
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False, keep_features: bool = False,
+                 ibot_head: nn.Module | None = None):
         super().__init__()
         self.keep_features = keep_features  # also return the global crops' backbone [CLS] (KoLeo)
         if packed and not hasattr(backbone, "forward_packed"):
@@ -38,6 +46,8 @@ class MultiCropWrapper(nn.Module):
             backbone.fc = nn.Identity()
         self.backbone = backbone
         self.head = head
+        if ibot_head is not None:  # a separate iBOT head (official name); None: iBOT shares `head`
+            self.ibot_head = ibot_head
         self.packed = packed
 
     def forward_features(self, crops: list[torch.Tensor]) -> torch.Tensor:
@@ -48,12 +58,39 @@ class MultiCropWrapper(nn.Module):
         feats = [self.backbone(g) for g in groups]
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
-    def forward(self, crops: list[torch.Tensor]):
+    def _tokens(self, crops: list[torch.Tensor], masks, mask_input: bool):
+        """([CLS] features of all crops (n_crops*B, D), the global crops' patch tokens (2B, H*W, D)):
+        the backbone's dict outputs (is_training=True, through __call__), the global group masked
+        when mask_input."""
+        groups = resolution_groups(crops)
+        if groups[0].shape[0] != masks.masks.shape[0]:
+            raise ValueError(f"MultiCropWrapper: the first resolution group has {groups[0].shape[0]} rows but the "
+                             f"masks are for {masks.masks.shape[0]} global crops (are the 2 global crops first?)")
+        group_masks = [masks.masks if mask_input else None] + [None] * (len(groups) - 1)
+        if self.packed:
+            outs = self.backbone(groups, group_masks, is_training=True)
+        else:
+            outs = [self.backbone(g, m, is_training=True) for g, m in zip(groups, group_masks)]
+        cls = [o["x_norm_clstoken"] for o in outs]
+        return (cls[0] if len(cls) == 1 else torch.cat(cls)), outs[0]["x_norm_patchtokens"]
+
+    def forward(self, crops: list[torch.Tensor], masks=None, mask_input: bool = True):
         """Head output of all crops in crop order, (n_crops*B, K) (the head's bottleneck features
-        when its last layer is fused into the loss). With keep_features: {"cls": that,
-        "cls_features": the backbone [CLS] features of the first two (global) crops, (2B, D)}."""
-        feats = self.forward_features(crops)
+        when its last layer is fused into the loss). With keep_features or masks, a dict: "cls" that,
+        "cls_features" the backbone [CLS] features of the first two (global) crops (2B, D) (with
+        keep_features), "patch" the iBOT head outputs of the masked global patch tokens (U, K_ibot)
+        (with masks: a fastdino.data.masking.MaskBatch; see the module docstring)."""
+        if masks is None:
+            feats, patches = self.forward_features(crops), None
+        else:
+            feats, patches = self._tokens(crops, masks, mask_input)
         out = self.head(feats)
-        if not self.keep_features:
+        if not self.keep_features and masks is None:
             return out
-        return {"cls": out, "cls_features": feats[:2 * crops[0].shape[0]]}  # crops: a crop-major list
+        result = {"cls": out}
+        if self.keep_features:
+            result["cls_features"] = feats[:2 * crops[0].shape[0]]  # crops: a crop-major list
+        if masks is not None:
+            selected = patches.flatten(0, 1).index_select(0, masks.mask_indices)
+            result["patch"] = getattr(self, "ibot_head", self.head)(selected)
+        return result

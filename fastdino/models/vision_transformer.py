@@ -548,7 +548,7 @@ def vit_giant2(patch_size: int = 16, depth: int = 12, **kwargs) -> VisionTransfo
 
 
 # ---- DINOv2 backbones (official hub definitions: img_size 518, patch 14) -------------------------
-DINOV2_DEPTH = {"vit_small": 12, "vit_base": 12, "vit_large": 24, "vit_giant2": 40}
+DINOV2_DEPTH = {"vit_tiny": 12, "vit_small": 12, "vit_base": 12, "vit_large": 24, "vit_giant2": 40}
 
 
 def _dinov2(arch: str, num_register_tokens: int, ffn: str = "mlp", **kwargs) -> VisionTransformer:
@@ -561,6 +561,11 @@ def _dinov2(arch: str, num_register_tokens: int, ffn: str = "mlp", **kwargs) -> 
                 interpolate_offset=0.0 if num_register_tokens else 0.1, interpolate_antialias=bool(num_register_tokens))
     opts.update(kwargs)
     return VisionTransformer(**opts)
+
+
+def dinov2_vitt14(num_register_tokens: int = 0, **kwargs) -> VisionTransformer:
+    """ViT-Ti width (192, 3 heads) with the DINOv2 options: no official weights; the CPU demo's model."""
+    return _dinov2("vit_tiny", num_register_tokens, **kwargs)
 
 
 def dinov2_vits14(num_register_tokens: int = 0, **kwargs) -> VisionTransformer:

@@ -3,17 +3,19 @@ reference on fresh random inputs (fp32/bf16/fp16 logits, K not a multiple of the
 row and column splits, logits the official code overflows on); the reference against the official
 steps in float64; rows sum to 1 and columns approach uniform; two ranks (two threads taking turns,
 an all_reduce over both) equal one rank on the concatenated rows; a row far below every column's
-max; the custom ops' registrations (opcheck, torch.compile without graph breaks or recompiles); one-line
-errors; an ahead-of-time compile for sm_80 and sm_90a; the target module; the benchmark's CPU run."""
+max; padded rows (row_valid: the valid rows get the unpadded targets, the others zeros, on one rank
+and on two, also with no valid row); the custom ops' registrations (opcheck, torch.compile without
+graph breaks or recompiles); one-line errors; an ahead-of-time compile for sm_80 and sm_90a; the
+target module; the benchmark's CPU run."""
 import threading
 
 import pytest
 import torch
 
 import fastdino  # noqa: F401  (registers fastdino.kernels from a plain checkout)
-from fastdino.kernels.sinkhorn_knopp import (launch_config, sinkhorn_knopp, sinkhorn_knopp_colsum_op,
-                                             sinkhorn_knopp_ref, sinkhorn_knopp_row_lse_op,
-                                             sinkhorn_knopp_targets_op)
+from fastdino.kernels.sinkhorn_knopp import (launch_config, sinkhorn_knopp, sinkhorn_knopp_colmax_op,
+                                             sinkhorn_knopp_colsum_op, sinkhorn_knopp_ref,
+                                             sinkhorn_knopp_row_lse_op, sinkhorn_knopp_targets_op)
 from fastdino.targets import Centering, SinkhornKnopp
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,6 +181,78 @@ def test_row_far_below_every_column_max():
     assert torch.isnan(sinkhorn_knopp_ref(t, 0.04)[0][2]).all()
 
 
+def _padded(R, K, dtype, seed):
+    """iBOT-like padded logits: row_valid (R,) with invalid rows scattered (the first, runs, not only at
+    the end); the padding copies valid rows, one shifted 30 logits above (600 tau_t: it holds every
+    column's max, far above the valid rows) and one 30 below."""
+    t = _logits(R, K, torch.float32, seed)
+    valid = torch.rand(R, generator=torch.Generator().manual_seed(seed)) < 0.6
+    valid[[0, 3, 4]] = False
+    valid[[1, 2, R - 1]] = True
+    pad = (~valid).nonzero()[:, 0].tolist()
+    src = valid.nonzero()[:, 0].tolist()
+    for i, r in enumerate(pad):
+        t[r] = t[src[i % len(src)]] + (30.0 if i == 0 else -30.0 if i == 1 else 0.0)
+    return t.to(dtype), valid.to(DEV)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("R,K,dtype", [(13, 1000, torch.float32), (40, 300, torch.bfloat16)])
+def test_row_valid_matches_unpadded(impl, R, K, dtype):
+    """Padded rows take no part: the valid rows get the targets of the valid rows alone (the reference
+    without padding, within its own error), the others q = 0 and entropy = 0 exactly."""
+    t, valid = _padded(R, K, dtype, seed=R + K)
+    temp = torch.tensor(0.05, device=DEV)
+    out = sinkhorn_knopp(t, temp, 3, row_valid=valid, impl=impl)
+    ref = sinkhorn_knopp_ref(t[valid], temp, 3)
+    ref64 = sinkhorn_knopp_ref(t[valid].double(), 0.05, 3)
+    for name, o, r, r64 in zip(("q", "entropy"), out, ref, ref64):
+        assert o.dtype == torch.float32 and o.shape[0] == R and torch.isfinite(o).all(), name
+        _close(o[valid], r, r64, 1e-5, name)
+        assert (o[~valid] == 0).all(), name
+    torch.testing.assert_close(out[0][valid].sum(-1), torch.ones(int(valid.sum()), device=DEV), rtol=0, atol=2e-6)
+    if impl == "torch":  # global_rows (valid rows over all ranks) cancels
+        q = sinkhorn_knopp_ref(t, temp, 3, global_rows=int(valid.sum()), row_valid=valid)[0]
+        torch.testing.assert_close(q, out[0], rtol=1e-6, atol=0)
+    t, all_rows = t[valid], valid[valid]  # every row valid: bit-identical to row_valid=None
+    for a, b in zip(sinkhorn_knopp(t, temp, 3, row_valid=all_rows, impl=impl), sinkhorn_knopp(t, temp, 3, impl=impl)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_row_valid_none_valid_gives_zeros(impl):
+    """No valid row at all (one process): q and entropy all zeros, nothing non-finite, even with
+    padding far from zero."""
+    t = _logits(5, 70, torch.bfloat16, seed=17, scale=100.0)
+    q, entropy = sinkhorn_knopp(t, 0.04, 2, row_valid=torch.zeros(5, dtype=torch.bool, device=DEV), impl=impl)
+    assert q.shape == (5, 70) and (q == 0).all() and (entropy == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("empty_rank", [False, True])
+def test_two_ranks_row_valid(impl, empty_rank):
+    """Two ranks with padded shards (rank 1 possibly without a valid row): the valid rows of both equal
+    one rank on the valid rows alone; the same collectives as without padding."""
+    t, valid = _padded(9, 150, torch.float32, seed=18)
+    if empty_rank:
+        valid[5:] = False
+    temp = torch.tensor(0.05, device=DEV)
+    n_valid = valid.sum()  # B_global: a 0-dim device tensor, no host sync
+
+    def rank_fn(shard, all_reduce):
+        rows, v = shard
+        return sinkhorn_knopp(rows, temp, 3, all_reduce, global_rows=n_valid, impl=impl, row_valid=v)
+
+    ranks = _TwoRanks()
+    outs = ranks.run(rank_fn, [(t[:5], valid[:5]), (t[5:], valid[5:])])
+    one = sinkhorn_knopp(t[valid], temp, 3, impl=impl)
+    q, entropy = (torch.cat([o[i] for o in outs]) for i in (0, 1))
+    torch.testing.assert_close(q[valid], one[0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(entropy[valid], one[1], rtol=1e-5, atol=1e-6)
+    assert (q[~valid] == 0).all() and (entropy[~valid] == 0).all()
+    assert ranks.ops[0] == ranks.ops[1] == ["max"] + ["sum"] * (3 + (impl == "torch"))
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_nonfinite_logit_gives_nonfinite_targets(impl):
@@ -186,6 +260,9 @@ def test_nonfinite_logit_gives_nonfinite_targets(impl):
     t = _logits(4, 64, torch.float32, seed=10)
     t[1, 5] = float("nan")
     q, entropy = sinkhorn_knopp(t, 0.04, impl=impl)
+    assert not torch.isfinite(q).all() and not torch.isfinite(entropy).all()
+    valid = torch.tensor([False, True, True, False], device=DEV)  # also on a valid row of padded logits
+    q, entropy = sinkhorn_knopp(t, 0.04, impl=impl, row_valid=valid)
     assert not torch.isfinite(q).all() and not torch.isfinite(entropy).all()
 
 
@@ -198,6 +275,15 @@ def test_opcheck():
     torch.library.opcheck(sinkhorn_knopp_colsum_op, (t, temp, col_max, col_lse, row_lse))
     torch.library.opcheck(sinkhorn_knopp_row_lse_op, (t, temp, col_max, col_lse))
     torch.library.opcheck(sinkhorn_knopp_targets_op, (t, temp, col_max, col_lse, row_lse))
+    valid = torch.tensor([True, False, True, True, False], device=DEV)
+    torch.library.opcheck(sinkhorn_knopp_colmax_op, (t, valid))
+    torch.testing.assert_close(sinkhorn_knopp_colmax_op(t, valid), t[valid].float().amax(0), rtol=0, atol=0)
+    assert (sinkhorn_knopp_colmax_op(t, torch.zeros_like(valid)) == float("-inf")).all()
+    row_lse = torch.where(valid, row_lse, float("inf"))  # padded rows: no term in the sums, q = 0
+    assert torch.equal(sinkhorn_knopp_colsum_op(t, temp, col_max, col_lse, row_lse),
+                       sinkhorn_knopp_colsum_op(t[valid], temp, col_max, col_lse, row_lse[valid]))
+    q, entropy = sinkhorn_knopp_targets_op(t, temp, col_max, col_lse, row_lse)
+    assert (q[~valid] == 0).all() and (entropy[~valid] == 0).all() and torch.isfinite(q).all()
 
 
 def test_compile_fullgraph_no_recompile_on_new_temperature():
@@ -212,6 +298,21 @@ def test_compile_fullgraph_no_recompile_on_new_temperature():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_compile_fullgraph_row_valid_no_recompile():
+    """row_valid is a device tensor: a new mask is new data, not a new graph; same numbers as eager."""
+    torch._dynamo.reset()
+    t = _logits(5, 70, torch.bfloat16, seed=19)
+    temp = torch.tensor(0.05, device=DEV)
+    compiled = torch.compile(lambda t, temp, v: sinkhorn_knopp(t, temp, row_valid=v), fullgraph=True,
+                             backend="aot_eager")
+    for i, valid in enumerate(([True, False, True, True, False], [False] * 5)):
+        valid = torch.tensor(valid, device=DEV)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out = compiled(t, temp, valid)
+        for a, b in zip(out, sinkhorn_knopp(t, temp, row_valid=valid)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bad_inputs_raise():
     t = _logits(2, 64, torch.float32, seed=13)
     for impl in ("triton", "torch"):
@@ -221,6 +322,11 @@ def test_bad_inputs_raise():
                             ((t, 0.04, 3, None, 0), "global_rows")]:
             with pytest.raises(ValueError, match=match) as e:
                 sinkhorn_knopp(*args, impl=impl)
+            assert "\n" not in str(e.value)
+        for bad in (torch.ones(2, dtype=torch.long, device=DEV), torch.ones(3, dtype=torch.bool, device=DEV),
+                    torch.ones(2, 1, dtype=torch.bool, device=DEV), [True, False]):
+            with pytest.raises(ValueError, match="row_valid") as e:
+                sinkhorn_knopp(t, 0.04, impl=impl, row_valid=bad)
             assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="impl"):
         sinkhorn_knopp(t, 0.04, impl="cuda")
@@ -234,7 +340,7 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_aot_compile_sm80_sm90a():
-    """The three kernels at the launcher's constexprs for DINO's K=65536 (R = 2B = 128) and a small
+    """The four kernels at the launcher's constexprs for DINO's K=65536 (R = 2B = 128) and a small
     K, teacher logits in bf16, fp16 and fp32: compiles, no spills, 16-byte loads."""
     from aot import aot_compile, assert_compiled
 
@@ -242,6 +348,7 @@ def test_aot_compile_sm80_sm90a():
     common = {"Temp_ptr": "*fp32", "ColMax_ptr": f32, "ColLse_ptr": f32, "R": "i32", "K": "i32:16",
               "stride_t": "i32:16"}
     kernels = {
+        "_sk_colmax_kernel": ("col", {"Valid_ptr": "*u8", "Part_ptr": f32, "rows_per_split": "i32:16"}),
         "_sk_colsum_kernel": ("col", {"RowLse_ptr": f32, "Part_ptr": f32, "rows_per_split": "i32:16"}),
         "_sk_row_lse_kernel": ("row", {"PartMax_ptr": f32, "PartSum_ptr": f32, "cols_per_split": "i32:16",
                                        "n_splits": "i32"}),

@@ -343,16 +343,19 @@ def test_aot_compile_sm80_sm90a():
 # ---------------------------------------------------------------------------------------------
 # The benchmark, as CI runs it
 # ---------------------------------------------------------------------------------------------
-def test_benchmark_script_runs(tmp_path):
-    """benchmarks/loss.py on CPU: the reference and the interpreted fused variants."""
+@pytest.mark.parametrize("mode,variants", [(["--crops", "2+1"], ["reference", "fused"]),
+                                           (["--ibot"], ["ibot_reference", "ibot_fused"])])
+def test_benchmark_script_runs(tmp_path, mode, variants):
+    """benchmarks/loss.py on CPU: the reference and the interpreted fused variants, for the DINO
+    loss and for iBOT's masked-patch loss (--ibot)."""
     import json
 
     from aot import load_loss_benchmark
 
     bench = load_loss_benchmark()
     out = tmp_path / "loss.json"
-    rows = bench.main(["--quick", "--cpu", "--B", "2", "--K", "512", "--crops", "2+1", "--json", str(out)])
-    assert [r["variant"] for r in rows] == ["reference", "fused"]
+    rows = bench.main(["--quick", "--cpu", "--B", "2", "--K", "512", *mode, "--json", str(out)])
+    assert [r["variant"] for r in rows] == variants
     assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
     assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-4 * abs(rows[0]["loss"])
     assert json.loads(out.read_text())[1]["speedup"] > 0
