@@ -8,8 +8,10 @@
 The step (fastdino/step.py) only calls:
     student(crops) / teacher(crops)       forwards (DDP- or engine-wrapped where needed)
     zero_grad(); backward(loss)
-    step(lr, wd, skip, last_layer_frozen) clip each gradient tensor, then AdamW unless skip (device
-                                          flags); returns a device bool: the gradients were not finite
+    step(lr, wd, skip, last_layer_frozen) clip the gradients (per tensor, or per student submodule:
+                                          optim.clip_grad_mode, fastdino/clip.py), then AdamW unless
+                                          skip (device flags); returns a device bool: the gradients
+                                          were not finite
     ema_(momentum)                        teacher <- m teacher + (1 - m) student
     all_reduce_(x, op="sum")              sum (or "max") over ranks, in place (no-op in one process)
 and the training loop: save(client, output_dir, keep_as), resume(arg, output_dir), student_module /
@@ -42,10 +44,11 @@ class LocalBackend:
         # flat buffers before DDP, the optimizer and any checkpoint load (they all keep the views)
         self.student_flat = FlatParams(student_module)
         self.teacher_flat = FlatParams(teacher_module, grads=False)
-        self.clipper = Clipper(self.student_flat, cfg.optim.clip_grad, resolved.clip)
+        self.clipper = Clipper(self.student_flat, cfg.optim.clip_grad, resolved.clip, cfg.optim.clip_grad_mode)
         self.ema = TeacherEMA(self.teacher_flat, self.student_flat, resolved.ema)
         o = cfg.optim  # groups by (last layer, lr multiplier, wd multiplier): fastdino/optim.py
-        self.optimizer = DINOAdamW(param_groups(student_module, o.layerwise_decay, o.patch_embed_lr_mult))
+        self.optimizer = DINOAdamW(param_groups(student_module, o.layerwise_decay, o.patch_embed_lr_mult),
+                                   freeze_mode=o.freeze_last_layer_mode)
         if ctx.is_main:
             log.info(describe_param_groups(self.optimizer.param_groups))
         self.scaler = torch.amp.GradScaler(ctx.device.type) if resolved.precision == "fp16" else None
@@ -66,7 +69,7 @@ class LocalBackend:
     def step(self, lr, wd, skip, last_layer_frozen) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # records its inf check for update(), on the device
-        norms = self.clipper.clip_()  # each tensor's gradient norm to clip_grad, no host sync
+        norms = self.clipper.clip_()  # per tensor or per module (optim.clip_grad_mode), no host sync
         grads_bad = ~torch.isfinite(norms).all()
         self.optimizer.set_inputs(lr, wd, (skip | grads_bad).float(), last_layer_frozen)
         self.optimizer.step()

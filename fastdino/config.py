@@ -38,6 +38,9 @@ class ModelConfig:
     patch_size: int = choice(16, 16, 8, 14)  # /8 models see 785 tokens at 224 px; dinov2_* need 14
     depth: int = 0  # transformer blocks; 0: the architecture's own (12; dinov2 L 24, g 40). The CPU demo uses 4
     num_register_tokens: int = choice(0, 0, 4)  # dinov2_*: register tokens between [CLS] and the patches
+    # dinov2_*: the blocks' FFN; auto: the hub model's (SwiGLU for dinov2_vitg14, else MLP). The official
+    # DINOv2 training configs use swiglu ("swiglufused") for ViT-L and ViT-g
+    ffn: str = choice("auto", "auto", "mlp", "swiglu")
     drop_path_rate: float = 0.1  # stochastic depth of the student (teacher has none)
     drop_path_uniform: bool = False  # every block at drop_path_rate (DINOv2) instead of linear from 0
     efficient_drop_path: bool = False  # DINOv2's: a block's branch runs on the kept sequences only (same expectation)
@@ -66,6 +69,8 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04  # initial teacher temperature
     teacher_temp: float = 0.04  # final teacher temperature; anything above 0.07 is unstable
     warmup_teacher_temp_epochs: int = 0  # linear warmup of the teacher temperature (30 for ViT-B)
+    # the warmup's steps: per_epoch (DINO: one value per epoch) or per_iteration (DINOv2: linear per iteration)
+    teacher_temp_schedule: str = choice("per_epoch", "per_epoch", "per_iteration")
     student_temp: float = 0.1
     center_momentum: float = 0.9
 
@@ -83,8 +88,14 @@ class OptimConfig:
     warmup_epochs: int = 10  # linear lr warmup
     weight_decay: float = 0.04  # cosine from weight_decay to weight_decay_end; none on biases/norms
     weight_decay_end: float = 0.4
-    clip_grad: float = 3.0  # per-tensor gradient norm clip; 0 disables
-    freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
+    clip_grad: float = 3.0  # gradient norm clip (per optim.clip_grad_mode); 0 disables
+    # per_tensor: each parameter's gradient clipped on its own (DINO); per_module: the global norm of each
+    # student submodule (backbone, head, ibot_head) clipped, torch's clip_grad_norm_ per module (DINOv2)
+    clip_grad_mode: str = choice("per_tensor", "per_tensor", "per_module")
+    freeze_last_layer: int = 1  # epochs during which the heads' last layers are frozen
+    # skip: no update at all, no Adam moments or step count (DINO); zero_lr: AdamW with lr 0 on them
+    # (DINOv2's last_layer_lr_schedule): weights unchanged, moments and step count updated
+    freeze_last_layer_mode: str = choice("skip", "skip", "zero_lr")
     momentum_teacher: float = 0.996  # EMA momentum, cosine to 1 over training (per iteration)
     # triton: flat buffers (one kernel); cuda: fastdino._C over parameter lists (DeepSpeed);
     # foreach: torch._foreach_* over parameter lists; loop: the reference, one tensor at a time
@@ -281,6 +292,7 @@ def _validate(cfg: Config) -> None:
     need(dinov2 == (m.patch_size == 14), "model.patch_size",
          f"{m.arch} takes patch 14" if dinov2 else f"{m.arch} takes patch 16 or 8 (14 is for the dinov2_* models)")
     need(dinov2 or m.num_register_tokens == 0, "model.num_register_tokens", "registers need a dinov2_* model.arch")
+    need(dinov2 or m.ffn in ("auto", "mlp"), "model.ffn", "SwiGLU needs a dinov2_* model.arch")
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")
     need(o.batch_size_per_gpu >= 1, "optim.batch_size_per_gpu", "must be >= 1")
     need(o.lr > 0, "optim.lr", "must be > 0")
@@ -321,7 +333,7 @@ def _validate(cfg: Config) -> None:
     for key in ("data.global_crop_size", "data.local_crop_size"):
         size = cfg.get(key)
         need(size >= m.patch_size and size % m.patch_size == 0, key,
-             f"must be a multiple of model.patch_size={m.patch_size}, got {size} "
+             f"must be a multiple of model.patch_size={m.patch_size} "
              f"(e.g. {max(size // m.patch_size, 1) * m.patch_size} or {(size // m.patch_size + 1) * m.patch_size})")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(bool(d.path), "data.path", "must name a folder of images")

@@ -168,9 +168,12 @@ class _Segments:
     fragment j is flat[start_j : start_j + length_j] and belongs to parameter index[j] of the group
     (n parameters in the group, the same list on every rank)."""
 
-    def __init__(self, index: list[int], starts: list[int], lengths: list[int], n: int, pg=None):
+    def __init__(self, index: list[int], starts: list[int], lengths: list[int], n: int, pg=None, group: int = 0,
+                 fp32: torch.Tensor | None = None, params: list | None = None):
         self.index, self.starts, self.lengths, self.n, self.pg = index, starts, lengths, n, pg
+        self.group, self.fp32, self.params = group, fp32, params  # DeepSpeed's group (sub-group) number
         self._index_t = {}
+        self.module_index = None  # per_module clipping: the module of each fragment (ZeroAdamW._seg_modules)
 
     def index_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._index_t:
@@ -204,7 +207,7 @@ def build_layout(zero_optimizer, stage: int) -> dict[int, _Segments]:
                 if frag:
                     index.append(k), starts.append(frag[0]), lengths.append(frag[1])
             fp32 = zero_optimizer.single_partition_of_fp32_groups[i]
-            layout[id(fp32)] = _Segments(index, starts, lengths, len(params), pg)
+            layout[id(fp32)] = _Segments(index, starts, lengths, len(params), pg, i, fp32, params)
     elif stage == 3:
         for sg, params in enumerate(zero_optimizer.fp16_groups):
             fp32 = zero_optimizer.fp32_partitioned_groups_flat[sg]
@@ -216,28 +219,60 @@ def build_layout(zero_optimizer, stage: int) -> dict[int, _Segments]:
             if offset != fp32.numel():
                 raise RuntimeError(f"fastdino.ds: ZeRO-3 sub-group {sg} holds {fp32.numel()} elements, its "
                                    f"parameter shards {offset} (unsupported DeepSpeed version?)")
-            layout[id(fp32)] = _Segments(index, starts, lengths, len(params), zero_optimizer.sub_group_process_groups[sg])
+            layout[id(fp32)] = _Segments(index, starts, lengths, len(params), zero_optimizer.sub_group_process_groups[sg],
+                                         sg, fp32, params)
     return layout
 
 
 class ZeroAdamW(DINOAdamW):
-    """DINOAdamW as DeepSpeed's basic optimizer: before each update, per-tensor clipping of whatever
-    tensors DeepSpeed hands it (whole parameters under stage 0, flat ZeRO partitions otherwise; see
-    the module docstring), and non-finite gradients turn the skip flag on (on the device).
-    `grads_bad` gathers that flag over the step() calls of one engine step (DeepSpeed calls step
-    once per group or sub-group); the backend resets it before engine.step()."""
+    """DINOAdamW as DeepSpeed's basic optimizer: before each update, clipping of whatever tensors
+    DeepSpeed hands it (whole parameters under stage 0, flat ZeRO partitions otherwise; see the module
+    docstring), per tensor or per student submodule (clip_mode), and non-finite gradients turn the
+    skip flag on (on the device). `grads_bad` gathers that flag over the step() calls of one engine
+    step (DeepSpeed calls step once per group or sub-group); the backend calls begin_step() before
+    engine.step().
 
-    def __init__(self, groups: list[dict], clip: float):
-        super().__init__(groups, static_state=False)  # ZeRO swaps the groups' parameters for partitions
-        self.clip = clip
+    per_module under ZeRO-1/2/3: a module's norm spans groups, and DeepSpeed hands over one group at a
+    time, updating it before it flattens the next one's gradients. So the first step() call of an
+    engine step reads every group's gradient partition where DeepSpeed holds it at that moment (the
+    handed group's .grad; the others' flat fp32 .grad under CPU offload, else DeepSpeed's
+    averaged_gradients, still loss-scaled under fp16), sums each module's squared fragment norms and
+    all-reduces them once (a vector of n_modules floats); every call then scales its fragments by
+    their module's factor."""
+
+    def __init__(self, groups: list[dict], clip: float, clip_mode: str = "per_tensor", freeze_mode: str = "skip"):
+        from fastdino.clip import MODES
+
+        if clip_mode not in MODES:
+            raise ValueError(f"ZeroAdamW: clip_mode={clip_mode!r} is not one of {list(MODES)}")
+        super().__init__(groups, static_state=False, freeze_mode=freeze_mode)  # ZeRO swaps the groups' parameters
+        self.clip, self.clip_mode = clip, clip_mode
         self.layout: dict[int, _Segments] = {}  # filled after deepspeed.initialize (stages 1-3)
         self.grads_bad: torch.Tensor | None = None
         self.comm_device = torch.device("cpu")
         self.zero_optimizer, self.stage = None, 0  # set by bind(): the layout is read from them
+        self.modules: list[str] = []  # per_module: the student's submodules, and each parameter's (by id)
+        self._param_module: dict[int, int] = {}
+        self._coefs: torch.Tensor | None = None  # per_module: this engine step's module factors, (M,) fp32
+        self._coefs_bad: torch.Tensor | None = None
 
-    def bind(self, zero_optimizer, stage: int) -> None:
+    def bind(self, zero_optimizer, stage: int, student: torch.nn.Module | None = None) -> None:
+        """After deepspeed.initialize: DeepSpeed's optimizer (the ZeRO layout is read from it) and, for
+        per_module clipping, the student (a MultiCropWrapper: its parameters' submodules)."""
+        from fastdino.clip import module_of
+
         self.zero_optimizer, self.stage = zero_optimizer, stage
+        if student is not None:
+            named = list(student.named_parameters())
+            self.modules, of = module_of([n for n, _ in named])
+            self._param_module = {id(p): m for (_, p), m in zip(named, of)}
+        elif self.clip_mode == "per_module":
+            raise ValueError("ZeroAdamW.bind: per_module clipping needs the student module")
         self.layout = build_layout(zero_optimizer, stage) if stage > 0 else {}
+
+    def begin_step(self) -> None:
+        """Before engine.step(): forget the last engine step's flags and module factors."""
+        self.grads_bad, self._coefs, self._coefs_bad = None, None, None
 
     def _segments(self, tensors: list[torch.Tensor]) -> list:
         if self.stage == 0:
@@ -254,6 +289,8 @@ class ZeroAdamW(DINOAdamW):
     def _check_and_clip(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Clip each parameter's gradient to self.clip (if > 0); returns a 0-dim float, 1 if any
         gradient is non-finite (on any rank)."""
+        if self.clip_mode == "per_module" and self.clip > 0:
+            return self._clip_per_module(tensors)
         device = tensors[0].grad.device
         bad = torch.zeros((), device=device)
         segs = self._segments(tensors)
@@ -277,6 +314,118 @@ class ZeroAdamW(DINOAdamW):
                 coefs = (self.clip / (norms + 1e-6)).clamp_max(1.0)[seg.index_on(g.device)]
                 torch._foreach_mul_(views, list(coefs.to(g.dtype).unbind()))
         return bad
+
+    # ---- per_module clipping ---------------------------------------------------------------------
+    def _module_tensors(self, modules: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, n) bool mask and (n,) long index of the modules of n tensors or fragments."""
+        index = torch.tensor(modules, dtype=torch.long)
+        mask = torch.zeros(len(self.modules), len(modules), dtype=torch.bool)
+        mask[index, torch.arange(len(modules))] = True
+        return mask.to(device), index.to(device)
+
+    def _seg_modules(self, seg: _Segments, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module mask and index of a group's fragments on `device` (made once per layout)."""
+        cache = seg.__dict__.setdefault("_module_t", {})
+        if device not in cache:
+            try:
+                seg.module_index = [self._param_module[id(seg.params[k])] for k in seg.index]
+            except (KeyError, TypeError):
+                raise RuntimeError("fastdino.ds: a ZeRO group holds a parameter that is not the student's "
+                                   "(unsupported DeepSpeed version?)") from None
+            cache[device] = self._module_tensors(seg.module_index, device)
+        return cache[device]
+
+    def _pending_grad(self, seg: _Segments) -> torch.Tensor:
+        """The flat gradient partition of a group DeepSpeed has not handed over yet (class docstring)."""
+        if seg.fp32 is not None and seg.fp32.grad is not None:  # CPU offload: flat fp32 grads of every group
+            return seg.fp32.grad
+        grads = getattr(self.zero_optimizer, "averaged_gradients", None)
+        try:
+            grads = grads[seg.group]
+        except (TypeError, KeyError, IndexError):
+            grads = None
+        if grads is None:
+            raise RuntimeError(f"fastdino.ds: per_module clipping found no gradients of ZeRO-{self.stage} group "
+                               f"{seg.group} before its update (unsupported DeepSpeed version?)")
+        flat = getattr(grads, "flat_partition", None)
+        if flat is not None:
+            return flat.view(-1)
+        if torch.is_tensor(grads):
+            return grads.view(-1)
+        parts = [g.reshape(-1) for g in grads]  # DeepSpeed flattens this list the same way into the partition
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _module_factors(self, tensors: list[torch.Tensor]) -> None:
+        """This engine step's module factors (self._coefs) and non-finite flag, from every group's
+        gradients (the first step() call of the engine step)."""
+        device = tensors[0].grad.device
+        partial: list[list] = []  # [process group, (M,) squared norms] per distinct process group
+        if self.stage == 0:  # whole tensors, every group in this one call, gradients already all-reduced
+            key = tuple(id(p) for p in tensors)
+            if getattr(self, "_stage0", (None,))[0] != key:
+                unknown = [tuple(p.shape) for p in tensors if id(p) not in self._param_module]
+                if unknown:
+                    raise RuntimeError(f"fastdino.ds: per_module clipping under ZeRO-0 got tensors {unknown[:3]} that "
+                                       "are not the student's parameters (DeepSpeed's bf16/fp16 ZeRO-0 optimizer "
+                                       "flattens its groups): use deepspeed.zero_stage >= 1, train.precision=fp32 or "
+                                       "optim.clip_grad_mode=per_tensor")
+                self._stage0 = (key, *self._module_tensors([self._param_module[k] for k in key], device))
+            norms = torch.stack(torch._foreach_norm([p.grad for p in tensors], 2, dtype=torch.float32))
+            partial.append([None, torch.where(self._stage0[1], norms.square(), 0.0).sum(1)])
+        else:
+            self._segments(tensors)  # the layout again if DeepSpeed swapped its flat tensors (a load)
+            handed = {id(p) for p in tensors}
+            scale = float(getattr(self.zero_optimizer, "loss_scale", 1.0) or 1.0)
+            for seg in {id(x): x for x in self.layout.values()}.values():
+                if not seg.index:
+                    continue
+                mask, _ = self._seg_modules(seg, device)
+                now = seg.fp32 is not None and id(seg.fp32) in handed
+                g = seg.fp32.grad if now else self._pending_grad(seg)
+                if g.numel() < max(a + n for a, n in zip(seg.starts, seg.lengths)):
+                    raise RuntimeError(f"fastdino.ds: ZeRO-{self.stage} group {seg.group}'s gradients hold {g.numel()} "
+                                       "elements, fewer than its layout (unsupported DeepSpeed version?)")
+                views = [g.narrow(0, a, n) for a, n in zip(seg.starts, seg.lengths)]
+                sq = torch.stack(torch._foreach_norm(views, 2, dtype=torch.float32)).to(device).square()
+                if not now and scale != 1.0:  # fp16: DeepSpeed unscales a group just before its update
+                    sq = sq / (scale * scale)
+                sums = torch.where(mask, sq, 0.0).sum(1)
+                for entry in partial:
+                    if entry[0] is seg.pg:
+                        entry[1] = entry[1] + sums
+                        break
+                else:
+                    partial.append([seg.pg, sums])
+        total = torch.zeros(len(self.modules), dtype=torch.float32, device=device)
+        for pg, sums in partial:
+            if self.stage > 0:  # each rank holds fragments: one small all-reduce per engine step
+                sums = sums.to(self.comm_device)
+                dist.all_reduce(sums, group=pg)
+                sums = sums.to(device)
+            total = total + sums
+        from fastdino.clip import EPS
+
+        coefs = self.clip / (total.sqrt() + EPS)
+        self._coefs = torch.where(coefs < 1, coefs, torch.ones_like(coefs))  # non-finite: 1, the step is skipped
+        self._coefs_bad = (~torch.isfinite(total).all()).float()
+
+    def _clip_per_module(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Scale the handed tensors' gradients by their modules' factors; returns the non-finite flag."""
+        if self._coefs is None:
+            self._module_factors(tensors)
+        coefs = self._coefs
+        if self.stage == 0:
+            grads = [p.grad for p in tensors]
+            torch._foreach_mul_(grads, list(coefs[self._stage0[2]].unbind()))
+            return self._coefs_bad
+        for p, seg in zip(tensors, self._segments(tensors)):
+            if not seg.index:
+                continue
+            g = p.grad
+            _, index = self._seg_modules(seg, coefs.device)
+            views = [g.narrow(0, a, n) for a, n in zip(seg.starts, seg.lengths)]
+            torch._foreach_mul_(views, list(coefs[index].to(g.device, g.dtype).unbind()))
+        return self._coefs_bad
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -371,14 +520,15 @@ class DeepSpeedBackend:
             for module in (student_module, teacher_module):
                 self.autocast_hooks += autocast_forward(module, ctx.device.type, resolved.autocast_dtype)
         o = cfg.optim  # groups by (last layer, lr multiplier, wd multiplier): fastdino/optim.py
-        self.basic = ZeroAdamW(param_groups(student_module, o.layerwise_decay, o.patch_embed_lr_mult), o.clip_grad)
+        self.basic = ZeroAdamW(param_groups(student_module, o.layerwise_decay, o.patch_embed_lr_mult), o.clip_grad,
+                               clip_mode=o.clip_grad_mode, freeze_mode=o.freeze_last_layer_mode)
         if ctx.is_main:
             log.info(describe_param_groups(self.basic.param_groups))
         engine, _, _, _ = deepspeed.initialize(model=student_module, optimizer=self.basic, config=self.ds_config)
         self.engine = self.student = engine
         self.optimizer = engine.optimizer
         self.basic.comm_device = ctx.device
-        self.basic.bind(engine.optimizer, self.stage)
+        self.basic.bind(engine.optimizer, self.stage, student_module)
         self.teacher_engine = None
         if self.stage == 3:
             self.teacher_engine, _, _, _ = deepspeed.initialize(model=teacher_module,
@@ -404,8 +554,8 @@ class DeepSpeedBackend:
 
     def step(self, lr, wd, skip, last_layer_frozen) -> torch.Tensor:
         self.basic.set_inputs(lr, wd, skip.float(), last_layer_frozen)
-        self.basic.grads_bad = None
-        self.engine.step()  # ZeroAdamW: per-tensor clipping, then AdamW (skipped on device where told)
+        self.basic.begin_step()
+        self.engine.step()  # ZeroAdamW: clipping (optim.clip_grad_mode), then AdamW (skipped on device where told)
         overflow = bool(getattr(self.engine.optimizer, "overflow", False))  # a host flag DeepSpeed already read
         grads_bad = torch.zeros((), dtype=torch.bool, device=skip.device)
         if self.basic.grads_bad is not None:

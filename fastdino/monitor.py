@@ -36,10 +36,12 @@ class CollapseMonitor:
     indistinguishable from the teacher's. patience: consecutive log steps a condition must hold.
     warmup: log steps ignored at the start (the center needs ~1/(1-0.9) steps to settle).
     repeat_every: while a collapse persists, the warning is returned again every this many updates.
+    targets: "centering" or "sinkhorn_knopp" (loss.targets): what the warnings suggest.
     """
 
     def __init__(self, out_dim: int, low_entropy: float = 0.05, high_entropy: float = 0.98, min_kl: float = 1e-3,
-                 patience: int = 3, warmup: int = 5, repeat_every: int = 25):
+                 patience: int = 3, warmup: int = 5, repeat_every: int = 25, targets: str = "centering"):
+        self.targets = targets
         if out_dim < 2:
             raise ValueError(f"CollapseMonitor: out_dim must be >= 2, got {out_dim}")
         if not 0.0 <= low_entropy < high_entropy <= 1.0:
@@ -90,8 +92,11 @@ class CollapseMonitor:
         why = {
             "one-dim": "entropy near 0: one output dimension dominates (sharpening wins over centering; "
                        "check that loss.center_momentum < 1, lower optim.lr)",
-            "uniform": "entropy near ln K: the teacher output is uniform (centering wins over sharpening; "
-                       "lower loss.teacher_temp, e.g. 0.04, or lengthen its warmup)",
+            "uniform": ("entropy near ln K: the teacher output is uniform (centering wins over sharpening; "
+                        "lower loss.teacher_temp, e.g. 0.04, or lengthen its warmup)" if self.targets == "centering" else
+                        "entropy near ln K: the teacher's outputs barely differ between images, and Sinkhorn-Knopp "
+                        "spreads equal rows evenly (expected early with LayerScale 1e-5; persistent: lower "
+                        "loss.teacher_temp or raise optim.lr)"),
             "kl": "KL near 0: the student matches a constant teacher",
             "non-finite": "non-finite monitor values",
         }[state]

@@ -3,7 +3,7 @@
 Parameter groups (`param_groups`). Every trainable parameter of the student gets three properties
 (`param_multipliers`, the official DINOv2 rules of dinov2/utils/param_groups.py):
     last_layer   it sits in a module named `last_layer` (the DINO head's, an iBOT head's): such
-                 groups get no update while the last layer is frozen (optim.freeze_last_layer)
+                 groups are frozen while epoch < optim.freeze_last_layer (see freeze_mode below)
     lr_mult      layer-wise lr decay: decay ** (depth + 1 - layer_id), with the official layer ids of
                  the backbone (`vit_layer_id`): 0 for pos_embed, patch_embed, cls_token and mask_token,
                  i + 1 for block i, depth + 1 for the rest of the backbone (final norm, register
@@ -29,9 +29,15 @@ synchronization, so a compiled or CUDA-graph-captured step sees new values witho
                          apply_optim_scheduler), computed on the device from these tensors
     skip                 1.0: skip the whole update (a non-finite loss, or gradients the grad scaler
                          found non-finite)
-    last_layer_frozen    1.0: the last-layer groups get no update at all
-A skipped group changes nothing: no weight decay, no moment update, no step count (as the official
-DINO cancel_gradients_last_layer, which sets their gradients to None, and as torch's found_inf).
+    last_layer_frozen    1.0: the last-layer groups are frozen, as `freeze_mode` (optim.freeze_last_layer_mode)
+                         says:
+                           skip     no update at all (the official DINO cancel_gradients_last_layer,
+                                    which sets their gradients to None)
+                           zero_lr  AdamW with lr 0 (the official DINOv2 last_layer_lr_schedule, 0 during
+                                    the freeze): the weights do not change (decoupled weight decay
+                                    p * (1 - 0 * wd) neither), the Adam moments and step count do
+A skipped group changes nothing: no weight decay, no moment update, no step count (as torch's
+found_inf).
 
 Each group's update is one custom op (fastdino::adamw_), opaque to torch.compile:
     p <- p * (1 - lr * wd)      decoupled weight decay, decayed groups only (torch's foreach AdamW)
@@ -47,6 +53,7 @@ import torch
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults, as the official code
 EMBEDDINGS = ("pos_embed", "patch_embed", "cls_token", "mask_token")  # layer id 0 (official get_vit_lr_decay_rate)
 GROUP_KEYS = ("last_layer", "regularized", "lr_mult", "wd_mult")  # set at build time; a checkpoint does not change them
+FREEZE_MODES = ("skip", "zero_lr")  # optim.freeze_last_layer_mode
 
 
 class ParamRule(NamedTuple):
@@ -158,13 +165,18 @@ class DINOAdamW(torch.optim.AdamW):
     DeepSpeed's ZeRO optimizers swap the groups' parameters for flat partitions after construction
     and may step one group at a time (a one-group param_groups list): it passes static_state=False
     (state made lazily, lists rebuilt every step), and each group's multipliers are read from the
-    group itself, never from its position."""
+    group itself, never from its position.
 
-    def __init__(self, groups: list[dict], static_state: bool = True):
+    freeze_mode: how the last-layer groups are frozen while last_layer_frozen is 1 (module docstring)."""
+
+    def __init__(self, groups: list[dict], static_state: bool = True, freeze_mode: str = "skip"):
+        if freeze_mode not in FREEZE_MODES:
+            raise ValueError(f"DINOAdamW: freeze_mode={freeze_mode!r} is not one of {list(FREEZE_MODES)}")
         for g in groups:
             _set_group_keys(g)
         super().__init__(groups, lr=0.0, betas=BETAS, eps=EPS, weight_decay=0.0, fused=True)
         self.static_state = static_state
+        self.freeze_mode = freeze_mode
         self.inputs: tuple | None = None
         self._lists: list | None = None
         self._group_keys = [{k: g[k] for k in GROUP_KEYS} for g in self.param_groups]
@@ -232,7 +244,12 @@ class DINOAdamW(torch.optim.AdamW):
                     group_lr = scaled_lrs[k]
             if wd_mult not in (0.0, 1.0):
                 group_wd = wd * wd_mult
-            flag = torch.maximum(skip, frozen) if group["last_layer"] else skip
+            flag = skip
+            if group["last_layer"]:
+                if self.freeze_mode == "skip":
+                    flag = torch.maximum(skip, frozen)
+                else:  # zero_lr: this step's lr times 0 while frozen (times 1 after: the same lr, exactly)
+                    group_lr = group_lr * (1 - frozen)
             adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, group_lr.to(device), group_wd.to(device),
                    flag.to(device), wd_mult != 0.0, *group["betas"], group["eps"])
         return None

@@ -4,9 +4,17 @@ table the step reads them from.
     lr           linear warmup from 0, then cosine to min_lr   (peak: `peak_lr`, optim.lr_scaling)
     wd           cosine from weight_decay to weight_decay_end
     momentum     cosine from momentum_teacher to 1             (teacher EMA)
-    teacher_temp linear warmup over warmup_teacher_temp_epochs, then constant (per epoch, as official)
-    last_layer_frozen  1 while epoch < freeze_last_layer (the head's last layer gets no update)
-Same arrays as the official `utils.cosine_scheduler` and DINOLoss.teacher_temp_schedule.
+    teacher_temp linear warmup over warmup_teacher_temp_epochs, then constant; loss.teacher_temp_schedule:
+                 per_epoch      one value per epoch (DINO: DINOLoss.teacher_temp_schedule, np.linspace over
+                                the warmup epochs)
+                 per_iteration  one value per iteration (DINOv2: build_schedulers' CosineScheduler with
+                                warmup_iters = warmup epochs x iterations per epoch: np.linspace over the
+                                warmup iterations, its last one at teacher_temp)
+    last_layer_frozen  1 while epoch < freeze_last_layer (the heads' last layers: no update, or lr 0 under
+                 optim.freeze_last_layer_mode=zero_lr; fastdino/optim.py)
+Same arrays as the official `utils.cosine_scheduler` and DINOLoss.teacher_temp_schedule (DINO), and
+dinov2/utils/utils.py CosineScheduler (DINOv2). An "epoch" here is the data's steps per epoch; DINOv2
+counts its schedules in a fixed OFFICIAL_EPOCH_LENGTH of 1250 iterations instead.
 
 The peak lr scales with the global batch B (`peak_lr`):
     linear_256   lr * B / 256           (DINO: main_dino.py's linear scaling rule)
@@ -29,6 +37,7 @@ import torch
 HYPERPARAMS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_frozen")  # rows of the table
 LR, WD, MOMENTUM, TEACHER_TEMP, LAST_LAYER_FROZEN = range(len(HYPERPARAMS))
 LR_SCALING = ("linear_256", "sqrt_1024")
+TEACHER_TEMP_SCHEDULES = ("per_epoch", "per_iteration")
 
 
 def peak_lr(lr: float, global_batch: int, rule: str = "linear_256") -> float:
@@ -60,39 +69,69 @@ def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmu
                            np.ones(max(epochs - warmup_epochs, 0)) * teacher_temp))
 
 
+def teacher_temp_schedule_per_iteration(warmup_teacher_temp: float, teacher_temp: float, warmup_epochs: int,
+                                        epochs: int, niter_per_ep: int) -> np.ndarray:
+    """Teacher temperature per iteration, as DINOv2's build_schedulers: CosineScheduler(base_value =
+    final_value = teacher_temp, warmup_iters = total_iters = warmup_epochs * niter_per_ep,
+    start_warmup_value = warmup_teacher_temp), i.e. np.linspace(warmup_teacher_temp, teacher_temp,
+    warmup_iters) (the last warmup iteration is teacher_temp), then teacher_temp (its final_value past
+    total_iters)."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    return np.concatenate((np.linspace(warmup_teacher_temp, teacher_temp, warmup_iters),
+                           np.ones(max(epochs * niter_per_ep - warmup_iters, 0)) * teacher_temp))
+
+
 @dataclass
 class Schedules:
     lr: np.ndarray  # per iteration
     wd: np.ndarray
     momentum: np.ndarray
-    teacher_temp: np.ndarray  # per epoch
+    teacher_temp: np.ndarray  # per epoch, or per iteration when teacher_temp_per_iteration
     freeze_last_layer: int  # epochs
     niter_per_ep: int
+    teacher_temp_per_iteration: bool = False  # loss.teacher_temp_schedule == "per_iteration"
 
     @classmethod
     def from_config(cls, cfg, global_batch: int, niter_per_ep: int) -> "Schedules":
         o, lo = cfg.optim, cfg.loss
         peak = peak_lr(o.lr, global_batch, o.lr_scaling)  # min_lr is not scaled (as DINO and DINOv2)
+        rule = getattr(lo, "teacher_temp_schedule", "per_epoch")
+        if rule not in TEACHER_TEMP_SCHEDULES:
+            raise ValueError(f"Schedules: unknown teacher_temp_schedule {rule!r} (choose one of "
+                             f"{list(TEACHER_TEMP_SCHEDULES)})")
+        per_iteration = rule == "per_iteration"
+        if per_iteration:
+            teacher_temp = teacher_temp_schedule_per_iteration(lo.warmup_teacher_temp, lo.teacher_temp,
+                                                               lo.warmup_teacher_temp_epochs, o.epochs, niter_per_ep)
+        else:
+            teacher_temp = teacher_temp_schedule(lo.warmup_teacher_temp, lo.teacher_temp,
+                                                 lo.warmup_teacher_temp_epochs, o.epochs)
         return cls(
             lr=cosine_scheduler(peak, o.min_lr, o.epochs, niter_per_ep, o.warmup_epochs),
             wd=cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, niter_per_ep),
             momentum=cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, niter_per_ep),
-            teacher_temp=teacher_temp_schedule(lo.warmup_teacher_temp, lo.teacher_temp,
-                                               lo.warmup_teacher_temp_epochs, o.epochs),
+            teacher_temp=teacher_temp,
             freeze_last_layer=o.freeze_last_layer,
             niter_per_ep=niter_per_ep,
+            teacher_temp_per_iteration=per_iteration,
         )
+
+    def _teacher_temps(self, its: np.ndarray) -> np.ndarray:
+        """The teacher temperature of steps `its` (the last entry past the end of the array)."""
+        index = its if self.teacher_temp_per_iteration else its // self.niter_per_ep
+        return self.teacher_temp[np.minimum(index, len(self.teacher_temp) - 1)]
 
     def values(self, it: int) -> dict:
         """The hyper-parameters of step `it` as host floats (for the metrics log)."""
         epoch = it // self.niter_per_ep
         return {"lr": float(self.lr[it]), "wd": float(self.wd[it]), "momentum": float(self.momentum[it]),
-                "teacher_temp": float(self.teacher_temp[min(epoch, len(self.teacher_temp) - 1)]),
+                "teacher_temp": float(self._teacher_temps(np.array(it))),
                 "last_layer_frozen": float(epoch < self.freeze_last_layer)}
 
     def table(self, device) -> torch.Tensor:
         """(len(HYPERPARAMS), total iterations) fp32 on `device`: column `it` is step it's values."""
-        epochs = np.arange(len(self.lr)) // self.niter_per_ep
-        rows = [self.lr, self.wd, self.momentum, self.teacher_temp[np.minimum(epochs, len(self.teacher_temp) - 1)],
+        its = np.arange(len(self.lr))
+        epochs = its // self.niter_per_ep
+        rows = [self.lr, self.wd, self.momentum, self._teacher_temps(its),
                 (epochs < self.freeze_last_layer).astype(np.float64)]
         return torch.tensor(np.stack(rows), dtype=torch.float32).to(device)

@@ -329,7 +329,7 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
     cfg, ctx, state = run.cfg, run.ctx, run.state
     device, steps_per_epoch = ctx.device, loader.steps_per_epoch
     start_epoch, start_step_in_epoch, it = start
-    monitor = CollapseMonitor(cfg.model.out_dim)  # warns when entropy -> 0 or ln K, or KL -> 0
+    monitor = CollapseMonitor(cfg.model.out_dim, targets=cfg.loss.targets)  # warns when entropy -> 0 or ln K, or KL -> 0
     knn_sets = (knn_holdout(cfg.data.path, cfg.train.knn_holdout_per_class, seed=cfg.train.seed)
                 if cfg.train.knn_every > 0 else None)
     images_per_step = cfg.optim.batch_size_per_gpu * ctx.world_size

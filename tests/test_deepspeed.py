@@ -41,8 +41,23 @@ STEPS, RESUME_AT, B = 4, 3, 2  # 8 images / global batch 4 = 2 steps per epoch: 
 LR = 0.05  # peak lr at batch 256: 0.05 * 4 / 256 = 7.8e-4 per step here
 
 
+# the DINOv2 recipe on the same data: 2-block dinov2_vitt14 with 4 registers on 42 / 14 px crops (3x3 and
+# 1x1 patches of 14), DINO + iBOT (separate head, masks on every global crop) + KoLeo, Sinkhorn-Knopp
+# targets, layer-wise lr decay, and the official DINOv2 loop rules (per-module clipping, per-iteration
+# teacher temperature, lr-0 frozen last layers). KoLeo is per rank, so these runs are compared with the
+# DDP run of the same ranks (and not with one process).
+DINOV2 = [
+    "model.arch=dinov2_vitt14", "model.patch_size=14", "model.depth=2", "model.num_register_tokens=4",
+    "model.ibot_out_dim=128", "model.norm_last_layer=false", "loss.targets=sinkhorn_knopp", "loss.koleo_weight=0.1",
+    "loss.ibot_weight=1.0", "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07",
+    "loss.warmup_teacher_temp_epochs=1", "loss.teacher_temp_schedule=per_iteration", "optim.clip_grad_mode=per_module",
+    "optim.freeze_last_layer_mode=zero_lr", "optim.layerwise_decay=0.9", "optim.patch_embed_lr_mult=0.2",
+    "data.global_crop_size=42", "data.local_crop_size=14", "data.demo_image_size=42", "data.mask_probability=1.0",
+]
+
+
 def tiny_overrides(data: str, out: str, batch: int, ds_stage: int | None, max_steps: int = STEPS,
-                   clip: float = 0.05) -> list[str]:
+                   clip: float = 0.05, dinov2: bool = False) -> list[str]:
     o = [
         "model.arch=vit_tiny", "model.patch_size=16", "model.out_dim=256", "model.drop_path_rate=0",
         "model.attn=math", "loss.impl=reference", "loss.warmup_teacher_temp_epochs=0",
@@ -56,7 +71,7 @@ def tiny_overrides(data: str, out: str, batch: int, ds_stage: int | None, max_st
     ]
     if ds_stage is not None:
         o += ["deepspeed.enabled=true", f"deepspeed.zero_stage={ds_stage}"]
-    return o
+    return o + (DINOV2 if dinov2 else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +130,14 @@ def runs(tmp_path_factory):
         out = str(tmp / f"zero{stage}_resumed")
         spec["runs"].append({"overrides": tiny_overrides(data, out, B, stage, max_steps=RESUME_AT), "resume": None})
         spec["runs"].append({"overrides": tiny_overrides(data, out, B, stage), "resume": "auto"})
+    v2_data = str(tmp / "demo42")  # the DINOv2 runs' 42 px images
+    spec["runs"].append({"overrides": tiny_overrides(v2_data, str(tmp / "v2_ddp"), B, None, dinov2=True), "resume": None})
+    for stage in (0, 2, 3):
+        spec["runs"].append({"overrides": tiny_overrides(v2_data, str(tmp / f"v2_zero{stage}"), B, stage, dinov2=True),
+                             "resume": None})
+    out = str(tmp / "v2_zero2_resumed")
+    spec["runs"].append({"overrides": tiny_overrides(v2_data, out, B, 2, max_steps=RESUME_AT, dinov2=True), "resume": None})
+    spec["runs"].append({"overrides": tiny_overrides(v2_data, out, B, 2, dinov2=True), "resume": "auto"})
     spec_path = tmp / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
@@ -128,7 +151,8 @@ def runs(tmp_path_factory):
         return torch.load(str(tmp / name / "consolidated.pth"), map_location="cpu", weights_only=False)
 
     ddp = torch.load(str(tmp / "ddp" / "checkpoint.pth"), map_location="cpu", weights_only=False)
-    return {"ref": ref, "ref_noclip": ref_noclip, "ddp": ddp, "tmp": tmp, "load": load}
+    v2_ddp = torch.load(str(tmp / "v2_ddp" / "checkpoint.pth"), map_location="cpu", weights_only=False)
+    return {"ref": ref, "ref_noclip": ref_noclip, "ddp": ddp, "v2_ddp": v2_ddp, "tmp": tmp, "load": load}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -166,6 +190,29 @@ def test_resume_matches_uninterrupted(runs, stage):
     for which in ("student", "teacher"):
         err = max_diff(resumed[which], full[which])
         assert err < TOL_ZERO, f"ZeRO-{stage} resumed {which}: max |diff| {err:.2e}"
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_dinov2_recipe_zero_stage_matches_ddp(runs, stage):
+    """DINO + iBOT + KoLeo with Sinkhorn-Knopp targets and the DINOv2 loop rules: ZeRO-0/2/3 equal
+    DDP on the same ranks (per-module clipping's norms span ZeRO groups and ranks), the iBOT head
+    and the mask token trained, the iBOT state checkpointed."""
+    ds, ddp = runs["load"](f"v2_zero{stage}"), runs["v2_ddp"]
+    assert ds["step"] == STEPS and "ibot_head.last_layer.weight_v" in ds["student"]
+    init = torch.zeros_like(ds["student"]["backbone.mask_token"])
+    assert not torch.equal(ds["student"]["backbone.mask_token"], init)  # iBOT's gradient reached the mask token
+    for which in ("student", "teacher"):
+        err = max_diff(ds[which], ddp[which])
+        assert err < TOL_ZERO, f"DINOv2 ZeRO-{stage} {which} vs DDP: max |diff| {err:.2e}"
+    assert max_diff(ddp["student"], runs["load"]("v2_zero0")["teacher"]) > 4 * TOL_ZERO  # the comparison can fail
+
+
+def test_dinov2_recipe_zero2_resume_matches_uninterrupted(runs):
+    resumed, full = runs["load"]("v2_zero2_resumed"), runs["load"]("v2_zero2")
+    assert resumed["step"] == STEPS
+    for which in ("student", "teacher"):
+        err = max_diff(resumed[which], full[which])
+        assert err < TOL_ZERO, f"DINOv2 ZeRO-2 resumed {which}: max |diff| {err:.2e}"
 
 
 def test_exported_backbone_has_standard_vit_keys(runs):

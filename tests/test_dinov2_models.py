@@ -468,3 +468,26 @@ def test_bad_masks_are_one_line_errors():
             model.forward_features(x, masks=bad)
     with pytest.raises(ValueError, match="2 image groups but 1 masks"):
         model.forward_features([x, x[:, :, :16, :16]], masks=[None])
+
+
+def test_model_ffn_config_key():
+    """model.ffn: auto is the hub model's FFN (SwiGLU only for ViT-g), swiglu/mlp override it; SwiGLU
+    on a DINO v1 arch is a one-line config error naming the key."""
+    from fastdino.config import ConfigError, load_config
+    from fastdino.models import build_backbone
+
+    V2_CROPS = ("data.global_crop_size=56", "data.local_crop_size=28")
+
+    def mlp_of(*overrides):
+        cfg = load_config(None, ["model.arch=dinov2_vitt14", "model.patch_size=14", "model.depth=1", *V2_CROPS, *overrides])
+        return type(build_backbone(cfg.model, teacher=False).blocks[0].mlp).__name__
+
+    assert mlp_of() == "Mlp" and mlp_of("model.ffn=mlp") == "Mlp"
+    assert mlp_of("model.ffn=swiglu") == "SwiGLUFFN"
+    cfg = load_config(None, ["model.arch=dinov2_vitg14", "model.patch_size=14", "model.depth=1", *V2_CROPS])
+    assert type(build_backbone(cfg.model, teacher=True).blocks[0].mlp).__name__ == "SwiGLUFFN"
+    cfg = load_config(None, ["model.arch=dinov2_vitg14", "model.patch_size=14", "model.depth=1", "model.ffn=mlp", *V2_CROPS])
+    assert type(build_backbone(cfg.model, teacher=True).blocks[0].mlp).__name__ == "Mlp"
+    with pytest.raises(ConfigError, match="model.ffn") as e:
+        load_config(None, ["model.arch=vit_small", "model.ffn=swiglu"])
+    assert "\n" not in str(e.value)

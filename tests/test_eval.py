@@ -355,6 +355,8 @@ def test_collapse_monitor():
     m2 = CollapseMonitor(K, patience=2, warmup=0)
     assert m2.update(log_k - 1e-3, 1e-5) is None
     assert "uniform" in m2.update(log_k - 1e-3, 1e-5)
+    sk = CollapseMonitor(K, patience=1, warmup=0, targets="sinkhorn_knopp")
+    assert "Sinkhorn-Knopp" in sk.update(log_k - 1e-3, 0.5)  # the hint fits the targets
     m3 = CollapseMonitor(K, patience=2, warmup=0)
     m3.update(5.0, 1e-5)
     assert "KL near 0" in m3.update(5.0, 1e-5)

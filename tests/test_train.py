@@ -498,6 +498,9 @@ def test_dinov2_ibot_ddp_equals_one_process_and_resume_is_exact(data_dir, tmp_pa
     a = load(single)
     assert not torch.equal(a["student"]["backbone.mask_token"], torch.zeros(1, 384))
     assert a["student"]["ibot_head.last_layer.weight_v"].shape[0] == 64 and "ibot_patch_loss" in a
+    from fastdino.eval.common import load_backbone
+
+    assert load_backbone(os.path.join(single, "checkpoint.pth")).arch == "dinov2_vits14"  # heads dropped
 
     run_in_process(tiny(data_dir, stopped, *DINOV2_IBOT, "--train.max_steps=2", "--train.checkpoint_every=2"))
     run_in_process(tiny(data_dir, stopped, *DINOV2_IBOT, "--train.max_steps=3", "--resume"))

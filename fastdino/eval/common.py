@@ -233,7 +233,8 @@ def _is_state_dict(obj) -> bool:
 
 
 def strip_prefixes(state_dict: dict) -> dict:
-    """Drop "module." (DDP) and "backbone." (MultiCropWrapper) prefixes and the DINO head."""
+    """Drop "module." (DDP) and "backbone." (MultiCropWrapper) prefixes, the DINO head and the
+    iBOT head (DINOv2's dino_head / ibot_head)."""
     out = {}
     for key, value in state_dict.items():
         changed = True
@@ -242,7 +243,7 @@ def strip_prefixes(state_dict: dict) -> dict:
             for prefix in ("module.", "backbone.", "_orig_mod."):
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
-        if key.startswith("head.") or key == "head":
+        if key.split(".")[0] in ("head", "ibot_head", "dino_head"):
             continue  # projection head (or a classification head): not part of the backbone
         out[key] = value
     return out

@@ -50,6 +50,9 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
                   drop_path_uniform=model_cfg.drop_path_uniform, efficient_drop_path=model_cfg.efficient_drop_path,
                   attn=attn or model_cfg.attn, activation_checkpointing=model_cfg.activation_checkpointing and not teacher)
     if model_cfg.arch in DINOV2_ARCHS:
+        ffn = getattr(model_cfg, "ffn", "auto")
+        if ffn != "auto":
+            kwargs["ffn"] = ffn
         return DINOV2_ARCHS[model_cfg.arch](num_register_tokens=model_cfg.num_register_tokens, **kwargs)
     return ARCHS[model_cfg.arch](patch_size=model_cfg.patch_size, **kwargs)
 

@@ -581,7 +581,7 @@ def dinov2_vitl14(num_register_tokens: int = 0, **kwargs) -> VisionTransformer:
 
 
 def dinov2_vitg14(num_register_tokens: int = 0, **kwargs) -> VisionTransformer:
-    return _dinov2("vit_giant2", num_register_tokens, ffn="swiglu", **kwargs)
+    return _dinov2("vit_giant2", num_register_tokens, **{"ffn": "swiglu", **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------
