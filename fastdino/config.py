@@ -116,6 +116,8 @@ class DataConfig:
     local_crops_number: int = 8  # N local crops per image (0 allowed)
     global_crop_size: int = 224
     local_crop_size: int = 96
+    # DINOv3 Gram anchoring: > 0 adds 2 Gram-teacher crops of this size (the global crops' boxes, no distortions)
+    gram_crop_size: int = 0
     mask_probability: float = 0.5  # iBOT: fraction of the global crops that get a block mask
     mask_ratio: tuple = (0.1, 0.5)  # iBOT: masked fraction of a masked crop, stratified over [min, max]
     # iBOT: images per mask stratification group; 0: the rank's batch (official). A divisor of every per-GPU
@@ -330,7 +332,9 @@ def _validate(cfg: Config) -> None:
         lo_s, hi_s = cfg.get(key)
         need(0 < lo_s <= hi_s <= 1, key, "must satisfy 0 < min <= max <= 1")
     need(d.local_crops_number >= 0, "data.local_crops_number", "must be >= 0")
-    for key in ("data.global_crop_size", "data.local_crop_size"):
+    need(d.gram_crop_size == 0 or d.gram_crop_size >= d.global_crop_size, "data.gram_crop_size",
+         "must be 0 (off) or >= data.global_crop_size (the Gram teacher sees the global crops at a higher resolution)")
+    for key in ("data.global_crop_size", "data.local_crop_size") + (("data.gram_crop_size",) if d.gram_crop_size else ()):
         size = cfg.get(key)
         need(size >= m.patch_size and size % m.patch_size == 0, key,
              f"must be a multiple of model.patch_size={m.patch_size} "

@@ -132,3 +132,18 @@ def test_one_pipeline_reused_across_epochs_and_released(demo, epoch_dali):
     assert loader._pipes_built == 1 and live() - before == 1
     loader.close()
     assert loader._pipe is None and live() == before
+
+
+def test_gram_teacher_crops_equal_the_torch_backend(demo):
+    """The Gram-teacher crops (data.gram_crop_size): the global crops' draws, undistorted, as the torch backend."""
+    c = cfg(demo, "dali")
+    c.gram_crop_size, c.local_crops_number = 48, 2
+    dali = next(iter(build_train_loader(c, 12, seed=4, device=DEVICE).epoch(0)))
+    t = cfg(demo, "torch")
+    t.gram_crop_size, t.local_crops_number = 48, 2
+    ref = next(iter(build_train_loader(t, 12, seed=4).epoch(0)))
+    assert [tuple(x.shape) for x in dali] == [(12, 3, 32, 32)] * 2 + [(12, 3, 16, 16)] * 2 + [(12, 3, 48, 48)] * 2
+    mean_tol, max_tol = (0.01, 0.35) if DEVICE.type == "cuda" else (0.003, 0.1)
+    for x, y in zip(dali, ref):
+        d = (x.cpu() - y).abs() * STD
+        assert d.mean() < mean_tol and d.max() < max_tol, (d.mean(), d.max())

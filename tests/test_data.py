@@ -354,3 +354,34 @@ def test_corrupt_files_skipped_counted_or_raise(demo, tmp_path):
         open(p, "wb").write(b"\xff\xd8garbage")
     with pytest.raises(DataError, match=r"of 8 images of a batch are unreadable, e.g. '.*\.jpg'"):
         list(build_train_loader(small_cfg(str(root)), 8, seed=0).epoch(0))
+
+
+def test_gram_teacher_crops_are_the_global_boxes_undistorted(demo):
+    """data.gram_crop_size: two more crops after the locals, each the box and flip of its global crop
+    resized to the Gram size, with no colour jitter, grayscale, blur or solarize (DINOv3's
+    gram_teacher_no_distortions); the other crops are unchanged by turning them on."""
+    plain = next(iter(build_train_loader(small_cfg(demo), 8, seed=5).epoch(1)))
+    loader = build_train_loader(small_cfg(demo, gram_crop_size=64), 8, seed=5)
+    crops = next(iter(loader.epoch(1)))
+    assert [tuple(c.shape) for c in crops] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3 + [(8, 3, 64, 64)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(crops[:5], plain))
+    ref = DataAugmentationDINORef(local_crops_number=3, global_crop_size=32, local_crop_size=16, gram_crop_size=64)
+    src = ImageSource(demo)
+    idx = loader.sampler.indices(1, 0)
+    for j in range(2):
+        spec, glob = ref.specs[5 + j], ref.specs[j]
+        assert spec.key == j and not spec.distort and spec.size == 64
+        for b, i in enumerate(idx):
+            img = Image.open(io.BytesIO(src.read(int(i)))).convert("RGB")
+            params = ref.params(img, 5, 1, int(i))
+            assert params[5 + j]["box"] == params[j]["box"] and params[5 + j]["flip"] == params[j]["flip"]
+            want = (pil_to_uint8(resized_crop_pil(img, params[j]["box"], 64, params[j]["flip"])).float() / 255 - MEAN[0]) / STD[0]
+            assert torch.allclose(crops[5 + j][b], want, atol=1e-5)  # normalization only
+            assert torch.allclose(crops[5 + j][b], ref(img, params=params)[5 + j], atol=1e-5)
+    # the distortions did act on the globals of this batch (so "undistorted" is a real difference)
+    down = torch.nn.functional.interpolate(crops[5] * STD + MEAN, size=32, mode="area")
+    assert ((crops[0] * STD + MEAN) - down).abs().mean() > 0.02
+    with pytest.raises(Exception, match="gram_crop_size"):
+        from fastdino.config import load_config
+
+        load_config(None, ["data.gram_crop_size=160"])  # smaller than the 224 px globals

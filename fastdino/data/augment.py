@@ -44,19 +44,40 @@ N_TRIES = 10
 
 @dataclass(frozen=True)
 class CropSpec:
-    """What crop c of an image is: output size, scale range and per-crop probabilities."""
+    """What crop c of an image is: output size, scale range and per-crop probabilities.
+    key: the crop number its draws are keyed by (None: its own, c); distort: False keeps only the
+    geometry (box and flip) and the normalization, no colour jitter, grayscale, blur or solarize."""
     size: int
     scale: tuple
     p_blur: float
     p_solarize: float
+    key: int | None = None
+    distort: bool = True
 
 
 def crop_specs(global_size: int, local_size: int, n_local: int, global_scale=(0.4, 1.0),
-               local_scale=(0.05, 0.4)) -> list[CropSpec]:
-    """Crop-major specs: global 1 (blur 1.0), global 2 (blur .1, solarize .2), local 1..N (blur .5)."""
+               local_scale=(0.05, 0.4), gram_size: int = 0) -> list[CropSpec]:
+    """Crop-major specs: global 1 (blur 1.0), global 2 (blur .1, solarize .2), local 1..N (blur .5),
+    then with gram_size > 0 the two Gram-teacher crops (DINOv3, crops.gram_teacher_no_distortions):
+    the same box and flip as global 1 and 2 (their draws), resized to gram_size, not distorted.
+
+    The official DataAugmentationDINO makes both from one RandomResizedCrop at max(global, gram) px,
+    resized again to the global size before the distortions; here each is one bicubic resize of the
+    same box (the same geometry, one resampling fewer)."""
     g, l = tuple(global_scale), tuple(local_scale)
-    return ([CropSpec(global_size, g, 1.0, 0.0), CropSpec(global_size, g, 0.1, 0.2)]
-            + [CropSpec(local_size, l, 0.5, 0.0) for _ in range(n_local)])
+    specs = ([CropSpec(global_size, g, 1.0, 0.0), CropSpec(global_size, g, 0.1, 0.2)]
+             + [CropSpec(local_size, l, 0.5, 0.0) for _ in range(n_local)])
+    if gram_size:
+        specs += [CropSpec(gram_size, g, 0.0, 0.0, key=j, distort=False) for j in range(2)]
+    return specs
+
+
+def draw_keys(specs) -> np.ndarray:
+    """The crop number each spec's draws are keyed by (int64 [C])."""
+    return np.array([c if s.key is None else s.key for c, s in enumerate(specs)], np.int64)
+
+
+UNDISTORTED = ("jitter", "gray", "blur", "solarize")  # the draws a distort=False crop switches off
 
 
 # ----------------------------------------------------------------------------- counter-based RNG
@@ -144,9 +165,12 @@ def photometric_params(u: np.ndarray, p_blur, p_solarize) -> dict:
 
 
 def draw_params(seed: int, epoch: int, index: int, crop: int, spec: CropSpec, width: int, height: int) -> dict:
-    """All draws of one crop of one image: {'box': (top, left, h, w), 'flip', 'jitter', ...}."""
-    u = uniforms(seed, epoch, index, crop)
+    """All draws of one crop of one image: {'box': (top, left, h, w), 'flip', 'jitter', ...}, keyed by
+    `crop` (or spec.key)."""
+    u = uniforms(seed, epoch, index, crop if spec.key is None else spec.key)
     p = {k: v.item() for k, v in photometric_params(u, spec.p_blur, spec.p_solarize).items() if k != "order"}
+    if not spec.distort:
+        p.update({k: False for k in UNDISTORTED})
     p["order"] = tuple(int(i) for i in np.argsort(u[28:32], kind="stable"))
     p["box"] = tuple(int(v) for v in resized_crop_boxes(u, width, height, spec.scale))
     return p
@@ -280,9 +304,9 @@ class DataAugmentationDINORef:
     fast paths see the same parameters; call with explicit `params` to replay given draws."""
 
     def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
-                 global_crop_size=224, local_crop_size=96):
+                 global_crop_size=224, local_crop_size=96, gram_crop_size=0):
         self.specs = crop_specs(global_crop_size, local_crop_size, local_crops_number, global_crops_scale,
-                                local_crops_scale)
+                                local_crops_scale, gram_crop_size)
 
     def params(self, img, seed: int, epoch: int, index: int) -> list[dict]:
         return [draw_params(seed, epoch, index, c, s, img.width, img.height) for c, s in enumerate(self.specs)]
@@ -297,7 +321,7 @@ class DataAugmentationDINORef:
         from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
         out = resized_crop_pil(img, p["box"], spec.size, p["flip"])
-        if p["jitter"]:
+        if p["jitter"] and spec.distort:
             for op in p["order"]:  # torchvision F.adjust_* on PIL images
                 if op == 0:
                     out = ImageEnhance.Brightness(out).enhance(p["brightness"])
@@ -309,11 +333,11 @@ class DataAugmentationDINORef:
                     h, s, v = out.convert("HSV").split()
                     h = Image.fromarray(((np.asarray(h, np.uint8).astype(np.int16) + int(p["hue"] * 255)) % 256).astype(np.uint8), "L")
                     out = Image.merge("HSV", (h, s, v)).convert("RGB")
-        if p["gray"]:
+        if p["gray"] and spec.distort:
             out = out.convert("L").convert("RGB")
-        if p["blur"]:
+        if p["blur"] and spec.distort:
             out = out.filter(ImageFilter.GaussianBlur(radius=p["sigma"]))
-        if p["solarize"]:
+        if p["solarize"] and spec.distort:
             out = ImageOps.solarize(out, threshold=128)
         x = pil_to_uint8(out).float() / 255.0
         return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -47,7 +47,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from fastdino.data.augment import PARAM_KEYS, crop_specs, photometric, photometric_params, resized_crop_boxes, uniforms
+from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, crop_specs, draw_keys, photometric, photometric_params,
+                                   resized_crop_boxes, uniforms)
 from fastdino.data.folder import DataError, ImageSource, Unreadable, image_size_from_header
 from fastdino.data.torch_loader import MAX_REPLACEMENTS, EpochBatches, check_batch_geometry
 
@@ -63,8 +64,11 @@ def host_params(specs, seed: int, epoch: int, indices: np.ndarray, widths: np.nd
     swapped) for each crop c, 'photometric': per size group, a dict of CPU tensors [F*B] in crop-major
     order (as augment.stack_params; 'order' [F*B, 4])}."""
     B, C = len(indices), len(specs)
-    u = uniforms(seed, epoch, np.asarray(indices)[:, None], np.arange(C)[None, :])  # [B, C, draws]
+    u = uniforms(seed, epoch, np.asarray(indices)[:, None], draw_keys(specs)[None, :])  # [B, C, draws]
     p = photometric_params(u, np.array([s.p_blur for s in specs]), np.array([s.p_solarize for s in specs]))
+    distort = np.array([s.distort for s in specs])
+    for k in UNDISTORTED:  # Gram-teacher crops: geometry only
+        p[k] = p[k] & distort
     feed = {}
     for c, s in enumerate(specs):
         top, left, h, w = resized_crop_boxes(u[:, c], widths, heights, s.scale).T
@@ -152,7 +156,8 @@ class DaliMultiCropLoader:
         self.num_images = len(self.source)
         self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
         self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
-                                data_cfg.global_crops_scale, data_cfg.local_crops_scale)
+                                data_cfg.global_crops_scale, data_cfg.local_crops_scale,
+                                getattr(data_cfg, "gram_crop_size", 0))  # + 2 Gram-teacher crops (DINOv3)
         self.groups = size_groups(self.specs)
         self.batch_size, self.dtype, self.seed = batch_size, dtype, seed
         self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed)
@@ -363,7 +368,7 @@ class DaliMultiCropLoader:
         self._fed = 0
 
     def epoch(self, epoch: int, start_step: int = 0):
-        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors
+        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher crops with data.gram_crop_size)
         [B,3,S,S] on the device, normalized, in self.dtype."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")

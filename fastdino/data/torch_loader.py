@@ -147,7 +147,8 @@ class TorchMultiCropLoader:
         self.num_images = len(self.source)
         self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
         self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
-                                data_cfg.global_crops_scale, data_cfg.local_crops_scale)
+                                data_cfg.global_crops_scale, data_cfg.local_crops_scale,
+                                getattr(data_cfg, "gram_crop_size", 0))  # + 2 Gram-teacher crops (DINOv3)
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device or "cpu"), dtype
         self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed)
         workers = int(data_cfg.num_workers)
@@ -175,7 +176,7 @@ class TorchMultiCropLoader:
         return len(self._bad)
 
     def epoch(self, epoch: int, start_step: int = 0):
-        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors
+        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher crops with data.gram_crop_size)
         [B,3,S,S] on the device, normalized, in self.dtype."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
