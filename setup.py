@@ -30,7 +30,8 @@ setup(
     version="0.1.0",
     description="Fast, exact DINO self-supervised ViT training: fused Triton loss, flat EMA, DALI, DeepSpeed",
     python_requires=">=3.10",
-    packages=["fastdino", "fastdino.models", "fastdino.losses", "fastdino.data", "fastdino.eval", "fastdino.kernels"],
+    packages=["fastdino", "fastdino.models", "fastdino.losses", "fastdino.compat", "fastdino.data", "fastdino.eval",
+              "fastdino.kernels"],
     package_dir={"fastdino": "fastdino", "fastdino.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "pillow", "tqdm"],
     extras_require={
@@ -39,6 +40,8 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "deepspeed": ["deepspeed>=0.14"],
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+        "export": ["safetensors", "transformers"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

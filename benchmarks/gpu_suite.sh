@@ -8,12 +8,14 @@
 #                                           # no-sync tests, GPU kernel tests, fused loss/head, DALI, vits16
 #   bash benchmarks/gpu_suite.sh D OUTDIR   # DINOv2 (~6 min, the open measurements first): its GPU tests,
 #                                           # Sinkhorn-Knopp and iBOT loss rows, dinov2_vits14 throughput
+#   bash benchmarks/gpu_suite.sh E OUTDIR   # DINOv3 (~2-3 min, after D in the same session): the Gram kernel's
+#                                           # and the DINOv3 backbone's GPU tests, the Gram loss table
 #
 # Wheels (optional): .whl/p0..p3 hold the parts of a tar of DALI and its needs (too large for one
 # transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh A|B|C|D OUTDIR}
-out=${2:?usage: gpu_suite.sh A|B|C|D OUTDIR}
+part=${1:?usage: gpu_suite.sh A|B|C|D|E OUTDIR}
+out=${2:?usage: gpu_suite.sh A|B|C|D|E OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 py=python3
@@ -51,6 +53,10 @@ elif [ "$part" = D ]; then  # DINOv2: nothing of it was measured on a GPU yet
     step throughput_dinov2_vits14 150 $py benchmarks/throughput.py --config configs/dinov2_vits14.json \
         --batch-size 128 --data synthetic --rows reference,fastdino,+compile --steps 8 --warmup 4 --repeats 3 \
         --time-budget 130 --json "$out/throughput_dinov2_vits14.json"
+elif [ "$part" = E ]; then  # DINOv3: the tiled Gram loss (never measured on a GPU yet), the RoPE backbone
+    step pytest_gram 90 $py -m pytest -q -p no:cacheprovider tests/kernels/test_gram_loss.py tests/test_dinov3_models.py \
+        tests/test_gram.py -k "not aot and not trains and not checkpoint"
+    step gram 90 $py benchmarks/gram.py --results "$out/gram.jsonl"
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
     step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"
     step pytest_gpu 80 $py -m pytest -q -p no:cacheprovider tests/kernels/test_linear_soft_cross_entropy.py \

@@ -14,7 +14,8 @@ The step (fastdino/step.py) only calls:
                                           were not finite
     ema_(momentum)                        teacher <- m teacher + (1 - m) student
     all_reduce_(x, op="sum")              sum (or "max") over ranks, in place (no-op in one process)
-and the training loop: save(client, output_dir, keep_as), resume(arg, output_dir), student_module /
+and the training loop: save(client, output_dir, keep_as), resume(arg, output_dir),
+teacher_backbone_state() (Gram anchoring: every rank calls it at the same step), student_module /
 teacher_module (the bare MultiCropWrappers), optimizer.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ class LocalBackend:
         self.ema = TeacherEMA(self.teacher_flat, self.student_flat, resolved.ema)
         o = cfg.optim  # groups by (last layer, lr multiplier, wd multiplier): fastdino/optim.py
         self.optimizer = DINOAdamW(param_groups(student_module, o.layerwise_decay, o.patch_embed_lr_mult),
-                                   freeze_mode=o.freeze_last_layer_mode)
+                                   freeze_mode=o.freeze_last_layer_mode, beta2=o.adamw_beta2)
         if ctx.is_main:
             log.info(describe_param_groups(self.optimizer.param_groups))
         self.scaler = torch.amp.GradScaler(ctx.device.type) if resolved.precision == "fp16" else None
@@ -58,6 +59,10 @@ class LocalBackend:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.student = nn.parallel.DistributedDataParallel(student_module, device_ids=device_ids)
         self.teacher = teacher_module
+
+    def teacher_backbone_state(self) -> dict:
+        """The EMA teacher's backbone weights (the Gram teacher takes them, fastdino/gram.py)."""
+        return self.teacher_module.backbone.state_dict()
 
     # ---- the step ------------------------------------------------------------------------------
     def zero_grad(self) -> None:

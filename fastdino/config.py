@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, get_origin, get_type_hints
 
@@ -32,9 +33,11 @@ def choice(default, *allowed):
 @dataclass
 class ModelConfig:
     # vit_*: DINO's ViTs (patch 16 or 8); dinov2_*: DINOv2's (patch 14, LayerScale, registers option;
-    # dinov2_vitt14: a ViT-Ti width with those options, no official weights: the CPU demo)
+    # dinov2_vitt14: a ViT-Ti width with those options, no official weights: the CPU demo); dinov3_*: DINOv3's
+    # (patch 16, RoPE, 4 storage tokens, masked key bias; dinov3_vitt16: ViT-Ti width, no official weights)
     arch: str = choice("vit_small", "vit_tiny", "vit_small", "vit_base",
-                       "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")
+                       "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14",
+                       "dinov3_vitt16", "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16")
     patch_size: int = choice(16, 16, 8, 14)  # /8 models see 785 tokens at 224 px; dinov2_* need 14
     depth: int = 0  # transformer blocks; 0: the architecture's own (12; dinov2 L 24, g 40). The CPU demo uses 4
     num_register_tokens: int = choice(0, 0, 4)  # dinov2_*: register tokens between [CLS] and the patches
@@ -46,6 +49,8 @@ class ModelConfig:
     efficient_drop_path: bool = False  # DINOv2's: a block's branch runs on the kept sequences only (same expectation)
     out_dim: int = 65536  # K: dimension of the DINO head output
     norm_last_layer: bool = True  # weight_g fixed to 1: logits are cosines. False helps ViT-B stability
+    # the heads' last layer: weight_norm (DINO, DINOv2) or plain (DINOv3: Linear(256, K), no weight norm)
+    head_last_layer: str = choice("weight_norm", "weight_norm", "plain")
     use_bn_in_head: bool = False
     # auto: on CUDA the fastest fused kernel for the global-crop shape (timed once), sdpa elsewhere
     attn: str = choice("auto", "auto", "flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa", "math")
@@ -81,7 +86,11 @@ class OptimConfig:
     epochs: int = 100
     batch_size_per_gpu: int = 64
     lr: float = 0.0005  # peak lr at the reference batch, scaled by optim.lr_scaling
-    lr_scaling: str = choice("linear_256", "linear_256", "sqrt_1024")  # DINO: lr*B/256; DINOv2: lr*sqrt(B/1024)
+    # DINO: lr*B/256; DINOv2: lr*sqrt(B/1024); DINOv3 (its schedules v2): lr*4*sqrt(B/1024)
+    lr_scaling: str = choice("linear_256", "linear_256", "sqrt_1024", "sqrt_1024_x4")
+    # cosine: warmup, then a half cosine to min_lr (DINO, DINOv2); constant: warmup, then the peak lr to the end
+    # (DINOv3's pretraining and Gram phases: linear_warmup_cosine_decay with peak = end)
+    lr_schedule: str = choice("cosine", "cosine", "constant")
     layerwise_decay: float = 1.0  # lr of block i (0-based, of D) times decay^(D - i); embeddings decay^(D+1) (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # patch embedding lr multiplier on top of the layer-wise one (DINOv2: 0.2)
     min_lr: float = 1e-6  # end of the cosine schedule
@@ -96,7 +105,9 @@ class OptimConfig:
     # skip: no update at all, no Adam moments or step count (DINO); zero_lr: AdamW with lr 0 on them
     # (DINOv2's last_layer_lr_schedule): weights unchanged, moments and step count updated
     freeze_last_layer_mode: str = choice("skip", "skip", "zero_lr")
-    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1 over training (per iteration)
+    momentum_teacher: float = 0.996  # EMA momentum, cosine to momentum_teacher_end over training (per iteration)
+    momentum_teacher_end: float = 1.0  # 1 (DINO, DINOv2); = momentum_teacher keeps it constant (DINOv3)
+    adamw_beta2: float = 0.999  # AdamW's second-moment decay (torch's default; DINOv3's 7B recipe: 0.99)
     # triton: flat buffers (one kernel); cuda: fastdino._C over parameter lists (DeepSpeed);
     # foreach: torch._foreach_* over parameter lists; loop: the reference, one tensor at a time
     ema_impl: str = choice("auto", "auto", "triton", "cuda", "foreach", "loop")
@@ -143,6 +154,25 @@ class TrainConfig:
     progress: bool = True  # progress bar with loss, images/s and ETA
     knn_every: int = 0  # online k-NN of the teacher on a labeled holdout of data.path every N epochs (0: off)
     knn_holdout_per_class: int = 50  # images per class in that holdout (the bank; a fifth more are queries)
+    # also write metrics.jsonl's scalars as TensorBoard events to OUTPUT_DIR/tensorboard/ (main rank; needs
+    # `pip install tensorboard`; watch with `tensorboard --logdir OUTPUT_DIR/tensorboard`)
+    tensorboard: bool = False
+
+
+@dataclass
+class GramConfig:
+    """DINOv3 Gram anchoring (fastdino/gram.py). Off while weight is 0: no Gram teacher is built."""
+    weight: float = 0.0  # the Gram loss weight once its ramp is done (DINOv3's gram anchoring phase: 2.0)
+    start_epoch: int = 0  # the Gram term starts here: the Gram teacher is the EMA teacher of this moment
+    ramp_epochs: int = 0  # the weight rises from 0 on a half cosine over these epochs, then stays at `weight`
+    update_every: int = 0  # epochs between refreshes of the Gram teacher from the EMA teacher (0: never)
+    max_updates: int = 0  # at most this many refreshes (0: no limit)
+    # a checkpoint whose teacher backbone is the first Gram teacher (fastdino, DeepSpeed consolidated,
+    # official DINO or a plain backbone state dict); "" takes the EMA teacher at start_epoch
+    teacher_checkpoint: str = ""
+    img_level: bool = True  # one Gram matrix per image (True) or over the rank's whole batch of patches
+    remove_neg: bool = False  # clamp negative similarities of both Gram matrices to 0
+    remove_only_teacher_neg: bool = False  # clamp the teacher's negatives (and the student's where both are)
 
 
 @dataclass
@@ -162,6 +192,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict:
@@ -291,10 +322,21 @@ def _validate(cfg: Config) -> None:
     need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
     need(m.depth >= 0, "model.depth", "must be >= 1 (or 0: the architecture's own depth)")
     dinov2 = m.arch.startswith("dinov2_")
-    need(dinov2 == (m.patch_size == 14), "model.patch_size",
-         f"{m.arch} takes patch 14" if dinov2 else f"{m.arch} takes patch 16 or 8 (14 is for the dinov2_* models)")
-    need(dinov2 or m.num_register_tokens == 0, "model.num_register_tokens", "registers need a dinov2_* model.arch")
-    need(dinov2 or m.ffn in ("auto", "mlp"), "model.ffn", "SwiGLU needs a dinov2_* model.arch")
+    dinov3 = m.arch.startswith("dinov3_")
+    if dinov3:
+        need(m.patch_size == 16, "model.patch_size", f"{m.arch} takes patch 16")
+        need(m.num_register_tokens == 0, "model.num_register_tokens",
+             f"{m.arch} has its own 4 storage tokens (leave model.num_register_tokens at 0)")
+        need(m.ffn == "auto", "model.ffn", f"{m.arch} takes the hub model's FFN (leave model.ffn at auto)")
+        need(not (m.drop_path_uniform or m.efficient_drop_path), "model.efficient_drop_path",
+             f"{m.arch}'s drop path is always uniform over blocks and computed on the kept rows (leave "
+             "model.drop_path_uniform and model.efficient_drop_path false)")
+    else:
+        need(dinov2 == (m.patch_size == 14), "model.patch_size",
+             f"{m.arch} takes patch 14" if dinov2 else f"{m.arch} takes patch 16 or 8 (14 is for the dinov2_* models)")
+    need(dinov2 or dinov3 or m.num_register_tokens == 0, "model.num_register_tokens",
+         "registers need a dinov2_* model.arch")
+    need(dinov2 or dinov3 or m.ffn in ("auto", "mlp"), "model.ffn", "SwiGLU needs a dinov2_* model.arch")
     need(o.epochs >= 1, "optim.epochs", "must be >= 1")
     need(o.batch_size_per_gpu >= 1, "optim.batch_size_per_gpu", "must be >= 1")
     need(o.lr > 0, "optim.lr", "must be > 0")
@@ -305,6 +347,8 @@ def _validate(cfg: Config) -> None:
     need(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
     need(o.freeze_last_layer >= 0, "optim.freeze_last_layer", "must be >= 0")
     need(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
+    need(0.0 <= o.momentum_teacher_end <= 1.0, "optim.momentum_teacher_end", "must be in [0, 1]")
+    need(0.0 < o.adamw_beta2 < 1.0, "optim.adamw_beta2", "must be in (0, 1)")
     need(lo.student_temp > 0, "loss.student_temp", "must be > 0")
     need(lo.teacher_temp > 0, "loss.teacher_temp", "must be > 0")
     need(lo.warmup_teacher_temp > 0, "loss.warmup_teacher_temp", "must be > 0")
@@ -324,8 +368,8 @@ def _validate(cfg: Config) -> None:
     need(0 <= mr_lo <= mr_hi <= 1, "data.mask_ratio", "must satisfy 0 <= min <= max <= 1")
     need(lo.ibot_weight == 0 or (d.mask_probability > 0 and mr_hi > 0), "loss.ibot_weight",
          "iBOT needs masked patches: data.mask_probability and max(data.mask_ratio) must be > 0")
-    need(lo.ibot_weight == 0 or m.arch.startswith("dinov2_"), "loss.ibot_weight",
-         f"iBOT needs a backbone with a mask token: a dinov2_* model.arch, not {m.arch}")
+    need(lo.ibot_weight == 0 or dinov2 or dinov3, "loss.ibot_weight",
+         f"iBOT needs a backbone with a mask token: a dinov2_* or dinov3_* model.arch, not {m.arch}")
     need(lo.ibot_weight == 0 or not m.fused_head, "model.fused_head",
          "the fused head is not built for the iBOT loss yet: set model.fused_head=false with loss.ibot_weight > 0")
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
@@ -339,6 +383,20 @@ def _validate(cfg: Config) -> None:
         need(size >= m.patch_size and size % m.patch_size == 0, key,
              f"must be a multiple of model.patch_size={m.patch_size} "
              f"(e.g. {max(size // m.patch_size, 1) * m.patch_size} or {(size // m.patch_size + 1) * m.patch_size})")
+    gr = cfg.gram
+    need(gr.weight >= 0, "gram.weight", "must be >= 0 (0 disables Gram anchoring)")
+    for key in ("gram.start_epoch", "gram.ramp_epochs", "gram.update_every", "gram.max_updates"):
+        need(cfg.get(key) >= 0, key, "must be >= 0")
+    need(not (gr.remove_neg and gr.remove_only_teacher_neg), "gram.remove_only_teacher_neg",
+         "cannot be combined with gram.remove_neg (choose one)")
+    need(gr.weight == 0 or d.gram_crop_size > 0, "data.gram_crop_size",
+         "Gram anchoring (gram.weight > 0) needs the Gram teacher's crops: set data.gram_crop_size (e.g. 2x the global crop)")
+    need(gr.weight > 0 or d.gram_crop_size == 0, "data.gram_crop_size",
+         "makes Gram-teacher crops, but Gram anchoring is off (gram.weight=0): set data.gram_crop_size=0 or gram.weight")
+    need(gr.weight == 0 or gr.start_epoch < o.epochs, "gram.start_epoch",
+         f"must be < optim.epochs={o.epochs} (the Gram term would never start)")
+    need(not gr.teacher_checkpoint or os.path.isfile(gr.teacher_checkpoint), "gram.teacher_checkpoint",
+         "no such file")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(bool(d.path), "data.path", "must name a folder of images")
     need(d.demo_num_images >= 1, "data.demo_num_images", "must be >= 1")

@@ -240,12 +240,13 @@ class ZeroAdamW(DINOAdamW):
     all-reduces them once (a vector of n_modules floats); every call then scales its fragments by
     their module's factor."""
 
-    def __init__(self, groups: list[dict], clip: float, clip_mode: str = "per_tensor", freeze_mode: str = "skip"):
+    def __init__(self, groups: list[dict], clip: float, clip_mode: str = "per_tensor", freeze_mode: str = "skip",
+                 beta2: float = 0.999):
         from fastdino.clip import MODES
 
         if clip_mode not in MODES:
             raise ValueError(f"ZeroAdamW: clip_mode={clip_mode!r} is not one of {list(MODES)}")
-        super().__init__(groups, static_state=False, freeze_mode=freeze_mode)  # ZeRO swaps the groups' parameters
+        super().__init__(groups, static_state=False, freeze_mode=freeze_mode, beta2=beta2)  # ZeRO swaps the groups' parameters
         self.clip, self.clip_mode = clip, clip_mode
         self.layout: dict[int, _Segments] = {}  # filled after deepspeed.initialize (stages 1-3)
         self.grads_bad: torch.Tensor | None = None
@@ -521,7 +522,7 @@ class DeepSpeedBackend:
                 self.autocast_hooks += autocast_forward(module, ctx.device.type, resolved.autocast_dtype)
         o = cfg.optim  # groups by (last layer, lr multiplier, wd multiplier): fastdino/optim.py
         self.basic = ZeroAdamW(param_groups(student_module, o.layerwise_decay, o.patch_embed_lr_mult), o.clip_grad,
-                               clip_mode=o.clip_grad_mode, freeze_mode=o.freeze_last_layer_mode)
+                               clip_mode=o.clip_grad_mode, freeze_mode=o.freeze_last_layer_mode, beta2=o.adamw_beta2)
         if ctx.is_main:
             log.info(describe_param_groups(self.basic.param_groups))
         engine, _, _, _ = deepspeed.initialize(model=student_module, optimizer=self.basic, config=self.ds_config)
@@ -654,6 +655,10 @@ class DeepSpeedBackend:
             with self.deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+    def teacher_backbone_state(self) -> dict:
+        """The EMA teacher's backbone weights, fp32 on the CPU (ZeRO-3: gathered; every rank calls it)."""
+        return self._full_state(self.teacher_module.backbone)
 
     def export(self, client: dict, output_dir: str) -> None:
         """OUTPUT_DIR/consolidated.pth and {teacher,student}_backbone.pth (all ranks call it)."""

@@ -51,7 +51,8 @@ from typing import NamedTuple
 import torch
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults, as the official code
-EMBEDDINGS = ("pos_embed", "patch_embed", "cls_token", "mask_token")  # layer id 0 (official get_vit_lr_decay_rate)
+# layer id 0 (official get_vit_lr_decay_rate; DINOv3's param_groups adds its storage tokens)
+EMBEDDINGS = ("pos_embed", "patch_embed", "cls_token", "mask_token", "storage_tokens")
 GROUP_KEYS = ("last_layer", "regularized", "lr_mult", "wd_mult")  # set at build time; a checkpoint does not change them
 FREEZE_MODES = ("skip", "zero_lr")  # optim.freeze_last_layer_mode
 
@@ -167,14 +168,18 @@ class DINOAdamW(torch.optim.AdamW):
     (state made lazily, lists rebuilt every step), and each group's multipliers are read from the
     group itself, never from its position.
 
-    freeze_mode: how the last-layer groups are frozen while last_layer_frozen is 1 (module docstring)."""
+    freeze_mode: how the last-layer groups are frozen while last_layer_frozen is 1 (module docstring).
+    beta2: Adam's second-moment decay (optim.adamw_beta2; torch's 0.999 by default, DINOv3's 7B: 0.99)."""
 
-    def __init__(self, groups: list[dict], static_state: bool = True, freeze_mode: str = "skip"):
+    def __init__(self, groups: list[dict], static_state: bool = True, freeze_mode: str = "skip",
+                 beta2: float = BETAS[1]):
         if freeze_mode not in FREEZE_MODES:
             raise ValueError(f"DINOAdamW: freeze_mode={freeze_mode!r} is not one of {list(FREEZE_MODES)}")
+        if not 0.0 < beta2 < 1.0:
+            raise ValueError(f"DINOAdamW: beta2 must be in (0, 1), got {beta2}")
         for g in groups:
             _set_group_keys(g)
-        super().__init__(groups, lr=0.0, betas=BETAS, eps=EPS, weight_decay=0.0, fused=True)
+        super().__init__(groups, lr=0.0, betas=(BETAS[0], beta2), eps=EPS, weight_decay=0.0, fused=True)
         self.static_state = static_state
         self.freeze_mode = freeze_mode
         self.inputs: tuple | None = None

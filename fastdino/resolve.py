@@ -124,10 +124,16 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
     m, ds = cfg.model, cfg.deepspeed.enabled
     spec = arch_spec(m.arch)
     dim, heads = spec["embed_dim"], spec["num_heads"]
-    seq = (cfg.data.global_crop_size // m.patch_size) ** 2 + 1 + m.num_register_tokens  # `auto` times the global crop
+    extra = 4 if m.arch.startswith("dinov3_") else m.num_register_tokens  # registers / DINOv3's storage tokens
+    seq = (cfg.data.global_crop_size // m.patch_size) ** 2 + 1 + extra  # `auto` times the global crop
     if ds and m.fused_head:
         raise ConfigError("config key 'model.fused_head': not supported with deepspeed.enabled yet "
                           "(set model.fused_head=false)")
+    if m.fused_head and device.type == "cuda" and cfg.train.precision == "fp32" \
+            and not torch.backends.cuda.matmul.allow_tf32:
+        raise ConfigError("config key 'model.fused_head': with train.precision=fp32 its kernels use IEEE fp32 dots, "
+                          "which spill 10-19 KB of registers per thread (~400x slower than bf16): use "
+                          "train.precision=bf16 or set model.fused_head=false")
     if cfg.train.compile_step and world_size > 1:
         raise ConfigError("config key 'train.compile_step': one process only (DDP's gradient hooks are not "
                           "traced); use model.compile")

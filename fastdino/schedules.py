@@ -1,15 +1,19 @@
 """Per-iteration schedules of the DINO recipe, as arrays indexed by the global step, and the device
 table the step reads them from.
 
-    lr           linear warmup from 0, then cosine to min_lr   (peak: `peak_lr`, optim.lr_scaling)
-    wd           cosine from weight_decay to weight_decay_end
-    momentum     cosine from momentum_teacher to 1             (teacher EMA)
+    lr           linear warmup from 0, then cosine to min_lr   (peak: `peak_lr`, optim.lr_scaling), or with
+                 optim.lr_schedule=constant the peak lr after the warmup (DINOv3)
+    wd           cosine from weight_decay to weight_decay_end (constant when equal)
+    momentum     cosine from momentum_teacher to momentum_teacher_end (1; constant when equal: DINOv3)
     teacher_temp linear warmup over warmup_teacher_temp_epochs, then constant; loss.teacher_temp_schedule:
                  per_epoch      one value per epoch (DINO: DINOLoss.teacher_temp_schedule, np.linspace over
                                 the warmup epochs)
                  per_iteration  one value per iteration (DINOv2: build_schedulers' CosineScheduler with
                                 warmup_iters = warmup epochs x iterations per epoch: np.linspace over the
                                 warmup iterations, its last one at teacher_temp)
+    gram_weight  0 before gram.start_epoch, then a half cosine from 0 to gram.weight over gram.ramp_epochs,
+                 then gram.weight (DINOv3's gram loss_weight_schedule: linear_warmup_cosine_decay with
+                 start = peak = 0 until the Gram phase, cosine to its end value, then constant)
     last_layer_frozen  1 while epoch < freeze_last_layer (the heads' last layers: no update, or lr 0 under
                  optim.freeze_last_layer_mode=zero_lr; fastdino/optim.py)
 Same arrays as the official `utils.cosine_scheduler` and DINOLoss.teacher_temp_schedule (DINO), and
@@ -19,7 +23,8 @@ counts its schedules in a fixed OFFICIAL_EPOCH_LENGTH of 1250 iterations instead
 The peak lr scales with the global batch B (`peak_lr`):
     linear_256   lr * B / 256           (DINO: main_dino.py's linear scaling rule)
     sqrt_1024    lr * sqrt(B / 1024)    (DINOv2: apply_scaling_rules_to_cfg, scaling_rule sqrt_wrt_1024)
-min_lr is absolute under both rules (neither official code scales it). Per-parameter-group lr and
+    sqrt_1024_x4 lr * 4 * sqrt(B / 1024) (DINOv3: build_schedulers_v2, scaling_rule sqrt_wrt_1024)
+min_lr is absolute under every rule (neither DINO nor DINOv2 scales it). Per-parameter-group lr and
 weight decay multipliers (layer-wise decay) are applied by the optimizer (fastdino/optim.py).
 
 The step never reads a Python float: before each step the training loop copies column `it` of
@@ -34,9 +39,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-HYPERPARAMS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_frozen")  # rows of the table
-LR, WD, MOMENTUM, TEACHER_TEMP, LAST_LAYER_FROZEN = range(len(HYPERPARAMS))
-LR_SCALING = ("linear_256", "sqrt_1024")
+HYPERPARAMS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_frozen", "gram_weight")  # rows of the table
+LR, WD, MOMENTUM, TEACHER_TEMP, LAST_LAYER_FROZEN, GRAM_WEIGHT = range(len(HYPERPARAMS))
+LR_SCALING = ("linear_256", "sqrt_1024", "sqrt_1024_x4")
+LR_SCHEDULES = ("cosine", "constant")
 TEACHER_TEMP_SCHEDULES = ("per_epoch", "per_iteration")
 
 
@@ -46,6 +52,8 @@ def peak_lr(lr: float, global_batch: int, rule: str = "linear_256") -> float:
         return lr * global_batch / 256.0
     if rule == "sqrt_1024":
         return lr * math.sqrt(global_batch / 1024.0)
+    if rule == "sqrt_1024_x4":  # DINOv3's build_schedulers_v2: lr_peak *= 4 * sqrt(B / 1024)
+        return lr * 4.0 * math.sqrt(global_batch / 1024.0)
     raise ValueError(f"peak_lr: unknown lr scaling rule {rule!r} (choose one of {list(LR_SCALING)})")
 
 
@@ -81,6 +89,16 @@ def teacher_temp_schedule_per_iteration(warmup_teacher_temp: float, teacher_temp
                            np.ones(max(epochs * niter_per_ep - warmup_iters, 0)) * teacher_temp))
 
 
+def gram_weight_schedule(weight: float, start_epoch: int, ramp_epochs: int, epochs: int,
+                         niter_per_ep: int) -> np.ndarray:
+    """Gram loss weight per iteration: 0 before start_epoch, then weight * (1 - cos(pi t)) / 2 with
+    t = (it - start) / ramp over ramp_epochs of iterations, then weight."""
+    its = np.arange(epochs * niter_per_ep)
+    start, ramp = start_epoch * niter_per_ep, ramp_epochs * niter_per_ep
+    t = np.clip((its - start) / max(ramp, 1), 0.0, 1.0) if ramp > 0 else (its >= start).astype(np.float64)
+    return np.where(its < start, 0.0, weight * 0.5 * (1.0 - np.cos(np.pi * t)))
+
+
 @dataclass
 class Schedules:
     lr: np.ndarray  # per iteration
@@ -90,6 +108,7 @@ class Schedules:
     freeze_last_layer: int  # epochs
     niter_per_ep: int
     teacher_temp_per_iteration: bool = False  # loss.teacher_temp_schedule == "per_iteration"
+    gram_weight: np.ndarray | None = None  # per iteration; None: no Gram anchoring (all 0)
 
     @classmethod
     def from_config(cls, cfg, global_batch: int, niter_per_ep: int) -> "Schedules":
@@ -106,15 +125,25 @@ class Schedules:
         else:
             teacher_temp = teacher_temp_schedule(lo.warmup_teacher_temp, lo.teacher_temp,
                                                  lo.warmup_teacher_temp_epochs, o.epochs)
+        lr_schedule = getattr(o, "lr_schedule", "cosine")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Schedules: unknown lr_schedule {lr_schedule!r} (choose one of {list(LR_SCHEDULES)})")
+        end_lr = peak if lr_schedule == "constant" else o.min_lr  # constant: the cosine from peak to peak
         return cls(
-            lr=cosine_scheduler(peak, o.min_lr, o.epochs, niter_per_ep, o.warmup_epochs),
+            lr=cosine_scheduler(peak, end_lr, o.epochs, niter_per_ep, o.warmup_epochs),
             wd=cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, niter_per_ep),
-            momentum=cosine_scheduler(o.momentum_teacher, 1.0, o.epochs, niter_per_ep),
+            momentum=cosine_scheduler(o.momentum_teacher, getattr(o, "momentum_teacher_end", 1.0), o.epochs,
+                                      niter_per_ep),
             teacher_temp=teacher_temp,
             freeze_last_layer=o.freeze_last_layer,
             niter_per_ep=niter_per_ep,
             teacher_temp_per_iteration=per_iteration,
+            gram_weight=(gram_weight_schedule(cfg.gram.weight, cfg.gram.start_epoch, cfg.gram.ramp_epochs, o.epochs,
+                                              niter_per_ep) if getattr(cfg, "gram", None) and cfg.gram.weight > 0 else None),
         )
+
+    def gram_weights(self, its: np.ndarray) -> np.ndarray:
+        return np.zeros(np.shape(its)) if self.gram_weight is None else self.gram_weight[its]
 
     def _teacher_temps(self, its: np.ndarray) -> np.ndarray:
         """The teacher temperature of steps `its` (the last entry past the end of the array)."""
@@ -124,14 +153,17 @@ class Schedules:
     def values(self, it: int) -> dict:
         """The hyper-parameters of step `it` as host floats (for the metrics log)."""
         epoch = it // self.niter_per_ep
-        return {"lr": float(self.lr[it]), "wd": float(self.wd[it]), "momentum": float(self.momentum[it]),
-                "teacher_temp": float(self._teacher_temps(np.array(it))),
-                "last_layer_frozen": float(epoch < self.freeze_last_layer)}
+        out = {"lr": float(self.lr[it]), "wd": float(self.wd[it]), "momentum": float(self.momentum[it]),
+               "teacher_temp": float(self._teacher_temps(np.array(it))),
+               "last_layer_frozen": float(epoch < self.freeze_last_layer)}
+        if self.gram_weight is not None:
+            out["gram_weight"] = float(self.gram_weight[it])
+        return out
 
     def table(self, device) -> torch.Tensor:
         """(len(HYPERPARAMS), total iterations) fp32 on `device`: column `it` is step it's values."""
         its = np.arange(len(self.lr))
         epochs = its // self.niter_per_ep
         rows = [self.lr, self.wd, self.momentum, self._teacher_temps(its),
-                (epochs < self.freeze_last_layer).astype(np.float64)]
+                (epochs < self.freeze_last_layer).astype(np.float64), self.gram_weights(its)]
         return torch.tensor(np.stack(rows), dtype=torch.float32).to(device)

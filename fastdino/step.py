@@ -2,6 +2,7 @@
 
     targets  <- teacher targets of the global crops (centering or Sinkhorn-Knopp; no grad), and with
                 iBOT masks those of the global crops' masked patch tokens (the teacher sees them unmasked)
+                and, with Gram anchoring, the Gram teacher's patch tokens of the Gram crops (no grad)
     loss     <- sum of the recipe's weighted terms on the student's outputs of all crops (the student
                 sees the masked patches as the mask token)
     student  <- backward, per-tensor clipping, AdamW (lr, wd schedules; last layer frozen early)
@@ -46,6 +47,8 @@ class StepState:
     world_size: int
     autocast_dtype: torch.dtype | None  # bf16 / fp16 forwards, None: fp32
     nonfinite_grads_are_bad: bool  # False under fp16 (an overflow is the grad scaler's business)
+    gram_teacher: nn.Module | None = None  # DINOv3 Gram anchoring (fastdino/gram.py): the last 2 crops are its own
+    gram_active: bool = False  # the loop turns it on at gram.start_epoch: the Gram teacher and term run
 
     def load_hyperparams(self, table: torch.Tensor, it: int) -> None:
         """Copy step `it`'s column of the schedule table into hp (device to device, no sync)."""
@@ -62,6 +65,8 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
     each term's value and the mean teacher entropy (read by the host on log steps only).
     `mark(phase)` is called as each phase ends (benchmarks/throughput.py records CUDA events there)."""
     hp, b = s.hp, s.backend
+    if s.gram_teacher is not None:  # the loader's last two crops are the Gram teacher's (data.gram_crop_size)
+        crops, gram_crops = crops[:-2], crops[-2:]
     device_type = crops[0].device.type
     autocast = torch.autocast(device_type, dtype=s.autocast_dtype or torch.float32,
                               enabled=s.autocast_dtype is not None)
@@ -80,6 +85,9 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
         targets["patch"], patch_stats = s.patch_targets(teacher["patch"], hp[TEACHER_TEMP], real)
         targets["patch_weights"] = masks.mask_weights
         patch_colsum = patch_stats.get("colsum", patch_colsum)
+    if s.gram_active:  # the Gram teacher's patch tokens of the same crops at its resolution, on the student grid
+        with torch.no_grad(), autocast:
+            targets["gram"] = s.gram_teacher(gram_crops)
     mark("teacher_forward")
 
     # ============ student forward and the loss terms (fp32) ============
@@ -87,8 +95,9 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
         student = b.student(crops) if masks is None else b.student(crops, masks)
     student = student if isinstance(student, dict) else {"cls": student}
     mark("student_forward")
-    values = {term.name: term(student, targets) for term in s.terms}
-    loss = sum(term.weight * values[term.name] for term in s.terms)
+    terms = [t for t in s.terms if s.gram_active or t.name != "gram"]
+    values = {term.name: term(student, targets) for term in terms}
+    loss = sum(weight(term, hp) * values[term.name] for term in terms)
     mark("loss")
 
     # ============ one all-reduce: the centers' column sums (centering) and the non-finite-loss flag ============
@@ -123,6 +132,12 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
     out = {"loss": loss.detach(), "teacher_entropy": teacher_stats["entropy"].float().mean()}
     out.update({name: value.detach() for name, value in values.items()})
     return out
+
+
+def weight(term: nn.Module, hp: torch.Tensor):
+    """A term's weight in the loss: its own, times its row of the schedule table if it has one (Gram)."""
+    row = getattr(term, "schedule_row", None)
+    return term.weight if row is None else hp[row] * term.weight
 
 
 def new_counters(device) -> torch.Tensor:

@@ -31,7 +31,8 @@ import torch.nn as nn
 from fastdino.checkpoint import CheckpointError, client_state, restore_client
 from fastdino.config import Config, ConfigError, load_config, split_cli_overrides
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
-from fastdino.losses import DINOTerm, IBOTTerm, KoLeoTerm
+from fastdino.gram import GramTeacher, gram_active, load_iterations
+from fastdino.losses import DINOTerm, GramTerm, IBOTTerm, KoLeoTerm
 from fastdino.monitor import CollapseMonitor, knn_holdout, online_knn
 from fastdino.preemption import Abort, Interrupted, StopControl
 from fastdino.resolve import Resolved, resolve
@@ -96,13 +97,16 @@ def build_models(cfg: Config, resolved: Resolved, device: torch.device) -> tuple
     def ibot_head():  # DINOv2's separate iBOT head: the DINO head's shape with its own prototypes
         if not ibot or m.ibot_head == "shared":
             return None
-        return DINOHead(dim, m.ibot_out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer)
+        return DINOHead(dim, m.ibot_out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
+                        last_layer=m.head_last_layer)
 
     student = MultiCropWrapper(student_backbone, DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head,
                                                          norm_last_layer=m.norm_last_layer,
-                                                         fused_last_layer=resolved.fused_head),
+                                                         fused_last_layer=resolved.fused_head,
+                                                         last_layer=m.head_last_layer),
                                packed=resolved.packed_multicrop, ibot_head=ibot_head())
-    teacher = MultiCropWrapper(teacher_backbone, DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head),
+    teacher = MultiCropWrapper(teacher_backbone, DINOHead(dim, m.out_dim, use_bn=m.use_bn_in_head,
+                                                         last_layer=m.head_last_layer),
                                ibot_head=ibot_head())
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())
@@ -147,7 +151,30 @@ def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,
     if lo.ibot_weight > 0:
         patch_targets = make_targets(cfg.model.ibot_out_dim if cfg.model.ibot_head == "separate" else cfg.model.out_dim)
         terms.append(IBOTTerm(2 * cfg.optim.batch_size_per_gpu, lo.student_temp, resolved.loss, weight=lo.ibot_weight))
+    if cfg.gram.weight > 0:
+        g = cfg.gram
+        terms.append(GramTerm(g.img_level, g.remove_neg, g.remove_only_teacher_neg, resolved.loss))
+        student.keep_patch_tokens = True  # the student also returns its global crops' patch tokens
     return targets, patch_targets, nn.ModuleList(terms)
+
+
+def build_gram_teacher(cfg: Config, teacher: nn.Module) -> GramTeacher | None:
+    """DINOv3 Gram anchoring (fastdino/gram.py): a frozen copy of the teacher's backbone, with the
+    weights of gram.teacher_checkpoint if given (else the EMA teacher's once gram.start_epoch comes)."""
+    if cfg.gram.weight <= 0:
+        return None
+    gram = GramTeacher.like(teacher.backbone, cfg.data.global_crop_size // cfg.model.patch_size)
+    if cfg.gram.teacher_checkpoint:
+        from fastdino.eval.common import backbone_state_dict, torch_load
+
+        try:
+            state, _ = backbone_state_dict(torch_load(cfg.gram.teacher_checkpoint), "teacher")
+            gram.load_backbone_(state)
+        except Exception as e:  # a missing key, a shape, not a checkpoint at all
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"config key 'gram.teacher_checkpoint': cannot load its teacher backbone into "
+                              f"{cfg.model.arch}: {what}") from None
+    return gram
 
 
 @dataclass
@@ -176,6 +203,7 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
     resolved = resolved or resolve(cfg, device, ctx.world_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student, teacher = build_models(cfg, resolved, device)
+    gram_teacher = build_gram_teacher(cfg, teacher)  # a plain copy, before any backend partitions the teacher
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank randomness (drop path) from here on
     if resolved.compile == "blocks":
         compile_blocks(student)
@@ -191,7 +219,7 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
                       hp=table[:, 0].clone(), counters=new_counters(device),
                       teacher_rows=2 * cfg.optim.batch_size_per_gpu * ctx.world_size, world_size=ctx.world_size,
                       autocast_dtype=resolved.autocast_dtype,
-                      nonfinite_grads_are_bad=resolved.precision != "fp16")
+                      nonfinite_grads_are_bad=resolved.precision != "fp16", gram_teacher=gram_teacher)
     step_fn = compile_step(train_step) if resolved.compile == "step" else train_step
     if ctx.is_main:
         log.info(resolved.line())
@@ -199,18 +227,56 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
 
 
 class MetricsLog:
-    """metrics.jsonl in the output folder: one JSON object per step, written on log steps."""
+    """metrics.jsonl in the output folder: one JSON object per step, written on log steps.
 
-    def __init__(self, path: str | None):
+    With `tensorboard_dir` (train.tensorboard=true, main rank only) every numeric field of each record
+    but "step" is also a TensorBoard scalar of the same name at global step = the record's "step"
+    (loss, lr, wd, momentum, teacher_temp, teacher_entropy, kl, images_per_s, knn_top1, ...), in
+    event files under OUTPUT_DIR/tensorboard/, flushed on log steps (`flush`). A resumed run
+    (`purge_step` = the checkpoint's step) logs the steps after the checkpoint again: it writes a new
+    event file that starts with a purge marker at that step, so TensorBoard drops the earlier run's
+    values from that step on and shows the later ones (as metrics.jsonl, see drop_metrics_from)."""
+
+    def __init__(self, path: str | None, tensorboard_dir: str | None = None, purge_step: int | None = None):
         self.file = open(path, "a", buffering=1) if path else None
+        self.tensorboard = None
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # checked at startup: require_tensorboard
+
+            self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=purge_step, flush_secs=3600)
 
     def write(self, record: dict) -> None:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            for tag, value in record.items():
+                if tag != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(tag, value, global_step=record["step"])
+
+    def flush(self) -> None:
+        """End of a log step: the event files are on disk (metrics.jsonl is line-buffered)."""
+        if self.tensorboard:
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.file:
             self.file.close()
+            self.file = None
+        if self.tensorboard:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def require_tensorboard(cfg: Config) -> None:
+    """train.tensorboard=true without the tensorboard package stops the run before anything is built."""
+    if not cfg.train.tensorboard:
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"config key 'train.tensorboard': true needs the tensorboard package ({why}): "
+                          "pip install tensorboard (or set train.tensorboard=false)") from None
 
 
 def write_config(cfg: Config, resolved: Resolved) -> None:
@@ -239,7 +305,8 @@ def _resume(run: Run, resume: str) -> tuple[int, int, int]:
                     run.backend.checkpoint_path(cfg.train.output_dir))
         return 0, 0, 0
     path = ckpt.get("path", resume if resume != "auto" else run.backend.checkpoint_path(cfg.train.output_dir))
-    epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path, run.ctx.rank, run.state.patch_targets)
+    epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path, run.ctx.rank, run.state.patch_targets,
+                                              run.state.gram_teacher)
     run.state.counters[STEP] = it
     if run.ctx.is_main:
         log.info("resumed from %s at epoch %d, step %d", path, epoch, it)
@@ -266,6 +333,7 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
 
     device = ctx.device
     check_output_dir(cfg.train.output_dir)
+    require_tensorboard(cfg)  # every rank: a missing package stops all of them, before any work
     resolved = resolve(cfg, device, ctx.world_size)
 
     # ============ data ============
@@ -290,7 +358,9 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     metrics_path = os.path.join(cfg.train.output_dir, "metrics.jsonl")
     if ctx.is_main and args.resume is not None:
         drop_metrics_from(metrics_path, start[2])  # the steps after the checkpoint are logged again
-    metrics = MetricsLog(metrics_path if ctx.is_main else None)
+    tensorboard_dir = os.path.join(cfg.train.output_dir, "tensorboard") if cfg.train.tensorboard else None
+    metrics = MetricsLog(metrics_path if ctx.is_main else None, tensorboard_dir if ctx.is_main else None,
+                         purge_step=start[2] if args.resume is not None else None)
     progress = None
     try:
         with StopControl(ctx.world_size, ctx.is_main, cfg.train.checkpoint_minutes) as control:
@@ -332,6 +402,7 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
     monitor = CollapseMonitor(cfg.model.out_dim, targets=cfg.loss.targets)  # warns when entropy -> 0 or ln K, or KL -> 0
     knn_sets = (knn_holdout(cfg.data.path, cfg.train.knn_holdout_per_class, seed=cfg.train.seed)
                 if cfg.train.knn_every > 0 else None)
+    gram_loads = set(load_iterations(cfg.gram, steps_per_epoch, cfg.optim.epochs))  # Gram teacher <- EMA teacher
     images_per_step = cfg.optim.batch_size_per_gpu * ctx.world_size
     pending: list[tuple[int, int, dict]] = []  # (step, epoch, step outputs) not yet read by the host
     last_log_time, last_log_step = time.perf_counter(), it
@@ -357,6 +428,12 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
         for step_in_epoch, batch in enumerate(loader.epoch(epoch, start_step=first_step), start=first_step):
             crops, masks = batch if loader.masking is not None else (batch, None)  # iBOT: (crops, MaskBatch)
             state.load_hyperparams(run.table, it)
+            if state.gram_teacher is not None:  # Gram anchoring: take the EMA teacher when due, run from the start epoch
+                if it in gram_loads:
+                    state.gram_teacher.load_backbone_(run.backend.teacher_backbone_state())
+                    if ctx.is_main:
+                        log.info("step %d: the Gram teacher takes the EMA teacher's weights", it)
+                state.gram_active = gram_active(cfg.gram, it, steps_per_epoch)
             pending.append((it, epoch, run.step_fn(state, crops, masks)))
             it += 1
             if it % cfg.train.log_every == 0 or it == total_steps:  # ============ logging ============
@@ -373,7 +450,7 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
                 next_epoch, next_step = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)
                 keep = end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0
                 run.backend.save(client_state(state.targets, next_epoch, next_step, it, cfg, run.resolved,
-                                              state.patch_targets),
+                                              state.patch_targets, state.gram_teacher),
                                  cfg.train.output_dir, keep_as=f"checkpoint{epoch:04d}.pth" if keep else None)
                 control.checkpointed()
             if stop:
@@ -387,6 +464,7 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
                                       image_size=cfg.data.global_crop_size)
                     if ctx.is_main:
                         metrics.write({"step": it - 1, "epoch": epoch, "knn_top1": top1})
+                        metrics.flush()
                         log.info("epoch %d: online k-NN top-1 of the teacher %.2f%%", epoch, top1)
             if done:
                 break
@@ -442,6 +520,7 @@ def _log_pending(run: Run, pending: list, metrics: MetricsLog, monitor: Collapse
             if warning and run.ctx.is_main:
                 log.warning(warning)
         metrics.write(record)
+    metrics.flush()
     return losses, last
 
 

@@ -184,6 +184,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+# fp32 features with IEEE fp32 dots (TF32 off, PyTorch's default for matmuls) are refused on a GPU: the
+# forward and dX kernels compile with 10-19 KB of ptxas spill stack per thread at 32 registers on
+# sm_80 and sm_90a (tests/kernels/test_linear_soft_cross_entropy.py reports it), which is where the
+# 116 ms the H100 measured (vs 0.3 ms in bf16) goes. bf16 (the training precision) and fp32 with TF32
+# compile with at most a few hundred bytes of spills.
+FP32_IEEE_REFUSED = ("linear_soft_cross_entropy: fp32 features with IEEE fp32 dots (torch.backends.cuda.matmul."
+                     "allow_tf32 is False) compile to kernels that spill 10-19 KB of registers per thread "
+                     "(~400x slower than bf16): use bf16, allow TF32, or the unfused head")
+
+
 # Launch table per element size of X and W: kind -> (BLOCK_K, num_warps, num_stages, max BLOCK_B), for
 # BLOCK_D <= 256, from the H100 runs of the former fused head (which read bf16 teacher logits where
 # the fp32 targets are now read). Shared memory holds the W tile (BLOCK_K, BLOCK_D), the X tile
@@ -349,6 +359,8 @@ def linear_soft_cross_entropy(feats, weight, targets, n_views, student_temp, imp
     if impl == "torch":
         return linear_soft_cross_entropy_ref(feats, weight, targets, n_views, student_temp)
     check_runnable(feats, "linear_soft_cross_entropy")
+    if feats.is_cuda and _dot_precision(feats.dtype) == "ieee" and feats.dtype == torch.float32:
+        raise ValueError(FP32_IEEE_REFUSED)
     loss, _ = linear_soft_cross_entropy_op(feats, weight, targets.detach(), n_views, float(student_temp),
                                            block_b, block_k)
     return loss

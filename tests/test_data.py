@@ -369,7 +369,7 @@ def test_gram_teacher_crops_are_the_global_boxes_undistorted(demo):
     src = ImageSource(demo)
     idx = loader.sampler.indices(1, 0)
     for j in range(2):
-        spec, glob = ref.specs[5 + j], ref.specs[j]
+        spec = ref.specs[5 + j]
         assert spec.key == j and not spec.distort and spec.size == 64
         for b, i in enumerate(idx):
             img = Image.open(io.BytesIO(src.read(int(i)))).convert("RGB")

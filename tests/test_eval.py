@@ -278,7 +278,42 @@ def test_knn_and_linear_cli(tmp_path, capsys):
     lin = linear.main(args + ["--epochs", "3", "--lr", "0.1"])
     assert lin["n_last_blocks"] == 4 and 0.0 <= lin["last_top1"] <= 100.0
     assert (out / "linear-random.json").exists()
-    assert "top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "top-5" not in printed  # 3 classes: top-5 is 100% by construction
+    assert all("top5" not in r for r in rep["results"].values()) and "top5" not in saved["results"]["3"]
+
+
+def test_knn_reports_top5_only_with_more_than_5_classes(tmp_path, capsys):
+    g = torch.Generator().manual_seed(5)
+    for classes, has_top5 in ((7, True), (6, True), (5, False), (3, False)):
+        x, y = torch.randn(60, 8, generator=g), torch.arange(60) % classes
+        res = knn.knn_evaluate(x[:40], y[:40], x[40:], y[40:], ks=(40,), num_classes=classes)[40]
+        assert ("top5" in res) == has_top5, classes
+        if has_top5:  # k = the whole bank: every class has votes, no ties at the 5th place
+            ref = knn.knn_scores_ref(F.normalize(x[:40], dim=1), y[:40], F.normalize(x[40:], dim=1), 40, 0.07, classes)
+            hits = [bool((ref[i].argsort(descending=True)[:5] == y[40 + i]).any()) for i in range(20)]
+            assert res["top5"] == pytest.approx(100.0 * sum(hits) / 20) and res["top5"] < 100.0
+    root = tmp_path / "six"  # the command: a top-5 column with 6 classes
+    for c in range(6):
+        os.makedirs(root / f"c{c}")
+        for i in range(3):
+            Image.fromarray(np.full((16, 16, 3), 40 * c + 5 * i, np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    rep = knn.main(["--random_init", "--arch", "vit_tiny", "--depth", "1", "--data_path", str(root), "--image_size",
+                    "16", "--num_workers", "0", "--output_dir", str(tmp_path / "out"), "--device", DEVICE,
+                    "--nb_knn", "5"])
+    assert "top5" in rep["results"]["5"] and "| top-5 (%) |" in capsys.readouterr().out
+
+
+def test_eval_workers_default_to_min_4_and_the_cpus(monkeypatch):
+    argv = ["--random_init", "--arch", "vit_tiny", "--data_path", "unused"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # a 2-core machine
+    assert knn.parse_args(argv).num_workers == 2 and linear.parse_args(argv).num_workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert knn.parse_args(argv).num_workers == 4
+    assert knn.parse_args(argv + ["--num_workers", "7"]).num_workers == 7  # an explicit value wins
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # no affinity API (macOS): cpu_count
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert common.default_num_workers() == 3
 
 
 def _corrupt(path) -> str:
@@ -322,7 +357,7 @@ def test_attention_cli_writes_pngs_and_jaccard(tmp_path):
     out = tmp_path / "attn"
     rep = attention.main(["--random_init", "--arch", "vit_tiny", "--images", str(tmp_path / "a.png"),
                           "--masks", str(tmp_path / "a_gt.png"), "--image_size", "48", "--output_dir", str(out),
-                          "--device", DEVICE])
+                          "--device", DEVICE, "--per_image"])
     files = set(os.listdir(out / "a"))
     for h in ("head0", "head1", "head2", "mean"):
         assert {f"attn-{h}.png", f"mask-{h}.png", f"overlay-{h}.png"} <= files
@@ -334,6 +369,61 @@ def test_attention_cli_writes_pngs_and_jaccard(tmp_path):
     assert json.loads((out / "attention.json").read_text())["mean"]["best"] == pytest.approx(j["best"])
     gt = attention.load_gt_mask(str(tmp_path / "a_gt.png"), 48, 16)
     assert gt.shape == (48, 64) and gt.sum() == 32 * 32
+
+
+def test_attention_summary_grid_max_images_and_per_image(tmp_path, capsys):
+    """Five images, --max_images 3: the first three in sorted order, one line saying 2 were skipped, one
+    labelled grid (a header band of column labels with the heads' colours; per image a name strip and
+    image | 3 heads | mean mask | overlay, each fitted to a cell) and no per-image files; --per_image
+    adds each image's 14 PNGs; --mask_dir needs masks only for the processed images."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = [(32, 32), (48, 32), (32, 64), (32, 32), (32, 32)]  # (w, h)
+    for i, (w, h) in enumerate(sizes):
+        arr = np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"im{4 - i}.png")  # written in reverse: the order is the sort's
+    out, cell = tmp_path / "attn", 40
+    base = ["--random_init", "--arch", "vit_tiny", "--depth", "2", "--images", str(folder), "--image_size", "32",
+            "--cell_size", str(cell), "--device", DEVICE]
+    rep = attention.main(base + ["--max_images", "3", "--output_dir", str(out)])
+    assert "first 3 of 5 images" in capsys.readouterr().out and rep["skipped_images"] == 2
+    assert list(rep["images"]) == ["im0", "im1", "im2"] and rep["grid"] == str(out / "attention_grid.png")
+    assert sorted(os.listdir(out)) == ["attention.json", "attention_grid.png"]  # no per-image files
+    cols = 3 + 3  # image, 3 heads (vit_tiny), mean mask, overlay
+    with Image.open(out / "attention_grid.png") as im:
+        grid = np.asarray(im.convert("RGB")).astype(int)
+    assert grid.shape == (attention.GRID_HEADER + 3 * (attention.GRID_NAME + cell) + 2 * attention.GRID_GAP,
+                          cols * cell + (cols - 1) * attention.GRID_GAP, 3)
+    header = grid[:attention.GRID_HEADER]
+    for c in range(cols):  # a label in every column of the header band
+        x = c * (cell + attention.GRID_GAP)
+        assert (header[:, x:x + cell].sum(-1) < 200).any(), f"no label over column {c}"
+    for h in range(3):  # each head's label carries its overlay colour
+        x = (1 + h) * (cell + attention.GRID_GAP)
+        assert tuple(header[9, x + 4]) == attention._HEAD_COLORS[h]
+    # row 0 (im0, 32x32: 2x2 patches): the mean-mask column is the head-averaged map's mask
+    y0 = attention.GRID_HEADER + attention.GRID_NAME
+    mask_cell = grid[y0:y0 + cell, 4 * (cell + attention.GRID_GAP):][:, :cell]
+    assert set(np.unique(mask_cell)) <= {0, 255}
+    kept = rep["images"]["im0"]["kept_fraction_of_patches"][-1]
+    assert (mask_cell[..., 0] == 255).mean() == pytest.approx(kept)
+    # row 2 (im2, 32x64 after resizing, 2x4 patches): fitted to the cell, aspect kept, white beside it
+    y2 = y0 + 2 * (attention.GRID_NAME + cell + attention.GRID_GAP)
+    image_cell = grid[y2:y2 + cell, :cell]
+    assert (image_cell[:, cell // 2:] == 255).all() and not (image_cell[:, :cell // 2] == 255).all()
+
+    masks = tmp_path / "gt"
+    masks.mkdir()
+    for name in ("im0", "im1"):  # none for im2..im4: not processed with --max_images 2
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(masks / f"{name}.png")
+    out2 = tmp_path / "attn2"
+    rep = attention.main(base + ["--max_images", "2", "--per_image", "--mask_dir", str(masks),
+                                 "--output_dir", str(out2)])
+    assert sorted(os.listdir(out2)) == ["attention.json", "attention_grid.png", "im0", "im1"]
+    assert all(len(os.listdir(out2 / n)) == 14 for n in ("im0", "im1"))  # img, grid, 3 kinds x (3 heads + mean)
+    assert rep["mean"]["best"] >= 0 and rep["skipped_images"] == 3
+    with pytest.raises(EvalError, match="max_images"):
+        attention.main(base + ["--max_images", "0"])
 
 
 # ------------------------------------------------------------------------------------------------

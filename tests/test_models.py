@@ -1,5 +1,6 @@
 """ViT / DINOHead / MultiCropWrapper: checkpoint layout, reference equality, packed == unpacked,
 drop path, activation checkpointing, the official evaluation API."""
+import copy
 import math
 
 import pytest
@@ -260,6 +261,33 @@ def test_dino_head_weight_g_trainable_and_bn_layout():
     w = head.last_layer.weight()
     assert torch.allclose(w.norm(dim=1, keepdim=True), head.last_layer.weight_g, atol=1e-5)
     assert isinstance(DINOHead(8, 4, nlayers=1).mlp, torch.nn.Linear)
+
+
+def test_dino_head_plain_last_layer_and_fused_term():
+    """DINOv3's head (last_layer="plain"): the official keys (last_layer.weight, no weight norm), logits
+    z W^T; the DINO term with the last layer fused applies the same weight (loss and gradients equal
+    to the unfused head's)."""
+    from fastdino.losses.dino import DINOTerm
+
+    torch.manual_seed(0)
+    head = DINOHead(48, 30, hidden_dim=64, bottleneck_dim=16, last_layer="plain").double()
+    assert list(head.state_dict())[-1] == "last_layer.weight" and head.last_layer.bias is None
+    assert 0.015 < head.last_layer.weight.std().item() < 0.025  # trunc_normal(0.02)
+    x = torch.randn(12, 48, dtype=torch.float64)
+    z = head.forward_bottleneck(x)
+    assert torch.allclose(head(x), z @ head.last_layer.weight.T)
+    q = torch.softmax(torch.randn(4, 30, dtype=torch.float64), dim=1)  # 2 global crops of B = 2
+    fused_head = copy.deepcopy(head)
+    fused_head.fused_last_layer = True
+    plain = DINOTerm(6, 0.1, "reference")
+    fused = DINOTerm(6, 0.1, "reference", head=fused_head, matmul_dtype=torch.float64)
+    a = plain({"cls": head(x)}, {"cls": q})
+    b = fused({"cls": fused_head(x)}, {"cls": q})
+    a.backward(), b.backward()
+    assert torch.allclose(a, b)
+    assert torch.allclose(head.last_layer.weight.grad, fused_head.last_layer.weight.grad)
+    with pytest.raises(ValueError, match="last_layer"):
+        DINOHead(8, 4, last_layer="cosine")
 
 
 # ---- builders ------------------------------------------------------------------------------------

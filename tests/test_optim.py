@@ -316,6 +316,45 @@ def test_lr_scaling_rules():
         assert np.array_equal(sch.lr, cosine_scheduler(peak_lr(4e-3, 512, rule), 1e-6, 5, 10, 1))
 
 
+def test_dinov3_schedule_options():
+    """DINOv3's schedules v2: lr peak scaled by 4*sqrt(B/1024) (sqrt_1024_x4), linear warmup then the
+    peak to the end (lr_schedule=constant), constant weight decay and teacher momentum (end = start)."""
+    assert peak_lr(5e-5, 4096, "sqrt_1024_x4") == pytest.approx(5e-5 * 4 * 2)
+    cfg = load_config(None, ["optim.lr=5e-5", "optim.lr_scaling=sqrt_1024_x4", "optim.lr_schedule=constant",
+                             "optim.epochs=5", "optim.warmup_epochs=2", "optim.weight_decay=0.04",
+                             "optim.weight_decay_end=0.04", "optim.momentum_teacher=0.994",
+                             "optim.momentum_teacher_end=0.994"])
+    sch = Schedules.from_config(cfg, global_batch=256, niter_per_ep=10)
+    peak = 5e-5 * 4 * math.sqrt(256 / 1024)
+    np.testing.assert_allclose(sch.lr[:20], np.linspace(0, peak, 20), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(sch.lr[20:], peak, rtol=1e-12)
+    np.testing.assert_allclose(sch.wd, 0.04, rtol=1e-12)
+    np.testing.assert_allclose(sch.momentum, 0.994, rtol=1e-12)
+    default = Schedules.from_config(load_config(None, ["optim.epochs=5", "optim.warmup_epochs=1"]), 256, 10)
+    assert default.momentum[0] == 0.996 and default.momentum[-1] > 0.9999  # DINO: cosine to 1
+
+
+def test_adamw_beta2_matches_torch():
+    """optim.adamw_beta2 (DINOv3's 7B recipe: 0.99): three steps equal torch's AdamW with betas (0.9, 0.99)."""
+    ours, ref = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    ref.load_state_dict(ours.state_dict())
+    opt = DINOAdamW([{"params": list(ours.parameters()), "regularized": True}], beta2=0.99)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.05, foreach=False)
+    for it in range(3):
+        g = torch.Generator().manual_seed(it)
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.set_inputs(torch.tensor(1e-2), torch.tensor(0.05), torch.tensor(0.0), torch.tensor(0.0))
+        opt.step()
+        torch_opt.step()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="beta2"):
+        DINOAdamW([{"params": [torch.nn.Parameter(torch.ones(2))]}], beta2=1.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # the local backend: build from the config, eager and compiled steps
 # ------------------------------------------------------------------------------------------------

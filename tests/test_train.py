@@ -515,3 +515,53 @@ def test_dinov2_ibot_ddp_equals_one_process_and_resume_is_exact(data_dir, tmp_pa
     b = load(ddp)
     assert a["step"] == b["step"] == 3
     assert_states_equal(a, b, exact=False, atol=2e-5)
+
+
+def _tensorboard_scalars(logdir):
+    """{(tag, step): value} as TensorBoard shows them (its purge rules applied across event files)."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    acc = EventAccumulator(logdir, size_guidance={SCALARS: 0})  # 0: keep every event
+    acc.Reload()
+    return {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(tmp_path):
+    """train.tensorboard=true: every numeric field of every metrics.jsonl record (online k-NN included)
+    is a TensorBoard scalar at the record's step, with its value. A resume from the epoch-0 checkpoint
+    (step 2) with another lr logs step 2 again: metrics.jsonl keeps the new record, and so does
+    TensorBoard (a second event file; the first run's steps >= 2 are purged)."""
+    from fastdino.data import generate_demo_dataset
+
+    data = str(tmp_path / "data")
+    generate_demo_dataset(data, num_images=16, num_classes=3, image_size=40, seed=0)  # 2 steps per epoch
+    out, logdir = str(tmp_path / "run"), str(tmp_path / "run" / "tensorboard")
+    common = ["--train.tensorboard=true", "--train.max_steps=3", "--train.saveckp_freq=1", "--train.knn_every=1",
+              "--train.knn_holdout_per_class=4", "--optim.warmup_epochs=2"]
+    run_in_process(tiny(data, out, *common))
+    first = _tensorboard_scalars(logdir)
+    run_in_process(tiny(data, out, *common, "--optim.lr=0.002", "--resume", os.path.join(out, "checkpoint0000.pth")))
+    assert len([f for f in os.listdir(logdir) if f.startswith("events.out.tfevents")]) == 2
+    expected = {}
+    for record in map(json.loads, open(os.path.join(out, "metrics.jsonl"))):
+        for tag, value in record.items():
+            if tag != "step":
+                assert expected.get((tag, record["step"]), value) == value, (tag, record["step"])  # once
+                expected[(tag, record["step"])] = value
+    got = _tensorboard_scalars(logdir)
+    assert got.keys() == expected.keys()
+    assert {"loss", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "kl", "images_per_s",
+            "knn_top1", "epoch"} <= {tag for tag, _ in got}
+    assert sorted(s for t, s in got if t == "loss") == [0, 1, 2] and ("knn_top1", 1) in got
+    for key, value in expected.items():  # TensorBoard stores float32
+        assert got[key] == pytest.approx(value, rel=2 ** -23, abs=1e-38), key
+    assert got[("lr", 2)] == pytest.approx(4 * first[("lr", 2)], rel=1e-6)  # the resumed run's value (lr x 4)
+    assert got[("lr", 1)] == first[("lr", 1)] and ("knn_top1", 1) in first
+
+
+def test_tensorboard_missing_stops_at_startup(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    out = tmp_path / "run"
+    err = _one_line_error(tiny(data_dir, str(out), "--train.tensorboard=true"), capsys)
+    assert "train.tensorboard" in err and "pip install tensorboard" in err
+    assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()  # before any work

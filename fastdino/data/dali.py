@@ -63,7 +63,7 @@ def host_params(specs, seed: int, epoch: int, indices: np.ndarray, widths: np.nd
     Returns {'roi_start{c}', 'roi_end{c}': float32 [B, 2] (y, x; a flipped crop has its x bounds
     swapped) for each crop c, 'photometric': per size group, a dict of CPU tensors [F*B] in crop-major
     order (as augment.stack_params; 'order' [F*B, 4])}."""
-    B, C = len(indices), len(specs)
+    B = len(indices)
     u = uniforms(seed, epoch, np.asarray(indices)[:, None], draw_keys(specs)[None, :])  # [B, C, draws]
     p = photometric_params(u, np.array([s.p_blur for s in specs]), np.array([s.p_solarize for s in specs]))
     distort = np.array([s.distort for s in specs])

@@ -209,7 +209,13 @@ def _safe_globals() -> list:
 
 def torch_load(path: str) -> object:
     """torch.load on CPU with safe unpickling (weights_only) extended to what DINO checkpoints hold;
-    other files fall back to full unpickling with a note (load only checkpoints you trust)."""
+    other files fall back to full unpickling with a note (load only checkpoints you trust).
+    A .safetensors file, or a folder holding model.safetensors (`python -m fastdino.export --format
+    safetensors`), is read as a plain state dict."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.safetensors")):
+        path = os.path.join(path, "model.safetensors")
+    if path.endswith(".safetensors"):
+        return _safetensors_load(path)
     if os.path.isdir(path):
         raise EvalError(f"checkpoint '{path}' is a folder (a DeepSpeed checkpoint?): pass a .pth file: "
                         "OUTPUT_DIR/checkpoint.pth, or under DeepSpeed OUTPUT_DIR/consolidated.pth or teacher_backbone.pth")
@@ -226,6 +232,20 @@ def torch_load(path: str) -> object:
         print(f"note: '{path}' needed full unpickling ({type(safe_error).__name__}); load only "
               "checkpoints you trust", file=sys.stderr)
         return obj
+
+
+def _safetensors_load(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise EvalError(f"checkpoint '{path}' does not exist")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise EvalError(f"checkpoint '{path}': reading .safetensors needs the safetensors package "
+                        "(pip install safetensors)") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise EvalError(f"checkpoint '{path}' cannot be loaded: {type(e).__name__}: {e}") from None
 
 
 def _is_state_dict(obj) -> bool:
@@ -347,6 +367,31 @@ def build_vit(arch: str, patch_size: int, depth: int = 0, dinov2: dict | None = 
     return getattr(models, arch)(patch_size=patch_size, depth=depth, drop_path_rate=0.0)
 
 
+def dinov3_backbone(state_dict: dict, depth: int) -> torch.nn.Module | None:
+    """The DINOv3 backbone (fastdino/models/dinov3.py) a state dict holds, built with its options
+    (storage tokens, qkv bias and its key mask, LayerScale, untied norms, SwiGLU), or None when the
+    state dict is not DINOv3's (no RoPE periods and no storage tokens)."""
+    from fastdino.models import DINOV3_ARCHS
+    from fastdino.models.dinov3 import DINOV3_HUB
+
+    sd = state_dict
+    if not ("rope_embed.periods" in sd or "storage_tokens" in sd):
+        return None
+    dim = int(sd["patch_embed.proj.weight"].shape[0])
+    swiglu = "blocks.0.mlp.w1.weight" in sd
+    names = [n for n, (d, *_, ffn, _extra) in DINOV3_HUB.items() if d == dim and (ffn != "mlp") == swiglu]
+    if not names:
+        raise EvalError(f"cannot infer the DINOv3 arch of embed_dim={dim} ({'SwiGLU' if swiglu else 'MLP'} FFN)")
+    model = DINOV3_ARCHS[names[0]](
+        depth=depth, drop_path_rate=0.0,
+        n_storage_tokens=int(sd["storage_tokens"].shape[1]) if "storage_tokens" in sd else 0,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, mask_k_bias="blocks.0.attn.qkv.bias_mask" in sd,
+        layerscale_init=1e-5 if "blocks.0.ls1.gamma" in sd else None,
+        untie_cls_and_patch_norms="cls_norm.weight" in sd, untie_global_and_local_cls_norm="local_cls_norm.weight" in sd)
+    model.arch = names[0]
+    return model
+
+
 def load_backbone(path: str | None, which: str = "teacher", arch: str | None = None,
                   patch_size: int | None = None, device="cpu", depth: int | None = None) -> torch.nn.Module:
     """A frozen ViT backbone in eval mode. `path=None` gives the random initialization of `arch`
@@ -361,6 +406,16 @@ def load_backbone(path: str | None, which: str = "teacher", arch: str | None = N
             model = build_vit(arch, patch_size, depth or 0)
     else:
         sd, meta = backbone_state_dict(torch_load(path), which)
+        v3 = dinov3_backbone(sd, infer_depth(sd))
+        if v3 is not None:  # RoPE: no position embedding to resize, any input size
+            try:
+                v3.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise EvalError(f"checkpoint '{path}' ({which}) does not match {v3.arch}: "
+                                f"{str(e).strip().splitlines()[0]}") from None
+            v3.eval().requires_grad_(False)
+            v3.patch_size = 16
+            return v3.to(device)
         arch_sd, patch_sd = infer_arch(sd)
         depth_sd = infer_depth(sd)
         if depth is not None and depth != depth_sd:
@@ -404,6 +459,15 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
 
 
+def default_num_workers(cap: int = 4) -> int:
+    """min(cap, CPUs this process may run on): no more loader workers than cores (torch warns)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cap, cpus)
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_path", default=None, help="one labeled folder (class sub-folders), split into train/val")
     parser.add_argument("--val_fraction", type=float, default=0.2, help="val share per class with --data_path")
@@ -411,7 +475,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val_path", default=None, help="labeled val folder (with --train_path)")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=128, help="images per feature-extraction batch")
-    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--num_workers", type=int, default=default_num_workers(),
+                        help="image-decoding workers (default: min(4, CPUs available to this process))")
     parser.add_argument("--output_dir", default=None, help="default: <checkpoint dir>/eval")
     parser.add_argument("--no_cache", action="store_true", help="recompute the features (default: cached)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (and of training)")
@@ -595,9 +660,39 @@ def save_report(report: dict, out_dir: str, name: str) -> str:
     return path
 
 
-def run_cli(main) -> None:
-    """Entry point of an evaluation command: bad input ends with one line, not a traceback."""
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def prepare(img, image_size: int, patch_size: int, resample=None):
+    """Resize the shorter side to image_size, center-crop both sides to multiples of the patch."""
+    img = resize_shorter(img, image_size, resample)
+    w, h = img.size
+    return center_crop(img, w - w % patch_size, h - h % patch_size)
+
+
+def list_images(items) -> list[str]:
+    """The image files named by `items` (files, or folders walked in sorted order); one-line errors."""
+    out = []
+    for item in items:
+        if os.path.isdir(item):
+            for d, _, files in sorted(os.walk(item)):
+                out += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            raise EvalError(f"image '{item}' does not exist")
+    if not out:
+        raise EvalError(f"no images found in {list(items)}")
+    return out
+
+
+def run_cli(main, *args) -> int:
+    """Entry point of an evaluation / export command: main(*args); bad input ends with one line on
+    stderr, `fastdino: error: ...` (as fastdino/train.py's), not a traceback. Returns the exit status
+    (0, or 2 as argparse's errors)."""
     try:
-        main()
+        main(*args)
     except EvalError as e:
-        sys.exit(f"error: {e}")
+        print(f"fastdino: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -3,7 +3,8 @@
     f       = [CLS] after the final norm, L2-normalized           (bank: train set, queries: val set)
     s_j     = <f_query, f_j>                                       cosine similarity to bank item j
     score_c = sum over the k most similar j with label c of exp(s_j / T),   T = 0.07
-    prediction = argmax_c score_c (top-5: the 5 largest scores)
+    prediction = argmax_c score_c (top-5: the 5 largest scores; reported only with more than 5
+                 classes, where it is not 100% by construction)
 
 `knn_scores_ref` is the brute-force reference (one query at a time, float64, full sort).
 `knn_scores` is the batched version: queries in chunks, the bank in chunks with a running top-k
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -104,7 +106,8 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> list[fl
 
 def knn_evaluate(train_features, train_labels, test_features, test_labels, ks=DEFAULT_KS, temperature=0.07,
                  num_classes=None, device=None, **chunks) -> dict[int, dict]:
-    """{k: {"top1", "top5", "k_used"}} with features L2-normalized here."""
+    """{k: {"top1", "top5", "k_used"}} with features L2-normalized here; "top5" only with more than
+    5 classes (with 5 or fewer every label is among the top 5)."""
     train_features = F.normalize(train_features.float(), dim=1)
     test_features = F.normalize(test_features.float(), dim=1)
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
@@ -113,6 +116,8 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, ks=DE
     for k, s in scores.items():
         top1, top5 = accuracy(s, test_labels)
         out[k] = {"top1": top1, "top5": top5, "k_used": min(k, train_features.shape[0])}
+        if num_classes <= 5:
+            del out[k]["top5"]
     return out
 
 
@@ -148,10 +153,12 @@ def main(argv=None) -> dict:
     what = f"random-init {model.arch}/{model.patch_size}" if args.random_init else f"{args.checkpoint} ({args.which})"
     print(f"k-NN on {what}: bank {len(train)} images, {len(val)} queries, {len(classes)} classes, "
           f"T={args.temperature}; features {t_feat:.1f}s, k-NN {t_knn:.2f}s")
-    print("|   k | top-1 (%) | top-5 (%) |\n|----:|----------:|----------:|")
+    top5 = len(classes) > 5  # with 5 classes or fewer top-5 is 100% by construction: no column
+    print("|   k | top-1 (%) |" + (" top-5 (%) |" if top5 else ""))
+    print("|----:|----------:|" + ("----------:|" if top5 else ""))
     for k, r in results.items():
         note = f"  (k clipped to {r['k_used']})" if r["k_used"] != k else ""
-        print(f"| {k:3d} | {r['top1']:9.2f} | {r['top5']:9.2f} |{note}")
+        print(f"| {k:3d} | {r['top1']:9.2f} |" + (f" {r['top5']:9.2f} |" if top5 else "") + note)
     report = {"checkpoint": None if args.random_init else os.path.abspath(args.checkpoint),
               "which": None if args.random_init else args.which, "random_init": args.random_init,
               "arch": model.arch, "patch_size": model.patch_size, "depth": model.depth, "temperature": args.temperature,
@@ -163,4 +170,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    sys.exit(run_cli(main))

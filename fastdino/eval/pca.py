@@ -36,9 +36,8 @@ import sys
 import torch
 
 from fastdino.data.folder import Unreadable
-from fastdino.eval.attention import _list_images, prepare
-from fastdino.eval.common import (EvalError, UnreadableImage, add_backbone_args, backbone_from_args, load_image,
-                                  normalize, save_report, to_tensor, unique_name)
+from fastdino.eval.common import (EvalError, UnreadableImage, add_backbone_args, backbone_from_args, list_images,
+                                  load_image, normalize, prepare, run_cli, save_report, to_tensor, unique_name)
 
 SIGN_RULES = ("border", "minority")
 
@@ -222,7 +221,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.image_size < 1:
         raise EvalError(f"--image_size must be >= 1, got {args.image_size}")
-    images = _list_images(args.images)
+    images = list_images(args.images)
     model = backbone_from_args(args)
     device = next(model.parameters()).device
     p = model.patch_size
@@ -278,12 +277,7 @@ def main(argv=None) -> dict:
 
 def cli(argv=None) -> int:
     """Entry point: bad input ends with one line `fastdino: error: ...` (exit status 2)."""
-    try:
-        main(argv)
-    except EvalError as e:
-        print(f"fastdino: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

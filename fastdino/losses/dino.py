@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fastdino.models.head import last_layer_weight
 from fastdino.schedules import teacher_temp_schedule
 from fastdino.targets import Centering, update_center_
 
@@ -55,7 +56,7 @@ class DINOTerm(nn.Module):
         from fastdino.kernels.linear_soft_cross_entropy import linear_soft_cross_entropy
 
         dtype = self.matmul_dtype
-        weight = head.last_layer.weight().to(dtype)  # weight norm: torch autograd on a (K, D) tensor
+        weight = last_layer_weight(head.last_layer).to(dtype)  # weight norm: torch autograd on a (K, D) tensor
         return linear_soft_cross_entropy(student["cls"].to(dtype), weight, targets["cls"], self.n_views,
                                          self.student_temp, impl=impl)
 

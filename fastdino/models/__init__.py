@@ -6,6 +6,8 @@ ARCHS: DINO v1 builders (width and heads from ARCH_DIMS, depth from model.depth)
 DINOV2_ARCHS: the official DINOv2 backbones (patch 14, img_size 518, official depths, LayerScale,
 mask token; ViT-g with SwiGLU), each with `num_register_tokens` (0, or 4 for the "reg" models);
 dinov2_vitt14 is a ViT-Ti width with the same options (no official weights: demos and tests).
+DINOV3_ARCHS: the official DINOv3 backbones (patch 16, RoPE, 4 storage tokens, masked key bias;
+fastdino/models/dinov3.py); dinov3_vitt16 a ViT-Ti width for demos and tests.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn as nn
 
 from fastdino.models.attention import BACKENDS, AttentionBackendError, resolve_backend
 from fastdino.models.compile import compile_modules
+from fastdino.models.dinov3 import DINOV3_ARCHS, DINOV3_HUB, DINOv3VisionTransformer, SelfAttentionBlock
 from fastdino.models.head import DINOHead, WeightNormLinear
 from fastdino.models.multicrop import MultiCropWrapper
 from fastdino.models.vision_transformer import (ARCH_DIMS, DINOV2_DEPTH, Block, VisionTransformer, dinov2_vitb14,
@@ -29,7 +32,10 @@ DINOV2_BASE = {"dinov2_vitt14": "vit_tiny", "dinov2_vits14": "vit_small", "dinov
 
 def arch_spec(arch: str, depth: int = 0) -> dict:
     """embed_dim, num_heads, depth (model.depth, or the architecture's own when 0: 12 for vit_*,
-    the official depth for dinov2_*) and patch size (None: any of 8 / 16) of an architecture name."""
+    the official depth for dinov2_* / dinov3_*) and patch size (None: any of 8 / 16) of an architecture name."""
+    if arch in DINOV3_ARCHS:
+        dim, full_depth, heads = DINOV3_HUB[arch][:3]
+        return {"embed_dim": dim, "num_heads": heads, "depth": depth or full_depth, "patch_size": 16}
     if arch in DINOV2_ARCHS:
         base = DINOV2_BASE[arch]
         return {"embed_dim": ARCH_DIMS[base][0], "num_heads": ARCH_DIMS[base][1],
@@ -37,7 +43,8 @@ def arch_spec(arch: str, depth: int = 0) -> dict:
     if arch in ARCHS:
         return {"embed_dim": ARCH_DIMS[arch][0], "num_heads": ARCH_DIMS[arch][1], "depth": depth or 12,
                 "patch_size": None}
-    raise ValueError(f"model.arch={arch!r}: unknown architecture (choose one of {list(ARCHS) + list(DINOV2_ARCHS)})")
+    raise ValueError(f"model.arch={arch!r}: unknown architecture (choose one of "
+                     f"{list(ARCHS) + list(DINOV2_ARCHS) + list(DINOV3_ARCHS)})")
 
 
 def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionTransformer:
@@ -49,6 +56,11 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
     kwargs = dict(depth=spec["depth"], drop_path_rate=0.0 if teacher else model_cfg.drop_path_rate,
                   drop_path_uniform=model_cfg.drop_path_uniform, efficient_drop_path=model_cfg.efficient_drop_path,
                   attn=attn or model_cfg.attn, activation_checkpointing=model_cfg.activation_checkpointing and not teacher)
+    if model_cfg.arch in DINOV3_ARCHS:  # RoPE, 4 storage tokens, masked key bias (fastdino/models/dinov3.py)
+        backbone = DINOV3_ARCHS[model_cfg.arch](
+            depth=spec["depth"], drop_path_rate=kwargs["drop_path_rate"], attn=kwargs["attn"],
+            activation_checkpointing=kwargs["activation_checkpointing"])
+        return backbone.eval() if teacher else backbone  # official SSLMetaArch: teacher.eval(), no RoPE augmentation
     if model_cfg.arch in DINOV2_ARCHS:
         ffn = getattr(model_cfg, "ffn", "auto")
         if ffn != "auto":
@@ -61,7 +73,7 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
     """model.compile: every transformer block and DINO head inside `model` (a ViT, a MultiCropWrapper
     or anything holding them) gets a torch.compile'd forward, one static graph per token layout
     (fastdino/models/compile.py). Returns model."""
-    if not compile_modules(model, (Block, DINOHead), **options):
+    if not compile_modules(model, (Block, SelfAttentionBlock, DINOHead), **options):
         raise ValueError(f"compile_blocks: no transformer block or DINO head inside {type(model).__name__}")
     return model
 
@@ -69,4 +81,4 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
 __all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14",
            "dinov2_vitl14", "dinov2_vitg14", "DINOV2_ARCHS", "VisionTransformer", "DINOHead", "WeightNormLinear",
            "MultiCropWrapper", "build_backbone", "compile_blocks", "resolve_backend", "BACKENDS",
-           "AttentionBackendError", "ARCHS", "ARCH_DIMS"]
+           "AttentionBackendError", "ARCHS", "ARCH_DIMS", "DINOV3_ARCHS", "DINOv3VisionTransformer"]

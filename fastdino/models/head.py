@@ -5,6 +5,8 @@
       -> logits = z W^T,  W = g * v / ||v||_row  (weight-normalized Linear(256, K), no bias) (last_layer)
 
 With norm_last_layer, g is fixed to 1, so the rows of W are unit vectors and the logits are cosines.
+DINOv3's head (last_layer="plain", model.head_last_layer) has a plain Linear(256, K) instead (key
+"last_layer.weight", no weight norm, trunc_normal(0.02) init).
 With fused_last_layer (model.fused_head, the student only), forward stops at the bottleneck z and the
 DINO loss term applies the last layer inside its kernel (fastdino.losses.dino.DINOTerm): the (N, K)
 logits are never formed.
@@ -42,11 +44,34 @@ class WeightNormLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+class PlainLinear(nn.Linear):
+    """DINOv3's last layer: a plain Linear without bias (no weight norm), trunc_normal(0.02) init as
+    the official DINOHead.init_weights; weight() returns it, as WeightNormLinear's effective weight."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def weight_matrix(self) -> torch.Tensor:
+        return self.weight
+
+
+def last_layer_weight(last_layer: nn.Module) -> torch.Tensor:
+    """The (K, bottleneck) weight a head's last layer applies: weight norm's g * v / ||v||, or the
+    plain Linear's weight."""
+    return last_layer.weight_matrix() if isinstance(last_layer, PlainLinear) else last_layer.weight()
+
+
+LAST_LAYERS = ("weight_norm", "plain")  # model.head_last_layer
+
+
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
                  nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 fused_last_layer: bool = False):
+                 fused_last_layer: bool = False, last_layer: str = "weight_norm"):
         super().__init__()
+        if last_layer not in LAST_LAYERS:
+            raise ValueError(f"DINOHead: last_layer={last_layer!r} is not one of {list(LAST_LAYERS)}")
         self.fused_last_layer = fused_last_layer
         nlayers = max(nlayers, 1)
         if nlayers == 1:
@@ -60,9 +85,12 @@ class DINOHead(nn.Module):
                 layers.append(nn.Linear(hidden_dim, bottleneck_dim if i == nlayers - 2 else hidden_dim))
             self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)
+        self.norm_last_layer = norm_last_layer and last_layer == "weight_norm"
+        if last_layer == "plain":  # DINOv3: nn.Linear(bottleneck, K, bias=False)
+            self.last_layer = PlainLinear(bottleneck_dim, out_dim)
+            return
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.last_layer.weight_g.data.fill_(1)
-        self.norm_last_layer = norm_last_layer
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
 

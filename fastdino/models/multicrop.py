@@ -36,9 +36,10 @@ def resolution_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
 
 class MultiCropWrapper(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = False, keep_features: bool = False,
-                 ibot_head: nn.Module | None = None):
+                 ibot_head: nn.Module | None = None, keep_patch_tokens: bool = False):
         super().__init__()
         self.keep_features = keep_features  # also return the global crops' backbone [CLS] (KoLeo)
+        self.keep_patch_tokens = keep_patch_tokens  # also return the global crops' normed patch tokens (Gram)
         if packed and not hasattr(backbone, "forward_packed"):
             raise ValueError(f"MultiCropWrapper: packed=True needs a backbone with forward_packed, "
                              f"got {type(backbone).__name__}")
@@ -59,14 +60,14 @@ class MultiCropWrapper(nn.Module):
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
     def _tokens(self, crops: list[torch.Tensor], masks, mask_input: bool):
-        """([CLS] features of all crops (n_crops*B, D), the global crops' patch tokens (2B, H*W, D)):
-        the backbone's dict outputs (is_training=True, through __call__), the global group masked
-        when mask_input."""
+        """([CLS] features of all crops (n_crops*B, D), the first resolution group's patch tokens
+        (2B, H*W, D)): the backbone's dict outputs (is_training=True, through __call__), the global
+        group masked when masks are given and mask_input."""
         groups = resolution_groups(crops)
-        if groups[0].shape[0] != masks.masks.shape[0]:
+        if masks is not None and groups[0].shape[0] != masks.masks.shape[0]:
             raise ValueError(f"MultiCropWrapper: the first resolution group has {groups[0].shape[0]} rows but the "
                              f"masks are for {masks.masks.shape[0]} global crops (are the 2 global crops first?)")
-        group_masks = [masks.masks if mask_input else None] + [None] * (len(groups) - 1)
+        group_masks = [masks.masks if masks is not None and mask_input else None] + [None] * (len(groups) - 1)
         if self.packed:
             outs = self.backbone(groups, group_masks, is_training=True)
         else:
@@ -78,18 +79,21 @@ class MultiCropWrapper(nn.Module):
         """Head output of all crops in crop order, (n_crops*B, K) (the head's bottleneck features
         when its last layer is fused into the loss). With keep_features or masks, a dict: "cls" that,
         "cls_features" the backbone [CLS] features of the first two (global) crops (2B, D) (with
-        keep_features), "patch" the iBOT head outputs of the masked global patch tokens (U, K_ibot)
+        keep_features), "patch_tokens" their normed patch tokens (2B, P, D) (with keep_patch_tokens;
+        masked as the student sees them), "patch" the iBOT head outputs of the masked global patch tokens (U, K_ibot)
         (with masks: a fastdino.data.masking.MaskBatch; see the module docstring)."""
-        if masks is None:
+        if masks is None and not self.keep_patch_tokens:
             feats, patches = self.forward_features(crops), None
         else:
             feats, patches = self._tokens(crops, masks, mask_input)
         out = self.head(feats)
-        if not self.keep_features and masks is None:
+        if not self.keep_features and not self.keep_patch_tokens and masks is None:
             return out
         result = {"cls": out}
         if self.keep_features:
             result["cls_features"] = feats[:2 * crops[0].shape[0]]  # crops: a crop-major list
+        if self.keep_patch_tokens:
+            result["patch_tokens"] = patches[:2 * crops[0].shape[0]]
         if masks is not None:
             selected = patches.flatten(0, 1).index_select(0, masks.mask_indices)
             result["patch"] = getattr(self, "ibot_head", self.head)(selected)

@@ -1,6 +1,9 @@
 """Ahead-of-time compilation of Triton kernels for real GPUs (sm_80, sm_90a), no GPU needed, for the
 kernel tests: each job compiles one kernel at given argument types and constexprs and reports the
-target, whether the streaming loads are 16-byte vectorized, local-memory spills and shared memory.
+target, whether the streaming loads are 16-byte vectorized (ld.global.v4, or 16-byte cp.async where a
+loop is pipelined through shared memory), the registers and the spill stack (cuobjdump of the cubin:
+ptxas spills never show in the PTX, so "local_memory", ld.local in the PTX, only sees the code
+generator's own local arrays) and the shared memory.
 
 It runs in a subprocess without TRITON_INTERPRET: the interpreter's patches of triton.language
 break the code generator in the same process.
@@ -14,11 +17,12 @@ import sys
 SMEM_LIMIT = {"sm_80": 166912, "sm_90a": 232448}
 
 _AOT_SCRIPT = r"""
-import importlib, json, re, sys
+import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 sys.path.insert(0, sys.argv[1])
 import fastdino
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 jobs = json.loads(sys.stdin.read())
 out = []
 for module, kernel, types, constexprs, num_warps, capability in jobs:
@@ -38,8 +42,16 @@ for module, kernel, types, constexprs, num_warps, capability in jobs:
     c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     ptx = c.asm["ptx"]
     target = [line.split()[1] for line in ptx.splitlines() if line.startswith(".target")][0]
-    out.append({"kernel": kernel, "target": target, "vector_loads": re.search(r"ld\.global[\w:.]*\.v4", ptx) is not None,
-                "local_memory": "ld.local" in ptx, "shared": c.metadata.shared})
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    out.append({"kernel": kernel, "target": target,
+                "vector_loads": re.search(r"ld\.global[\w:.]*\.v4|cp\.async\.c[ag]\.shared\.global[^;]*0x10",
+                                          ptx) is not None,
+                "local_memory": "ld.local" in ptx, "shared": c.metadata.shared,
+                "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+                "stack": int(re.search(r"STACK:(\d+)", usage).group(1))})
 print(json.dumps(out))
 """
 
@@ -49,7 +61,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def aot_compile(jobs, processes: int = 2):
     """Compile [(module, kernel, types, constexprs, num_warps or options dict, capability)] for real
     GPUs, `processes` compiler subprocesses side by side; returns, per job in order: target,
-    vector_loads (16-byte ld.global...v4 loads in the PTX, cache hints allowed), local_memory (spills), shared (bytes)."""
+    vector_loads (16-byte loads, cache hints allowed), local_memory (ld.local in the PTX), registers,
+    stack (the ptxas spill stack, bytes), shared (bytes)."""
     from concurrent.futures import ThreadPoolExecutor
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -73,12 +86,15 @@ def aot_compile(jobs, processes: int = 2):
 
 
 def assert_compiled(jobs, results, vector_loads: bool = True) -> None:
-    """Every job compiled for sm_80 and sm_90a without spilling to local memory and (the streaming
-    kernels) with 16-byte vectorized loads."""
+    """Every job compiled for sm_80 and sm_90a without spilling (no local memory in the PTX, a ptxas
+    stack frame of 0), within the target's shared memory and (the streaming kernels) with 16-byte
+    vectorized loads."""
     assert {r["target"] for r in results} == {"sm_80", "sm_90a"}
     for job, r in zip(jobs, results):
         what = f"{r['kernel']} ({r['target']}, {job[2]}, {job[3]}, num_warps={job[4]})"
         assert not r["local_memory"], f"{what} spills to local memory"
+        assert r["stack"] == 0, f"{what} spills: {r['stack']} B of stack at {r['registers']} registers"
+        assert r["shared"] <= SMEM_LIMIT[r["target"]], f"{what}: {r['shared']} B of shared memory"
         assert r["vector_loads"] or not vector_loads, f"{what}: loads are not 16-byte vectorized"
 
 

@@ -221,4 +221,4 @@ def test_clip_kernels_compile_ahead_of_time_sm80_sm90a():
     out = aot_compile(jobs)
     assert {o["target"] for o in out} == {"sm_80", "sm_90a"} and len(out) == 8
     for o in out:
-        assert o["vector_loads"] and not o["local_memory"], o
+        assert o["vector_loads"] and not o["local_memory"] and o["stack"] == 0, o

@@ -336,6 +336,7 @@ def test_aot_compile_sm80_sm90a():
     for job, r in zip(jobs, results):
         what = f"{r['kernel']} ({r['target']}, {job[2].get('S_ptr')}, {job[3]}, num_warps={job[4]})"
         assert not r["local_memory"], f"{what} spills to local memory"
+        assert r["stack"] == 0, f"{what} spills: {r['stack']} B of stack at {r['registers']} registers"
         if r["kernel"] in ("_soft_ce_fwd_kernel", "_soft_ce_bwd_kernel"):
             assert r["vector_loads"], f"{what}: S/Q loads are not 16-byte vectorized"
 

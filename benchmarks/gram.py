@@ -1,0 +1,183 @@
+"""Benchmark: DINOv3 Gram anchoring loss (kernels/gram_loss.py), the tiled Triton kernel vs the official
+formula in plain PyTorch (gram_loss_ref: both (B, P, P) Gram matrices materialized, autograd).
+
+Per configuration (B images, P patches, D features, dtype, img_level, removal option) and variant
+(torch = gram_loss_ref, the baseline; triton = gram_loss, impl="triton"), metrics:
+  ms             forward + backward to the student features (triton.testing.do_bench on CUDA, L2 flushed)
+  fwd_ms         the loss alone, under torch.no_grad (the triton variant runs its loss-only kernel)
+  peak_extra_MB  max_memory_allocated above the inputs during forward + backward (CUDA only)
+  TFLOPs         useful FLOPs / ms: the two Gram matrices (2 * 2 B P^2 D) + dL/dS (2 B P^2 D); the
+                 kernel does more (Gram tiles recomputed per D chunk, see the kernel header)
+  GBps           the memory floor (student and teacher read once, dL/dS written once) / ms
+  loss           the loss value (the two variants must agree)
+Each metric is one JSON row: date, device, torch, triton, command, config (the sizes, the floors
+flop_floor and byte_floor), variant, metric, value, baseline (the torch row's value of the same
+metric for the triton rows; null for the torch rows). Rows go to stdout, or are appended to --results.
+
+    python benchmarks/gram.py --smoke                               # CPU (Triton interpreter), tiny sizes
+    python benchmarks/gram.py                                       # CUDA: P 256/1024/4096, D 384/768, bf16+fp32
+    python benchmarks/gram.py --dtypes bf16 --results benchmarks/results.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fastdino  # noqa: E402,F401  (registers fastdino.kernels from a plain checkout)
+from fastdino.kernels.gram_loss import flop_floor, gram_loss, gram_loss_ref, memory_floor_bytes  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OPTIONS = {"none": {}, "remove_neg": {"remove_neg": True},
+           "remove_only_teacher_neg": {"remove_only_teacher_neg": True}}
+# (B, P, D, img_level, option). B = 2 x images: the two global crops of a per-GPU batch. P = 256 is
+# DINOv3's 256 px / patch 16 grid, 1024 and 4096 its high-resolution adaptation (512, 1024 px);
+# img_level=False takes one Gram matrix over all B*P rows (N = 4096 here).
+GPU_CONFIGS = [
+    (64, 256, 768, True, "none"),
+    (16, 1024, 768, True, "none"),
+    (16, 1024, 768, True, "remove_neg"),
+    (4, 4096, 384, True, "none"),
+    (2, 4096, 768, True, "none"),
+    (16, 256, 384, False, "none"),
+]
+SMOKE_CONFIGS = [(2, 24, 32, True, "none"), (2, 24, 32, False, "remove_neg")]
+
+
+def _features(B, P, D, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(B, P, D, generator=g) + 0.4 * torch.randn(B, 1, D, generator=g)
+    t = s + 0.6 * torch.randn(B, P, D, generator=g)
+    return s.to(device, dtype), t.to(device, dtype)
+
+
+def time_ms(fn, device: str, reps: int) -> float:
+    """Time of one call: do_bench on CUDA (L2 flushed before each call), a plain loop on CPU."""
+    if device == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=5, rep=reps)
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while n < 2 or (time.perf_counter() - t0 < reps / 1000 and n < 20):
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def peak_extra_mb(fn, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_config(B, P, D, img_level, option, dtype_name, variant, device, reps) -> dict:
+    """The metrics of one (configuration, variant); an out-of-memory run gives None values."""
+    dtype = DTYPES[dtype_name]
+    s, t = _features(B, P, D, dtype, device)
+    kw = dict(img_level=img_level, **OPTIONS[option])
+    if variant == "triton":
+        def loss_fn(x, y):
+            return gram_loss(x, y, impl="triton", **kw)
+    else:
+        def loss_fn(x, y):
+            return gram_loss_ref(x, y, **kw)
+    x = s.clone().requires_grad_()
+
+    def step():
+        x.grad = None
+        loss_fn(x, t).backward()
+
+    def forward():
+        with torch.no_grad():
+            return loss_fn(s, t)
+
+    out = {"loss": None, "ms": None, "fwd_ms": None, "peak_extra_MB": None}
+    try:
+        out["loss"] = float(forward())
+        step()  # compile / warm up outside the peak-memory measurement
+        out["peak_extra_MB"] = peak_extra_mb(step, device)
+        out["ms"] = time_ms(step, device, reps)
+        out["fwd_ms"] = time_ms(forward, device, reps)
+    except torch.cuda.OutOfMemoryError:
+        print(f"# {variant} B={B} P={P} D={D} {dtype_name}: out of memory", file=sys.stderr)
+    finally:
+        x.grad = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    N = B * P if not img_level else P  # rows per Gram matrix
+    n_mats = 1 if not img_level else B
+    flops = flop_floor(n_mats, N, D)
+    byte_floor = memory_floor_bytes(B, P, D, s.element_size())
+    if out["ms"]:
+        out["TFLOPs"] = flops / (out["ms"] * 1e-3) / 1e12
+        out["GBps"] = byte_floor / (out["ms"] * 1e-3) / 1e9
+    config = {"B": B, "P": P, "D": D, "dtype": dtype_name, "img_level": img_level, "option": option,
+              "flop_floor": flops, "byte_floor": byte_floor}
+    return {"config": config, "metrics": out}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU included (Triton interpreter): seconds")
+    p.add_argument("--dtypes", nargs="*", choices=list(DTYPES), help="default: bf16 fp32 (smoke: fp32)")
+    p.add_argument("--reps", type=int, default=0, help="ms of timing per measurement (default 100; smoke 20)")
+    p.add_argument("--results", help="append the JSON rows to this file (one per line) instead of stdout")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        p.error("without CUDA only --smoke runs (the Triton kernels run interpreted on CPU)")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--smoke on CPU needs TRITON_INTERPRET=1 (set automatically when run as a script)")
+    configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
+    dtypes = args.dtypes or (["fp32"] if args.smoke else ["bf16", "fp32"])
+    reps = args.reps or (20 if args.smoke else 100)
+    import triton
+
+    common = {"date": datetime.date.today().isoformat(),
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "torch": torch.__version__, "triton": triton.__version__,
+              "command": "python benchmarks/gram.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    rows = []
+    for dtype_name in dtypes:
+        for B, P, D, img_level, option in configs:
+            base = None
+            for variant in ("torch", "triton"):
+                r = bench_config(B, P, D, img_level, option, dtype_name, variant, device, reps)
+                for metric, value in r["metrics"].items():
+                    if value is None and metric == "peak_extra_MB" and device == "cpu":
+                        continue
+                    baseline = None if base is None else base["metrics"].get(metric)
+                    rows.append({**common, "config": r["config"], "variant": variant, "metric": metric,
+                                 "value": value, "baseline": baseline})
+                base = base or r
+                m = r["metrics"]
+                print(f"# {variant:6s} {dtype_name} B={B} P={P} D={D} img_level={img_level} {option}: "
+                      f"ms={m['ms']} fwd_ms={m['fwd_ms']} peak_extra_MB={m['peak_extra_MB']} "
+                      f"TFLOPs={m.get('TFLOPs')} loss={m['loss']}", file=sys.stderr, flush=True)
+    if args.results:
+        with open(args.results, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    else:
+        for row in rows:
+            print(json.dumps(row))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
