@@ -598,3 +598,29 @@ def test_bad_inputs_one_line_errors():
         with pytest.raises(ValueError, match=re.escape(text)) as e:
             fn()
         assert "\n" not in str(e.value)
+
+
+def test_evaluation_loads_dinov3_checkpoints(tmp_path):
+    """k-NN / linear / attention / PCA read a DINOv3 training checkpoint (heads dropped, RoPE: any input
+    size) through load_backbone, with the same weights and features; --random_init --arch dinov3_*."""
+    from fastdino.eval.common import load_backbone
+    from fastdino.eval.pca import patch_features
+    from fastdino.models.dinov3 import DINOv3VisionTransformer, dinov3_vitt16
+
+    torch.manual_seed(0)
+    model = dinov3_vitt16(depth=2).eval()
+    with torch.no_grad():
+        model.storage_tokens.normal_()
+    state = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    state["head.last_layer.weight"] = torch.randn(8, 4)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": state, "student": state}, path)
+    loaded = load_backbone(str(path))
+    assert isinstance(loaded, DINOv3VisionTransformer) and loaded.arch == "dinov3_vitt16" and loaded.patch_size == 16
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    x = torch.randn(2, 3, 48, 80)  # not the 224 px pretraining size: RoPE needs no resize
+    with torch.no_grad():
+        assert torch.equal(patch_features(loaded, x), patch_features(model, x))
+        assert torch.equal(loaded(x), model(x))
+    random = load_backbone(None, arch="dinov3_vitt16", depth=2)
+    assert isinstance(random, DINOv3VisionTransformer) and len(random.blocks) == 2 and not random.training

@@ -30,7 +30,8 @@ from fastdino.models.vision_transformer import ARCH_DIMS
 
 # embed_dim -> arch, for checkpoints that carry no arch name (plain backbone state dicts)
 ARCH_BY_DIM = {dim: arch for arch, (dim, _) in ARCH_DIMS.items()}
-ARCH_CHOICES = tuple(ARCH_BY_DIM.values()) + tuple(DINOV2_BASE)
+DINOV3_CHOICES = ("dinov3_vitt16", "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16")  # random init (--arch)
+ARCH_CHOICES = tuple(ARCH_BY_DIM.values()) + tuple(DINOV2_BASE) + DINOV3_CHOICES
 
 
 def model_arch_name(base: str) -> str:
@@ -403,7 +404,12 @@ def load_backbone(path: str | None, which: str = "teacher", arch: str | None = N
         with torch.random.fork_rng(devices=[]):  # a fixed init, without touching the caller's RNG
             torch.manual_seed(0)
             patch_size = 14 if arch.startswith("dinov2_") else (patch_size or 16)  # DINOv2 backbones are /14
-            model = build_vit(arch, patch_size, depth or 0)
+            if arch in DINOV3_CHOICES:
+                from fastdino.models import DINOV3_ARCHS, arch_spec
+
+                model = DINOV3_ARCHS[arch](depth=arch_spec(arch, depth or 0)["depth"], drop_path_rate=0.0)
+            else:
+                model = build_vit(arch, patch_size, depth or 0)
     else:
         sd, meta = backbone_state_dict(torch_load(path), which)
         v3 = dinov3_backbone(sd, infer_depth(sd))
