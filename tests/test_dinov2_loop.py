@@ -357,8 +357,9 @@ def test_zero_lr_moments_match_after_the_freeze_in_the_optimizer_alone():
 # the three together in a compiled step
 # ------------------------------------------------------------------------------------------------
 def test_compiled_step_with_the_dinov2_loop_equals_eager():
-    """train.compile_step with per_module clipping, the zero_lr freeze and the per-iteration teacher
-    temperature: one graph, no recompile across the release of the last layers, equal to eager."""
+    """train.compile_step with layer-wise decay (many parameter groups), per_module clipping, the
+    zero_lr freeze and the per-iteration teacher temperature: one graph (fullgraph), no recompile
+    across steps with new hyper-parameters and the release of the last layers, equal to eager."""
     from torch._dynamo.utils import counters
 
     from test_optim import _step, _v2_cfg
