@@ -56,6 +56,9 @@ DINOV2 = [
 ]
 
 
+DINOV2_GRAM = ["data.gram_crop_size=84", "gram.weight=1.0", "gram.start_epoch=1"]
+
+
 def tiny_overrides(data: str, out: str, batch: int, ds_stage: int | None, max_steps: int = STEPS,
                    clip: float = 0.05, dinov2: bool = False) -> list[str]:
     o = [
@@ -135,6 +138,12 @@ def runs(tmp_path_factory):
     for stage in (0, 2, 3):
         spec["runs"].append({"overrides": tiny_overrides(v2_data, str(tmp / f"v2_zero{stage}"), B, stage, dinov2=True),
                              "resume": None})
+    gram = DINOV2_GRAM  # + DINOv3 Gram anchoring from epoch 1 (step 2)
+    spec["runs"].append({"overrides": tiny_overrides(v2_data, str(tmp / "gram_ddp"), B, None, dinov2=True) + gram,
+                         "resume": None})
+    for stage in (0, 3):
+        spec["runs"].append({"overrides": tiny_overrides(v2_data, str(tmp / f"gram_zero{stage}"), B, stage,
+                                                         dinov2=True) + gram, "resume": None})
     out = str(tmp / "v2_zero2_resumed")
     spec["runs"].append({"overrides": tiny_overrides(v2_data, out, B, 2, max_steps=RESUME_AT, dinov2=True), "resume": None})
     spec["runs"].append({"overrides": tiny_overrides(v2_data, out, B, 2, dinov2=True), "resume": "auto"})
@@ -152,7 +161,9 @@ def runs(tmp_path_factory):
 
     ddp = torch.load(str(tmp / "ddp" / "checkpoint.pth"), map_location="cpu", weights_only=False)
     v2_ddp = torch.load(str(tmp / "v2_ddp" / "checkpoint.pth"), map_location="cpu", weights_only=False)
-    return {"ref": ref, "ref_noclip": ref_noclip, "ddp": ddp, "v2_ddp": v2_ddp, "tmp": tmp, "load": load}
+    gram_ddp = torch.load(str(tmp / "gram_ddp" / "checkpoint.pth"), map_location="cpu", weights_only=False)
+    return {"ref": ref, "ref_noclip": ref_noclip, "ddp": ddp, "v2_ddp": v2_ddp, "gram_ddp": gram_ddp, "tmp": tmp,
+            "load": load}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -205,6 +216,20 @@ def test_dinov2_recipe_zero_stage_matches_ddp(runs, stage):
         err = max_diff(ds[which], ddp[which])
         assert err < TOL_ZERO, f"DINOv2 ZeRO-{stage} {which} vs DDP: max |diff| {err:.2e}"
     assert max_diff(ddp["student"], runs["load"]("v2_zero0")["teacher"]) > 4 * TOL_ZERO  # the comparison can fail
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_gram_anchoring_zero_stage_matches_ddp(runs, stage):
+    """The DINOv2 recipe plus Gram anchoring from step 2 (the Gram teacher taken from the EMA teacher,
+    under ZeRO-3 gathered from its shards): ZeRO-0/3 equal DDP; the Gram term ran."""
+    ds, ddp = runs["load"](f"gram_zero{stage}"), runs["gram_ddp"]
+    assert ds["step"] == STEPS and "gram_teacher" in ddp
+    for which in ("student", "teacher"):
+        err = max_diff(ds[which], ddp[which])
+        assert err < TOL_ZERO, f"Gram ZeRO-{stage} {which} vs DDP: max |diff| {err:.2e}"
+    assert max_diff(ddp["student"], runs["v2_ddp"]["student"]) > 4 * TOL_ZERO  # the Gram term changed the run
+    records = [json.loads(x) for x in open(runs["tmp"] / f"gram_zero{stage}" / "metrics.jsonl") if '"gram"' in x]
+    assert records and all(r["step"] >= 2 and r["gram"] > 0 for r in records)  # log steps from step 2 on
 
 
 def test_dinov2_recipe_zero2_resume_matches_uninterrupted(runs):
