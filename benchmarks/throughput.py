@@ -29,8 +29,9 @@ windows of --steps steps, each between two device synchronizations; the window w
 gives images/s and the split. Log steps read the loss as train.py does (every train.log_every steps).
 
 FLOPs are counted analytically per image (patch embedding, qkv/proj/MLP matmuls, attention QK^T and AV,
-head MLP and last layer): x3 for the student (forward + backward) on 2 global + N local crops, x1 for
-the teacher forward on the 2 global crops; recomputation under activation checkpointing is reported
+head MLP and last layer; the iBOT head on the expected masked tokens; registers / storage tokens):
+x3 for the student (forward + backward) on 2 global + N local crops, x1 for the teacher forward on the
+2 global crops, x1 for a Gram teacher on the 2 Gram crops; recomputation under activation checkpointing is reported
 apart (hardware FLOPs), not in MFU. MFU = images/s x FLOPs per image / the device's dense bf16 peak.
 """
 from __future__ import annotations
@@ -149,12 +150,14 @@ def display_order(row: dict) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # FLOPs and peak
 # ------------------------------------------------------------------------------------------------
-def vit_forward_flops(dim: int, depth: int, patch: int, size: int, mlp_ratio: float = 4.0) -> float:
-    """Forward FLOPs of the ViT backbone on one size x size crop (2 per multiply-add), n = tokens:
-    patch embed 2 (n-1) 3p^2 d; per block qkv 6 n d^2, proj 2 n d^2, MLP 4 r n d^2, attention
-    QK^T and AV 4 n^2 d. LayerNorm, softmax, GELU and residuals are elementwise and left out."""
+def vit_forward_flops(dim: int, depth: int, patch: int, size: int, mlp_ratio: float = 4.0,
+                      extra_tokens: int = 0) -> float:
+    """Forward FLOPs of the ViT backbone on one size x size crop (2 per multiply-add), n = tokens
+    ([CLS], `extra_tokens` registers / storage tokens, patches): patch embed 2 patches 3p^2 d; per
+    block qkv 6 n d^2, proj 2 n d^2, MLP 4 r n d^2, attention QK^T and AV 4 n^2 d. LayerNorm, softmax,
+    GELU, RoPE and residuals are elementwise and left out."""
     patches = (size // patch) ** 2
-    n = patches + 1
+    n = patches + 1 + extra_tokens
     embed = 2.0 * patches * (3 * patch * patch) * dim
     block = (8.0 + 4.0 * mlp_ratio) * n * dim * dim + 4.0 * n * n * dim
     return embed + depth * block
@@ -173,17 +176,29 @@ def flops_per_image(cfg: Config) -> dict:
     except ValueError as e:
         raise BenchmarkError(f"no FLOP model: {e}") from None
     dim, depth = spec["embed_dim"], spec["depth"]  # (dinov2 SwiGLU: the same 8 d^2 per token as the MLP)
+    extra = 4 if m.arch.startswith("dinov3_") else m.num_register_tokens  # DINOv3's storage tokens / registers
     head = head_forward_flops(dim, m.out_dim)
-    g = vit_forward_flops(dim, depth, m.patch_size, d.global_crop_size)
-    loc = vit_forward_flops(dim, depth, m.patch_size, d.local_crop_size)
+    g = vit_forward_flops(dim, depth, m.patch_size, d.global_crop_size, extra_tokens=extra)
+    loc = vit_forward_flops(dim, depth, m.patch_size, d.local_crop_size, extra_tokens=extra)
     n_local = d.local_crops_number
+    # iBOT: its head on the masked patch tokens of the 2 global crops, student and teacher; the expected
+    # count (mask_probability x the mean mask ratio x the patches), not the static upper bound computed
+    ibot = 0.0
+    if cfg.loss.ibot_weight > 0:
+        masked = 2 * d.mask_probability * (sum(d.mask_ratio) / 2) * (d.global_crop_size // m.patch_size) ** 2
+        ibot = masked * head_forward_flops(dim, m.ibot_out_dim if m.ibot_head == "separate" else m.out_dim)
     student_backbone = 2 * g + n_local * loc
-    student_fwd = student_backbone + (2 + n_local) * head
-    teacher_fwd = 2 * (g + head)
-    model = 3 * student_fwd + teacher_fwd
+    student_fwd = student_backbone + (2 + n_local) * head + ibot
+    teacher_fwd = 2 * (g + head) + ibot
+    # Gram anchoring (DINOv3): the Gram teacher's forward on the 2 Gram crops (while it is on)
+    gram_fwd = 0.0
+    if cfg.gram.weight > 0:
+        gram_fwd = 2 * vit_forward_flops(dim, depth, m.patch_size, d.gram_crop_size, extra_tokens=extra)
+    model = 3 * student_fwd + teacher_fwd + gram_fwd
     recompute = student_backbone if m.activation_checkpointing else 0.0
     return {"student_forward_gflop": student_fwd / 1e9, "teacher_forward_gflop": teacher_fwd / 1e9,
-            "model_gflop": model / 1e9, "hardware_gflop": (model + recompute) / 1e9}
+            "gram_teacher_forward_gflop": gram_fwd / 1e9, "model_gflop": model / 1e9,
+            "hardware_gflop": (model + recompute) / 1e9}
 
 
 def device_peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
@@ -270,6 +285,7 @@ def synthetic_batches(cfg: Config, batch: int, device: torch.device, dtype: torc
     g = torch.Generator().manual_seed(seed)
     d = cfg.data
     sizes = [d.global_crop_size] * 2 + [d.local_crop_size] * d.local_crops_number
+    sizes += [d.gram_crop_size] * 2 if cfg.gram.weight > 0 else []  # Gram anchoring: the Gram teacher's crops
     crops = [torch.randn(batch, 3, s, s, generator=g).to(device=device, dtype=dtype) for s in sizes]
     while True:
         yield crops
@@ -352,6 +368,9 @@ def run_steps(run, batches, n: int, it0: int, epoch: int, spe: int, clock: Phase
 
     mark = clock.mark if clock is not None else (lambda phase: None)
     log_every = run.cfg.train.log_every
+    if run.state.gram_teacher is not None and not run.state.gram_active:  # measure the Gram phase's step
+        run.state.gram_teacher.load_backbone_(run.backend.teacher_backbone_state())
+        run.state.gram_active = True
     for i in range(n):
         it = it0 + i
         crops, masks = next(batches)

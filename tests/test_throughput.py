@@ -207,6 +207,20 @@ def test_flops_of_the_recipes():
     s16_4 = tp.flops_per_image(load_config(os.path.join(ROOT, "configs", "vits16.json"),
                                            ["data.local_crops_number=10", "model.depth=4"]))
     assert 0.3 * s16["model_gflop"] < s16_4["model_gflop"] < 0.4 * s16["model_gflop"]
+    # DINOv2: the iBOT head on 2 crops x 0.5 x 0.3 x 256 patches (77 tokens) of a 65,536-prototype head,
+    # forward and backward in the student, forward in the teacher; 4 registers join every crop's tokens
+    v2 = tp.flops_per_image(load_config(os.path.join(ROOT, "configs", "dinov2_vits14.json")))
+    no_ibot = tp.flops_per_image(load_config(os.path.join(ROOT, "configs", "dinov2_vits14.json"),
+                                             ["loss.ibot_weight=0"]))
+    ibot_head = 2 * 0.5 * 0.3 * 256 * tp.head_forward_flops(384, 65536) / 1e9
+    assert v2["model_gflop"] - no_ibot["model_gflop"] == pytest.approx(4 * ibot_head, rel=1e-9)
+    reg = tp.flops_per_image(load_config(os.path.join(ROOT, "configs", "dinov2_vits14.json"),
+                                         ["model.num_register_tokens=4"]))
+    assert reg["model_gflop"] > v2["model_gflop"]
+    # DINOv3 Gram phase: one more (teacher) forward of 2 crops at 448 px
+    gram = tp.flops_per_image(load_config(os.path.join(ROOT, "configs", "dinov3_vitl16_gram.json")))
+    assert gram["gram_teacher_forward_gflop"] == pytest.approx(
+        2 * tp.vit_forward_flops(1024, 24, 16, 448, extra_tokens=4) / 1e9)
 
 
 def test_official_row_refuses_a_non_standard_depth(tmp_path):
