@@ -119,7 +119,8 @@ def sinkhorn_knopp_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=
 
     teacher_logits (R, K) any float dtype; teacher_temp a float or a 0-dim tensor; all_reduce(x, op)
     in place over ranks, op "sum" | "max" (None: one process); global_rows B_global, an int or a 0-dim
-    tensor (default R, or this rank's valid rows with row_valid; it cancels); row_valid (R,) bool on
+    tensor, the same on every rank (default 1: it cancels; a rank-local count would not, with ranks of
+    different sizes); row_valid (R,) bool on
     the device or None: the rows with False are left out of every sum (the column max too) and get
     q = 0, entropy 0 (see the header). Math in fp32, fp64 when teacher_logits is fp64. Returns
     (q (R, K), entropy (R,)), detached. In fp32 a row lying more than ~100 tau_t below every column's
@@ -129,8 +130,11 @@ def sinkhorn_knopp_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=
     dt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
     t = teacher_logits.detach().to(dt)
     temp = teacher_temp.detach().to(dt) if isinstance(teacher_temp, torch.Tensor) else teacher_temp
+    # the official B_global cancels only if it is the same number on every rank: a rank-local count (R,
+    # or this rank's valid rows) would weigh the samples of ranks with fewer rows up. Without
+    # global_rows each sample's mass is 1 (B = 1 on every rank: the same targets, no collective)
     if row_valid is None:
-        n_samples = R if global_rows is None else global_rows
+        n_samples = 1 if global_rows is None else global_rows
 
         def keep(Q):
             return Q
@@ -138,7 +142,7 @@ def sinkhorn_knopp_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=
         col_max = t.amax(dim=0)
     else:
         valid = row_valid.detach()
-        n_samples = valid.sum().to(dt) if global_rows is None else global_rows
+        n_samples = 1 if global_rows is None else global_rows
 
         def keep(Q):  # (K, R): zeros in the invalid samples' columns, whatever 0/0 or inf produced there
             return torch.where(valid, Q, 0.0)

@@ -151,15 +151,16 @@ class _TwoRanks:
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_ranks_equal_one_rank(impl, dtype):
+@pytest.mark.parametrize("global_rows", [7, None], ids=["B_global", "no_count"])
+def test_two_ranks_equal_one_rank(impl, dtype, global_rows):
     """Rows split 3 + 4 between two ranks: the concatenated targets are the one-rank targets of all 7
-    rows; the all-reduces are one "max" (the column maxima), then "sum"s (the official total, for
-    the reference, and one per iteration)."""
+    rows, with B_global given or not; the all-reduces are one "max" (the column maxima), then "sum"s
+    (the official total, for the reference, and one per iteration)."""
     t = _logits(7, 150, dtype, seed=8)
     temp = torch.tensor(0.05, device=DEV)
     ranks = _TwoRanks()
-    outs = ranks.run(lambda rows, all_reduce: sinkhorn_knopp(rows, temp, 3, all_reduce, global_rows=7, impl=impl),
-                     [t[:3], t[3:]])
+    outs = ranks.run(lambda rows, all_reduce: sinkhorn_knopp(rows, temp, 3, all_reduce, global_rows=global_rows,
+                                                             impl=impl), [t[:3], t[3:]])
     one = sinkhorn_knopp(t, temp, 3, impl=impl)
     torch.testing.assert_close(torch.cat([o[0] for o in outs]), one[0], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(torch.cat([o[1] for o in outs]), one[1], rtol=1e-5, atol=1e-6)
@@ -211,9 +212,9 @@ def test_row_valid_matches_unpadded(impl, R, K, dtype):
         _close(o[valid], r, r64, 1e-5, name)
         assert (o[~valid] == 0).all(), name
     torch.testing.assert_close(out[0][valid].sum(-1), torch.ones(int(valid.sum()), device=DEV), rtol=0, atol=2e-6)
-    if impl == "torch":  # global_rows (valid rows over all ranks) cancels
+    if impl == "torch":  # global_rows (valid rows over all ranks) cancels (up to rounding: atol for denormals)
         q = sinkhorn_knopp_ref(t, temp, 3, global_rows=int(valid.sum()), row_valid=valid)[0]
-        torch.testing.assert_close(q, out[0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(q, out[0], rtol=1e-6, atol=1e-30)
     t, all_rows = t[valid], valid[valid]  # every row valid: bit-identical to row_valid=None
     for a, b in zip(sinkhorn_knopp(t, temp, 3, row_valid=all_rows, impl=impl), sinkhorn_knopp(t, temp, 3, impl=impl)):
         assert torch.equal(a, b)
@@ -230,14 +231,18 @@ def test_row_valid_none_valid_gives_zeros(impl):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("empty_rank", [False, True])
-def test_two_ranks_row_valid(impl, empty_rank):
-    """Two ranks with padded shards (rank 1 possibly without a valid row): the valid rows of both equal
-    one rank on the valid rows alone; the same collectives as without padding."""
+@pytest.mark.parametrize("global_rows", [True, False], ids=["B_global", "no_count"])
+def test_two_ranks_row_valid(impl, empty_rank, global_rows):
+    """Two ranks with padded shards of different valid counts (rank 1 possibly without a valid row):
+    the valid rows of both equal one rank on the valid rows alone, with B_global given or not (as
+    fastdino.targets.SinkhornKnopp calls it: a rank-local count must not stand in for it); the same
+    collectives as without padding."""
     t, valid = _padded(9, 150, torch.float32, seed=18)
     if empty_rank:
         valid[5:] = False
+    assert valid[:5].sum() != valid[5:].sum()  # unequal ranks: where a rank-local B would be wrong
     temp = torch.tensor(0.05, device=DEV)
-    n_valid = valid.sum()  # B_global: a 0-dim device tensor, no host sync
+    n_valid = valid.sum() if global_rows else None  # B_global: a 0-dim device tensor, no host sync
 
     def rank_fn(shard, all_reduce):
         rows, v = shard
