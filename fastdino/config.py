@@ -57,6 +57,8 @@ class ModelConfig:
     packed_multicrop: bool = False  # student: all crops through each block together (varlen attention)
     activation_checkpointing: bool = False  # recompute each block in backward (memory for /8 models)
     compile: bool = False  # torch.compile the backbone blocks and the heads (one static graph per token layout)
+    # each block's attention residual add (drop path, LayerScale) and norm2 as one fused op (Triton on CUDA)
+    fused_residual_norm: bool = False
     fused_head: bool = False  # the student head's last layer (256 -> K) inside the DINO loss: no [n*B, K] logits
     ibot_head: str = choice("separate", "separate", "shared")  # iBOT patch head: its own (DINOv2) or the DINO head
     ibot_out_dim: int = 65536  # K of a separate iBOT head
@@ -219,6 +221,7 @@ REFERENCE = {
     "model.attn": "math",  # explicit softmax(q k^T) v
     "model.packed_multicrop": False,  # one backbone call per crop resolution
     "model.fused_head": False,
+    "model.fused_residual_norm": False,
     "model.compile": False,
     "train.compile_step": False,
     "data.backend": "torch",  # CPU augmentation
@@ -328,6 +331,7 @@ def _validate(cfg: Config) -> None:
         need(m.num_register_tokens == 0, "model.num_register_tokens",
              f"{m.arch} has its own 4 storage tokens (leave model.num_register_tokens at 0)")
         need(m.ffn == "auto", "model.ffn", f"{m.arch} takes the hub model's FFN (leave model.ffn at auto)")
+        need(not m.fused_residual_norm, "model.fused_residual_norm", f"not built for {m.arch}'s blocks yet")
         need(not (m.drop_path_uniform or m.efficient_drop_path), "model.efficient_drop_path",
              f"{m.arch}'s drop path is always uniform over blocks and computed on the kept rows (leave "
              "model.drop_path_uniform and model.efficient_drop_path false)")

@@ -65,8 +65,22 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
         ffn = getattr(model_cfg, "ffn", "auto")
         if ffn != "auto":
             kwargs["ffn"] = ffn
-        return DINOV2_ARCHS[model_cfg.arch](num_register_tokens=model_cfg.num_register_tokens, **kwargs)
-    return ARCHS[model_cfg.arch](patch_size=model_cfg.patch_size, **kwargs)
+        backbone = DINOV2_ARCHS[model_cfg.arch](num_register_tokens=model_cfg.num_register_tokens, **kwargs)
+    else:
+        backbone = ARCHS[model_cfg.arch](patch_size=model_cfg.patch_size, **kwargs)
+    if getattr(model_cfg, "fused_residual_norm", False):
+        set_residual_norm(backbone, "auto")
+    return backbone
+
+
+def set_residual_norm(backbone: nn.Module, impl: str | None) -> nn.Module:
+    """model.fused_residual_norm: every block's attention residual add (drop path, LayerScale) and
+    norm2 as one op (kernels/residual_layer_norm.py), impl "auto" (Triton on CUDA, the torch reference
+    elsewhere), "triton" or "torch"; None: the unfused modules. Efficient drop path keeps the unfused
+    path (the op needs every row)."""
+    for blk in backbone.blocks:
+        blk.residual_norm_impl = impl
+    return backbone
 
 
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
@@ -80,5 +94,5 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
 
 __all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14",
            "dinov2_vitl14", "dinov2_vitg14", "DINOV2_ARCHS", "VisionTransformer", "DINOHead", "WeightNormLinear",
-           "MultiCropWrapper", "build_backbone", "compile_blocks", "resolve_backend", "BACKENDS",
+           "MultiCropWrapper", "build_backbone", "compile_blocks", "set_residual_norm", "resolve_backend", "BACKENDS",
            "AttentionBackendError", "ARCHS", "ARCH_DIMS", "DINOV3_ARCHS", "DINOv3VisionTransformer"]

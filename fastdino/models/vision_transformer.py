@@ -186,6 +186,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = (Mlp if ffn == "mlp" else SwiGLUFFN)(dim, int(dim * mlp_ratio))
         self.ls2 = nn.Identity() if layerscale_init is None else LayerScale(dim, layerscale_init)
+        # model.fused_residual_norm: the attention branch's residual add (drop path, LayerScale) and norm2
+        # as one op (kernels/residual_layer_norm.py; "auto": Triton on CUDA, its torch reference elsewhere)
+        self.residual_norm_impl: str | None = None
 
     def forward(self, x: torch.Tensor, drop_scale: torch.Tensor | None = None, groups=None,
                 cu_seqlens=None, max_seqlen: int = 0, drop_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,6 +196,16 @@ class Block(nn.Module):
         output. drop_index (efficient drop path): (2, n) rows of x (sequences of a dense (B, N, dim) x,
         tokens of a packed (T, dim) x) on which each branch runs; the branch output times drop_scale is
         index-added there, and groups / cu_seqlens / max_seqlen describe the attention branch's subset."""
+        if drop_index is None and self.residual_norm_impl is not None:
+            from fastdino.kernels.residual_layer_norm import residual_layer_norm
+
+            y = self.attn(self.norm1(x), groups, cu_seqlens, max_seqlen)
+            scale = None if drop_scale is None else torch.broadcast_to(drop_scale[0], (*x.shape[:-1], 1))[..., 0]
+            x, normed = residual_layer_norm(x, y, self.norm2.weight, self.norm2.bias, scale=scale,
+                                            gamma=getattr(self.ls1, "gamma", None), eps=self.norm2.eps,
+                                            impl=self.residual_norm_impl)
+            y = self.ls2(self.mlp(normed))
+            return x + (y if drop_scale is None else y * drop_scale[1])
         if drop_index is None:
             y = self.ls1(self.attn(self.norm1(x), groups, cu_seqlens, max_seqlen))
             x = x + (y if drop_scale is None else y * drop_scale[0])

@@ -7,6 +7,7 @@ or fp32 out and residual dtypes, (B, T, C) inputs; the reference against the unf
 determinism; the custom ops' registrations (opcheck, torch.compile fullgraph without recompiles); the
 impl switch; one-line errors; an ahead-of-time compile for sm_80 and sm_90a checked with cuobjdump
 (registers, no spill stack, shared memory, 16-byte loads); the benchmark's CPU smoke run."""
+import copy
 import importlib.util
 import json
 import os
@@ -317,3 +318,50 @@ def test_benchmark_smoke(tmp_path):
 @pytest.mark.parametrize("shape,gamma", [((64, 197, 384), False), ((16, 785, 768), True), ((4, 257, 1024), True)])
 def test_real_size_cuda(dtype, shape, gamma):
     _check(shape, dtype, gamma, True, seed=11, out_dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the ViT: model.fused_residual_norm
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dinov2", [False, True], ids=["vit", "dinov2-layerscale"])
+def test_vit_blocks_with_the_fused_op_equal_the_unfused_blocks(dinov2):
+    """set_residual_norm(model, "triton"): every block's attention residual (drop path, LayerScale)
+    and norm2 as the fused op (interpreted here). Unpacked and packed crops, drop path on (the same
+    draws from the same seed): the features and every parameter's gradient equal the unfused model's
+    within fp32 rounding."""
+    from fastdino.models import set_residual_norm
+    from fastdino.models.vision_transformer import VisionTransformer
+
+    opts = dict(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=2, drop_path_rate=0.3, attn="math")
+    if dinov2:
+        opts.update(layerscale_init=0.5, num_register_tokens=2, mask_token=True)
+    torch.manual_seed(0)
+    plain = VisionTransformer(**opts)
+    fused = copy.deepcopy(plain)
+    set_residual_norm(fused, "triton")
+    assert all(b.residual_norm_impl == "triton" for b in fused.blocks)
+    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(5, 3, 16, 16)]
+    for packed in (False, True):
+        outs, grads = [], []
+        for model in (plain, fused):
+            model.zero_grad()
+            torch.manual_seed(1)  # the same drop-path draws
+            out = model.forward_packed(crops) if packed else torch.cat([model(torch.cat(crops[:2])), model(crops[2])])
+            (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+            outs.append(out.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        assert grads[0].keys() == grads[1].keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_fused_residual_norm_config_key():
+    from fastdino.config import ConfigError, load_config
+    from fastdino.models import build_backbone
+
+    cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=1", "model.fused_residual_norm=true"])
+    assert build_backbone(cfg.model, teacher=False).blocks[0].residual_norm_impl == "auto"
+    assert build_backbone(load_config(None, ["model.depth=1"]).model, teacher=False).blocks[0].residual_norm_impl is None
+    with pytest.raises(ConfigError, match="model.fused_residual_norm"):
+        load_config(None, ["model.arch=dinov3_vits16", "model.fused_residual_norm=true"])
