@@ -10,7 +10,7 @@ Rows (each one config, built and timed in turn in this process on the same devic
     reference     train.reference=true: the official algorithm, every component's plain reference
                   (per-pair loss loop, per-parameter EMA and clipping, crops unpacked through math
                   attention, CPU augmentation: fastdino.config.REFERENCE)
-    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +data
+    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +residual_norm, +data
                   the reference with one fast component switched on: what that component buys alone
     fastdino      the config as given (impls at "auto": every fast path available on this device)
     official      with --baseline-repo: a checkout of facebookresearch/dino timed on the same crops
@@ -71,11 +71,13 @@ COMPONENTS = {
     "packed": {"model.packed_multicrop": True},
     "fused_head": {"model.fused_head": True, "loss.impl": "auto"},  # the head's last layer inside the fused loss
     "compile": {"model.compile": True},
+    "residual_norm": {"model.fused_residual_norm": True},  # the blocks' residual add + norm2 as one op
     "data": {"data.backend": "auto"},
 }
 # component -> the fields of fastdino.resolve.Resolved that tell what it resolved to
 IMPL_KEYS = {"loss": ("loss",), "ema_clip": ("ema", "clip"), "attention": ("attn",), "packed": ("packed",),
-             "fused_head": ("fused_head", "loss"), "compile": ("compile",), "data": ("data",)}
+             "fused_head": ("fused_head", "loss"), "compile": ("compile",), "residual_norm": ("residual_norm",),
+             "data": ("data",)}
 ROW_NAMES = ("reference",) + tuple(f"+{c}" for c in COMPONENTS) + ("fastdino",)
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "teacher_update")
 
@@ -240,8 +242,11 @@ def build_run(cfg: Config, device: torch.device, steps_per_epoch: int):
 def resolved_impls(run, loader_backend: str | None) -> dict:
     """What each component resolved to in this row (the engine's Resolved record)."""
     r = run.resolved
+    fused_norm = run.cfg.model.fused_residual_norm and not run.cfg.train.reference
+    residual_norm = ("triton" if r.device.startswith("cuda") else "torch") if fused_norm else "off"
     return {"loss": r.loss, "ema": r.ema, "clip": r.clip, "attn": r.attn, "packed": r.packed_multicrop,
-            "fused_head": r.fused_head, "compile": r.compile, "data": loader_backend or "synthetic"}
+            "fused_head": r.fused_head, "compile": r.compile, "residual_norm": residual_norm,
+            "data": loader_backend or "synthetic"}
 
 
 def _is_reference(component: str, impls: dict) -> bool:
@@ -258,6 +263,8 @@ def _is_reference(component: str, impls: dict) -> bool:
         return impls.get("fused_head") is False or impls.get("loss") == "reference"
     if component == "compile":
         return impls.get("compile") == "off"
+    if component == "residual_norm":  # off, or the op's torch reference (no GPU): nothing fused to time
+        return impls.get("residual_norm") in ("off", "torch")
     if component == "data":
         return impls.get("data") == "torch"
     return False

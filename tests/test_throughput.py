@@ -279,19 +279,19 @@ def test_rows_switch_one_component_each():
     plan = tp.plan_rows(list(tp.ROW_NAMES), "both")  # headline rows first, then the components
     assert plan[:4] == [("reference", "synthetic"), ("fastdino", "synthetic"), ("reference", "real"),
                         ("fastdino", "real")]
-    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == 11
+    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == 12
     assert tp.plan_rows(["fastdino", "+loss", "reference"], "real") == [("fastdino", "real"), ("reference", "real"),
                                                                        ("+loss", "real")]
     rows = [{"name": n, "data": m} for n, m in plan] + [{"name": "official", "data": "synthetic"}]
     ordered = [(r["name"], r["data"]) for r in sorted(rows, key=tp.display_order)]
     assert ordered[0] == ("reference", "synthetic")
-    assert ordered[7:9] == [("fastdino", "synthetic"), ("official", "synthetic")]
+    assert ordered[8:10] == [("fastdino", "synthetic"), ("official", "synthetic")]
     assert ordered[-3:] == [("reference", "real"), ("+data", "real"), ("fastdino", "real")]
 
 
 def test_same_as_reference_reasons():
     impls = {"loss": "reference", "ema": "foreach", "clip": None, "attn": "sdpa", "packed": True,
-             "fused_head": False, "compile": "off", "data": "torch"}
+             "fused_head": False, "compile": "off", "residual_norm": "torch", "data": "torch"}
     from fastdino.config import load_config
 
     cfg = load_config(None, ["loss.impl=auto"])
@@ -300,6 +300,7 @@ def test_same_as_reference_reasons():
     assert tp.same_as_reference("+ema_clip", impls, cfg) is None  # not (both) loop: it runs
     assert "fused_head=False" in tp.same_as_reference("+fused_head", impls, cfg)
     assert "data=torch" in tp.same_as_reference("+data", impls, cfg)
+    assert "residual_norm=torch" in tp.same_as_reference("+residual_norm", impls, cfg)  # CPU: nothing fused
     # the reference row flags whatever did not resolve to the reference impl
     assert tp.not_reference(impls) == ["ema_clip", "attention", "packed"]
 
