@@ -59,6 +59,11 @@ class ModelConfig:
     compile: bool = False  # torch.compile the backbone blocks and the heads (one static graph per token layout)
     # each block's attention residual add (drop path, LayerScale) and norm2 as one fused op (Triton on CUDA)
     fused_residual_norm: bool = False
+    # dinov3_*: RoPE coordinate augmentations in training (the student; 0 = off): rescale by a factor in
+    # [1/r, r] (the hub models' and the 7B recipe's 2), jitter each axis by a factor in [1/j, j], shift by [-s, s]
+    rope_rescale_coords: float = 2.0
+    rope_jitter_coords: float = 0.0
+    rope_shift_coords: float = 0.0
     fused_head: bool = False  # the student head's last layer (256 -> K) inside the DINO loss: no [n*B, K] logits
     ibot_head: str = choice("separate", "separate", "shared")  # iBOT patch head: its own (DINOv2) or the DINO head
     ibot_out_dim: int = 65536  # K of a separate iBOT head
@@ -131,6 +136,7 @@ class DataConfig:
     local_crop_size: int = 96
     # DINOv3 Gram anchoring: > 0 adds 2 Gram-teacher crops of this size (the global crops' boxes, no distortions)
     gram_crop_size: int = 0
+    horizontal_flips: bool = True  # random horizontal flips of every crop (p = 0.5); DINOv3's 7B recipe: off
     mask_probability: float = 0.5  # iBOT: fraction of the global crops that get a block mask
     mask_ratio: tuple = (0.1, 0.5)  # iBOT: masked fraction of a masked crop, stratified over [min, max]
     # iBOT: images per mask stratification group; 0: the rank's batch (official). A divisor of every per-GPU
@@ -332,6 +338,9 @@ def _validate(cfg: Config) -> None:
              f"{m.arch} has its own 4 storage tokens (leave model.num_register_tokens at 0)")
         need(m.ffn == "auto", "model.ffn", f"{m.arch} takes the hub model's FFN (leave model.ffn at auto)")
         need(not m.fused_residual_norm, "model.fused_residual_norm", f"not built for {m.arch}'s blocks yet")
+        for key in ("model.rope_rescale_coords", "model.rope_jitter_coords"):
+            need(cfg.get(key) == 0 or cfg.get(key) >= 1, key, "must be 0 (off) or a factor >= 1")
+        need(m.rope_shift_coords >= 0, "model.rope_shift_coords", "must be >= 0 (0: off)")
         need(not (m.drop_path_uniform or m.efficient_drop_path), "model.efficient_drop_path",
              f"{m.arch}'s drop path is always uniform over blocks and computed on the kept rows (leave "
              "model.drop_path_uniform and model.efficient_drop_path false)")

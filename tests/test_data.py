@@ -385,3 +385,31 @@ def test_gram_teacher_crops_are_the_global_boxes_undistorted(demo):
         from fastdino.config import load_config
 
         load_config(None, ["data.gram_crop_size=160"])  # smaller than the 224 px globals
+
+
+def test_horizontal_flips_switch(demo):
+    """data.horizontal_flips=false (DINOv3's 7B recipe): no crop is flipped, in the per-crop draws and
+    in the DALI host draws; the boxes and photometric draws are those of the flipping recipe."""
+    from fastdino.data.augment import draw_params
+    from fastdino.data.dali import host_params
+
+    on, off = crop_specs(32, 16, 3), crop_specs(32, 16, 3, horizontal_flips=False)
+    flips = [draw_params(0, 1, i, c, on[c], 40, 40)["flip"] for i in range(100) for c in range(5)]
+    assert binomial_ok(sum(flips), len(flips), 0.5)
+    for i in range(100):
+        for c in range(5):
+            a, b = draw_params(0, 1, i, c, on[c], 40, 40), draw_params(0, 1, i, c, off[c], 40, 40)
+            assert not b["flip"] and a["box"] == b["box"] and a["sigma"] == b["sigma"] and a["gray"] == b["gray"]
+    feed = host_params(off, 0, 1, np.arange(64), np.full(64, 40), np.full(64, 40))
+    for c in range(5):  # an unflipped box: x bounds in order
+        assert (feed[f"roi_start{c}"][:, 1] < feed[f"roi_end{c}"][:, 1]).all()
+    loader = build_train_loader(small_cfg(demo, horizontal_flips=False), 8, seed=5)
+    crops = next(iter(loader.epoch(1)))
+    ref = DataAugmentationDINORef(local_crops_number=3, global_crop_size=32, local_crop_size=16)
+    ref.specs = crop_specs(32, 16, 3, horizontal_flips=False)
+    src = ImageSource(demo)
+    i = int(loader.sampler.indices(1, 0)[0])
+    img = Image.open(io.BytesIO(src.read(i))).convert("RGB")
+    want = ref(img, 5, 1, i)
+    for c in range(5):  # PIL's rounding and box blur vs the batched ops (as test_photometric_matches_pil_reference)
+        assert ((crops[c][0] - want[c]) * STD[0]).abs().mean() < 0.01, c

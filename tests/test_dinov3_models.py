@@ -624,3 +624,20 @@ def test_evaluation_loads_dinov3_checkpoints(tmp_path):
         assert torch.equal(loaded(x), model(x))
     random = load_backbone(None, arch="dinov3_vitt16", depth=2)
     assert isinstance(random, DINOv3VisionTransformer) and len(random.blocks) == 2 and not random.training
+
+
+def test_rope_augmentation_config_keys():
+    """model.rope_*_coords: the student's RoPE augmentations (0 = off); the teacher runs in eval mode."""
+    from fastdino.config import ConfigError, load_config
+    from fastdino.models import build_backbone
+
+    base = ["model.arch=dinov3_vitt16", "model.depth=1"]
+    rope = build_backbone(load_config(None, base).model, teacher=False).rope_embed
+    assert (rope.rescale_coords, rope.jitter_coords, rope.shift_coords) == (2.0, None, None)  # the hub's
+    cfg = load_config(None, base + ["model.rope_rescale_coords=0", "model.rope_jitter_coords=1.5",
+                                    "model.rope_shift_coords=0.1"])
+    rope = build_backbone(cfg.model, teacher=False).rope_embed
+    assert (rope.rescale_coords, rope.jitter_coords, rope.shift_coords) == (None, 1.5, 0.1)
+    assert not build_backbone(cfg.model, teacher=True).training
+    with pytest.raises(ConfigError, match="model.rope_rescale_coords"):
+        load_config(None, base + ["model.rope_rescale_coords=0.5"])

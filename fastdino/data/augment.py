@@ -53,10 +53,11 @@ class CropSpec:
     p_solarize: float
     key: int | None = None
     distort: bool = True
+    p_flip: float = 0.5  # horizontal flip (data.horizontal_flips=false: 0, DINOv3's 7B recipe)
 
 
 def crop_specs(global_size: int, local_size: int, n_local: int, global_scale=(0.4, 1.0),
-               local_scale=(0.05, 0.4), gram_size: int = 0) -> list[CropSpec]:
+               local_scale=(0.05, 0.4), gram_size: int = 0, horizontal_flips: bool = True) -> list[CropSpec]:
     """Crop-major specs: global 1 (blur 1.0), global 2 (blur .1, solarize .2), local 1..N (blur .5),
     then with gram_size > 0 the two Gram-teacher crops (DINOv3, crops.gram_teacher_no_distortions):
     the same box and flip as global 1 and 2 (their draws), resized to gram_size, not distorted.
@@ -64,11 +65,11 @@ def crop_specs(global_size: int, local_size: int, n_local: int, global_scale=(0.
     The official DataAugmentationDINO makes both from one RandomResizedCrop at max(global, gram) px,
     resized again to the global size before the distortions; here each is one bicubic resize of the
     same box (the same geometry, one resampling fewer)."""
-    g, l = tuple(global_scale), tuple(local_scale)
-    specs = ([CropSpec(global_size, g, 1.0, 0.0), CropSpec(global_size, g, 0.1, 0.2)]
-             + [CropSpec(local_size, l, 0.5, 0.0) for _ in range(n_local)])
+    g, l, f = tuple(global_scale), tuple(local_scale), 0.5 if horizontal_flips else 0.0
+    specs = ([CropSpec(global_size, g, 1.0, 0.0, p_flip=f), CropSpec(global_size, g, 0.1, 0.2, p_flip=f)]
+             + [CropSpec(local_size, l, 0.5, 0.0, p_flip=f) for _ in range(n_local)])
     if gram_size:
-        specs += [CropSpec(gram_size, g, 0.0, 0.0, key=j, distort=False) for j in range(2)]
+        specs += [CropSpec(gram_size, g, 0.0, 0.0, key=j, distort=False, p_flip=f) for j in range(2)]
     return specs
 
 
@@ -146,11 +147,11 @@ def resized_crop_boxes(u: np.ndarray, width, height, scale, ratio=RATIO) -> np.n
                      np.where(found, h_t, h_f), np.where(found, w_t, w_f)], -1)
 
 
-def photometric_params(u: np.ndarray, p_blur, p_solarize) -> dict:
-    """Per-crop photometric draws from uniforms [..., N_DRAWS]; p_blur/p_solarize broadcast."""
+def photometric_params(u: np.ndarray, p_blur, p_solarize, p_flip=0.5) -> dict:
+    """Per-crop photometric draws from uniforms [..., N_DRAWS]; p_blur/p_solarize/p_flip broadcast."""
     b, c, s, hh = JITTER
     return {
-        "flip": u[..., 22] < 0.5,
+        "flip": u[..., 22] < np.asarray(p_flip),
         "jitter": u[..., 23] < 0.8,
         "brightness": (1 - b) + 2 * b * u[..., 24],
         "contrast": (1 - c) + 2 * c * u[..., 25],
@@ -168,7 +169,8 @@ def draw_params(seed: int, epoch: int, index: int, crop: int, spec: CropSpec, wi
     """All draws of one crop of one image: {'box': (top, left, h, w), 'flip', 'jitter', ...}, keyed by
     `crop` (or spec.key)."""
     u = uniforms(seed, epoch, index, crop if spec.key is None else spec.key)
-    p = {k: v.item() for k, v in photometric_params(u, spec.p_blur, spec.p_solarize).items() if k != "order"}
+    p = {k: v.item() for k, v in photometric_params(u, spec.p_blur, spec.p_solarize, spec.p_flip).items()
+         if k != "order"}
     if not spec.distort:
         p.update({k: False for k in UNDISTORTED})
     p["order"] = tuple(int(i) for i in np.argsort(u[28:32], kind="stable"))

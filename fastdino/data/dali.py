@@ -65,7 +65,8 @@ def host_params(specs, seed: int, epoch: int, indices: np.ndarray, widths: np.nd
     order (as augment.stack_params; 'order' [F*B, 4])}."""
     B = len(indices)
     u = uniforms(seed, epoch, np.asarray(indices)[:, None], draw_keys(specs)[None, :])  # [B, C, draws]
-    p = photometric_params(u, np.array([s.p_blur for s in specs]), np.array([s.p_solarize for s in specs]))
+    p = photometric_params(u, np.array([s.p_blur for s in specs]), np.array([s.p_solarize for s in specs]),
+                           np.array([s.p_flip for s in specs]))
     distort = np.array([s.distort for s in specs])
     for k in UNDISTORTED:  # Gram-teacher crops: geometry only
         p[k] = p[k] & distort
@@ -157,7 +158,8 @@ class DaliMultiCropLoader:
         self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
         self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
                                 data_cfg.global_crops_scale, data_cfg.local_crops_scale,
-                                getattr(data_cfg, "gram_crop_size", 0))  # + 2 Gram-teacher crops (DINOv3)
+                                getattr(data_cfg, "gram_crop_size", 0),  # + 2 Gram-teacher crops (DINOv3)
+                                getattr(data_cfg, "horizontal_flips", True))
         self.groups = size_groups(self.specs)
         self.batch_size, self.dtype, self.seed = batch_size, dtype, seed
         self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed)

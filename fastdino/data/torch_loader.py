@@ -148,7 +148,8 @@ class TorchMultiCropLoader:
         self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
         self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
                                 data_cfg.global_crops_scale, data_cfg.local_crops_scale,
-                                getattr(data_cfg, "gram_crop_size", 0))  # + 2 Gram-teacher crops (DINOv3)
+                                getattr(data_cfg, "gram_crop_size", 0),  # + 2 Gram-teacher crops (DINOv3)
+                                getattr(data_cfg, "horizontal_flips", True))
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device or "cpu"), dtype
         self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed)
         workers = int(data_cfg.num_workers)

@@ -57,9 +57,11 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
                   drop_path_uniform=model_cfg.drop_path_uniform, efficient_drop_path=model_cfg.efficient_drop_path,
                   attn=attn or model_cfg.attn, activation_checkpointing=model_cfg.activation_checkpointing and not teacher)
     if model_cfg.arch in DINOV3_ARCHS:  # RoPE, 4 storage tokens, masked key bias (fastdino/models/dinov3.py)
+        rope = {f"pos_embed_rope_{k}_coords": (getattr(model_cfg, f"rope_{k}_coords", default) or None)
+                for k, default in (("rescale", 2.0), ("jitter", 0.0), ("shift", 0.0))}  # 0: off (None)
         backbone = DINOV3_ARCHS[model_cfg.arch](
             depth=spec["depth"], drop_path_rate=kwargs["drop_path_rate"], attn=kwargs["attn"],
-            activation_checkpointing=kwargs["activation_checkpointing"])
+            activation_checkpointing=kwargs["activation_checkpointing"], **rope)
         return backbone.eval() if teacher else backbone  # official SSLMetaArch: teacher.eval(), no RoPE augmentation
     if model_cfg.arch in DINOV2_ARCHS:
         ffn = getattr(model_cfg, "ffn", "auto")
