@@ -20,12 +20,8 @@ metric for the triton rows; null for the torch rows). Rows go to stdout, or are 
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -33,6 +29,9 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_bench  # noqa: E402  (the command line, timer and rows the op benchmarks share)
+from kernel_bench import time_ms  # noqa: E402
 import fastdino  # noqa: E402,F401  (registers fastdino.kernels from a plain checkout)
 from fastdino.kernels.gram_loss import flop_floor, gram_loss, gram_loss_ref, memory_floor_bytes  # noqa: E402
 
@@ -58,20 +57,6 @@ def _features(B, P, D, dtype, device):
     s = torch.randn(B, P, D, generator=g) + 0.4 * torch.randn(B, 1, D, generator=g)
     t = s + 0.6 * torch.randn(B, P, D, generator=g)
     return s.to(device, dtype), t.to(device, dtype)
-
-
-def time_ms(fn, device: str, reps: int) -> float:
-    """Time of one call: do_bench on CUDA (L2 flushed before each call), a plain loop on CPU."""
-    if device == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=5, rep=reps)
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while n < 2 or (time.perf_counter() - t0 < reps / 1000 and n < 20):
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n * 1e3
 
 
 def peak_extra_mb(fn, device: str) -> float | None:
@@ -132,50 +117,27 @@ def bench_config(B, P, D, img_level, option, dtype_name, variant, device, reps) 
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU included (Triton interpreter): seconds")
-    p.add_argument("--dtypes", nargs="*", choices=list(DTYPES), help="default: bf16 fp32 (smoke: fp32)")
-    p.add_argument("--reps", type=int, default=0, help="ms of timing per measurement (default 100; smoke 20)")
-    p.add_argument("--results", help="append the JSON rows to this file (one per line) instead of stdout")
+    p = kernel_bench.parser(__doc__, list(DTYPES), "default: bf16 fp32 (smoke: fp32)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        p.error("without CUDA only --smoke runs (the Triton kernels run interpreted on CPU)")
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        p.error("--smoke on CPU needs TRITON_INTERPRET=1 (set automatically when run as a script)")
+    device = kernel_bench.device_for(p, args)
     configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
     dtypes = args.dtypes or (["fp32"] if args.smoke else ["bf16", "fp32"])
     reps = args.reps or (20 if args.smoke else 100)
-    import triton
-
-    common = {"date": datetime.date.today().isoformat(),
-              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "torch": torch.__version__, "triton": triton.__version__,
-              "command": "python benchmarks/gram.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    common = kernel_bench.common_fields("gram.py", device, argv)
     rows = []
     for dtype_name in dtypes:
         for B, P, D, img_level, option in configs:
             base = None
             for variant in ("torch", "triton"):
                 r = bench_config(B, P, D, img_level, option, dtype_name, variant, device, reps)
-                for metric, value in r["metrics"].items():
-                    if value is None and metric == "peak_extra_MB" and device == "cpu":
-                        continue
-                    baseline = None if base is None else base["metrics"].get(metric)
-                    rows.append({**common, "config": r["config"], "variant": variant, "metric": metric,
-                                 "value": value, "baseline": baseline})
+                rows += kernel_bench.variant_rows(common, r, variant, base, skip=lambda metric, value: (
+                    value is None and metric == "peak_extra_MB" and device == "cpu"))
                 base = base or r
                 m = r["metrics"]
                 print(f"# {variant:6s} {dtype_name} B={B} P={P} D={D} img_level={img_level} {option}: "
                       f"ms={m['ms']} fwd_ms={m['fwd_ms']} peak_extra_MB={m['peak_extra_MB']} "
                       f"TFLOPs={m.get('TFLOPs')} loss={m['loss']}", file=sys.stderr, flush=True)
-    if args.results:
-        with open(args.results, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    else:
-        for row in rows:
-            print(json.dumps(row))
+    kernel_bench.write_rows(rows, args.results)
     return rows
 
 

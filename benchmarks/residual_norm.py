@@ -21,12 +21,8 @@ on the device is the ceiling to compare with (~3 TB/s on an H100 SXM, ~4 on an H
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -34,6 +30,9 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_bench  # noqa: E402  (the command line, timer and rows the op benchmarks share)
+from kernel_bench import time_ms  # noqa: E402
 import fastdino  # noqa: E402,F401  (registers fastdino.kernels from a plain checkout)
 from fastdino.kernels.residual_layer_norm import (memory_floor_bytes, residual_layer_norm,  # noqa: E402
                                                   residual_layer_norm_ref)
@@ -57,20 +56,6 @@ def _inputs(N, C, gamma, dtype, device):
     dh = torch.randn(N, C, generator=g).to(device, dtype)
     dout = torch.randn(N, C, generator=g).to(device, dtype)
     return x, y, weight, bias, scale, gam, dh, dout
-
-
-def time_ms(fn, device: str, reps: int, grad_to_none=None) -> float:
-    """Time of one call: do_bench on CUDA (L2 flushed before each call), a plain loop on CPU."""
-    if device == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=5, rep=reps, grad_to_none=grad_to_none)
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while n < 2 or (time.perf_counter() - t0 < reps / 1000 and n < 20):
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n * 1e3
 
 
 def bench_config(N, C, gamma, dtype_name, variant, device, reps) -> dict:
@@ -107,36 +92,20 @@ def bench_config(N, C, gamma, dtype_name, variant, device, reps) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, CPU included (Triton interpreter): seconds")
-    p.add_argument("--dtypes", nargs="*", choices=list(DTYPES), help="default: bf16 (smoke: fp32 bf16)")
-    p.add_argument("--reps", type=int, default=0, help="ms of timing per measurement (default 100; smoke 20)")
-    p.add_argument("--results", help="append the JSON rows to this file (one per line) instead of stdout")
+    p = kernel_bench.parser(__doc__, list(DTYPES), "default: bf16 (smoke: fp32 bf16)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        p.error("without CUDA only --smoke runs (the Triton kernels run interpreted on CPU)")
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        p.error("--smoke on CPU needs TRITON_INTERPRET=1 (set automatically when run as a script)")
+    device = kernel_bench.device_for(p, args)
     configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
     dtypes = args.dtypes or (["fp32", "bf16"] if args.smoke else ["bf16"])
     reps = args.reps or (20 if args.smoke else 100)
-    import triton
-
-    common = {"date": datetime.date.today().isoformat(),
-              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "torch": torch.__version__, "triton": triton.__version__,
-              "command": "python benchmarks/residual_norm.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    common = kernel_bench.common_fields("residual_norm.py", device, argv)
     rows = []
     for dtype_name in dtypes:
         for N, C, gamma in configs:
             base = None
             for variant in ("torch", "triton"):
                 r = bench_config(N, C, gamma, dtype_name, variant, device, reps)
-                for metric, value in r["metrics"].items():
-                    baseline = None if base is None else base["metrics"][metric]
-                    rows.append({**common, "config": r["config"], "variant": variant, "metric": metric,
-                                 "value": value, "baseline": baseline})
+                rows += kernel_bench.variant_rows(common, r, variant, base)
                 base = base or r
                 m = r["metrics"]
                 print(f"# {variant:6s} {dtype_name} N={N} C={C} gamma={gamma}: fwd {m['fwd_ms']:.4f} ms "
@@ -144,13 +113,7 @@ def main(argv=None) -> list[dict]:
                       f"max_err_out {m['max_err_out']:.3g}", file=sys.stderr, flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    if args.results:
-        with open(args.results, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    else:
-        for row in rows:
-            print(json.dumps(row))
+    kernel_bench.write_rows(rows, args.results)
     return rows
 
 
