@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastdino.config import REFERENCE, Config, ConfigError, load_config, split_cli_overrides  # noqa: E402
-from fastdino.models import arch_spec  # noqa: E402
+from fastdino.models import arch_spec, extra_tokens  # noqa: E402
 from fastdino.models.vision_transformer import ARCH_DIMS  # noqa: E402,F401  (the widths, for tests)
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def flops_per_image(cfg: Config) -> dict:
     except ValueError as e:
         raise BenchmarkError(f"no FLOP model: {e}") from None
     dim, depth = spec["embed_dim"], spec["depth"]  # (dinov2 SwiGLU: the same 8 d^2 per token as the MLP)
-    extra = 4 if m.arch.startswith("dinov3_") else m.num_register_tokens  # DINOv3's storage tokens / registers
+    extra = extra_tokens(m)  # registers / DINOv3's storage tokens
     head = head_forward_flops(dim, m.out_dim)
     g = vit_forward_flops(dim, depth, m.patch_size, d.global_crop_size, extra_tokens=extra)
     loc = vit_forward_flops(dim, depth, m.patch_size, d.local_crop_size, extra_tokens=extra)

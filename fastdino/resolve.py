@@ -115,7 +115,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
     """The one place where "auto" is decided (see the module docstring). Raises ConfigError (one
     line) for a choice that cannot run here."""
     from fastdino.data import resolve_backend as resolve_data_backend
-    from fastdino.models import arch_spec
+    from fastdino.models import arch_spec, extra_tokens
     from fastdino.models.attention import resolve_backend as resolve_attention
 
     if cfg.train.reference:
@@ -124,8 +124,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
     m, ds = cfg.model, cfg.deepspeed.enabled
     spec = arch_spec(m.arch)
     dim, heads = spec["embed_dim"], spec["num_heads"]
-    extra = 4 if m.arch.startswith("dinov3_") else m.num_register_tokens  # registers / DINOv3's storage tokens
-    seq = (cfg.data.global_crop_size // m.patch_size) ** 2 + 1 + extra  # `auto` times the global crop
+    seq = (cfg.data.global_crop_size // m.patch_size) ** 2 + 1 + extra_tokens(m)  # `auto` times the global crop
     if ds and m.fused_head:
         raise ConfigError("config key 'model.fused_head': not supported with deepspeed.enabled yet "
                           "(set model.fused_head=false)")

@@ -95,7 +95,7 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
         student = b.student(crops) if masks is None else b.student(crops, masks)
     student = student if isinstance(student, dict) else {"cls": student}
     mark("student_forward")
-    terms = [t for t in s.terms if s.gram_active or t.name != "gram"]
+    terms = [t for t in s.terms if getattr(t, "needs", None) in (None, *targets)]  # Gram: only while its teacher runs
     values = {term.name: term(student, targets) for term in terms}
     loss = sum(weight(term, hp) * values[term.name] for term in terms)
     mark("loss")

@@ -315,7 +315,7 @@ def test_zero_lr_moments_match_after_the_freeze_in_the_optimizer_alone():
     last layers while frozen equals torch's AdamW with lr 0 there (weights, moments, step counts)."""
     from fastdino.optim import DINOAdamW, param_groups
 
-    from test_optim import _random_grads, _set_grads, dinov2_student, official_rule
+    from test_optim import _random_grads, _set_grads, dinov2_student, official_rule, optimizer_step
 
     for one_group_at_a_time in (False, True):
         ours, ref = dinov2_student(), dinov2_student()
@@ -327,15 +327,7 @@ def test_zero_lr_moments_match_after_the_freeze_in_the_optimizer_alone():
         for it, (lr, wd, frozen) in enumerate([(1e-2, 0.04, 1.0), (8e-3, 0.1, 1.0), (5e-3, 0.3, 0.0)]):
             _set_grads(ours, _random_grads(ours, it))
             _set_grads(ref, _random_grads(ref, it))
-            opt.set_inputs(torch.tensor(lr), torch.tensor(wd), torch.tensor(0.0), torch.tensor(frozen))
-            if one_group_at_a_time:
-                groups = opt.param_groups
-                for g in groups:
-                    opt.param_groups = [g]
-                    opt.step()
-                opt.param_groups = groups
-            else:
-                opt.step()
+            optimizer_step(opt, lr, wd, frozen, one_group_at_a_time)
             for group in ref_opt.param_groups:
                 last, lr_mult, wd_mult = rules[group["name"]]
                 group["lr"], group["weight_decay"] = (0.0 if last and frozen else lr) * lr_mult, wd * wd_mult

@@ -205,21 +205,25 @@ def _reference_run(student, decay, patch_mult, steps=SCHEDULE):
     return opt
 
 
+def optimizer_step(opt, lr, wd, frozen, one_group_at_a_time=False):
+    """One DINOAdamW step with device-tensor inputs; one_group_at_a_time: as DeepSpeed ZeRO-1/2 step it
+    (a one-group param_groups list per call, lists rebuilt each call)."""
+    opt.set_inputs(torch.tensor(lr), torch.tensor(wd), torch.tensor(0.0), torch.tensor(frozen))
+    if one_group_at_a_time:
+        groups = opt.param_groups
+        for g in groups:
+            opt.param_groups = [g]
+            opt.step()
+        opt.param_groups = groups
+    else:
+        opt.step()
+
+
 def _dino_run(student, decay, patch_mult, steps=SCHEDULE, one_group_at_a_time=False):
-    """DINOAdamW with device-tensor inputs; one_group_at_a_time: as DeepSpeed ZeRO-1/2 step it (a
-    one-group param_groups list per call, lists rebuilt each call)."""
     opt = DINOAdamW(param_groups(student, decay, patch_mult), static_state=not one_group_at_a_time)
     for it, (lr, wd, frozen) in enumerate(steps):
         _set_grads(student, _random_grads(student, it))
-        opt.set_inputs(torch.tensor(lr), torch.tensor(wd), torch.tensor(0.0), torch.tensor(frozen))
-        if one_group_at_a_time:
-            groups = opt.param_groups
-            for g in groups:
-                opt.param_groups = [g]
-                opt.step()
-            opt.param_groups = groups
-        else:
-            opt.step()
+        optimizer_step(opt, lr, wd, frozen, one_group_at_a_time)
     return opt
 
 

@@ -25,13 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from fastdino.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fastdino.models import DINOV2_BASE
+from fastdino.models import DINOV2_BASE, DINOV3_ARCHS
 from fastdino.models.vision_transformer import ARCH_DIMS
 
 # embed_dim -> arch, for checkpoints that carry no arch name (plain backbone state dicts)
 ARCH_BY_DIM = {dim: arch for arch, (dim, _) in ARCH_DIMS.items()}
-DINOV3_CHOICES = ("dinov3_vitt16", "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16")  # random init (--arch)
-ARCH_CHOICES = tuple(ARCH_BY_DIM.values()) + tuple(DINOV2_BASE) + DINOV3_CHOICES
+ARCH_CHOICES = tuple(ARCH_BY_DIM.values()) + tuple(DINOV2_BASE) + tuple(DINOV3_ARCHS)
 
 
 def model_arch_name(base: str) -> str:
@@ -372,7 +371,6 @@ def dinov3_backbone(state_dict: dict, depth: int) -> torch.nn.Module | None:
     """The DINOv3 backbone (fastdino/models/dinov3.py) a state dict holds, built with its options
     (storage tokens, qkv bias and its key mask, LayerScale, untied norms, SwiGLU), or None when the
     state dict is not DINOv3's (no RoPE periods and no storage tokens)."""
-    from fastdino.models import DINOV3_ARCHS
     from fastdino.models.dinov3 import DINOV3_HUB
 
     sd = state_dict
@@ -404,8 +402,8 @@ def load_backbone(path: str | None, which: str = "teacher", arch: str | None = N
         with torch.random.fork_rng(devices=[]):  # a fixed init, without touching the caller's RNG
             torch.manual_seed(0)
             patch_size = 14 if arch.startswith("dinov2_") else (patch_size or 16)  # DINOv2 backbones are /14
-            if arch in DINOV3_CHOICES:
-                from fastdino.models import DINOV3_ARCHS, arch_spec
+            if arch in DINOV3_ARCHS:
+                from fastdino.models import arch_spec
 
                 model = DINOV3_ARCHS[arch](depth=arch_spec(arch, depth or 0)["depth"], drop_path_rate=0.0)
             else:

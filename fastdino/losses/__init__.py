@@ -4,6 +4,7 @@ A term is an nn.Module with
     name: str                 the key of its value in the metrics ("dino", "koleo", "ibot", "gram")
     weight: float             its weight in the total loss
     schedule_row: int         optional: the weight is hp[schedule_row] * weight (Gram's ramp, fastdino/schedules.py)
+    needs: str                optional: a targets key; the step runs the term only when it is there (Gram)
     forward(student, targets) -> scalar fp32 loss, differentiable w.r.t. the student's outputs
 where `student` is the dict of student outputs and `targets` the dict of teacher targets, keyed by
 what they hold:

@@ -24,6 +24,7 @@ IMPLS = {"fused": "auto", "reference": "torch"}  # loss.impl (resolved) -> gram_
 
 class GramTerm(nn.Module):
     name = "gram"
+    needs = "gram"  # the targets entry it reads: the step runs it only while the Gram teacher does
     schedule_row = GRAM_WEIGHT  # the step's weight is hp[GRAM_WEIGHT] * self.weight
 
     def __init__(self, img_level: bool = True, remove_neg: bool = False, remove_only_teacher_neg: bool = False,

@@ -47,6 +47,16 @@ def arch_spec(arch: str, depth: int = 0) -> dict:
                      f"{list(ARCHS) + list(DINOV2_ARCHS) + list(DINOV3_ARCHS)})")
 
 
+def extra_tokens(model_cfg) -> int:
+    """Tokens besides [CLS] and the patches: DINOv3's storage tokens (its builders' n_storage_tokens),
+    or model.num_register_tokens."""
+    if model_cfg.arch in DINOV3_ARCHS:
+        from fastdino.models.dinov3 import HUB_COMMON
+
+        return HUB_COMMON["n_storage_tokens"]
+    return model_cfg.num_register_tokens
+
+
 def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionTransformer:
     """ViT from a fastdino.config.ModelConfig with the resolved attention backend `attn` (default:
     model_cfg.attn, resolved by the ViT). The teacher has no drop path; activation checkpointing only
@@ -96,5 +106,5 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
 
 __all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14",
            "dinov2_vitl14", "dinov2_vitg14", "DINOV2_ARCHS", "VisionTransformer", "DINOHead", "WeightNormLinear",
-           "MultiCropWrapper", "build_backbone", "compile_blocks", "set_residual_norm", "resolve_backend", "BACKENDS",
+           "MultiCropWrapper", "build_backbone", "extra_tokens", "compile_blocks", "set_residual_norm", "resolve_backend", "BACKENDS",
            "AttentionBackendError", "ARCHS", "ARCH_DIMS", "DINOV3_ARCHS", "DINOv3VisionTransformer"]

@@ -98,11 +98,26 @@ def assert_compiled(jobs, results, vector_loads: bool = True) -> None:
         assert r["vector_loads"] or not vector_loads, f"{what}: loads are not 16-byte vectorized"
 
 
-def load_loss_benchmark():
-    """benchmarks/loss.py as a module (it is a script, not a package member)."""
+def load_benchmark(name: str = "loss"):
+    """benchmarks/<name>.py as a module (a script, not a package member)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_loss", os.path.join(ROOT, "benchmarks", "loss.py"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+def load_loss_benchmark():
+    return load_benchmark("loss")
+
+
+def smoke_rows(name: str, results_file) -> list[dict]:
+    """A single-op benchmark (benchmarks/kernel_bench.py) run with --smoke: its rows, checked to be the
+    ones appended to results_file, with every field and both variants."""
+    rows = load_benchmark(name).main(["--smoke", "--results", str(results_file)])
+    written = [json.loads(line) for line in open(results_file).read().splitlines()]
+    assert written == rows and {r["variant"] for r in rows} == {"torch", "triton"}
+    for key in ("date", "device", "torch", "triton", "command", "config", "metric", "value", "baseline"):
+        assert all(key in r for r in rows), key
+    return rows

@@ -8,8 +8,6 @@ the options change the result on these inputs; determinism; the custom op's regi
 torch.compile without graph breaks or recompiles); the impl switch; one-line errors; an
 ahead-of-time compile for sm_80 and sm_90a checked with cuobjdump (registers, no spill stack, shared
 memory); the benchmark's CPU smoke run."""
-import json
-import os
 
 import numpy as np
 import pytest
@@ -320,18 +318,9 @@ def test_launch_config():
 # ---------------------------------------------------------------------------------------------
 def test_benchmark_smoke(tmp_path):
     """benchmarks/gram.py --smoke on CPU: reference and interpreted kernel rows, the losses agree."""
-    import importlib.util
+    from aot import smoke_rows
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("bench_gram", os.path.join(root, "benchmarks", "gram.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "rows.jsonl"
-    rows = bench.main(["--smoke", "--results", str(out)])
-    written = [json.loads(line) for line in out.read_text().splitlines()]
-    assert written == rows and {r["variant"] for r in rows} == {"torch", "triton"}
-    for key in ("date", "device", "torch", "triton", "command", "config", "metric", "value", "baseline"):
-        assert all(key in r for r in rows), key
+    rows = smoke_rows("gram", tmp_path / "rows.jsonl")
     loss = {r["variant"]: r["value"] for r in rows if r["metric"] == "loss"}
     assert abs(loss["torch"] - loss["triton"]) <= 1e-5 * abs(loss["torch"])
     assert all(r["value"] > 0 for r in rows if r["metric"] == "ms")

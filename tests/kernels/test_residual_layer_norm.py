@@ -8,9 +8,6 @@ determinism; the custom ops' registrations (opcheck, torch.compile fullgraph wit
 impl switch; one-line errors; an ahead-of-time compile for sm_80 and sm_90a checked with cuobjdump
 (registers, no spill stack, shared memory, 16-byte loads); the benchmark's CPU smoke run."""
 import copy
-import importlib.util
-import json
-import os
 
 import numpy as np
 import pytest
@@ -299,16 +296,9 @@ def test_launch_config():
 # ---------------------------------------------------------------------------------------------
 def test_benchmark_smoke(tmp_path):
     """benchmarks/residual_norm.py --smoke on CPU: reference and interpreted kernel rows, results agree."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("bench_rn", os.path.join(root, "benchmarks", "residual_norm.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "rows.jsonl"
-    rows = bench.main(["--smoke", "--results", str(out)])
-    written = [json.loads(line) for line in out.read_text().splitlines()]
-    assert written == rows and {r["variant"] for r in rows} == {"torch", "triton"}
-    for key in ("date", "device", "torch", "triton", "command", "config", "metric", "value", "baseline"):
-        assert all(key in r for r in rows), key
+    from aot import smoke_rows
+
+    rows = smoke_rows("residual_norm", tmp_path / "rows.jsonl")
     assert all(r["value"] <= 1e-2 for r in rows if r["metric"] == "max_err_out")
     assert all(r["value"] > 0 for r in rows if r["metric"] in ("fwd_ms", "bwd_ms"))
 
