@@ -31,9 +31,13 @@ so the normalization's backward needs no extra pass over D: the projection coeff
 reduction of W * G_s, accumulated with the tiles. The removal options only change E and W
 elementwise (same kernels, a constexpr CLAMP); apply_norm=False drops r and the projection.
 
-Kernels (fp32 accumulation; tl.dot in the input dtype: bf16 products are exact in fp32, fp32 dots in
-TF32 only where torch.backends.cuda.matmul.allow_tf32 is set, as the reference's matmuls). Row norms
-(B, P) fp32 come from torch.linalg.vector_norm; a tile's Gram entries are r_i r_j (x_i . x_j).
+Kernels (fp32 accumulation, tensor cores; tl.dot in the input dtype: bf16 products are exact in fp32;
+fp32 dots in TF32 where torch.backends.cuda.matmul.allow_tf32 is set, as the reference's matmuls,
+else in 3xTF32 (input_precision "tf32x3": each operand split into a TF32 high and a TF32 low part,
+three TF32 products summed, low x low dropped: ~fp32 accuracy at a third of the TF32 rate; exact
+fp32 FMA dots, "ieee", ran at under 1 TFLOP/s on an H200; 3xTF32 is still slower than the
+reference there, so impl="auto" takes the reference for it). Row norms (B, P) fp32 come from
+torch.linalg.vector_norm; a tile's Gram entries are r_i r_j (x_i . x_j).
   _gram_loss_fwd_kernel, grid (B, P blocks): loss only (no gradient wanted). Program i loops over the
       column blocks j >= i (G is symmetric: off-diagonal blocks count twice), D in BLOCK_K chunks.
   _gram_loss_grad_kernel, grid (B, P blocks, D chunks of BLOCK_DV): loss and dL/dX with upstream
@@ -49,8 +53,8 @@ The custom op fastdino::gram_loss (fake impl, autograd) keeps torch.compile on o
 Work and traffic. Useful FLOPs: G_s and G_t 2 * 2 B P^2 D, dL/dS 2 B P^2 D (6 B P^2 D fwd+bwd).
 The grad kernel does (4 n_chunks + 2) B P^2 D: the Gram tiles are recomputed for each of the
 n_chunks = ceil(D / BLOCK_DV) D chunks of the dX accumulator, which lives in registers. bf16 at
-D = 768: 3 chunks of 256, 14 B P^2 D (2.3x the useful work); D = 384: 2 chunks; fp32 with IEEE dots
-(BLOCK_DV 64, FMA units): 12 chunks at D = 768. Alternatives not built: accumulate dX over j in
+D = 768: 3 chunks of 256, 14 B P^2 D (2.3x the useful work); D = 384: 2 chunks; TF32 and 3xTF32
+(BLOCK_DV 128): 6 chunks at D = 768, 26 B P^2 D. Alternatives not built: accumulate dX over j in
 global memory (each program owns its rows; a (BLOCK_M, D) fp32 read-modify-write per tile, L2
 resident, a barrier between tiles), which removes the recomputation. The loss-only kernel does
 ~2 B P^2 D (the upper triangle of tiles). Memory floor: X and Y read once, dX written once. DRAM
@@ -58,15 +62,20 @@ traffic: X, Y once (tiles re-read from L2 while an image's rows stay resident: P
 per input, 6.3 MB at P = 4096, D = 768 in bf16), the fp32 dL/dX written in the forward, read and
 cast to X's dtype in the backward. Extra memory: the saved fp32 dL/dX (B, P, D) and (B, P/BLOCK_M)
 partials; no (B, P, P) tensor (the reference keeps several).
-Design limits: untuned launch table (no GPU measurement yet); fp32 and bf16 inputs (fp16 and fp64 go
-to the reference with impl="auto"); the table compiles spill-free for D a multiple of 16 (16-byte
-aligned rows, as every ViT width); other D lose the alignment hints, and the grad kernel spills a few
-hundred bytes per thread on sm_80 and sm_90a (compiled with cuobjdump: correct, slower);
+Design limits: untuned launch table (measured on a GPU: the tf32x3 row only, see AUTO_TORCH_KINDS);
+fp32 and bf16 inputs (fp16 and fp64 go to the reference with impl="auto"); fp32 without TF32
+multiplies in 3xTF32, not exact fp32 (a product's relative error ~2^-21 instead of 2^-24, sums in
+fp32 either way; the Triton interpreter ignores input_precision: fp32 products there); the table
+compiles spill-free for D a multiple of 16 (16-byte aligned rows, as every ViT width); other D lose
+the alignment hints, and the grad kernel spills tens (fp32) to a few hundred (bf16) bytes per
+thread on sm_80 and sm_90a (compiled with cuobjdump: correct, slower);
 without removal, E = s s^T - t t^T allows a D x D formulation (||s^T s||^2 - 2 ||s^T t||^2 +
 ||t^T t||^2, O(P D^2)), much cheaper when P >> D (img_level=False): not implemented (it cancels
 catastrophically when the student matches the teacher).
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +83,8 @@ import triton
 import triton.language as tl
 
 from .soft_cross_entropy import check_runnable
+
+log = logging.getLogger("fastdino")
 
 NORM_EPS = 1e-12  # F.normalize's default, as the official GramLoss calls it
 CLAMPS = {"none": 0, "remove_neg": 1, "remove_only_teacher_neg": 2}
@@ -293,22 +304,33 @@ def _gram_loss_grad_kernel(
 # Launchers, custom op, public function
 # ----------------------------------------------------------------------------------------------
 # Per dot kind: (BLOCK_M (= BLOCK_N), BLOCK_K, BLOCK_DV, num_warps, num_stages), both kernels. "bf16": bf16
-# features (tensor cores); "tf32": fp32 features with TF32 allowed; "ieee": fp32 features, exact fp32
-# FMA dots (register-hungry on sm_80: smaller tiles, no pipelining: ptxas spills 16 B with 2 stages).
-# A bf16 student with an fp32 teacher takes the fp32 rows. Untuned (no GPU run yet): the largest
-# BLOCK_DV (fewest D chunks, so fewest Gram recomputations) with which every kernel compiles for
-# sm_80 and sm_90a without register spills (cuobjdump in tests/kernels/test_gram_loss.py): the bf16
-# grad kernel takes 255 registers on sm_80 (the limit; 512 spills) and ~225 on sm_90a; tf32 at 256
-# spills on sm_80. Tune with benchmarks/gram.py.
-GRAM_CONFIG = {"bf16": (64, 64, 256, 8, 2), "tf32": (64, 32, 128, 8, 2), "ieee": (32, 32, 64, 8, 1)}
+# features; "tf32": fp32 features with TF32 allowed; "tf32x3": fp32 features without TF32, 3xTF32
+# dots (three TF32 dots on split operands, register-hungry: every 64-row tile's grad kernel spills on
+# sm_80, so 32-row tiles). A bf16 student with an fp32 teacher takes the fp32 rows. Untuned (timed on
+# a GPU: tf32x3 only, below): the largest BLOCK_DV (fewest D chunks, so fewest Gram recomputations) with which every kernel
+# compiles for sm_80 and sm_90a without register spills (cuobjdump in tests/kernels/test_gram_loss.py):
+# the bf16 grad kernel takes 255 registers on sm_80 (the limit; 512 spills) and ~225 on sm_90a; tf32
+# at 256 spills on sm_80; tf32x3 takes ~230 on sm_80 and ~210 on sm_90a, and at 256 spills 16 B on
+# sm_80 with a bf16 student. Tune with benchmarks/gram.py.
+GRAM_CONFIG = {"bf16": (64, 64, 256, 8, 2), "tf32": (64, 32, 128, 8, 2), "tf32x3": (32, 32, 128, 8, 2)}
+
+# impl="auto" leaves the "tf32x3" kind to the reference (cuBLAS fp32 matmuls): measured on an H200
+# (torch 2.11, triton 3.6), fwd+bwd fp32 without TF32, B=16 P=1024 D=768: the reference 2.84 ms, this
+# row 47.4 ms, BLOCK_DV 256 24.3 ms, the former exact-fp32 "ieee" dots 167 ms; B=64 P=256 D=768:
+# 1.21, 12.4, 6.4, 41.9 ms. The 32-row tiles and the Gram recomputation per D chunk cost more than
+# the reference's three matmuls and (B, P, P) buffers.
+AUTO_TORCH_KINDS = {"tf32x3": "fp32 features without TF32 (torch.backends.cuda.matmul.allow_tf32 is False): "
+                              "the 3xTF32 kernel is 10-17x slower than the reference's fp32 matmuls on an H200"}
+_logged_reasons: set[str] = set()
 
 
 def dot_kind(*dtypes: torch.dtype) -> str:
     """The launch-table row and dot precision of features in these dtypes: "bf16" when all are bf16,
-    else "tf32" where PyTorch's own fp32 matmuls would use TF32 (the reference's numbers), else "ieee"."""
+    else "tf32" where PyTorch's own fp32 matmuls would use TF32 (the reference's numbers), else
+    "tf32x3" (~fp32 accuracy on tensor cores)."""
     if all(dt == torch.bfloat16 for dt in dtypes):
         return "bf16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def launch_config(P: int, D: int, kind: str, block_m: int = 0, block_k: int = 0, block_dv: int = 0
@@ -339,7 +361,7 @@ def gram_loss_op(student: torch.Tensor, teacher: torch.Tensor, clamp: int, norma
         x_norm = y_norm = X  # not read (NORMALIZE=False)
     part = torch.empty((B, n_blocks), dtype=torch.float32, device=X.device)
     numel = B * P * P
-    prec = "tf32" if kind == "tf32" else "ieee"  # ignored by bf16 dots
+    prec = "ieee" if kind == "bf16" else kind  # tl.dot's input_precision; ignored by bf16 dots
     strides = (X.stride(0), X.stride(1), Y.stride(0), Y.stride(1))
     if with_grad:
         dX = torch.empty((B, P, D), dtype=torch.float32, device=X.device)
@@ -392,7 +414,8 @@ def gram_loss(student, teacher, img_level=True, remove_neg=False, remove_only_te
     remove_neg / remove_only_teacher_neg: the official removals of negative similarities (at most
     one); apply_norm: L2-normalize the features first (the official default and recipe).
     impl="triton": the custom op (CUDA, or CPU under TRITON_INTERPRET=1; fp32/bf16 features);
-    "torch": gram_loss_ref; "auto": triton for CUDA fp32/bf16 features, else torch.
+    "torch": gram_loss_ref; "auto": triton for CUDA fp32/bf16 features, else torch, and torch for fp32
+    features without TF32 (AUTO_TORCH_KINDS: the reason is logged once, outside torch.compile traces).
     block_m / block_k / block_dv: launch overrides (tests, tuning). When the student needs a
     gradient, the forward computes it (saved in fp32, (B, P, D)); the backward only scales it.
     """
@@ -402,6 +425,12 @@ def gram_loss(student, teacher, img_level=True, remove_neg=False, remove_only_te
     if impl == "auto":
         impl = "triton" if (student.is_cuda and student.dtype in TRITON_DTYPES
                             and teacher.dtype in TRITON_DTYPES) else "torch"
+        reason = AUTO_TORCH_KINDS.get(dot_kind(student.dtype, teacher.dtype)) if impl == "triton" else None
+        if reason is not None:
+            impl = "torch"
+            if reason not in _logged_reasons and not torch.compiler.is_compiling():
+                _logged_reasons.add(reason)
+                log.info("gram_loss(impl='auto'): the reference for %s", reason)
     if impl == "torch":
         return gram_loss_ref(student, teacher, img_level, remove_neg, remove_only_teacher_neg, apply_norm=apply_norm)
     for name, x in (("student", student), ("teacher", teacher)):
@@ -430,4 +459,4 @@ def memory_floor_bytes(B: int, P: int, D: int, itemsize: int, teacher_itemsize: 
 
 
 __all__ = ["gram_loss", "gram_loss_ref", "gram_loss_op", "launch_config", "flop_floor", "memory_floor_bytes",
-           "dot_kind", "CLAMPS", "NORM_EPS", "GRAM_CONFIG"]
+           "dot_kind", "CLAMPS", "NORM_EPS", "GRAM_CONFIG", "AUTO_TORCH_KINDS"]

@@ -3,11 +3,17 @@ inputs, loss and student gradient, against the fp64 reference with budgets from 
 fp32/bf16 error: every removal option, both img_level settings ((B, P, D) and (N, D) rows), fp32,
 bf16 and mixed features, P below one tile and over several (ragged), D over several K steps and D
 chunks, apply_norm off, rows with (near-)zero norm; the loss-only kernel (no gradient wanted) too.
+fp32 features run the "tf32x3" dots (TF32 not allowed, PyTorch's default): the Triton interpreter
+ignores input_precision and multiplies in fp32, so on CPU these tests check the kernels' math, and
+on CUDA the 3xTF32 accuracy, against the same fp64 budgets. impl="auto" takes the reference for
+fp32 features without TF32 (CUDA test).
 The reference against a literal transcription of the official module (in-place masked assignments);
 the options change the result on these inputs; determinism; the custom op's registrations (opcheck,
 torch.compile without graph breaks or recompiles); the impl switch; one-line errors; an
 ahead-of-time compile for sm_80 and sm_90a checked with cuobjdump (registers, no spill stack, shared
 memory); the benchmark's CPU smoke run."""
+
+import logging
 
 import numpy as np
 import pytest
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdino  # noqa: F401  (registers fastdino.kernels from a plain checkout)
+from fastdino.kernels import gram_loss as gram_module
 from fastdino.kernels.gram_loss import (CLAMPS, GRAM_CONFIG, dot_kind, gram_loss, gram_loss_op, gram_loss_ref,
                                         launch_config)
 
@@ -217,6 +224,26 @@ def test_impl_switch():
         assert y.grad is None and x.grad is not None
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="impl='auto' runs the kernel on CUDA only")
+def test_auto_takes_reference_for_fp32_without_tf32(caplog, monkeypatch):
+    """impl="auto" with fp32 features: the reference (bit for bit) when TF32 is off, logging why once;
+    the kernel (bit for bit, it is deterministic) when TF32 is allowed."""
+    s, t = _features(2, 64, 48, torch.float32, seed=35)
+    monkeypatch.setattr(gram_module, "_logged_reasons", set())
+    matmul, saved = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        with caplog.at_level(logging.INFO, logger="fastdino"):
+            for _ in range(2):
+                assert torch.equal(gram_loss(s, t), gram_loss_ref(s, t))
+        assert [r.getMessage() for r in caplog.records].count(
+            "gram_loss(impl='auto'): the reference for " + gram_module.AUTO_TORCH_KINDS["tf32x3"]) == 1
+        matmul.allow_tf32 = True
+        assert torch.equal(gram_loss(s, t), gram_loss(s, t, impl="triton"))
+    finally:
+        matmul.allow_tf32 = saved
+
+
 def test_opcheck():
     s, t = _features(2, 13, 24, torch.float32, seed=28)
     for with_grad in (True, False):
@@ -273,8 +300,9 @@ MODULE = "fastdino.kernels.gram_loss"
 
 def _aot_jobs():
     """Both kernels at the launch table's configs (D a multiple of 16, as ViT widths are), each dot
-    kind: bf16 features, fp32 with TF32 dots, fp32 with IEEE dots; remove_neg (the most elementwise
-    work); the grad kernel also with the other options and without normalization."""
+    kind: bf16 features, fp32 with TF32 dots, fp32 with 3xTF32 dots; remove_neg (the most elementwise
+    work); the grad kernel also with the other options and without normalization for bf16 and 3xTF32
+    (the rows at the register limit), and with a bf16 student and an fp32 teacher (the fp32 row)."""
     f32 = "*fp32:16"
     common = {"XNorm_ptr": f32, "YNorm_ptr": f32, "LossPart_ptr": f32, "DX_ptr": f32, "P": "i32", "D": "i32:16",
               "n_blocks": "i32", "stride_xb": "i32:16", "stride_xp": "i32:16", "stride_yb": "i32:16",
@@ -285,13 +313,16 @@ def _aot_jobs():
             dt = "bf16" if kind == "bf16" else "fp32"
             types = {**common, "X_ptr": f"*{dt}:16", "Y_ptr": f"*{dt}:16"}
             bm, bk, bdv, nw, ns = launch_config(4096, 768, kind)
-            variants = [(1, True)] + ([(0, True), (2, True), (1, False)] if kind == "bf16" else [])
-            base = {"DOT_PRECISION": "tf32" if kind == "tf32" else "ieee", "BLOCK_M": bm, "BLOCK_K": bk}
+            variants = [(1, True)] + ([(0, True), (2, True), (1, False)] if kind != "tf32" else [])
+            base = {"DOT_PRECISION": "ieee" if kind == "bf16" else kind, "BLOCK_M": bm, "BLOCK_K": bk}
             options = {"num_warps": nw, "num_stages": ns}
             for clamp, normalize in variants:
                 jobs.append((MODULE, "_gram_loss_grad_kernel", types,
                              {**base, "CLAMP": clamp, "NORMALIZE": normalize, "BLOCK_DV": bdv}, options, cap))
             jobs.append((MODULE, "_gram_loss_fwd_kernel", types, {**base, "CLAMP": 1, "NORMALIZE": True}, options, cap))
+            if kind == "tf32x3":
+                jobs.append((MODULE, "_gram_loss_grad_kernel", {**types, "X_ptr": "*bf16:16"},
+                             {**base, "CLAMP": 1, "NORMALIZE": True, "BLOCK_DV": bdv}, options, cap))
     return jobs
 
 
@@ -310,7 +341,14 @@ def test_launch_config():
     assert launch_config(4096, 768, "bf16") == GRAM_CONFIG["bf16"]
     assert launch_config(4096, 768, "bf16", block_m=16, block_k=16, block_dv=16)[:3] == (16, 16, 16)
     assert dot_kind(torch.bfloat16, torch.bfloat16) == "bf16"
-    assert dot_kind(torch.bfloat16, torch.float32) in ("tf32", "ieee")
+    matmul, saved = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow_tf32, kind in ((False, "tf32x3"), (True, "tf32")):  # TF32 off: ~fp32 accuracy from 3xTF32
+            matmul.allow_tf32 = allow_tf32
+            assert dot_kind(torch.float32, torch.float32) == kind
+            assert dot_kind(torch.bfloat16, torch.float32) == kind  # a bf16 student with an fp32 teacher
+    finally:
+        matmul.allow_tf32 = saved
 
 
 # ---------------------------------------------------------------------------------------------
