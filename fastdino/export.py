@@ -5,7 +5,7 @@
     python -m fastdino.export --checkpoint CKPT --format safetensors --out export/st
 
 The checkpoint is read by fastdino.eval.common.load_backbone (fastdino and DeepSpeed checkpoints,
-official DINO checkpoints, plain DINO / DINOv2 backbone state dicts; `--which` picks the teacher or
+official DINO checkpoints, plain DINO / DINOv2 / DINOv3 backbone state dicts; `--which` picks the teacher or
 the student), so the exported weights are those of the backbone the evaluations use, in fp32.
 Every format writes a folder: model.safetensors, a config, and fastdino.json (what was exported,
 from where). The folder is built next to --out and moved into place when complete, so a crash leaves
@@ -14,12 +14,14 @@ no half-written file; a non-empty --out that is not an earlier export is refused
 Formats (D width, H heads, hd = D/H, p patch, R registers, depth blocks i = 0..depth-1):
 
   hf           config.json + model.safetensors that `from_pretrained` loads, with the key names of the
-               Hub checkpoints (facebook/dino-vits16, facebook/dinov2-small, ...-with-registers),
-               which every transformers version reads (5.x renames them on load):
+               Hub checkpoints (facebook/dino-vits16, facebook/dinov2-small, ...-with-registers,
+               facebook/dinov3-vits16-pretrain-lvd1689m), which every transformers version that has
+               the class reads (5.x renames them on load):
                  DINO v1 backbones  -> ViTModel (load with add_pooling_layer=False), image_size = the
                                        model's position-embedding grid * p, layer_norm_eps 1e-6, gelu
                  DINOv2, R = 0      -> Dinov2Model (LayerScale, use_swiglu_ffn, use_mask_token)
                  DINOv2, R > 0      -> Dinov2WithRegistersModel
+                 DINOv3             -> DINOv3ViTModel (below)
                qkv (3D, D) is split into query / key / value rows [0, D), [D, 2D), [2D, 3D); SwiGLU's
                w12 (2h, D) is Hub `mlp.weights_in` (first half the SiLU gate, as fastdino), w3 is
                `mlp.weights_out`; a backbone without LayerScale gets lambda1 = 1.
@@ -29,6 +31,21 @@ Formats (D width, H heads, hd = D/H, p patch, R registers, depth blocks i = 0..d
                Dinov2Model resize the position grid to the target size (size=(H/p, W/p)), while
                fastdino and the official DINO / DINOv2 code resize by the scale factor
                (H/p + 0.1) / side: the patch position embeddings, hence the features, differ slightly.
+               DINOv3 (R storage tokens): embeddings.{cls_token, mask_token (1, 1, D), register_tokens
+               (1, R, D), empty for R = 0, patch_embeddings}, layer.i.{norm1, norm2, layer_scale1/2
+               .lambda1}, layer.i.attention.{q, k, v, o}_proj (qkv rows as above, proj), layer.i.mlp
+               .{up, down}_proj (MLP fc1 / fc2, gelu) or .{gate, up, down}_proj (SwiGLU w1 / w2 / w3,
+               silu), norm. intermediate_size is the FFN width, layer_norm_eps the norms' (1e-6
+               layernorm, 1e-5 layernormbf16), rope_theta the base of the periods buffer (p_m =
+               theta^(4m/hd)), pos_embed_shift / jitter / rescale the backbone's training-only
+               coordinate augmentations. The masked key bias never acts: key_bias is off and the k
+               third of the qkv bias is not written (without mask_k_bias it is). local_cls_norm
+               (training, local crops only) is not written. last_hidden_state equals
+               get_intermediate_layers(x, 1)[0] at every size (both normalize each axis of the RoPE
+               coordinates by its own patch count). Refused with one line (use safetensors), as
+               DINOv3ViTModel cannot compute them: RMSNorm, untie_cls_and_patch_norms,
+               pos_embed_rope_normalize_coords min / max, a RoPE dtype other than fp32, periods not
+               of the form theta^(4m/hd) (min_period / max_period with min_period != 1).
   timm         config.json in timm's Hub layout ({"architecture", "num_classes": 0, "model_args",
                "pretrained_cfg"}) + model.safetensors with timm's VisionTransformer names (DINO v1:
                fastdino's own; DINOv2 as timm's _convert_dinov2: mask_token dropped, SwiGLU w12 / w3
@@ -38,8 +55,15 @@ Formats (D width, H heads, hd = D/H, p patch, R registers, depth blocks i = 0..d
                mlp_ratio, init_values, reg_tokens, no_embed_class) and dynamic_img_size=True; the
                architecture supplies the MLP (Mlp + GELU, or SwiGLUPacked + SiLU for the giant
                DINOv2 names). timm resizes the position grid like Dinov2WithRegistersModel.
+               DINOv3 backbones are refused with one line (use hf or safetensors).
   safetensors  the backbone's state dict with fastdino's names (model.safetensors) and fastdino.json
-               (arch, patch_size, depth, registers, ffn, ...).
+               (arch, patch_size, depth, registers, ffn, ...). DINOv3: the official names, buffers
+               included (rope_embed.periods, attn.qkv.bias_mask), and fastdino.json's model_args, the
+               DINOv3VisionTransformer arguments read off the modules (norm, FFN, biases, storage
+               tokens, LayerScale, mask_k_bias, untied norms, RoPE settings and dtype; ffn_layer /
+               ffn_ratio: a pair that builds the FFN width, as the module keeps neither):
+               DINOv3VisionTransformer(**model_args) builds every name and shape (checked at export)
+               and load_state_dict gives the same backbone.
 """
 from __future__ import annotations
 
@@ -67,12 +91,16 @@ CONFIG_NAME = "config.json"
 # what the backbone is
 # ------------------------------------------------------------------------------------------------
 def backbone_info(model) -> dict:
-    """The architecture of a fastdino VisionTransformer, read from its modules and shapes."""
+    """The architecture of a fastdino VisionTransformer or DINOv3VisionTransformer, read from its
+    modules and shapes."""
+    from fastdino.models.dinov3 import DINOv3VisionTransformer
     from fastdino.models.vision_transformer import LayerScale, SwiGLUFFN, VisionTransformer
 
+    if isinstance(model, DINOv3VisionTransformer):
+        return dinov3_info(model)
     if not isinstance(model, VisionTransformer):
-        raise EvalError(f"export takes DINO / DINOv2 ViT backbones (fastdino VisionTransformer), "
-                        f"not {type(model).__name__}")
+        raise EvalError(f"export takes DINO / DINOv2 / DINOv3 ViT backbones (fastdino VisionTransformer or "
+                        f"DINOv3VisionTransformer), not {type(model).__name__}")
     blk = model.blocks[0]
     swiglu = isinstance(blk.mlp, SwiGLUFFN)
     n_pos = model.pos_embed.shape[1] - 1
@@ -89,6 +117,111 @@ def backbone_info(model) -> dict:
             "interpolate_offset": model.interpolate_offset, "interpolate_antialias": model.interpolate_antialias}
 
 
+def _ffn_width(layer: str, dim: int, ratio: float) -> int:
+    """The FFN width DINOv3VisionTransformer builds: int(D * ffn_ratio), for SwiGLU 2/3 of it rounded
+    up to the layer's alignment (fastdino/models/dinov3.py)."""
+    from fastdino.models.dinov3 import FFN_ALIGN
+
+    hidden = int(dim * ratio)
+    if layer == "mlp":
+        return hidden
+    swiglu = int(hidden * 2 / 3)
+    return swiglu + (-swiglu % FFN_ALIGN[layer])
+
+
+def _dinov3_ffn(dim: int, width: int, swiglu: bool) -> tuple[str, float]:
+    """An (ffn_layer, ffn_ratio) that builds an FFN of `width` (the module keeps neither): the hub
+    backbones' pair for this embed_dim and kind first, then the hub ratios, then one derived from width."""
+    from fastdino.models.dinov3 import DINOV3_HUB, FFN_ALIGN
+
+    layers = [n for n in FFN_ALIGN if (n != "mlp") == swiglu]
+    ratios = sorted({hub[3] for hub in DINOV3_HUB.values()})
+    hidden = width if not swiglu else -(-3 * width // 2)  # int(hidden * 2/3) == width
+    derived = hidden / dim
+    if int(dim * derived) != hidden:  # the quotient rounded down: the next float up gives hidden back
+        derived = math.nextafter(derived, math.inf)
+    candidates = [(ffn, r) for d, _, _, r, ffn, _ in DINOV3_HUB.values() if d == dim and ffn in layers]
+    candidates += [(ffn, r) for ffn in layers for r in ratios + [derived]]
+    for ffn, r in candidates:
+        if _ffn_width(ffn, dim, r) == width:
+            return ffn, r
+    raise EvalError(f"no DINOv3 ffn_layer / ffn_ratio builds an FFN of width {width} at embed_dim {dim}")
+
+
+def _rope_theta(rope) -> float | None:
+    """The base theta with RoPE periods == theta ** (4m / D_head), m = 0..D_head/4 - 1 (transformers'
+    rope_theta), read off the periods buffer (a checkpoint's periods replace the constructor's);
+    None when the periods have another form (min_period / max_period with min_period != 1)."""
+    p = rope.periods.detach().to("cpu", torch.float64)
+    m = torch.arange(p.numel(), dtype=torch.float64)
+    candidates = ([float(rope.base)] if rope.base is not None else []) + ([float(p[1]) ** (rope.D_head / 4)]
+                                                                          if p.numel() > 1 else [100.0])
+    for theta in candidates:  # the module's base when it fits; the periods are stored in the RoPE dtype
+        if torch.allclose(p, theta ** (4 * m / rope.D_head), rtol=1e-5, atol=0.0):
+            return theta
+    return None
+
+
+def dinov3_model_args(model) -> dict:
+    """The DINOv3VisionTransformer keyword arguments that rebuild `model` (every parameter and buffer
+    shape, norm, FFN, RoPE setting), read off its modules: DINOv3VisionTransformer(**args) then
+    load_state_dict(model.state_dict()) gives the same backbone. Training-only settings come along
+    as the module holds them (RoPE coordinate augmentation, drop path rate)."""
+    from fastdino.models.dinov3 import ROPE_DTYPES, LinearKMaskedBias, Mlp, RMSNorm
+    from fastdino.models.vision_transformer import LayerScale
+
+    blk, rope, conv = model.blocks[0], model.rope_embed, model.patch_embed.proj
+    if conv.kernel_size[0] != conv.kernel_size[1] or tuple(conv.stride) != tuple(conv.kernel_size):
+        raise EvalError(f"patch embedding {tuple(conv.kernel_size)} / stride {tuple(conv.stride)} is not a square "
+                        f"patch")
+    if isinstance(model.norm, RMSNorm):
+        norm = "rmsnorm"
+    elif isinstance(model.norm, torch.nn.LayerNorm) and model.norm.eps in (1e-6, 1e-5):
+        norm = "layernorm" if model.norm.eps == 1e-6 else "layernormbf16"
+    else:
+        raise EvalError(f"final norm {model.norm} is none of DINOv3's (layernorm, layernormbf16, rmsnorm)")
+    mlp = isinstance(blk.mlp, Mlp)
+    width = blk.mlp.fc1.out_features if mlp else blk.mlp.w3.in_features
+    ffn_layer, ffn_ratio = _dinov3_ffn(model.embed_dim, width, not mlp)
+    ffn_in = blk.mlp.fc1 if mlp else blk.mlp.w1
+    return {"img_size": model.patch_embed.img_size, "patch_size": conv.kernel_size[0], "in_chans": conv.in_channels,
+            "pos_embed_rope_base": rope.base, "pos_embed_rope_min_period": rope.min_period,
+            "pos_embed_rope_max_period": rope.max_period, "pos_embed_rope_normalize_coords": rope.normalize_coords,
+            "pos_embed_rope_shift_coords": rope.shift_coords, "pos_embed_rope_jitter_coords": rope.jitter_coords,
+            "pos_embed_rope_rescale_coords": rope.rescale_coords,
+            "pos_embed_rope_dtype": {v: k for k, v in ROPE_DTYPES.items()}[rope.dtype],
+            "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": blk.attn.num_heads,
+            "ffn_ratio": ffn_ratio, "qkv_bias": blk.attn.qkv.bias is not None,
+            "drop_path_rate": model.drop_path_rate,
+            "layerscale_init": model.layerscale_init if isinstance(blk.ls1, LayerScale) else None,
+            "norm_layer": norm, "ffn_layer": ffn_layer, "ffn_bias": ffn_in.bias is not None,
+            "proj_bias": blk.attn.proj.bias is not None, "n_storage_tokens": model.n_storage_tokens,
+            "mask_k_bias": isinstance(blk.attn.qkv, LinearKMaskedBias),
+            "untie_cls_and_patch_norms": model.cls_norm is not None,
+            "untie_global_and_local_cls_norm": model.local_cls_norm is not None}
+
+
+def dinov3_info(model) -> dict:
+    """backbone_info of a DINOv3VisionTransformer: the fields of the ViT description that apply, the
+    constructor arguments (model_args, checked: they rebuild every name and shape of the state dict)
+    and the RoPE base its periods have (rope_theta, None when they have no such base)."""
+    from fastdino.models.dinov3 import DINOv3VisionTransformer
+
+    args = dinov3_model_args(model)
+    with torch.device("meta"):
+        rebuilt = DINOv3VisionTransformer(**args, attn="sdpa")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} != shapes:
+        raise EvalError(f"the DINOv3 arguments read off the backbone do not rebuild it ({args}): please report it")
+    return {"arch": getattr(model, "arch", None), "layout": "dinov3", "patch_size": args["patch_size"],
+            "depth": args["depth"], "embed_dim": args["embed_dim"], "num_heads": args["num_heads"],
+            "num_register_tokens": args["n_storage_tokens"], "ffn": "mlp" if args["ffn_layer"] == "mlp" else "swiglu",
+            "mlp_hidden": _ffn_width(args["ffn_layer"], args["embed_dim"], args["ffn_ratio"]),
+            "layerscale": args["layerscale_init"] is not None, "mask_k_bias": args["mask_k_bias"],
+            "img_size": args["img_size"], "norm_eps": getattr(model.norm, "eps", None),
+            "rope_theta": _rope_theta(model.rope_embed), "model_args": args}
+
+
 def _own(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor with its own storage (safetensors refuses views of shared storage)."""
     return t.detach().contiguous().clone()
@@ -98,13 +231,99 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 # Hugging Face transformers
 # ------------------------------------------------------------------------------------------------
 def hf_class(info: dict) -> str:
+    if info["layout"] == "dinov3":
+        return "DINOv3ViTModel"
     if info["layout"] == "dino":
         return "ViTModel"
     return "Dinov2WithRegistersModel" if info["num_register_tokens"] else "Dinov2Model"
 
 
+def dinov3_hf_refusal(info: dict) -> str | None:
+    """Why transformers' DINOv3ViTModel cannot compute this DINOv3 backbone's features, or None."""
+    args = info["model_args"]
+    if args["norm_layer"] == "rmsnorm":
+        return "it uses RMSNorm (DINOv3ViTModel has LayerNorm only)"
+    if args["untie_cls_and_patch_norms"]:
+        return ("its [CLS] and storage tokens have a final norm of their own (untie_cls_and_patch_norms; "
+                "DINOv3ViTModel has one final norm)")
+    if args["pos_embed_rope_normalize_coords"] != "separate":
+        return (f"its RoPE normalizes the coordinates by the {args['pos_embed_rope_normalize_coords']} side "
+                f"(pos_embed_rope_normalize_coords; DINOv3ViTModel normalizes each axis by its own length, "
+                f"'separate')")
+    if args["pos_embed_rope_dtype"] != "fp32":
+        return f"its RoPE rotates in {args['pos_embed_rope_dtype']} (DINOv3ViTModel: fp32)"
+    if info["rope_theta"] is None:
+        return ("its RoPE periods are not base ** (4m / D_head) (min_period / max_period; DINOv3ViTModel has "
+                "rope_theta only)")
+    return None
+
+
+def dinov3_hf_config(info: dict) -> dict:
+    """config.json of the DINOv3ViTModel that computes this DINOv3 backbone's features; EvalError when
+    none does (dinov3_hf_refusal). The masked key bias never acts: key_bias is off and the k bias is
+    not exported; the RoPE coordinate augmentations (training only) are the backbone's."""
+    why = dinov3_hf_refusal(info)
+    if why is not None:
+        raise EvalError(f"--format hf: transformers' DINOv3ViTModel cannot hold this DINOv3 backbone: {why}; "
+                        "export it with --format safetensors")
+    args = info["model_args"]
+
+    def num(v):  # the config is a strict dataclass: float fields take floats
+        return None if v is None else float(v)
+
+    return {"architectures": ["DINOv3ViTModel"], "model_type": "dinov3_vit", "hidden_size": args["embed_dim"],
+            "intermediate_size": info["mlp_hidden"], "num_hidden_layers": args["depth"],
+            "num_attention_heads": args["num_heads"], "hidden_act": "gelu" if info["ffn"] == "mlp" else "silu",
+            "use_gated_mlp": info["ffn"] == "swiglu", "attention_dropout": 0.0, "initializer_range": 0.02,
+            "layer_norm_eps": float(info["norm_eps"]), "rope_theta": float(info["rope_theta"]),
+            "image_size": args["img_size"], "patch_size": args["patch_size"], "num_channels": args["in_chans"],
+            "query_bias": args["qkv_bias"], "key_bias": args["qkv_bias"] and not args["mask_k_bias"],
+            "value_bias": args["qkv_bias"], "proj_bias": args["proj_bias"], "mlp_bias": args["ffn_bias"],
+            "layerscale_value": float(args["layerscale_init"] or 1.0), "drop_path_rate": 0.0,
+            "num_register_tokens": args["n_storage_tokens"],
+            "pos_embed_shift": num(args["pos_embed_rope_shift_coords"]),
+            "pos_embed_jitter": num(args["pos_embed_rope_jitter_coords"]),
+            "pos_embed_rescale": num(args["pos_embed_rope_rescale_coords"])}
+
+
+def dinov3_hf_state_dict(sd: dict, info: dict) -> dict:
+    """fastdino (= official DINOv3) names -> the Hub key names of DINOv3ViTModel (module docstring)."""
+    d, args = info["embed_dim"], info["model_args"]
+    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"].reshape(1, 1, d),
+           "embeddings.register_tokens": sd["storage_tokens"] if args["n_storage_tokens"] else torch.zeros(1, 0, d),
+           "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"],
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    ffn = {"fc1": "up_proj", "fc2": "down_proj"} if info["ffn"] == "mlp" else {
+        "w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"}
+    for i in range(args["depth"]):
+        b, h = f"blocks.{i}.", f"layer.{i}."
+        q, k, v = sd[f"{b}attn.qkv.weight"].chunk(3, dim=0)
+        out |= {f"{h}attention.q_proj.weight": q, f"{h}attention.k_proj.weight": k,
+                f"{h}attention.v_proj.weight": v, f"{h}attention.o_proj.weight": sd[f"{b}attn.proj.weight"]}
+        if args["qkv_bias"]:
+            q, k, v = sd[f"{b}attn.qkv.bias"].chunk(3, dim=0)
+            out |= {f"{h}attention.q_proj.bias": q, f"{h}attention.v_proj.bias": v}
+            if not args["mask_k_bias"]:  # masked: b * bias_mask is 0 on the k third
+                out[f"{h}attention.k_proj.bias"] = k
+        if args["proj_bias"]:
+            out[f"{h}attention.o_proj.bias"] = sd[f"{b}attn.proj.bias"]
+        for part in ("weight", "bias"):
+            out |= {f"{h}norm1.{part}": sd[f"{b}norm1.{part}"], f"{h}norm2.{part}": sd[f"{b}norm2.{part}"]}
+        for ours, theirs in ffn.items():
+            out[f"{h}mlp.{theirs}.weight"] = sd[f"{b}mlp.{ours}.weight"]
+            if args["ffn_bias"]:
+                out[f"{h}mlp.{theirs}.bias"] = sd[f"{b}mlp.{ours}.bias"]
+        for n in (1, 2):
+            gamma = sd.get(f"{b}ls{n}.gamma")
+            out[f"{h}layer_scale{n}.lambda1"] = torch.ones(d) if gamma is None else gamma
+    return {k: _own(v) for k, v in out.items()}
+
+
 def hf_config(info: dict) -> dict:
     """config.json of the transformers model that holds this backbone."""
+    if info["layout"] == "dinov3":
+        return dinov3_hf_config(info)
     d = info["embed_dim"]
     common = {"hidden_size": d, "num_hidden_layers": info["depth"], "num_attention_heads": info["num_heads"],
               "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
@@ -131,7 +350,9 @@ def hf_config(info: dict) -> dict:
 
 def hf_state_dict(sd: dict, info: dict) -> dict:
     """fastdino backbone state dict -> the Hub key names of ViTModel / Dinov2Model /
-    Dinov2WithRegistersModel (see the module docstring)."""
+    Dinov2WithRegistersModel / DINOv3ViTModel (see the module docstring)."""
+    if info["layout"] == "dinov3":
+        return dinov3_hf_state_dict(sd, info)
     d, v1 = info["embed_dim"], info["layout"] == "dino"
     out = {"embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": sd["pos_embed"],
            "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
@@ -192,9 +413,13 @@ def check_hf(folder: str, model, info: dict) -> str:
     hf.eval()
     size = info["img_size"]
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model.get_intermediate_layers(x, 1)[0]
-        got = hf(pixel_values=x).last_hidden_state
+    training = model.training
+    try:
+        with torch.no_grad():
+            ref = model.eval().get_intermediate_layers(x, 1)[0]  # eval: no RoPE coordinate augmentation
+            got = hf(pixel_values=x).last_hidden_state
+    finally:
+        model.train(training)
     err = (got - ref).abs().max().item() if got.shape == ref.shape else math.inf
     tol = 1e-3 * max(1.0, ref.abs().max().item())  # fp32 noise is ~1e-6 relative; a wrong mapping is O(1)
     if not err <= tol:
@@ -255,6 +480,9 @@ def timm_model_args(info: dict) -> dict:
 
 def timm_config(info: dict) -> dict:
     """timm's Hub config.json: create_model(architecture, num_classes=0, **model_args)."""
+    if info["layout"] == "dinov3":
+        raise EvalError("--format timm takes DINO / DINOv2 backbones, not DINOv3: export it with --format hf "
+                        "(transformers DINOv3ViTModel) or --format safetensors")
     return {"architecture": timm_architecture(info), "num_classes": 0, "num_features": info["embed_dim"],
             "global_pool": "token", "model_args": timm_model_args(info),
             "pretrained_cfg": {"input_size": [3, info["img_size"], info["img_size"]], "interpolation": "bicubic",
@@ -362,14 +590,28 @@ def export(checkpoint: str, fmt: str, out: str, which: str = "teacher", force: b
         raise EvalError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     check_out_dir(out, force)
     model = load_backbone(checkpoint, which, device="cpu")
+    return export_backbone(model, fmt, out, force, check,
+                           source={"checkpoint": os.path.abspath(checkpoint), "which": which})
+
+
+def export_backbone(model, fmt: str, out: str, force: bool = False, check: bool = True,
+                    source: dict | None = None) -> dict:
+    """Write a backbone (a fastdino VisionTransformer or DINOv3VisionTransformer, on the CPU, eval
+    mode: what load_backbone returns) to the folder `out` in format `fmt`; `source` goes into
+    fastdino.json. Returns export()'s report."""
+    if fmt not in FORMATS:
+        raise EvalError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    check_out_dir(out, force)
     info = backbone_info(model)
     sd = model.state_dict()
-    meta = {"format": fmt, "checkpoint": os.path.abspath(checkpoint), "which": which, **info}
+    meta = {"format": fmt, **(source or {}), **info}
     if fmt == "hf":
-        tensors, config = hf_state_dict(sd, info), hf_config(info)
+        config = hf_config(info)
+        tensors = hf_state_dict(sd, info)
         meta["hf_class"] = hf_class(info)
     elif fmt == "timm":
-        tensors, config = timm_state_dict(sd), timm_config(info)
+        config = timm_config(info)
+        tensors = timm_state_dict(sd)
         meta["timm_architecture"] = config["architecture"]
     else:
         tensors, config = {k: _own(v) for k, v in sd.items()}, None
@@ -421,8 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="fastdino / DeepSpeed consolidated / official DINO checkpoint, or a backbone state dict")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="hf: transformers ViTModel / Dinov2Model / Dinov2WithRegistersModel folder; timm: timm "
-                        "VisionTransformer weights + config; safetensors: fastdino names")
+                   help="hf: transformers ViTModel / Dinov2Model / Dinov2WithRegistersModel / DINOv3ViTModel folder; "
+                        "timm: timm VisionTransformer weights + config (DINO / DINOv2); safetensors: fastdino names")
     p.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
     p.add_argument("--which", default="teacher", choices=("teacher", "student"),
                    help="network of a training checkpoint (the teacher is the one DINO evaluates)")

@@ -1,9 +1,12 @@
 """Export (fastdino.export): the transformers folders give fastdino's features (ViTModel for DINO v1,
-Dinov2Model / Dinov2WithRegistersModel, MLP and SwiGLU), from every checkpoint layout load_backbone
-reads; the timm weights have the names and shapes timm's VisionTransformer builds from the exported
-config, compute the same features under timm's forward written out, and map back to fastdino's
-names; the safetensors folder reads back equal; bad input ends with one line and exit status 2."""
+Dinov2Model / Dinov2WithRegistersModel, MLP and SwiGLU, DINOv3ViTModel with its RoPE), from every
+checkpoint layout load_backbone reads, and DINOv3 options transformers cannot compute are refused;
+the timm weights have the names and shapes timm's VisionTransformer builds from the exported config,
+compute the same features under timm's forward written out, and map back to fastdino's names; the
+safetensors folder reads back equal (DINOv3: rebuilt from fastdino.json); bad input ends with one
+line and exit status 2."""
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -18,6 +21,7 @@ from fastdino import export
 from fastdino.eval.common import load_backbone
 from fastdino.models import (DINOHead, MultiCropWrapper, dinov2_vitb14, dinov2_vitg14, dinov2_vitl14, dinov2_vits14,
                              dinov2_vitt14, vit_base, vit_small, vit_tiny)
+from fastdino.models.dinov3 import DINOv3VisionTransformer, dinov3_vits16plus, dinov3_vitt16
 from fastdino.models.vision_transformer import vit_forward_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,6 +206,225 @@ def test_hf_official_dino_checkpoint_patch_8(tmp_path, capsys):
         assert json.loads((out / "config.json").read_text())["patch_size"] == 8
         with torch.no_grad():
             _assert_same_features(_load_hf(out, "ViTModel")(pixel_values=x).last_hidden_state, ref, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# DINOv3: transformers DINOv3ViTModel, safetensors with the constructor arguments, refusals
+# ------------------------------------------------------------------------------------------------
+# tiny backbones (patch 4, 32 px: an 8 x 8 grid) over the options DINOv3ViTModel can hold
+V3_HF = {
+    "plain": dict(n_storage_tokens=0, norm_layer="layernorm", mask_k_bias=False),  # key bias exported
+    "storage-ls-masked-swiglu": dict(n_storage_tokens=3, layerscale_init=1e-5, mask_k_bias=True, ffn_layer="swiglu",
+                                     norm_layer="layernormbf16", untie_global_and_local_cls_norm=True,
+                                     pos_embed_rope_rescale_coords=2, pos_embed_rope_shift_coords=0.1),
+    "nobias-swiglu64-periods": dict(embed_dim=48, num_heads=3, n_storage_tokens=1, layerscale_init=0.1,
+                                    ffn_layer="swiglu64", ffn_ratio=3.0, qkv_bias=False, proj_bias=False,
+                                    ffn_bias=False, mask_k_bias=True, pos_embed_rope_base=None,
+                                    pos_embed_rope_min_period=1.0, pos_embed_rope_max_period=30.0),
+}
+# options DINOv3ViTModel cannot compute: (options, the refusal's words)
+V3_NO_HF = {
+    "rmsnorm": (dict(norm_layer="rmsnorm"), "RMSNorm"),
+    "untied": (dict(untie_cls_and_patch_norms=True), "untie_cls_and_patch_norms"),
+    "normalize-max": (dict(pos_embed_rope_normalize_coords="max"), "pos_embed_rope_normalize_coords"),
+    "rope-bf16": (dict(pos_embed_rope_dtype="bf16"), "RoPE rotates in bf16"),
+    "periods": (dict(pos_embed_rope_base=None, pos_embed_rope_min_period=0.5, pos_embed_rope_max_period=20.0),
+                "min_period / max_period"),
+}
+
+
+def _v3(seed=0, **options):
+    cfg = dict(embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=32) | options
+    return _randomize(DINOv3VisionTransformer(attn="sdpa", **cfg), seed)
+
+
+def _assert_same_v3_features(got, model, x):
+    """got vs fastdino's DINOv3 tokens, within twice fastdino's own fp32 error (against the same
+    backbone in fp64, RoPE included) + 1e-5. Returns the max abs difference."""
+    fast = _tokens(model, x)
+    ref = copy.deepcopy(model).double()
+    ref.rope_embed.dtype = torch.float64
+    noise = (fast.double() - _tokens(ref, x.double())).abs().max().item()
+    assert got.shape == fast.shape
+    err = (got - fast).abs().max().item()
+    assert err <= 2 * noise + 1e-5, (err, noise)
+    return err
+
+
+def _assert_same_rope(hf, model, sizes):
+    """transformers' RoPE (cos, sin) of each image size equals fastdino's (sin, cos), eval mode."""
+    for h, w in sizes:
+        cos, sin = hf.rope_embeddings(torch.zeros(1, 3, h, w))
+        ours_sin, ours_cos = model.rope_embed(H=h // model.patch_embed.proj.kernel_size[0],
+                                              W=w // model.patch_embed.proj.kernel_size[0])
+        assert cos.shape == ours_cos.shape
+        assert (cos - ours_cos).abs().max() < 1e-5 and (sin - ours_sin).abs().max() < 1e-5, (h, w)
+
+
+@needs_safetensors
+def test_hf_dinov3_from_a_fastdino_checkpoint(tmp_path, capsys):
+    """DINOv3ViTModel from a fastdino checkpoint's teacher (dinov3_vitt16: 4 storage tokens, masked key
+    bias, LayerScale): the export checks itself at 224 px; the same RoPE and tokens at 224, 160 x 96
+    and 64 px. With the masked key bias exported as an acting key bias the features differ."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _fastdino_checkpoint(tmp_path / "checkpoint.pth", "dinov3_vitt16", lambda: dinov3_vitt16(depth=1))
+    out = tmp_path / "hf"
+    code, printed, err = _run(["--checkpoint", ckpt, "--format", "hf", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "checked: transformers" in printed and "DINOv3ViTModel" in printed and "4 registers" in printed
+    assert sorted(os.listdir(out)) == ["config.json", "fastdino.json", "model.safetensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model_type"], cfg["architectures"], cfg["patch_size"], cfg["layer_norm_eps"], cfg["hidden_act"],
+            cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_register_tokens"], cfg["rope_theta"],
+            cfg["query_bias"], cfg["key_bias"], cfg["value_bias"], cfg["pos_embed_rescale"]) == (
+        "dinov3_vit", ["DINOv3ViTModel"], 16, 1e-5, "gelu", 768, 1, 4, 100.0, True, False, True, 2.0)
+    assert json.loads((out / "fastdino.json").read_text())["hf_class"] == "DINOv3ViTModel"
+
+    teacher = load_backbone(ckpt, "teacher")
+    hf = _load_hf(out, "DINOv3ViTModel")
+    sizes = [(224, 224), (160, 96), (64, 64)]
+    _assert_same_rope(hf, teacher, sizes)
+    xs = [torch.randn(2, 3, h, w) for h, w in sizes]
+    with torch.no_grad():
+        for x in xs:
+            _assert_same_v3_features(hf(pixel_values=x).last_hidden_state, teacher, x)
+
+        broken = tmp_path / "broken"  # the test can fail: the masked key bias made to act
+        broken.mkdir()
+        (broken / "config.json").write_text(json.dumps(cfg | {"key_bias": True}))
+        sd = load_file(str(out / "model.safetensors"))
+        key_bias = load_backbone(ckpt, "teacher").state_dict()["blocks.0.attn.qkv.bias"].chunk(3)[1]
+        assert key_bias.abs().max() > 0.1
+        sd["layer.0.attention.k_proj.bias"] = key_bias.contiguous()
+        save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
+        got = _load_hf(broken, "DINOv3ViTModel")(pixel_values=xs[0]).last_hidden_state
+        assert (got - _tokens(teacher, xs[0])).abs().max() > 1e-2
+
+
+@needs_safetensors
+@pytest.mark.parametrize("name", list(V3_HF))
+def test_hf_dinov3_options(tmp_path, name):
+    """Each option set DINOv3ViTModel can hold: the export checks itself, loads strictly, and gives
+    fastdino's tokens and RoPE at 32 px, 24 x 40 px and 48 px; the config says what the backbone does
+    (no storage tokens: an empty register_tokens; no LayerScale: lambda 1; the RoPE base read off the
+    periods; the training-only coordinate augmentations the backbone's)."""
+    pytest.importorskip("transformers")
+    options = V3_HF[name]
+    model = _v3(seed=7, **options).eval()
+    out = tmp_path / "hf"
+    rep = export.export_backbone(model, "hf", str(out))
+    assert rep["checked"].startswith("checked: transformers") and "DINOv3ViTModel" in rep["checked"]
+    cfg = json.loads((out / "config.json").read_text())
+    qkv_bias = options.get("qkv_bias", True)
+    swiglu = options.get("ffn_layer", "mlp") != "mlp"
+    width = model.blocks[0].mlp.w3.in_features if swiglu else model.blocks[0].mlp.fc1.out_features
+    assert (cfg["num_register_tokens"], cfg["use_gated_mlp"], cfg["hidden_act"], cfg["intermediate_size"],
+            cfg["query_bias"], cfg["key_bias"], cfg["proj_bias"], cfg["mlp_bias"], cfg["layer_norm_eps"]) == (
+        options["n_storage_tokens"], swiglu, "silu" if swiglu else "gelu", width, qkv_bias,
+        qkv_bias and not options["mask_k_bias"], options.get("proj_bias", True), options.get("ffn_bias", True),
+        1e-6 if options.get("norm_layer", "layernorm") == "layernorm" else 1e-5)
+    assert (cfg["pos_embed_shift"], cfg["pos_embed_jitter"], cfg["pos_embed_rescale"]) == (
+        options.get("pos_embed_rope_shift_coords"), None, options.get("pos_embed_rope_rescale_coords"))
+    if options.get("pos_embed_rope_base", 100.0) is None:  # min_period 1, D_head 16, n = 4 periods:
+        assert cfg["rope_theta"] == pytest.approx(30.0 ** (16 / 12), rel=1e-5)  # 30^(m/3) = theta^(4m/16)
+    else:
+        assert cfg["rope_theta"] == 100.0
+
+    hf = _load_hf(out, "DINOv3ViTModel")
+    sizes = [(32, 32), (24, 40), (48, 48)]
+    _assert_same_rope(hf, model, sizes)
+    with torch.no_grad():
+        for h, w in sizes:
+            x = torch.randn(2, 3, h, w)
+            _assert_same_v3_features(hf(pixel_values=x).last_hidden_state, model, x)
+
+
+@pytest.mark.parametrize("name", list(V3_NO_HF))
+def test_hf_dinov3_refuses_what_transformers_cannot_compute(tmp_path, name):
+    """Options DINOv3ViTModel has no equivalent for end the hf export with one line naming the option
+    and --format safetensors, before anything is written."""
+    options, words = V3_NO_HF[name]
+    model = _v3(**options).eval()
+    with pytest.raises(export.EvalError) as e:
+        export.export_backbone(model, "hf", str(tmp_path / "hf"))
+    msg = str(e.value)
+    assert words in msg and "--format safetensors" in msg and "\n" not in msg
+    assert not (tmp_path / "hf").exists() and not os.listdir(tmp_path)
+
+
+@needs_safetensors
+@pytest.mark.parametrize("name", list(V3_HF) + list(V3_NO_HF))
+def test_safetensors_dinov3_rebuilds_an_equal_backbone(tmp_path, name):
+    """The safetensors folder of a DINOv3 backbone (any options, those hf refuses too): the state dict
+    with the official names, buffers included, and fastdino.json's model_args, from which
+    DINOv3VisionTransformer builds the same names and shapes, loads the weights strictly and gives
+    bit-identical features."""
+    from safetensors.torch import load_file
+
+    options = V3_HF[name] if name in V3_HF else V3_NO_HF[name][0]
+    model = _v3(seed=3, **options).eval()
+    out = tmp_path / "st"
+    rep = export.export_backbone(model, "safetensors", str(out))
+    assert rep["checked"] is None and sorted(os.listdir(out)) == ["fastdino.json", "model.safetensors"]
+    sd, ref = load_file(str(out / "model.safetensors")), model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert "rope_embed.periods" in sd and ("blocks.0.attn.qkv.bias_mask" in sd) == bool(
+        options.get("mask_k_bias") and options.get("qkv_bias", True))
+    meta = json.loads((out / "fastdino.json").read_text())
+    assert (meta["layout"], meta["format"]) == ("dinov3", "safetensors")
+    args = meta["model_args"]
+    for k, v in options.items():  # the constructor's own values (the FFN: a pair that builds the same width)
+        if k not in ("ffn_layer", "ffn_ratio"):
+            assert args[k] == v, k
+    torch.manual_seed(0)
+    rebuilt = DINOv3VisionTransformer(**args)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in ref.items()}
+    rebuilt.load_state_dict(sd, strict=True)
+    rebuilt.eval()
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        assert torch.equal(_tokens(rebuilt, x), _tokens(model, x))
+        assert torch.equal(rebuilt(x), model(x))
+
+
+@needs_safetensors
+def test_safetensors_dinov3_from_a_checkpoint_reads_back(tmp_path, capsys):
+    """A DINOv3 backbone state dict (dinov3_vits16plus: SwiGLU, ffn_ratio 6) through the command line:
+    fastdino.json gives the hub builder's arguments, and load_backbone reads the folder back equal."""
+    src = _randomize(dinov3_vits16plus(depth=1, drop_path_rate=0.0), 4).eval()
+    torch.save(src.state_dict(), tmp_path / "b.pth")
+    out = tmp_path / "st"
+    code, printed, err = _run(["--checkpoint", str(tmp_path / "b.pth"), "--format", "safetensors", "--out", str(out)],
+                              capsys)
+    assert code == 0, err
+    assert "(dinov3_vits16plus/16, 1 blocks, 4 registers, swiglu)" in printed
+    args = json.loads((out / "fastdino.json").read_text())["model_args"]
+    assert {k: args[k] for k in ("embed_dim", "num_heads", "ffn_layer", "ffn_ratio", "norm_layer", "n_storage_tokens",
+                                 "mask_k_bias", "pos_embed_rope_base", "layerscale_init", "pos_embed_rope_dtype")} == {
+        "embed_dim": 384, "num_heads": 6, "ffn_layer": "swiglu", "ffn_ratio": 6.0, "norm_layer": "layernormbf16",
+        "n_storage_tokens": 4, "mask_k_bias": True, "pos_embed_rope_base": 100.0, "layerscale_init": 1e-5,
+        "pos_embed_rope_dtype": "fp32"}
+    back = load_backbone(str(out))
+    assert isinstance(back, DINOv3VisionTransformer)
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+@needs_safetensors
+def test_dinov3_refusals_from_the_command_line(tmp_path, capsys):
+    """timm: DINOv3 is refused with one line naming the formats that take it; hf: an untied-norm
+    DINOv3 checkpoint is refused with one line. Nothing is written."""
+    path = tmp_path / "b.pth"
+    torch.save(_randomize(dinov3_vitt16(depth=1), 0).state_dict(), path)
+    untied = tmp_path / "untied.pth"
+    torch.save(_randomize(dinov3_vitt16(depth=1, untie_cls_and_patch_norms=True), 0).state_dict(), untied)
+    for ckpt, fmt, words in ((path, "timm", "--format timm takes DINO / DINOv2 backbones, not DINOv3: export it "
+                                            "with --format hf (transformers DINOv3ViTModel) or --format safetensors"),
+                             (untied, "hf", "untie_cls_and_patch_norms")):
+        code, printed, err = _run(["--checkpoint", str(ckpt), "--format", fmt, "--out", str(tmp_path / "o")], capsys)
+        assert code == 2 and words in err and err.count("\n") == 1 and not printed, err
+    assert not (tmp_path / "o").exists() and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,3 +693,20 @@ def test_output_folder_is_never_overwritten_by_surprise(tmp_path, capsys, monkey
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # the earlier export is intact
     assert not (tmp_path / "new").exists()
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # no temporary folder left behind
+
+
+@needs_safetensors
+@pytest.mark.parametrize("name", ["rmsnorm", "untied", "periods"])
+def test_safetensors_dinov3_non_hub_options_evaluate_as_exported(tmp_path, name):
+    """A safetensors export with options the weights alone do not tell (RMSNorm, untied norms, RoPE
+    periods, patch 4): load_backbone (every evaluation) rebuilds it from fastdino.json's model_args, so
+    the features it evaluates are the exported backbone's, bit for bit."""
+    from fastdino.export import export_backbone
+
+    model = _v3(3, **V3_NO_HF[name][0]).eval()
+    export_backbone(model, "safetensors", str(tmp_path / "st"))
+    back = load_backbone(str(tmp_path / "st"))
+    assert isinstance(back, DINOv3VisionTransformer) and back.patch_size == 4
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        assert torch.equal(_tokens(back, x), _tokens(model, x))

@@ -391,6 +391,29 @@ def dinov3_backbone(state_dict: dict, depth: int) -> torch.nn.Module | None:
     return model
 
 
+def _dinov3_from_export(path: str):
+    """The DINOv3 backbone a `python -m fastdino.export --format safetensors` folder describes (its
+    fastdino.json's model_args: every constructor option, so non-hub options rebuild exactly), or None
+    for anything else (the options are then read from the weights)."""
+    meta_path = os.path.join(path, "fastdino.json") if os.path.isdir(path) else None
+    if meta_path is None or not os.path.isfile(meta_path):
+        return None
+    import json
+
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != "safetensors" or "model_args" not in meta:
+        return None
+    from fastdino.models.dinov3 import DINOv3VisionTransformer
+
+    try:
+        model = DINOv3VisionTransformer(**meta["model_args"])
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"checkpoint '{path}': fastdino.json's model_args do not build a DINOv3 backbone: {e}") from None
+    model.arch = meta.get("arch") or "dinov3"
+    return model
+
+
 def load_backbone(path: str | None, which: str = "teacher", arch: str | None = None,
                   patch_size: int | None = None, device="cpu", depth: int | None = None) -> torch.nn.Module:
     """A frozen ViT backbone in eval mode. `path=None` gives the random initialization of `arch`
@@ -410,7 +433,7 @@ def load_backbone(path: str | None, which: str = "teacher", arch: str | None = N
                 model = build_vit(arch, patch_size, depth or 0)
     else:
         sd, meta = backbone_state_dict(torch_load(path), which)
-        v3 = dinov3_backbone(sd, infer_depth(sd))
+        v3 = _dinov3_from_export(path) or dinov3_backbone(sd, infer_depth(sd))
         if v3 is not None:  # RoPE: no position embedding to resize, any input size
             try:
                 v3.load_state_dict(sd, strict=True)
@@ -418,7 +441,7 @@ def load_backbone(path: str | None, which: str = "teacher", arch: str | None = N
                 raise EvalError(f"checkpoint '{path}' ({which}) does not match {v3.arch}: "
                                 f"{str(e).strip().splitlines()[0]}") from None
             v3.eval().requires_grad_(False)
-            v3.patch_size = 16
+            v3.patch_size = int(v3.patch_embed.proj.weight.shape[-1])
             return v3.to(device)
         arch_sd, patch_sd = infer_arch(sd)
         depth_sd = infer_depth(sd)
