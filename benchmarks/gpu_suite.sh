@@ -11,18 +11,27 @@
 #   bash benchmarks/gpu_suite.sh E OUTDIR   # new kernels (~3-4 min, after D in the same session): the Gram
 #                                           # kernel's and the DINOv3 backbone's GPU tests, the Gram loss table,
 #                                           # the fused residual+LayerNorm op's tests and GB/s
+#   bash benchmarks/gpu_suite.sh F OUTDIR   # the next session's default (~7 min, D and E ran on 2026-11-29):
+#                                           # tests of the kernels changed since, residual-norm GB/s and its
+#                                           # backward sweep, the loss, Sinkhorn-Knopp at iBOT size, ViT-S/16
+#                                           # end to end with the backbone levers
+#
+# Then, on this machine: python benchmarks/record.py OUTDIR (rows into benchmarks/results.jsonl), and
+# benchmarks/RESULTS.md from them.
 #
 # Wheels (optional): .whl/p0..p3 hold the parts of a tar of DALI and its needs (too large for one
 # transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh A|B|C|D|E OUTDIR}
-out=${2:?usage: gpu_suite.sh A|B|C|D|E OUTDIR}
+part=${1:?usage: gpu_suite.sh A|B|C|D|E|F OUTDIR}
+out=${2:?usage: gpu_suite.sh A|B|C|D|E|F OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 py=python3
 step() {  # step NAME TIMEOUT CMD...: run, log to OUTDIR/NAME.log, never stop the suite
     local name=$1 limit=$2; shift 2
     echo "=== $name ($(date +%T))"
+    printf '%s\t%s\n' "$name" "$*" >> "$out/commands.txt"  # benchmarks/record.py reads it
+    if [ -n "${GPU_SUITE_DRY:-}" ]; then return; fi  # the CPU test: the commands only
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | tail -40
     echo "=== $name rc=${PIPESTATUS[0]}"
 }
@@ -34,12 +43,15 @@ install_wheels() {
         $py -m pip install -q --no-index --no-deps --no-compile .whl/ds/*.whl
     fi
     $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    $py -c "import json, torch, triton; print(json.dumps({'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__}))" > "$out/versions.json"
     $py -c "import nvidia.dali as d; print('dali', d.__version__)" || echo "dali: not importable"
     $py -c "import deepspeed as d; print('deepspeed', d.__version__)" 2>/dev/null | tail -1 || echo "deepspeed: not importable"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-install_wheels
+if [ -z "${GPU_SUITE_DRY:-}" ]; then  # GPU_SUITE_DRY=1: write OUTDIR/commands.txt, run nothing
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+    install_wheels
+fi
 if [ "$part" = A ]; then
     step throughput_vits16 230 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
         --batch-size 256 --data both --steps 8 --warmup 4 --repeats 3 --time-budget 180 --json "$out/throughput_vits16.json"
@@ -62,6 +74,19 @@ elif [ "$part" = E ]; then  # DINOv3: the tiled Gram loss (never measured on a G
     step pytest_residual_norm 45 $py -m pytest -q -p no:cacheprovider tests/kernels/test_residual_layer_norm.py \
         -k "not aot and not benchmark"
     step residual_norm 40 $py benchmarks/residual_norm.py --results "$out/residual_norm.jsonl"
+elif [ "$part" = F ]; then  # the open measurements after 2026-11-29 (~7 min): tests of what changed,
+    # the pipelined residual-norm backward, the cancellation-free loss forward, Sinkhorn-Knopp at iBOT size,
+    # and the backbone levers end to end (the fused residual chain, the bf16 residual stream)
+    step pytest_changed 150 $py -m pytest -q -p no:cacheprovider tests/kernels/test_residual_layer_norm.py \
+        tests/kernels/test_soft_cross_entropy.py tests/kernels/test_gram_loss.py tests/test_ibot.py \
+        tests/test_dinov2_models.py tests/test_attention.py tests/test_models.py -k "not aot"
+    step residual_norm 40 $py benchmarks/residual_norm.py --results "$out/residual_norm.jsonl"
+    step residual_norm_sweep 50 $py benchmarks/residual_norm.py --sweep-bwd --results "$out/residual_norm_sweep.jsonl"
+    step loss 50 $py benchmarks/loss.py --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss.json"
+    step loss_sk 40 $py benchmarks/loss.py --sk --B 64 2048 --dtypes bf16 --json "$out/loss_sk.json"
+    step throughput_vits16 200 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
+        --batch-size 256 --data synthetic --rows reference,fastdino,+residual_norm,+bf16_residual,+compile \
+        --steps 8 --warmup 4 --repeats 3 --time-budget 180 --json "$out/throughput_vits16.json"
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
     step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"
     step pytest_gpu 80 $py -m pytest -q -p no:cacheprovider tests/kernels/test_linear_soft_cross_entropy.py \

@@ -10,7 +10,7 @@ Rows (each one config, built and timed in turn in this process on the same devic
     reference     train.reference=true: the official algorithm, every component's plain reference
                   (per-pair loss loop, per-parameter EMA and clipping, crops unpacked through math
                   attention, CPU augmentation: fastdino.config.REFERENCE)
-    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +residual_norm, +data
+    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +residual_norm, +bf16_residual, +data
                   the reference with one fast component switched on: what that component buys alone
     fastdino      the config as given (impls at "auto": every fast path available on this device)
     official      with --baseline-repo: a checkout of facebookresearch/dino timed on the same crops
@@ -72,12 +72,13 @@ COMPONENTS = {
     "fused_head": {"model.fused_head": True, "loss.impl": "auto"},  # the head's last layer inside the fused loss
     "compile": {"model.compile": True},
     "residual_norm": {"model.fused_residual_norm": True},  # the blocks' residual add + norm2 as one op
+    "bf16_residual": {"model.residual_dtype": "bf16"},  # the blocks' residual stream in bf16 (DINOv3)
     "data": {"data.backend": "auto"},
 }
 # component -> the fields of fastdino.resolve.Resolved that tell what it resolved to
 IMPL_KEYS = {"loss": ("loss",), "ema_clip": ("ema", "clip"), "attention": ("attn",), "packed": ("packed",),
              "fused_head": ("fused_head", "loss"), "compile": ("compile",), "residual_norm": ("residual_norm",),
-             "data": ("data",)}
+             "bf16_residual": ("residual_dtype",), "data": ("data",)}
 ROW_NAMES = ("reference",) + tuple(f"+{c}" for c in COMPONENTS) + ("fastdino",)
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "teacher_update")
 
@@ -242,11 +243,9 @@ def build_run(cfg: Config, device: torch.device, steps_per_epoch: int):
 def resolved_impls(run, loader_backend: str | None) -> dict:
     """What each component resolved to in this row (the engine's Resolved record)."""
     r = run.resolved
-    fused_norm = run.cfg.model.fused_residual_norm and not run.cfg.train.reference
-    residual_norm = ("triton" if r.device.startswith("cuda") else "torch") if fused_norm else "off"
     return {"loss": r.loss, "ema": r.ema, "clip": r.clip, "attn": r.attn, "packed": r.packed_multicrop,
-            "fused_head": r.fused_head, "compile": r.compile, "residual_norm": residual_norm,
-            "data": loader_backend or "synthetic"}
+            "fused_head": r.fused_head, "compile": r.compile, "residual_norm": r.residual_norm,
+            "residual_dtype": r.residual_dtype, "data": loader_backend or "synthetic"}
 
 
 def _is_reference(component: str, impls: dict) -> bool:
@@ -265,6 +264,8 @@ def _is_reference(component: str, impls: dict) -> bool:
         return impls.get("compile") == "off"
     if component == "residual_norm":  # off, or the op's torch reference (no GPU): nothing fused to time
         return impls.get("residual_norm") in ("off", "torch")
+    if component == "bf16_residual":
+        return impls.get("residual_dtype") == "fp32"
     if component == "data":
         return impls.get("data") == "torch"
     return False
@@ -488,9 +489,14 @@ def run_row(name: str, mode: str, base_cfg: Config, args, device: torch.device, 
     row = {"name": name, "data": mode, "overrides": overrides, "status": "ok", "reason": None}
     if name == "+data" and mode == "synthetic":
         return {**row, "status": "n/a", "reason": "synthetic crops: no data pipeline to speed up"}
-    cfg = load_config(args.config, args.overrides + [_override(k, v) for k, v in overrides.items()])
-    batch = cfg.optim.batch_size_per_gpu
     required = name in ("reference", "fastdino")  # these must run; a component may be unavailable here
+    try:
+        cfg = load_config(args.config, args.overrides + [_override(k, v) for k, v in overrides.items()])
+    except ConfigError as e:  # a component this config cannot take (+bf16_residual with fp32 precision)
+        if required:
+            raise
+        return {**row, "status": "n/a", "reason": _one_line(e)}
+    batch = cfg.optim.batch_size_per_gpu
     t = loader = batches = None
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -57,8 +57,12 @@ class ModelConfig:
     packed_multicrop: bool = False  # student: all crops through each block together (varlen attention)
     activation_checkpointing: bool = False  # recompute each block in backward (memory for /8 models)
     compile: bool = False  # torch.compile the backbone blocks and the heads (one static graph per token layout)
-    # each block's attention residual add (drop path, LayerScale) and norm2 as one fused op (Triton on CUDA)
+    # each residual add (drop path, LayerScale) and the LayerNorm after it as one fused op (Triton on CUDA):
+    # attention residual + norm2, MLP residual + the next block's norm1
     fused_residual_norm: bool = False
+    # the residual stream's dtype under bf16 autocast: fp32 (the official DINO / DINOv2 code: the fp32
+    # [CLS] token and position embedding promote it) or bf16 (DINOv3's mixed precision; half the traffic)
+    residual_dtype: str = choice("fp32", "fp32", "bf16")
     # dinov3_*: RoPE coordinate augmentations in training (the student; 0 = off): rescale by a factor in
     # [1/r, r] (the hub models' and the 7B recipe's 2), jitter each axis by a factor in [1/j, j], shift by [-s, s]
     rope_rescale_coords: float = 2.0
@@ -228,6 +232,7 @@ REFERENCE = {
     "model.packed_multicrop": False,  # one backbone call per crop resolution
     "model.fused_head": False,
     "model.fused_residual_norm": False,
+    "model.residual_dtype": "fp32",
     "model.compile": False,
     "train.compile_step": False,
     "data.backend": "torch",  # CPU augmentation
@@ -330,6 +335,8 @@ def _validate(cfg: Config) -> None:
     need(m.out_dim >= 2, "model.out_dim", "must be >= 2")
     need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
     need(m.depth >= 0, "model.depth", "must be >= 1 (or 0: the architecture's own depth)")
+    need(m.residual_dtype == "fp32" or t.precision == "bf16", "model.residual_dtype",
+         "bf16 needs train.precision=bf16 (the stream is cast under bf16 autocast)")
     dinov2 = m.arch.startswith("dinov2_")
     dinov3 = m.arch.startswith("dinov3_")
     if dinov3:

@@ -41,6 +41,8 @@ class Resolved:
     packed_multicrop: bool
     data: str  # dali | torch
     compile: str  # off | blocks | step
+    residual_norm: str  # off | triton | torch: model.fused_residual_norm (the op's impl on this device)
+    residual_dtype: str  # fp32 | bf16: the blocks' residual stream under autocast
     reference: bool
 
     def to_dict(self) -> dict:
@@ -151,5 +153,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
         packed_multicrop=m.packed_multicrop,
         data=resolve_data_backend(cfg.data.backend, device),
         compile=compile_mode,
+        residual_norm=("triton" if device.type == "cuda" else "torch") if m.fused_residual_norm else "off",  # op's auto
+        residual_dtype=m.residual_dtype,
         reference=cfg.train.reference,
     )

@@ -86,11 +86,15 @@ def check_output_dir(path: str) -> None:
 def build_models(cfg: Config, resolved: Resolved, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """Student and teacher: same architecture; the teacher starts as a copy of the student and
     learns only through the EMA. With the fused head the student's head stops at its bottleneck."""
-    from fastdino.models import DINOHead, MultiCropWrapper, build_backbone
+    from fastdino.models import RESIDUAL_DTYPES, DINOHead, MultiCropWrapper, build_backbone, set_residual_norm
 
     m = cfg.model
     student_backbone = build_backbone(m, teacher=False, attn=resolved.attn)
     teacher_backbone = build_backbone(m, teacher=True, attn=resolved.attn)
+    for backbone in (student_backbone, teacher_backbone):  # as resolved (train.reference turns both off)
+        if m.fused_residual_norm:
+            set_residual_norm(backbone, None if resolved.residual_norm == "off" else "auto")
+        backbone.residual_dtype = RESIDUAL_DTYPES[resolved.residual_dtype]
     dim = student_backbone.embed_dim
     ibot = cfg.loss.ibot_weight > 0
 

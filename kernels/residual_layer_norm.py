@@ -34,10 +34,17 @@ checked at C = 384 / 768 / 1024; far larger C, one row per tile with 8 warps, is
   _residual_layer_norm_bwd_kernel, grid (P,) with P <= cdiv(N, BLOCK_M): program p takes the row tiles
       p, p + P, p + 2P, ...; loads h_r, dout, dh (and y with g), writes dx, dy, and its partial
       column sums of dw, db (and dg) to a (P, C) fp32 buffer each; torch sums the P partials (fixed
-      order: deterministic, no atomics). P = 3 x the SM count on CUDA: at up to 168 registers x 128
-      threads (the launch table's backward, cuobjdump) 3 programs fit an SM at once; a 4th would
-      run as a second partial wave.
-Host: 1 launch forward; 1 launch + 2 (3) small sums backward; no synchronization.
+      order: deterministic, no atomics). The tile loop is software-pipelined by Triton (tl.range,
+      3 stages: the next tiles' loads go to shared memory by cp.async while one is reduced): on an
+      H200 (bf16, the 4 benchmark shapes) 53-113 us, 3600-4100 GB/s of floor traffic, against
+      80-182 us for the plain loop, which waits on each tile's loads. P = 3 x the SM count on CUDA:
+      bf16 at up to 168 registers x 128 threads and 25-33 KB shared (the launch table's backward,
+      cuobjdump) fits 3 programs an SM at once; a 4th would run as a second partial wave (fp32 with
+      gamma at C > 512: 230 registers, 57 KB, 2 an SM).
+Host: 1 launch forward; 1 launch + 2 (3) small sums backward; no synchronization. Eagerly the
+backward op's call (custom op, launch, sums) took 0.13-0.39 ms on an H200 (do_bench) where its GPU
+time was 0.10-0.21 ms (plain loop, CUDA graph replay): at ViT sizes eager training is host-bound here,
+and CUDA graphs remove that. The torch sums of the partials take ~8 us of GPU time each.
 The custom ops fastdino::residual_layer_norm and fastdino::residual_layer_norm_bwd (fake impls,
 autograd on the first) keep torch.compile on one graph.
 
@@ -48,8 +55,9 @@ Memory traffic (the floor, bytes per element of (N, C); 2 for bf16, 4 for fp32):
   and their backwards) moves each (N, C) tensor several times more.
 Design limits: one row tile in registers (BLOCK_C = next_pow2(C)); fp32/bf16 x, y, h, out (fp16/fp64
 go to the reference with impl="auto"); rows must be contiguous (stride 1 over C); the launch table
-is untuned (no GPU measurement yet) and compiles spill-free with 16-byte loads for C a multiple of
-16 (tests/kernels/test_residual_layer_norm.py, AOT for sm_80 and sm_90a).
+is measured at bf16 C = 384 / 768 only (H200; fp32 and other widths are not) and compiles spill-free
+with 16-byte loads for C a multiple of 16 (tests/kernels/test_residual_layer_norm.py, AOT for sm_80
+and sm_90a).
 """
 from __future__ import annotations
 
@@ -164,7 +172,9 @@ def _residual_layer_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     dg_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)  # unused without HAS_GAMMA
-    for tile in range(pid, tl.cdiv(N, BLOCK_M), n_progs):
+    # pipelined by Triton: the next tiles' loads (cp.async into shared memory) are in flight while this
+    # one is reduced and stored; the plain loop waits on each tile's loads (1.5x slower on an H200)
+    for tile in tl.range(pid, tl.cdiv(N, BLOCK_M), n_progs, num_stages=3):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
         mask = rmask[:, None] & cmask[None, :]
@@ -202,18 +212,22 @@ def _residual_layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Row tile = BLOCK_M rows x BLOCK_C = next_pow2(C) columns; BLOCK_M from the tile's element count
 # (forward 4096, backward 2048: it keeps ~3x more live tiles), num_warps 4 (8 from 8k elements).
-# Untuned (no GPU run yet): spill-free with 16-byte loads on sm_80 / sm_90a at C 384 / 768 / 1024
-# (tests/kernels/test_residual_layer_norm.py): forward 72-96 registers, backward 127-168 (8 warps or
-# 4096-element backward tiles spill on sm_80), 2-4 KB shared (the row reductions). Tune with
-# benchmarks/residual_norm.py.
+# Spill-free with 16-byte loads on sm_80 / sm_90a at C 384 / 768 / 1024 (tests/kernels/
+# test_residual_layer_norm.py): forward 72-96 registers, 2-4 KB shared (the row reductions); backward
+# 128-168 registers, 25-33 KB shared bf16, up to 230 and 62 KB fp32 (the pipeline's stages).
+# benchmarks/residual_norm.py --sweep-bwd on an H200 (bf16, N ~50k, C 384 / 768, with and without
+# gamma; block_m x num_warps 4/8 x 1-8 programs an SM or one per tile): this table's backward was the
+# fastest launch at all four shapes with the plain tile loop, and with the pipelined loop the fastest
+# of a smaller grid (block_m x 1/2, 1, 2; num_warps 4/8; 2, 3, 4, 6 programs an SM).
 FWD_TILE, BWD_TILE = 4096, 2048
 
 
-def launch_config(C: int, backward: bool = False, block_m: int = 0) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps) for rows of C channels; a nonzero block_m wins (tests, tuning)."""
+def launch_config(C: int, backward: bool = False, block_m: int = 0, num_warps: int = 0) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for rows of C channels; a nonzero block_m / num_warps wins (tests,
+    tuning: benchmarks/residual_norm.py --sweep-bwd)."""
     BLOCK_C = triton.next_power_of_2(C)
     BLOCK_M = block_m or max(1, (BWD_TILE if backward else FWD_TILE) // BLOCK_C)
-    return BLOCK_M, BLOCK_C, 8 if BLOCK_M * BLOCK_C >= 8192 else 4
+    return BLOCK_M, BLOCK_C, num_warps or (8 if BLOCK_M * BLOCK_C >= 8192 else 4)
 
 
 def backward_programs(N: int, BLOCK_M: int, device: torch.device, programs: int = 0) -> int:
@@ -228,13 +242,14 @@ def backward_programs(N: int, BLOCK_M: int, device: torch.device, programs: int 
 @torch.library.custom_op("fastdino::residual_layer_norm", mutates_args=())
 def residual_layer_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                            scale: torch.Tensor | None, gamma: torch.Tensor | None, eps: float,
-                           residual_dtype: torch.dtype, out_dtype: torch.dtype, block_m: int, programs: int
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                           residual_dtype: torch.dtype, out_dtype: torch.dtype, block_m: int, programs: int,
+                           num_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h (N, C) residual_dtype, out (N, C) out_dtype, mean (N,) fp32, rstd (N,) fp32). x, y (N, C)
-    with unit column stride; scale (N,) fp32 or None; gamma, weight, bias (C,). block_m / programs:
-    launch overrides (0 = the table; programs is the backward's)."""
+    with unit column stride; scale (N,) fp32 or None; gamma, weight, bias (C,). block_m / programs /
+    num_warps: launch overrides (0 = the table; block_m and num_warps for both kernels, programs for
+    the backward's)."""
     N, C = x.shape
-    BM, BC, nw = launch_config(C, block_m=block_m)
+    BM, BC, nw = launch_config(C, block_m=block_m, num_warps=num_warps)
     h = torch.empty((N, C), dtype=residual_dtype, device=x.device)
     out = torch.empty((N, C), dtype=out_dtype, device=x.device)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -247,7 +262,7 @@ def residual_layer_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tenso
 
 
 @residual_layer_norm_op.register_fake
-def _(x, y, weight, bias, scale, gamma, eps, residual_dtype, out_dtype, block_m, programs):
+def _(x, y, weight, bias, scale, gamma, eps, residual_dtype, out_dtype, block_m, programs, num_warps):
     N, C = x.shape
     return (x.new_empty((N, C), dtype=residual_dtype), x.new_empty((N, C), dtype=out_dtype),
             x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32))
@@ -257,16 +272,17 @@ def _(x, y, weight, bias, scale, gamma, eps, residual_dtype, out_dtype, block_m,
 def residual_layer_norm_bwd_op(dh: torch.Tensor, dout: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None,
                                weight: torch.Tensor, scale: torch.Tensor | None, gamma: torch.Tensor | None,
                                mean: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype, y_dtype: torch.dtype,
-                               block_m: int, programs: int
+                               block_m: int, programs: int, num_warps: int
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx (N, C) x_dtype, dy (N, C) y_dtype, dgamma (C,) gamma's dtype or an empty (0,) without
     gamma, dweight, dbias (C,) weight's dtype); see the header. y (the branch output) is read for
-    dgamma only: None without gamma (the forward then does not keep it alive)."""
+    dgamma only: None without gamma (the forward then does not keep it alive). block_m / programs /
+    num_warps: launch overrides (0 = the table)."""
     if gamma is not None and y is None:
         raise ValueError("residual_layer_norm_bwd: gamma needs the branch output y for its gradient")
     N, C = h.shape
     dh, dout = dh.contiguous(), dout.contiguous()
-    BM, BC, nw = launch_config(C, backward=True, block_m=block_m)
+    BM, BC, nw = launch_config(C, backward=True, block_m=block_m, num_warps=num_warps)
     P = backward_programs(N, BM, h.device, programs)
     dx = torch.empty((N, C), dtype=x_dtype, device=h.device)
     dy = torch.empty((N, C), dtype=y_dtype, device=h.device)
@@ -283,7 +299,7 @@ def residual_layer_norm_bwd_op(dh: torch.Tensor, dout: torch.Tensor, h: torch.Te
 
 
 @residual_layer_norm_bwd_op.register_fake
-def _(dh, dout, h, y, weight, scale, gamma, mean, rstd, x_dtype, y_dtype, block_m, programs):
+def _(dh, dout, h, y, weight, scale, gamma, mean, rstd, x_dtype, y_dtype, block_m, programs, num_warps):
     N, C = h.shape
     return (h.new_empty((N, C), dtype=x_dtype), h.new_empty((N, C), dtype=y_dtype),
             h.new_empty((C,) if gamma is not None else (0,), dtype=gamma.dtype if gamma is not None else torch.float32),
@@ -291,27 +307,27 @@ def _(dh, dout, h, y, weight, scale, gamma, mean, rstd, x_dtype, y_dtype, block_
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, weight, bias, scale, gamma, eps, residual_dtype, out_dtype, block_m, programs = inputs
+    x, y, weight, bias, scale, gamma, eps, residual_dtype, out_dtype, block_m, programs, num_warps = inputs
     h, _out, mean, rstd = output
     ctx.save_for_backward(h, y if gamma is not None else None, weight, scale, gamma, mean, rstd)
-    ctx.x_dtype, ctx.y_dtype, ctx.block_m, ctx.programs = x.dtype, y.dtype, block_m, programs
+    ctx.x_dtype, ctx.y_dtype, ctx.launch = x.dtype, y.dtype, (block_m, programs, num_warps)
 
 
 def _backward(ctx, dh, dout, _dmean, _drstd):
     h, y, weight, scale, gamma, mean, rstd = ctx.saved_tensors
     dx, dy, dgamma, dweight, dbias = residual_layer_norm_bwd_op(
-        dh, dout, h, y, weight, scale, gamma, mean, rstd, ctx.x_dtype, ctx.y_dtype, ctx.block_m, ctx.programs)
+        dh, dout, h, y, weight, scale, gamma, mean, rstd, ctx.x_dtype, ctx.y_dtype, *ctx.launch)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, dy if need[1] else None, dweight if need[2] else None,
             dbias if need[3] else None, None, dgamma if gamma is not None and need[5] else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 residual_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def residual_layer_norm(x, y, weight, bias, scale=None, gamma=None, eps=1e-6, residual_dtype=None, out_dtype=None,
-                        impl="auto", *, block_m=0, programs=0):
+                        impl="auto", *, block_m=0, programs=0, num_warps=0):
     """(h, out): h = x + scale * (gamma * y) in residual_dtype (default x's), out = LayerNorm(h) * weight
     + bias in out_dtype (default x's); see the header for the math and the backward.
 
@@ -319,7 +335,7 @@ def residual_layer_norm(x, y, weight, bias, scale=None, gamma=None, eps=1e-6, re
     1 / keep_prob, the same for all tokens of a sample) or None; gamma (C,) LayerScale or None;
     weight, bias (C,) the next LayerNorm's. impl="triton": the custom op (CUDA, or CPU under
     TRITON_INTERPRET=1; fp32/bf16 x, y, h, out); "torch": residual_layer_norm_ref; "auto": triton for
-    CUDA fp32/bf16, else torch. block_m / programs: launch overrides (tests, tuning)."""
+    CUDA fp32/bf16, else torch. block_m / programs / num_warps: launch overrides (tests, tuning)."""
     if impl not in IMPLS:
         raise ValueError(f"residual_layer_norm: impl={impl!r} is not one of {list(IMPLS)}")
     _check_inputs(x, y, weight, bias, scale, gamma)
@@ -343,7 +359,7 @@ def residual_layer_norm(x, y, weight, bias, scale=None, gamma=None, eps=1e-6, re
     s2 = None if scale is None else scale.reshape(-1).to(torch.float32).contiguous()
     g = None if gamma is None else gamma.contiguous()
     h, out, _mean, _rstd = residual_layer_norm_op(x2, y2, weight.contiguous(), bias.contiguous(), s2, g, float(eps),
-                                                  residual_dtype, out_dtype, block_m, programs)
+                                                  residual_dtype, out_dtype, block_m, programs, num_warps)
     return h.view(shape), out.view(shape)
 
 

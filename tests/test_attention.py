@@ -127,6 +127,16 @@ def test_resolve_backend():
             resolve_backend(name, "cpu")
 
 
+@pytest.mark.parametrize("backend", ["sdpa_cudnn", "sdpa_efficient", "flash_attn"])
+def test_cuda_only_backend_runs_cpu_tensors_through_sdpa(backend):
+    """A model built on a CUDA machine (auto: a CUDA-only kernel) and evaluated on CPU: the CPU call
+    runs torch's dispatch and equals the reference, instead of failing in the kernel."""
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2 * 7, 3 * 16, generator=g)
+    out = packed_attention(qkv, ((2, 7),), 2, backend)
+    torch.testing.assert_close(out, packed_attention_ref(qkv, ((2, 7),), 2), atol=1e-5, rtol=1e-5)
+
+
 def test_cu_seqlens():
     cu, mx = cu_seqlens_for(((2, 5), (3, 2)), "cpu")
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 5, 10, 12, 14, 16] and mx == 5

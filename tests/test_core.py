@@ -151,11 +151,28 @@ def test_reference_mode_is_one_switch():
     """train.reference=true resolves every component to its reference, whatever the config asks."""
     from fastdino.resolve import resolve
 
-    cfg = load_config("configs/vits16.json", ["train.reference=true", "model.fused_head=true", "optim.ema_impl=foreach"])
+    cfg = load_config("configs/vits16.json", ["train.reference=true", "model.fused_head=true", "optim.ema_impl=foreach",
+                                              "model.fused_residual_norm=true", "model.residual_dtype=bf16"])
     r = resolve(cfg, torch.device("cpu"))
-    assert (r.loss, r.ema, r.clip, r.attn, r.packed_multicrop, r.fused_head, r.data, r.compile) == \
-        ("reference", "loop", "loop", "math", False, False, "torch", "off")
+    assert (r.loss, r.ema, r.clip, r.attn, r.packed_multicrop, r.fused_head, r.data, r.compile, r.residual_norm,
+            r.residual_dtype) == ("reference", "loop", "loop", "math", False, False, "torch", "off", "off", "fp32")
     assert r.reference and set(REFERENCE) >= {"loss.impl", "optim.ema_impl", "optim.clip_impl", "model.attn"}
     fast = resolve(load_config("configs/vits16.json"), torch.device("cpu"))
     assert (fast.loss, fast.ema, fast.clip, fast.attn, fast.packed_multicrop) == \
         ("reference", "foreach", "foreach", "sdpa", True)  # what auto means on a CPU
+
+
+def test_models_are_built_as_resolved():
+    """The backbones take the resolved residual choices: model.fused_residual_norm and
+    model.residual_dtype as asked, both off under train.reference=true, logged on the resolved line."""
+    from fastdino.resolve import resolve
+    from fastdino.train import build_models
+
+    asked = ["model.fused_residual_norm=true", "model.residual_dtype=bf16", "train.precision=bf16"]
+    for extra, impl, dtype in (([], "auto", torch.bfloat16), (["train.reference=true"], None, None)):
+        cfg = load_config("configs/demo.json", asked + extra)
+        r = resolve(cfg, torch.device("cpu"))
+        assert ("residual_dtype=bf16" in r.line()) == (dtype is not None)
+        for model in build_models(cfg, r, torch.device("cpu")):
+            assert {b.residual_norm_impl for b in model.backbone.blocks} == {impl}
+            assert model.backbone.residual_dtype == dtype

@@ -290,8 +290,8 @@ def test_wrapper_with_ibot_masks_packed_equals_unpacked_and_reference(shared):
     for k in ("cls", "patch"):
         torch.testing.assert_close(p[k], u[k], atol=1e-5, rtol=1e-5)
     assert gu.keys() == gp.keys() and "backbone.mask_token" in gu
-    for n in gu:
-        torch.testing.assert_close(gp[n], gu[n], atol=1e-5, rtol=1e-4, msg=n)
+    for n in gu:  # sums over tokens (biases, weights): error relative to the largest entry
+        assert err(gp[n], gu[n]) <= 1e-5 * gu[n].abs().max().item(), n
     with torch.no_grad():  # reference: the dense masked forward of the global crops, then the gather
         dense = model(torch.cat(xs[:2]), mb.masks, is_training=True)["x_norm_patchtokens"].flatten(0, 1)
         ref = (ibot_head or head)(dense[mb.mask_indices])

@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "throughput.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("fastdino_bench_throughput", SCRIPT)
+def _load(script=SCRIPT):
+    spec = importlib.util.spec_from_file_location("fastdino_bench_" + os.path.basename(script)[:-3], script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -279,19 +279,20 @@ def test_rows_switch_one_component_each():
     plan = tp.plan_rows(list(tp.ROW_NAMES), "both")  # headline rows first, then the components
     assert plan[:4] == [("reference", "synthetic"), ("fastdino", "synthetic"), ("reference", "real"),
                         ("fastdino", "real")]
-    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == 12
+    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == 13
     assert tp.plan_rows(["fastdino", "+loss", "reference"], "real") == [("fastdino", "real"), ("reference", "real"),
                                                                        ("+loss", "real")]
     rows = [{"name": n, "data": m} for n, m in plan] + [{"name": "official", "data": "synthetic"}]
     ordered = [(r["name"], r["data"]) for r in sorted(rows, key=tp.display_order)]
     assert ordered[0] == ("reference", "synthetic")
-    assert ordered[8:10] == [("fastdino", "synthetic"), ("official", "synthetic")]
+    assert ordered[9:11] == [("fastdino", "synthetic"), ("official", "synthetic")]
     assert ordered[-3:] == [("reference", "real"), ("+data", "real"), ("fastdino", "real")]
 
 
 def test_same_as_reference_reasons():
     impls = {"loss": "reference", "ema": "foreach", "clip": None, "attn": "sdpa", "packed": True,
-             "fused_head": False, "compile": "off", "residual_norm": "torch", "data": "torch"}
+             "fused_head": False, "compile": "off", "residual_norm": "torch", "residual_dtype": "fp32",
+             "data": "torch"}
     from fastdino.config import load_config
 
     cfg = load_config(None, ["loss.impl=auto"])
@@ -301,6 +302,7 @@ def test_same_as_reference_reasons():
     assert "fused_head=False" in tp.same_as_reference("+fused_head", impls, cfg)
     assert "data=torch" in tp.same_as_reference("+data", impls, cfg)
     assert "residual_norm=torch" in tp.same_as_reference("+residual_norm", impls, cfg)  # CPU: nothing fused
+    assert "residual_dtype=fp32" in tp.same_as_reference("+bf16_residual", impls, cfg)
     # the reference row flags whatever did not resolve to the reference impl
     assert tp.not_reference(impls) == ["ema_clip", "attention", "packed"]
 
@@ -400,3 +402,60 @@ def test_gpu_sampler_unavailable_is_a_noop():
     nvml.nvmlDeviceGetHandleByUUID = nvml.nvmlDeviceGetHandleByIndex = broken_handle
     gpu = GPUSampler(torch.device("cuda", 0), nvml=nvml)
     assert not gpu.available and "NVML unavailable" in gpu.reason
+
+
+def test_record_turns_suite_outputs_into_result_rows(tmp_path):
+    """benchmarks/record.py: loss.py and throughput.py JSON plus kernel-benchmark JSONL rows become
+    results.jsonl rows, each fast variant with the same metric of its reference as baseline."""
+    record = _load(os.path.join(ROOT, "benchmarks", "record.py"))
+    out = tmp_path / "suite"
+    out.mkdir()
+    (out / "versions.json").write_text(json.dumps({"device": "GPU X", "torch": "9.9", "triton": "8.8"}))
+    (out / "commands.txt").write_text("loss_sk\tpython benchmarks/loss.py --sk\n")
+    (out / "loss_sk.json").write_text(json.dumps([
+        {"variant": "sk_reference", "dtype": "bf16", "B": 32, "ms": 0.3, "dev_ms": 0.25, "cpu_us": 1.0},
+        {"variant": "sk_fused", "dtype": "bf16", "B": 32, "ms": 1.2, "dev_ms": 0.1, "cpu_us": 9.0},
+        {"variant": "sk_fused", "dtype": "fp32", "B": 32, "ms": 1.0, "dev_ms": 0.2}]))  # no fp32 reference
+    (out / "throughput_x.json").write_text(json.dumps({
+        "config": "configs/x.json", "device_name": "GPU X", "versions": {"torch": "9.9", "triton": "8.8"},
+        "rows": [{"name": "reference", "data": "synthetic", "status": "ok", "images_per_s": 100.0},
+                 {"name": "fastdino", "data": "synthetic", "status": "ok", "images_per_s": 250.0},
+                 {"name": "+compile", "data": "synthetic", "status": "skipped", "images_per_s": None}]}))
+    (out / "gram.jsonl").write_text(json.dumps({"variant": "triton", "metric": "ms", "value": 1.0}) + "\n")
+    results = tmp_path / "results.jsonl"
+    record.main([str(out), "--date", "2026-01-02", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    by = {(r["variant"], r.get("config", {}).get("dtype"), r["metric"]): r for r in rows}
+    fused = by[("sk_fused", "bf16", "dev_ms")]
+    assert fused["value"] == 0.1 and fused["baseline"] == 0.25 and fused["device"] == "GPU X"
+    assert fused["command"] == "python benchmarks/loss.py --sk" and fused["date"] == "2026-01-02"
+    assert by[("sk_reference", "bf16", "ms")]["baseline"] is None
+    assert by[("sk_fused", "fp32", "ms")]["baseline"] is None
+    assert not any(r["metric"] == "cpu_us" for r in rows)
+    tp = [r for r in rows if r["metric"] == "images_per_s"]
+    assert [(r["variant"], r["value"], r["baseline"]) for r in tp] == [("reference", 100.0, None), ("fastdino", 250.0, 100.0)]
+    assert {"variant": "triton", "metric": "ms", "value": 1.0} in rows
+    with pytest.raises(SystemExit, match="no loss"):
+        (tmp_path / "empty").mkdir()
+        record.main([str(tmp_path / "empty"), "--results", str(results)])
+
+
+@pytest.mark.parametrize("part", list("ABCDEF"))
+def test_gpu_suite_commands_are_valid(tmp_path, part):
+    """benchmarks/gpu_suite.sh PART in its dry mode (GPU_SUITE_DRY=1: the commands, not run): every
+    test file, script and config it names exists, and every --rows name is a throughput row, so a
+    GPU session does not spend its minutes on a typo."""
+    env = {**os.environ, "GPU_SUITE_DRY": "1"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), part, str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line.split("\t", 1) for line in (tmp_path / "commands.txt").read_text().splitlines()]
+    assert commands and all(len(c) == 2 for c in commands)
+    for name, cmd in commands:
+        words = cmd.split()
+        for w in words:
+            if w.startswith(("tests/", "benchmarks/", "configs/")):
+                assert os.path.exists(os.path.join(ROOT, w)), f"{name}: {w} does not exist"
+        if "--rows" in words:
+            for row in words[words.index("--rows") + 1].split(","):
+                assert row in tp.ROW_NAMES, f"{name}: unknown row {row}"

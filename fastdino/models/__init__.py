@@ -11,6 +11,7 @@ fastdino/models/dinov3.py); dinov3_vitt16 a ViT-Ti width for demos and tests.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from fastdino.models.attention import BACKENDS, AttentionBackendError, resolve_backend
@@ -57,6 +58,10 @@ def extra_tokens(model_cfg) -> int:
     return model_cfg.num_register_tokens
 
 
+# model.residual_dtype -> the backbone's residual_dtype (fastdino.models.vision_transformer.residual_stream)
+RESIDUAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionTransformer:
     """ViT from a fastdino.config.ModelConfig with the resolved attention backend `attn` (default:
     model_cfg.attn, resolved by the ViT). The teacher has no drop path; activation checkpointing only
@@ -72,6 +77,7 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
         backbone = DINOV3_ARCHS[model_cfg.arch](
             depth=spec["depth"], drop_path_rate=kwargs["drop_path_rate"], attn=kwargs["attn"],
             activation_checkpointing=kwargs["activation_checkpointing"], **rope)
+        backbone.residual_dtype = RESIDUAL_DTYPES[getattr(model_cfg, "residual_dtype", "fp32")]
         return backbone.eval() if teacher else backbone  # official SSLMetaArch: teacher.eval(), no RoPE augmentation
     if model_cfg.arch in DINOV2_ARCHS:
         ffn = getattr(model_cfg, "ffn", "auto")
@@ -82,14 +88,16 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
         backbone = ARCHS[model_cfg.arch](patch_size=model_cfg.patch_size, **kwargs)
     if getattr(model_cfg, "fused_residual_norm", False):
         set_residual_norm(backbone, "auto")
+    backbone.residual_dtype = RESIDUAL_DTYPES[getattr(model_cfg, "residual_dtype", "fp32")]
     return backbone
 
 
 def set_residual_norm(backbone: nn.Module, impl: str | None) -> nn.Module:
-    """model.fused_residual_norm: every block's attention residual add (drop path, LayerScale) and
-    norm2 as one op (kernels/residual_layer_norm.py), impl "auto" (Triton on CUDA, the torch reference
-    elsewhere), "triton" or "torch"; None: the unfused modules. Efficient drop path keeps the unfused
-    path (the op needs every row)."""
+    """model.fused_residual_norm: every residual add (drop path, LayerScale) and the LayerNorm that
+    follows it as one op (kernels/residual_layer_norm.py): each block's attention residual + norm2, and
+    its MLP residual + the next block's norm1 (the last block's output goes to the final norm as
+    before); impl "auto" (Triton on CUDA, the torch reference elsewhere), "triton" or "torch"; None:
+    the unfused modules. Efficient drop path keeps the unfused path (the op needs every row)."""
     for blk in backbone.blocks:
         blk.residual_norm_impl = impl
     return backbone
@@ -106,5 +114,5 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
 
 __all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14",
            "dinov2_vitl14", "dinov2_vitg14", "DINOV2_ARCHS", "VisionTransformer", "DINOHead", "WeightNormLinear",
-           "MultiCropWrapper", "build_backbone", "extra_tokens", "compile_blocks", "set_residual_norm", "resolve_backend", "BACKENDS",
+           "MultiCropWrapper", "build_backbone", "extra_tokens", "compile_blocks", "set_residual_norm", "RESIDUAL_DTYPES", "resolve_backend", "BACKENDS",
            "AttentionBackendError", "ARCHS", "ARCH_DIMS", "DINOV3_ARCHS", "DINOv3VisionTransformer"]

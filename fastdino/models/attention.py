@@ -18,7 +18,9 @@ per-row log-sum-exp. The matrix is only ever materialized by `attention_ref` (te
 visualization path get_last_selfattention) and by the `math` backend.
 
 flash_attn, sdpa_flash and sdpa_cudnn take fp16/bf16 on CUDA: an fp32 call (e.g. an fp32 evaluation)
-of a model built with one of them runs through torch's own SDPA dispatch instead.
+of a model built with one of them runs through torch's own SDPA dispatch instead; so does a CPU call
+of a model built with a CUDA-only backend (flash_attn, sdpa_cudnn, sdpa_efficient: `auto` on a CUDA
+machine picks one of them even for a model that then runs on CPU).
 
 Packed multi-crop layout: tokens of all crops concatenated as (T, 3*dim) qkv rows, described by
 `groups` = ((rows_0, seq_0), (rows_1, seq_1), ...): rows_g sequences of seq_g tokens each, in order.
@@ -47,6 +49,7 @@ _SDPA_KERNEL = {
 }
 # CUDA kernels that take fp16/bf16 only: fp32 inputs (an fp32 evaluation) go to torch's dispatch
 _HALF_ONLY = ("flash_attn", "sdpa_flash", "sdpa_cudnn")
+_CUDA_ONLY = ("flash_attn", "sdpa_cudnn", "sdpa_efficient")
 # Candidates `auto` times on CUDA (benchmarks/attention.py shows the full comparison).
 AUTO_CANDIDATES = ("flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
@@ -236,6 +239,8 @@ def packed_attention(qkv: torch.Tensor, groups, num_heads: int, backend: str,
         return out.reshape(T, dim)
     if backend in _HALF_ONLY and qkv.is_cuda and qkv.dtype not in (torch.float16, torch.bfloat16):
         backend = "sdpa"  # an fp32 pass (e.g. fp32 evaluation) of a half-precision kernel: torch's dispatch
+    if backend in _CUDA_ONLY and not qkv.is_cuda:
+        backend = "sdpa"  # a model built on a CUDA machine run on CPU (evaluation, export): torch's dispatch
     outs, start = [], 0
     for rows, seq in groups:
         # (rows, seq, 3, heads, hd) -> 3 x (rows, heads, seq, hd): strided views, last dim contiguous

@@ -26,7 +26,9 @@ log = logging.getLogger("fastdino")
 
 def _fresh_copy(fn):
     """The same Python function with its own code object (and so its own torch.compile cache)."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__  # keyword-only defaults (Block.forward's chain arguments)
+    return copy
 
 
 def _describe(x):

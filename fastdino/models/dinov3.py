@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastdino.models.attention import attention_weights_ref, cu_seqlens_for, packed_attention, resolve_backend
-from fastdino.models.vision_transformer import LayerScale, PatchEmbed
+from fastdino.models.vision_transformer import LayerScale, PatchEmbed, residual_stream
 
 NORMS = ("layernorm", "layernormbf16", "rmsnorm")
 FFN_ALIGN = {"mlp": None, "swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
@@ -346,9 +346,9 @@ class SelfAttentionBlock(nn.Module):
         return _unflatten(self.ls2(self.mlp(self.norm2(_flatten(xs)))), groups)
 
     def forward(self, xs: list[torch.Tensor], ropes, drops=None, cu_seqlens=None, max_seqlen: int = 0):
-        if drops is None:
-            xs = [x + y for x, y in zip(xs, self._attn_branch(xs, ropes, cu_seqlens, max_seqlen))]
-            return [x + y for x, y in zip(xs, self._ffn_branch(xs))]
+        if drops is None:  # .to(x.dtype): a bf16 residual stream (model.residual_dtype) stays bf16
+            xs = [x + y.to(x.dtype) for x, y in zip(xs, self._attn_branch(xs, ropes, cu_seqlens, max_seqlen))]
+            return [x + y.to(x.dtype) for x, y in zip(xs, self._ffn_branch(xs))]
         ys = self._attn_branch([x[d[0]] for x, d in zip(xs, drops)], ropes, cu_seqlens, max_seqlen)
         xs = [torch.index_add(x, 0, d[0], y.to(x.dtype), alpha=d[2]) for x, y, d in zip(xs, ys, drops)]
         ys = self._ffn_branch([x[d[1]] for x, d in zip(xs, drops)])
@@ -404,6 +404,7 @@ class DINOv3VisionTransformer(nn.Module):
         self.drop_path_rate = float(drop_path_rate)
         self.layerscale_init = layerscale_init
         self.activation_checkpointing = activation_checkpointing
+        self.residual_dtype: torch.dtype | None = None  # model.residual_dtype (residual_stream)
         self.layout = "dinov3"
         self._cu_seqlens: dict = {}
 
@@ -506,6 +507,7 @@ class DINOv3VisionTransformer(nn.Module):
         groups = tuple((x.shape[0], x.shape[1]) for x in xs)
         device = xs[0].device
         fixed = None if self.rope_embed.augmented else self._ropes(grids)  # eval: one RoPE per forward
+        xs = [residual_stream(x, self.residual_dtype) for x in xs]
         for blk in self.blocks:
             ropes = fixed if fixed is not None else self._ropes(grids)
             drops = self._drop_draw(groups, device)

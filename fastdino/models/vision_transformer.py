@@ -35,7 +35,11 @@ Speed-ups over the official modules, all exact:
 - forward_packed: crops of several resolutions run through each block together, as one (T, dim)
   token matrix (one LayerNorm / qkv / proj / MLP matmul per block), attention kept within each crop;
 - per-block activation checkpointing; the drop-path draws are made before the blocks run, so
-  packing and recomputation see the same masks.
+  packing and recomputation see the same masks;
+- fused residual norm (set_residual_norm, model.fused_residual_norm): every residual add and the
+  LayerNorm after it as one op (kernels/residual_layer_norm.py), the blocks run as a chain.
+Not exact, an option: residual_dtype (model.residual_dtype=bf16, residual_stream): a bf16 residual
+stream under bf16 autocast, as DINOv3's mixed precision.
 
 Drop path (stochastic depth): each block has two residual branches (attention, MLP). For a backbone
 call on a batch of `rows` sequences, one uniform draw u of shape (depth, 2, rows) decides which
@@ -92,6 +96,16 @@ def drop_path_subsets(rows: int, rates: list[float], device=None, generator=None
     are the first k of its argsort), so switching modes does not shift the RNG stream."""
     order = torch.rand(len(rates), 2, rows, device=device, generator=generator).argsort(-1)
     return [None if p == 0 else order[i, :, :subset_size(rows, p)] for i, p in enumerate(rates)]
+
+
+def residual_stream(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The tokens entering the blocks. dtype None (default): as they come, fp32 under autocast (the
+    fp32 [CLS] token and position embedding), as the official DINO and DINOv2 code. model.residual_dtype
+    = bf16 (DINOv3's mixed precision): cast once here, while autocast is on; the blocks' residual adds
+    then stay bf16 (half the residual traffic). Without autocast (fp32 evaluation) nothing changes."""
+    if dtype is None or x.dtype == dtype or not torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -173,6 +187,11 @@ class Attention(nn.Module):
         return attention_weights_ref(q, k, self.scale)
 
 
+def _row_scale(drop_scale: torch.Tensor | None, branch: int, x: torch.Tensor) -> torch.Tensor | None:
+    """Branch `branch`'s drop-path scale per row of x (the fused op's (N,) scale), or None."""
+    return None if drop_scale is None else torch.broadcast_to(drop_scale[branch], (*x.shape[:-1], 1))[..., 0]
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + drop_path(ls1(attn(norm1 x))), then x + drop_path(ls2(mlp(norm2 x)));
     ls1 / ls2 are LayerScale with layerscale_init, else identities (no parameters)."""
@@ -186,31 +205,43 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = (Mlp if ffn == "mlp" else SwiGLUFFN)(dim, int(dim * mlp_ratio))
         self.ls2 = nn.Identity() if layerscale_init is None else LayerScale(dim, layerscale_init)
-        # model.fused_residual_norm: the attention branch's residual add (drop path, LayerScale) and norm2
+        # model.fused_residual_norm: each residual add (drop path, LayerScale) and the LayerNorm after it
         # as one op (kernels/residual_layer_norm.py; "auto": Triton on CUDA, its torch reference elsewhere)
         self.residual_norm_impl: str | None = None
 
     def forward(self, x: torch.Tensor, drop_scale: torch.Tensor | None = None, groups=None,
-                cu_seqlens=None, max_seqlen: int = 0, drop_index: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens=None, max_seqlen: int = 0, drop_index: torch.Tensor | None = None, *,
+                normed: torch.Tensor | None = None, next_weight: torch.Tensor | None = None,
+                next_bias: torch.Tensor | None = None, next_eps: float = 1e-6):
         """drop_scale: None (no drop path) or fp32 residual scales (2, ...) broadcastable to each branch's
         output. drop_index (efficient drop path): (2, n) rows of x (sequences of a dense (B, N, dim) x,
         tokens of a packed (T, dim) x) on which each branch runs; the branch output times drop_scale is
-        index-added there, and groups / cu_seqlens / max_seqlen describe the attention branch's subset."""
+        index-added there, and groups / cu_seqlens / max_seqlen describe the attention branch's subset.
+        With the fused residual norm (residual_norm_impl set, no drop_index), the chain of blocks: normed
+        = norm1(x) when the previous block computed it, and with next_weight / next_bias / next_eps (the
+        next block's norm1) the MLP residual add and that norm are one op too: returns (x, normed_next)."""
         if drop_index is None and self.residual_norm_impl is not None:
             from fastdino.kernels.residual_layer_norm import residual_layer_norm
 
-            y = self.attn(self.norm1(x), groups, cu_seqlens, max_seqlen)
-            scale = None if drop_scale is None else torch.broadcast_to(drop_scale[0], (*x.shape[:-1], 1))[..., 0]
-            x, normed = residual_layer_norm(x, y, self.norm2.weight, self.norm2.bias, scale=scale,
+            # the normed rows feed a Linear only: under autocast store them in its dtype (the same
+            # rounding as LayerNorm's fp32 output cast by the Linear; one write, no cast pass)
+            device = x.device.type
+            out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            y = self.attn(self.norm1(x) if normed is None else normed, groups, cu_seqlens, max_seqlen)
+            x, normed = residual_layer_norm(x, y, self.norm2.weight, self.norm2.bias, scale=_row_scale(drop_scale, 0, x),
                                             gamma=getattr(self.ls1, "gamma", None), eps=self.norm2.eps,
-                                            impl=self.residual_norm_impl)
-            y = self.ls2(self.mlp(normed))
-            return x + (y if drop_scale is None else y * drop_scale[1])
-        if drop_index is None:
+                                            out_dtype=out_dtype, impl=self.residual_norm_impl)
+            if next_weight is None:
+                y = self.ls2(self.mlp(normed))
+                return x + (y if drop_scale is None else y * drop_scale[1]).to(x.dtype)
+            return residual_layer_norm(x, self.mlp(normed), next_weight, next_bias, scale=_row_scale(drop_scale, 1, x),
+                                       gamma=getattr(self.ls2, "gamma", None), eps=next_eps, out_dtype=out_dtype,
+                                       impl=self.residual_norm_impl)
+        if drop_index is None:  # .to(x.dtype): a bf16 residual stream (model.residual_dtype) stays bf16
             y = self.ls1(self.attn(self.norm1(x), groups, cu_seqlens, max_seqlen))
-            x = x + (y if drop_scale is None else y * drop_scale[0])
+            x = x + (y if drop_scale is None else y * drop_scale[0]).to(x.dtype)
             y = self.ls2(self.mlp(self.norm2(x)))
-            return x + (y if drop_scale is None else y * drop_scale[1])
+            return x + (y if drop_scale is None else y * drop_scale[1]).to(x.dtype)
         idx = drop_index[0]
         y = self.ls1(self.attn(self.norm1(x[idx]), groups, cu_seqlens, max_seqlen))
         x = x.index_add(0, idx, (y * drop_scale[0]).to(x.dtype))
@@ -258,6 +289,7 @@ class VisionTransformer(nn.Module):
         self.interpolate_offset, self.interpolate_antialias = float(interpolate_offset), bool(interpolate_antialias)
         self.efficient_drop_path = bool(efficient_drop_path)
         self.activation_checkpointing = activation_checkpointing
+        self.residual_dtype: torch.dtype | None = None  # model.residual_dtype (residual_stream)
         # which official backbone the state dict (and forward_features) follows
         self.layout = "dinov2" if (layerscale_init is not None or num_register_tokens or mask_token
                                    or ffn != "mlp") else "dino"
@@ -427,14 +459,25 @@ class VisionTransformer(nn.Module):
     # ---- blocks ---------------------------------------------------------------------------------
     def _run_blocks(self, x, args):
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for blk, a in zip(self.blocks, args):
+        x = residual_stream(x, self.residual_dtype)
+        # fused residual norm without efficient drop path: a chain, each block's MLP residual add fused
+        # with the next block's norm1 (Block.forward); the last block's output goes to the final norm
+        chain = self.blocks[0].residual_norm_impl is not None and all(a[-1] is None for a in args)
+        normed = None
+        for i, (blk, a) in enumerate(zip(self.blocks, args)):
             if a[-1] is None:
                 a = a[:-1]  # Block's call as without efficient drop path
+            kw = {}
+            nxt = self.blocks[i + 1].norm1 if chain and i + 1 < len(self.blocks) else None
+            if chain:
+                kw = {"normed": normed} if nxt is None else \
+                    {"normed": normed, "next_weight": nxt.weight, "next_bias": nxt.bias, "next_eps": nxt.eps}
             if ckpt:
                 # no RNG inside a block (drop-path draws are inputs): skip saving/restoring RNG state
-                x = checkpoint(blk, x, *a, use_reentrant=False, preserve_rng_state=False)
+                out = checkpoint(blk, x, *a, use_reentrant=False, preserve_rng_state=False, **kw)
             else:
-                x = blk(x, *a)
+                out = blk(x, *a, **kw)
+            x, normed = out if nxt is not None else (out, None)
         return x
 
     def _encode(self, tokens: torch.Tensor) -> torch.Tensor:

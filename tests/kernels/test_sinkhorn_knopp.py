@@ -405,14 +405,16 @@ def test_target_module_interface():
 # The benchmark, as CI runs it
 # ---------------------------------------------------------------------------------------------
 def test_benchmark_sk_rows(tmp_path):
-    """benchmarks/loss.py --sk on CPU: the reference and the interpreted fused Sinkhorn-Knopp."""
+    """benchmarks/loss.py --sk at a tiny size: the reference and the fused Sinkhorn-Knopp (interpreted on
+    CPU, compiled on a CUDA machine)."""
     import json
 
     from aot import load_loss_benchmark
 
     bench = load_loss_benchmark()
     out = tmp_path / "sk.json"
-    rows = bench.main(["--sk", "--quick", "--cpu", "--B", "2", "--K", "512", "--json", str(out)])
+    where = [] if torch.cuda.is_available() else ["--cpu"]
+    rows = bench.main(["--sk", "--quick", *where, "--B", "2", "--K", "512", "--json", str(out)])
     assert [r["variant"] for r in rows] == ["sk_reference", "sk_fused"]
     assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
     assert abs(rows[0]["entropy"] - rows[1]["entropy"]) <= 1e-4 * abs(rows[0]["entropy"])
