@@ -2,42 +2,55 @@
 intermediates. The student side of DINO ([CLS] rows) and of iBOT (masked patch rows).
 
 Inputs: student logits S (V*G, K), view-major (row v*G + g is view v of group g; for DINO a group
-is an image and V = 2 + n_local crops); target probabilities Q (T*G, K), row i*G + g, T in {1, 2},
-each row summing to 1 (the teacher's business: kernels/softmax_center.py, Sinkhorn-Knopp); optional
-per-group weights w (G,). View v is paired with target i unless skip_same_view and v == i.
+is an image and V = 2 + n_local crops); target probabilities Q (T*G, K), row i*G + g, T in {1, 2}
+(rows summing to 1 are the teacher's business: kernels/softmax_center.py, Sinkhorn-Knopp; the loss
+does not rely on it, the backward does); optional per-group weights w (G,). View v is paired with
+target i unless skip_same_view and v == i.
 
     n_v    = number of targets paired with view v,   P = sum_v n_v  (pairs per group)
-    lse_vg = logsumexp(s_vg / tau)
+    Q_vg   = sum_{i ~ v} q_ig,   B_vg = sum_k Q_vgk  (= n_v for normalized targets)
     loss   = sum_g w_g sum_v sum_{i ~ v} -<q_ig, log_softmax(s_vg / tau)>,   w_g = 1/(P*G) by default
-           = sum_g w_g sum_v ( n_v lse_vg - <Q_vg, s_vg> / tau ),   Q_vg = sum_{i ~ v} q_ig
+           = sum_g w_g sum_v ( B_vg log Z_vg + <Q_vg, M_vg - s_vg / tau> )
+    M_vg   = max_k s_vgk / tau,   Z_vg = sum_k exp(s_vgk / tau - M_vg) >= 1,   lse_vg = M_vg + log Z_vg
 
-because sum_k q_ik = 1. The dot terms of a group take one pass over its rows:
-sum_v <Q_vg, s_vg> = <sum_i q_ig, sum_v s_vg> - [skip] sum_{i < min(T, V)} <q_ig, s_ig>.
+Every term is >= 0, so nothing cancels: the loss is exactly 0 where it is 0 (K = 1) and tiny losses
+keep relative accuracy, log Z = log1p(Z - 1) with Z - 1 summed without the 1 of the maximal element
+(a difference n_v lse - <Q, s> / tau of two large numbers would leave ~1e-7 absolute). K is split
+into tiles across programs and M is known only after all of them: per tile t the forward keeps the
+tile max m_t, Z_t - 1 and a_t = <Q, m_t - s / tau> on t, then <Q, M - s / tau> = sum_t a_t + (M - m_t) B_t
+with B_t the paired mass on t (per target row and tile: the views' masses are sums of the targets').
 
-    dL/ds_vg = g * w_g * (n_v softmax(s_vg / tau) - Q_vg) / tau          (g = upstream gradient)
+    dL/ds_vg = g * w_g * (B_vg softmax(s_vg / tau) - Q_vg) / tau         (g = upstream gradient)
 
-No gradient flows to Q or w. DINO: V = ncrops, T = 2, skip_same_view, uniform weights (the official
-loss exactly: mean over the 2V - 2 pairs, mean over the batch). iBOT: V = 1, T = 1, no skip,
-w = 1 / (masked tokens of the row's image) / n_images.
+computed with n_v for B_vg (targets summing to 1 up to rounding: ~1e-7 relative). No gradient flows
+to Q or w. DINO: V = ncrops, T = 2, skip_same_view, uniform weights (the official loss exactly: mean
+over the 2V - 2 pairs, mean over the batch). iBOT: V = 1, T = 1, no skip, w = 1 / (masked tokens of
+the row's image) / n_images.
 
-Passes (fp32 accumulation; exponentials in base 2 with log2(e)/tau folded into one scale):
+Passes (fp32 accumulation; exponentials in base 2, x = s * log2(e)/tau):
   1. _soft_ce_fwd_kernel, grid (K tiles, group blocks): one K tile of every row of a block of
-     groups, read once. Per (row, tile): max and sum of exponentials; per (group, tile): the dot term.
-     Rows are loaded as 2-D blocks (the T target-aligned views and the targets as [T, BLOCK_K], the
-     other views ROWS at a time) to keep many 16-byte loads in flight per program. Splitting K across
-     programs fills the GPU at G = 16..128.
-  2. _soft_ce_combine_kernel, grid (G,): merges the tile partials of a group (online-softmax
-     rescaling) into lse per row (kept for the backward) and the group's unweighted loss.
+     groups, read once. Per (student row, tile): the max logit, Z_t - 1 and a_t (_row_partials);
+     per (target row, tile): the target mass. Rows are loaded as 2-D blocks (the T target-aligned
+     views and their paired targets as [T, BLOCK_K], the other views ROWS at a time) to keep many
+     16-byte loads in flight per program. Splitting K across programs fills the GPU at G = 16..128.
+  2. _soft_ce_combine_kernel, grid (G,): merges the tile partials of a group into lse per row (kept
+     for the backward) and the group's unweighted loss.
   3. _soft_ce_reduce_kernel, grid (1,): loss = sum_g w_g * group loss, weights read on device.
   4. _soft_ce_bwd_kernel, grid (K tiles, group blocks): reads S and Q once more, writes dS.
+(kernels/linear_soft_cross_entropy.py writes the former partials, with the dot term of the n_v lse
+- <Q, s> / tau form: workspace, combine_and_reduce, _soft_ce_combine_dot_kernel.)
+The backward is compiled without FMA contraction: a contracted s * (1/tau) - lse would round s / tau
+differently from the forward's M / tau; as compiled, the exponent is exactly 0 where lse = M / tau
+(K = 1; one dominant logit), and the gradient exactly 0 at K = 1.
 Host side: per-shape launch plans are cached, partials share one allocation, the upstream gradient
 and the weights are read in the kernels, student_temp is a kernel scalar (constant for a run):
 3 + 1 launches, no synchronization, CUDA-graph capturable. Both passes are torch.library custom ops
 (fastdino::soft_cross_entropy, fastdino::soft_cross_entropy_backward) with fake implementations,
 so torch.compile traces a step through them without a graph break.
 
-Traffic: S twice, Q twice, dS once, plus ~1% partials; the floor is S twice + Q once + dS once
-(memory_floor_bytes). S in fp32/bf16/fp16 (dS in S's dtype), Q read as fp32.
+Traffic: S twice, Q twice, dS once, plus the partials: 3 V + T floats per group and K tile, written
+once and read once (~1% of S's traffic at BLOCK_K = 1024 in bf16); the floor is S twice + Q once +
+dS once (memory_floor_bytes). S in fp32/bf16/fp16 (dS in S's dtype), Q read as fp32.
 Design limits: T in {1, 2}; rows of S and Q contiguous in K (other layouts are copied); any K (past
 MAX_TILES = 512 tiles of the table's BLOCK_K, BLOCK_K grows); the combine kernel holds one group's
 (views, tiles) partials in registers (compiled without spills up to 16 views x 512 tiles). Shapes
@@ -120,25 +133,39 @@ def soft_cross_entropy_ref(student_logits, targets, n_views, student_temp, n_tar
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _row_stats(SStat_ptr, s, rows, rmask, mask, pid_k, n_tiles, s_plane, s_scale):
-    """Store the tile max m = max s*s_scale and z = sum 2^(s*s_scale - m) of a [R, BLOCK_K] block."""
-    x = tl.where(mask[None, :], s * s_scale, float("-inf"))
-    m = tl.max(x, axis=1)
+def _row_partials(SStat_ptr, s, paired_q, rows, rmask, mask, pid_k, n_tiles, s_plane, s_scale):
+    """Tile partials of a [R, BLOCK_K] block of student rows, stored at SStat[:, rows, pid_k]; with
+    d_k = (s_k - m) * s_scale <= 0 (log2 units, exactly 0 at the maximal elements):
+      m = max_k s_k (the raw logit);
+      r = sum_k 2^d_k - 1, the exponentials of all but one maximal element (ties counted exactly:
+          no rounding of 1 + r);
+      a = -sum_k Q_k d_k, paired_q = the rows' paired target mass Q ([R, BLOCK_K], or [1, BLOCK_K]
+          shared by the rows).
+    r and a are sums of terms >= 0. d scales a difference: s * s_scale - m * s_scale could be
+    contracted to one FMA, nonzero at the maximal element."""
+    s = tl.where(mask[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    d = (s - m[:, None]) * s_scale  # -inf outside K
+    below = d < 0.0
+    ties = tl.sum(tl.where(below, 0.0, 1.0), axis=1)
+    r = tl.sum(tl.where(below, tl.exp2(d), 0.0), axis=1) + (ties - 1.0)
+    a = -tl.sum(paired_q * tl.where(mask[None, :], d, 0.0), axis=1)
     tl.store(SStat_ptr + rows * n_tiles + pid_k, m, mask=rmask)
-    tl.store(SStat_ptr + s_plane + rows * n_tiles + pid_k, tl.sum(tl.exp2(x - m[:, None]), axis=1), mask=rmask)
+    tl.store(SStat_ptr + s_plane + rows * n_tiles + pid_k, r, mask=rmask)
+    tl.store(SStat_ptr + 2 * s_plane + rows * n_tiles + pid_k, a, mask=rmask)
 
 
 @triton.jit
 def _soft_ce_fwd_kernel(
-    S_ptr, Q_ptr, SStat_ptr, DStat_ptr,
+    S_ptr, Q_ptr, SStat_ptr, QStat_ptr,
     G, K, n_views, group_size, n_tiles, stride_s, stride_q,
     s_scale,  # log2(e) / tau
     N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """One K tile of the rows of groups [pid_g*group_size, +group_size). Partials, log2 units:
-    SStat (2, n_views*G, n_tiles) = (m, z) per student row; DStat (G, n_tiles) = the group's dot
-    term sum_v <Q_v, s_v> on the tile. The loop body ends in reductions, which the compiler does not
-    pipeline across iterations: the 2-D row blocks are what keeps loads in flight."""
+    """One K tile of the rows of groups [pid_g*group_size, +group_size). Partials: SStat
+    (3, n_views*G, n_tiles) = (m, r, a) per student row (_row_partials); QStat (n_targets*G,
+    n_tiles) = sum_k q_k per target row. The loop body ends in reductions, which the compiler does
+    not pipeline across iterations: the 2-D row blocks are what keeps loads in flight."""
     pid_k = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -150,38 +177,95 @@ def _soft_ce_fwd_kernel(
     for j in range(0, group_size):
         g = pid_g * group_size + j
         if g < G:
-            rows_t = offs_t * G + g  # target i of group g and student view i of group g
-            q = tl.load(Q_ptr + rows_t[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
+            rows_t = offs_t * G + g  # student view i of group g
+            if SKIP_SAME_VIEW:
+                rows_q = (N_TARGETS - 1 - offs_t) * G + g  # target 1 - i: the one view i pairs with (T = 2)
+            else:
+                rows_q = rows_t
+            q = tl.load(Q_ptr + rows_q[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
                         other=0.0).to(tl.float32)
-            sh = tl.load(S_ptr + rows_t[:, None].to(tl.int64) * stride_s + offs[None, :],
-                         mask=hmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
-            _row_stats(SStat_ptr, sh, rows_t, hmask, mask, pid_k, n_tiles, s_plane, s_scale)
-            acc = tl.sum(sh, axis=0)  # sum over all views of the group
+            tl.store(QStat_ptr + rows_q.to(tl.int64) * n_tiles + pid_k, tl.sum(q, axis=1))
+            q_all = tl.sum(q, axis=0)[None, :]  # all targets: the mass paired with views >= n_targets
+            if not SKIP_SAME_VIEW:
+                q_h = q_all
+            elif N_TARGETS == 2:
+                q_h = q
+            else:
+                q_h = tl.zeros_like(q)  # one target, skipped by view 0: no pair
+            # a view missing (n_views < n_targets) reloads the last one, not stored: loads under the
+            # column mask only, fewer live predicates (no spill at BLOCK_K = 2048, ROWS = 8)
+            rows_in = tl.minimum(offs_t, n_views - 1) * G + g
+            sh = tl.load(S_ptr + rows_in[:, None].to(tl.int64) * stride_s + offs[None, :], mask=mask[None, :],
+                         other=0.0).to(tl.float32)
+            _row_partials(SStat_ptr, sh, q_h, rows_t, hmask, mask, pid_k, n_tiles, s_plane, s_scale)
             for v0 in range(N_TARGETS, n_views, ROWS):
                 vr = v0 + offs_r
                 rmask = vr < n_views
                 rows = vr * G + g
                 sl = tl.load(S_ptr + rows[:, None].to(tl.int64) * stride_s + offs[None, :],
                              mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(sl, axis=0)
-                _row_stats(SStat_ptr, sl, rows, rmask, mask, pid_k, n_tiles, s_plane, s_scale)
-            # target i pairs with every view, or every view but its own: <q_i, sum_{v ~ i} s_v>
-            if SKIP_SAME_VIEW:
-                dot = tl.sum(tl.sum(q * (acc[None, :] - sh), axis=1), axis=0)
-            else:
-                dot = tl.sum(tl.sum(q * acc[None, :], axis=1), axis=0)
-            tl.store(DStat_ptr + g.to(tl.int64) * n_tiles + pid_k, dot)
+                _row_partials(SStat_ptr, sl, q_all, rows, rmask, mask, pid_k, n_tiles, s_plane, s_scale)
 
 
 @triton.jit
 def _soft_ce_combine_kernel(
+    SStat_ptr, QStat_ptr, Lse_ptr, GroupLoss_ptr,
+    G, n_views, n_tiles, s_scale, inv_student_temp,
+    N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_T: tl.constexpr, V_BLOCK: tl.constexpr,
+):
+    """Group g from _soft_ce_fwd_kernel's partials. Per view, with M = max_t m_t (raw logit), gap_t =
+    (M - m_t) * s_scale >= 0 and B_t the view's paired target mass on tile t:
+        Z - 1  = sum_t (1 + r_t) 2^-gap_t - 1, a sum of terms >= 0 (tiles at the max: r_t)
+        Lse    = M / tau + log1p(Z - 1)            (natural log, per row: the backward's input)
+        GroupLoss[g] = sum_v [ (sum_t B_t) log1p(Z - 1) + ln 2 sum_t (a_t + gap_t B_t) ]
+    Every term >= 0: no cancellation, no assumption that a target row sums to 1, exactly 0 at K = 1
+    and relative accuracy for tiny losses. All views of the group are one [V_BLOCK, BLOCK_T] load
+    per partial: one memory round trip, not one per view."""
+    g = tl.program_id(0)
+    offs_t = tl.arange(0, BLOCK_T)
+    tmask = offs_t < n_tiles
+    offs_v = tl.arange(0, V_BLOCK)
+    vmask = offs_v < n_views
+    rows = offs_v * G + g
+    idx = rows[:, None].to(tl.int64) * n_tiles + offs_t[None, :]
+    smask = vmask[:, None] & tmask[None, :]
+    s_plane = n_views * G * n_tiles
+    m = tl.load(SStat_ptr + idx, mask=smask, other=float("-inf"))
+    r = tl.load(SStat_ptr + s_plane + idx, mask=smask, other=0.0)
+    a = tl.load(SStat_ptr + 2 * s_plane + idx, mask=smask, other=0.0)
+    mx = tl.where(vmask, tl.max(m, axis=1), 0.0)  # padded rows: no -inf - -inf
+    top = m == mx[:, None]  # the tiles holding the row max
+    gap = (mx[:, None] - m) * s_scale  # +inf on padded tiles
+    w = tl.exp2(-gap)
+    n_top = tl.sum(tl.where(top, 1.0, 0.0), axis=1)
+    z1 = tl.sum(r * w + tl.where(top, 0.0, w), axis=1) + (n_top - 1.0)  # Z - 1
+    z1 = tl.where(vmask, z1, 0.0)
+    u = 1.0 + z1  # log1p(z1) = log(u) * z1 / (u - 1), z1 where u rounds to 1: relative accuracy (Goldberg)
+    log_z = tl.where(u == 1.0, z1, tl.log(u) * (z1 / tl.where(u == 1.0, 1.0, u - 1.0)))
+    tl.store(Lse_ptr + rows, mx * inv_student_temp + log_z, mask=vmask)
+    mass = tl.zeros([V_BLOCK, BLOCK_T], dtype=tl.float32)  # B_t of each view
+    for i in tl.static_range(N_TARGETS):
+        b_i = tl.load(QStat_ptr + (i * G + g).to(tl.int64) * n_tiles + offs_t, mask=tmask, other=0.0)
+        if SKIP_SAME_VIEW:
+            mass += tl.where((offs_v != i)[:, None], b_i[None, :], 0.0)
+        else:
+            mass += b_i[None, :]
+    excess = tl.sum(a + tl.where(smask, gap, 0.0) * mass, axis=1)  # a, mass: 0 off the tiles
+    loss = tl.sum(mass, axis=1) * log_z + excess * LN2
+    tl.store(GroupLoss_ptr + g, tl.sum(tl.where(vmask, loss, 0.0), axis=0))
+
+
+@triton.jit
+def _soft_ce_combine_dot_kernel(
     SStat_ptr, DStat_ptr, Lse_ptr, GroupLoss_ptr,
     G, n_views, n_tiles, inv_student_temp,
     N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_T: tl.constexpr, V_BLOCK: tl.constexpr,
 ):
-    """Group g: merge the tile partials (rescale each by 2^(m_tile - M)) into Lse (n_views*G,) =
-    logsumexp(s/tau) per row (natural log) and GroupLoss[g] = sum_v n_v lse_v - dot / tau. All views
-    of the group are one [V_BLOCK, BLOCK_T] load: one memory round trip, not one per view."""
+    """The combine of kernels/linear_soft_cross_entropy.py's partials (log2 units): SStat (2,
+    n_views*G, n_tiles) = (tile max, sum of 2^(x - max)), DStat (G, n_tiles) = the group's dot term
+    sum_v <Q_v, s_v>. Lse = logsumexp(s / tau) per row; GroupLoss[g] = sum_v n_v lse_v - dot / tau,
+    which assumes target rows summing to 1 and cancels (a difference of two large numbers: ~1e-7
+    absolute error where the loss is ~0)."""
     g = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     tmask = offs_t < n_tiles
@@ -227,13 +311,14 @@ def _soft_ce_reduce_kernel(
 def _soft_ce_bwd_kernel(
     S_ptr, Q_ptr, Lse_ptr, Weight_ptr, GradOut_ptr, DS_ptr,
     G, K, n_views, group_size, stride_s, stride_q, stride_ds,
-    s_scale, grad_scale,  # log2(e) / tau;  1/tau, times 1/(P*G) without weights
+    inv_student_temp, grad_scale,  # 1/tau;  1/tau, times 1/(P*G) without weights
     N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """dS_vg = g * w_g / tau * (n_v 2^(s_vg*s_scale - lse_vg*log2(e)) - Q_vg) with Q_vg = sum_i q_ig,
-    minus q_vg for the target-aligned views under skip_same_view. Same grid shape and 2-D row blocks
-    as the forward (its own group size)."""
+    """dS_vg = g * w_g / tau * (n_v e^(s_vg / tau - lse_vg) - Q_vg) with Q_vg = sum_i q_ig, minus
+    q_vg for the target-aligned views under skip_same_view. s / tau is rounded as in the forward
+    (no FMA contraction), so where lse = max (one dominant logit; K = 1) the exponent is exactly 0.
+    Same grid shape and 2-D row blocks as the forward (its own group size)."""
     pid_k = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -256,8 +341,8 @@ def _soft_ce_bwd_kernel(
             hm = hmask[:, None] & mask[None, :]
             sh = tl.load(S_ptr + rows_t[:, None].to(tl.int64) * stride_s + offs[None, :], mask=hm,
                          other=0.0).to(tl.float32)
-            lse_h = tl.load(Lse_ptr + rows_t, mask=hmask, other=0.0) * LOG2E
-            p = tl.exp2(sh * s_scale - lse_h[:, None])
+            lse_h = tl.load(Lse_ptr + rows_t, mask=hmask, other=0.0)
+            p = tl.exp2((sh * inv_student_temp - lse_h[:, None]) * LOG2E)
             if SKIP_SAME_VIEW:  # view i pairs with every target but i
                 dsh = coef_g * ((N_TARGETS - 1.0) * p - (q_all[None, :] - q))
             else:
@@ -270,8 +355,8 @@ def _soft_ce_bwd_kernel(
                 m2 = rmask[:, None] & mask[None, :]
                 sl = tl.load(S_ptr + rows[:, None].to(tl.int64) * stride_s + offs[None, :], mask=m2,
                              other=0.0).to(tl.float32)
-                lse_l = tl.load(Lse_ptr + rows, mask=rmask, other=0.0) * LOG2E
-                pl = tl.exp2(sl * s_scale - lse_l[:, None])
+                lse_l = tl.load(Lse_ptr + rows, mask=rmask, other=0.0)
+                pl = tl.exp2((sl * inv_student_temp - lse_l[:, None]) * LOG2E)
                 tl.store(DS_ptr + rows[:, None].to(tl.int64) * stride_ds + offs[None, :],
                          (coef_g * (N_TARGETS * pl - q_all[None, :])).to(out_ty), mask=m2)
 
@@ -362,9 +447,28 @@ def _plan(G, K, n_views, n_targets, itemsize, device, launch):
     return plan
 
 
+def partials(G: int, n_views: int, n_targets: int, n_tiles: int, device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fp32 allocation for the forward's partials: SStat (3, n_views*G, n_tiles), QStat
+    (n_targets*G, n_tiles), GroupLoss (G,)."""
+    s_n, q_n = 3 * n_views * G * n_tiles, n_targets * G * n_tiles
+    ws = torch.empty(s_n + q_n + G, dtype=torch.float32, device=device)
+    return ws[:s_n], ws[s_n:s_n + q_n], ws[s_n + q_n:]
+
+
+def _reduce(group_loss, weights, G, n_views, n_targets, skip_same_view, device):
+    """Pass 3: the weighted sum of the group losses, a 0-dim fp32 tensor."""
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    n_pairs = sum(pair_counts(n_views, n_targets, skip_same_view))
+    _soft_ce_reduce_kernel[(1,)](
+        group_loss, group_loss if weights is None else weights, loss, G, 1.0 / (n_pairs * G),
+        HAS_WEIGHTS=weights is not None, **reduce_meta(G))
+    return loss
+
+
 def workspace(G: int, n_views: int, n_tiles: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One fp32 allocation for the forward's partials: SStat (2, n_views*G, n_tiles), DStat
-    (G, n_tiles), GroupLoss (G,)."""
+    """kernels/linear_soft_cross_entropy.py's partials, one fp32 allocation: SStat (2, n_views*G,
+    n_tiles), DStat (G, n_tiles), GroupLoss (G,) (see _soft_ce_combine_dot_kernel)."""
     s_n, d_n = 2 * n_views * G * n_tiles, G * n_tiles
     ws = torch.empty(s_n + d_n + G, dtype=torch.float32, device=device)
     return ws[:s_n], ws[s_n:s_n + d_n], ws[s_n + d_n:]
@@ -372,18 +476,13 @@ def workspace(G: int, n_views: int, n_tiles: int, device) -> tuple[torch.Tensor,
 
 def combine_and_reduce(sstat, dstat, group_loss, weights, G, n_views, n_tiles, student_temp, n_targets,
                        skip_same_view, device):
-    """Passes 2 and 3 (shared with kernels/linear_soft_cross_entropy.py). Returns (loss 0-dim fp32,
-    lse (n_views*G,) fp32, natural log of the row sums of exp(s/tau))."""
-    loss = torch.empty((), dtype=torch.float32, device=device)
+    """Passes 2 and 3 for kernels/linear_soft_cross_entropy.py's dot-term partials (workspace).
+    Returns (loss 0-dim fp32, lse (n_views*G,) fp32, natural log of the row sums of exp(s/tau))."""
     lse = torch.empty(n_views * G, dtype=torch.float32, device=device)
-    _soft_ce_combine_kernel[(G,)](
+    _soft_ce_combine_dot_kernel[(G,)](
         sstat, dstat, lse, group_loss, G, n_views, n_tiles, 1.0 / student_temp,
         N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, **combine_meta(n_views, n_tiles))
-    n_pairs = sum(pair_counts(n_views, n_targets, skip_same_view))
-    _soft_ce_reduce_kernel[(1,)](
-        group_loss, group_loss if weights is None else weights, loss, G, 1.0 / (n_pairs * G),
-        HAS_WEIGHTS=weights is not None, **reduce_meta(G))
-    return loss, lse
+    return _reduce(group_loss, weights, G, n_views, n_targets, skip_same_view, device), lse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,12 +501,15 @@ def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, w
     G = n_rows // n_views
     plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
     (BLOCK_K, ROWS, nw, gs), _, n_tiles, n_groups, _, _ = plan
-    sstat, dstat, group_loss = workspace(G, n_views, n_tiles, S.device)
+    sstat, qstat, group_loss = partials(G, n_views, n_targets, n_tiles, S.device)
     _soft_ce_fwd_kernel[(n_tiles, n_groups)](
-        S, Q, sstat, dstat, G, K, n_views, gs, n_tiles, S.stride(0), Q.stride(0), LOG2E.value / student_temp,
+        S, Q, sstat, qstat, G, K, n_views, gs, n_tiles, S.stride(0), Q.stride(0), LOG2E.value / student_temp,
         N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw)
-    return combine_and_reduce(sstat, dstat, group_loss, W, G, n_views, n_tiles, student_temp, n_targets,
-                              skip_same_view, S.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=S.device)
+    _soft_ce_combine_kernel[(G,)](
+        sstat, qstat, lse, group_loss, G, n_views, n_tiles, LOG2E.value / student_temp, 1.0 / student_temp,
+        N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, **combine_meta(n_views, n_tiles))
+    return _reduce(group_loss, W, G, n_views, n_targets, skip_same_view, S.device), lse
 
 
 @soft_cross_entropy_op.register_fake
@@ -436,9 +538,9 @@ def soft_cross_entropy_backward_op(grad_loss: torch.Tensor, student_logits: torc
     dS = torch.empty_like(S, memory_format=torch.contiguous_format)
     _soft_ce_bwd_kernel[(triton.cdiv(K, BLOCK_K), triton.cdiv(G, gs))](
         S, Q, lse, lse if W is None else W, grad_loss, dS,
-        G, K, n_views, gs, S.stride(0), Q.stride(0), dS.stride(0), LOG2E.value / student_temp, grad_scale,
+        G, K, n_views, gs, S.stride(0), Q.stride(0), dS.stride(0), 1.0 / student_temp, grad_scale,
         N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, HAS_WEIGHTS=W is not None,
-        BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw)
+        BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw, enable_fp_fusion=False)
     return dS
 
 
