@@ -77,16 +77,17 @@ elif [ "$part" = E ]; then  # DINOv3: the tiled Gram loss (never measured on a G
 elif [ "$part" = F ]; then  # the open measurements after 2026-11-29 (~7 min): tests of what changed,
     # the pipelined residual-norm backward, the cancellation-free loss forward, Sinkhorn-Knopp at iBOT size,
     # and the backbone levers end to end (the fused residual chain, the bf16 residual stream)
-    step pytest_changed 150 $py -m pytest -q -p no:cacheprovider tests/kernels/test_residual_layer_norm.py \
+    step pytest_changed 120 $py -m pytest -q -p no:cacheprovider tests/kernels/test_residual_layer_norm.py \
         tests/kernels/test_soft_cross_entropy.py tests/kernels/test_gram_loss.py tests/test_ibot.py \
         tests/test_dinov2_models.py tests/test_attention.py tests/test_models.py -k "not aot"
     step residual_norm 40 $py benchmarks/residual_norm.py --results "$out/residual_norm.jsonl"
     step residual_norm_sweep 50 $py benchmarks/residual_norm.py --sweep-bwd --results "$out/residual_norm_sweep.jsonl"
     step loss 50 $py benchmarks/loss.py --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss.json"
     step loss_sk 40 $py benchmarks/loss.py --sk --B 64 2048 --dtypes bf16 --json "$out/loss_sk.json"
-    step throughput_vits16 200 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
-        --batch-size 256 --data synthetic --rows reference,fastdino,+residual_norm,+bf16_residual,+compile \
-        --steps 8 --warmup 4 --repeats 3 --time-budget 180 --json "$out/throughput_vits16.json"
+    step gram_tf32 60 $py benchmarks/gram.py --dtypes fp32 --tf32 --results "$out/gram_tf32.jsonl"
+    step throughput_vits16 160 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
+        --batch-size 256 --data synthetic --rows reference,fastdino,+residual_norm,+bf16_residual \
+        --steps 8 --warmup 4 --repeats 3 --time-budget 140 --json "$out/throughput_vits16.json"
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
     step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"
     step pytest_gpu 80 $py -m pytest -q -p no:cacheprovider tests/kernels/test_linear_soft_cross_entropy.py \

@@ -17,6 +17,7 @@ metric for the triton rows; null for the torch rows). Rows go to stdout, or are 
     python benchmarks/gram.py --smoke                               # CPU (Triton interpreter), tiny sizes
     python benchmarks/gram.py                                       # CUDA: P 256/1024/4096, D 384/768, bf16+fp32
     python benchmarks/gram.py --dtypes bf16 --results benchmarks/results.jsonl
+    python benchmarks/gram.py --dtypes fp32 --tf32       # fp32 features with TF32 matmuls (DINOv2/v3 recipes)
 """
 from __future__ import annotations
 
@@ -112,13 +113,16 @@ def bench_config(B, P, D, img_level, option, dtype_name, variant, device, reps) 
         out["TFLOPs"] = flops / (out["ms"] * 1e-3) / 1e12
         out["GBps"] = byte_floor / (out["ms"] * 1e-3) / 1e9
     config = {"B": B, "P": P, "D": D, "dtype": dtype_name, "img_level": img_level, "option": option,
-              "flop_floor": flops, "byte_floor": byte_floor}
+              "tf32": torch.backends.cuda.matmul.allow_tf32, "flop_floor": flops, "byte_floor": byte_floor}
     return {"config": config, "metrics": out}
 
 
 def main(argv=None) -> list[dict]:
     p = kernel_bench.parser(__doc__, list(DTYPES), "default: bf16 fp32 (smoke: fp32)")
+    p.add_argument("--tf32", action="store_true", help="fp32 matmuls in TF32, the reference's and the kernel's "
+                   "(torch.backends.cuda.matmul.allow_tf32, as train.allow_tf32 and the official DINOv2/v3 code)")
     args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     device = kernel_bench.device_for(p, args)
     configs = SMOKE_CONFIGS if args.smoke else GPU_CONFIGS
     dtypes = args.dtypes or (["fp32"] if args.smoke else ["bf16", "fp32"])

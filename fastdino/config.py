@@ -146,6 +146,9 @@ class DataConfig:
     # iBOT: images per mask stratification group; 0: the rank's batch (official). A divisor of every per-GPU
     # batch you use keeps the masks of an image the same when the global batch is split over other ranks
     mask_group_size: int = 0
+    # iterations per epoch, the unit of every epoch-counted schedule and checkpoint; 0: a pass over the data
+    # (images // global batch). DINOv2 / DINOv3: 1250 (OFFICIAL_EPOCH_LENGTH), batches running on across passes
+    epoch_length: int = 0
     num_workers: int = 10  # DataLoader workers per process (torch backend)
     dtype: str = choice("auto", "auto", "fp32", "bf16")  # crops on the device; auto: bf16 when training bf16 on a GPU
 
@@ -155,6 +158,9 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     precision: str = choice("bf16", "fp32", "bf16", "fp16")  # fp16 uses a grad scaler; the loss is always fp32
+    # fp32 matmuls (and the kernels' fp32 dots) in TF32 on CUDA: torch.backends.cuda.matmul.allow_tf32, set
+    # at start-up. The official DINOv2 / DINOv3 train.py set it (their configs: true); DINO's main_dino.py does not
+    allow_tf32: bool = False
     device: str = choice("auto", "auto", "cuda", "cpu")
     reference: bool = False  # every component runs its plain-PyTorch reference (config.REFERENCE)
     compile_step: bool = False  # torch.compile the whole step (forward, backward, optimizer, EMA) as one graph
@@ -417,6 +423,7 @@ def _validate(cfg: Config) -> None:
          f"must be < optim.epochs={o.epochs} (the Gram term would never start)")
     need(not gr.teacher_checkpoint or os.path.isfile(gr.teacher_checkpoint), "gram.teacher_checkpoint",
          "no such file")
+    need(d.epoch_length >= 0, "data.epoch_length", "must be >= 0 (0: an epoch is a pass over the data)")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(bool(d.path), "data.path", "must name a folder of images")
     need(d.demo_num_images >= 1, "data.demo_num_images", "must be >= 1")

@@ -14,6 +14,9 @@ The rest of the engine reads the Resolved record, never the "auto" config values
     attn         a models.attention backend        the fastest fused kernel on CUDA (timed once), sdpa on CPU
     data         dali | torch                      dali when importable and on CUDA
     compile      off | blocks | step               model.compile -> blocks, train.compile_step -> step
+    residual_norm  off | triton | torch            model.fused_residual_norm: the op's impl on this device
+    residual_dtype fp32 | bf16                     model.residual_dtype (fp32 in reference mode)
+    tf32         bool                              train.allow_tf32, applied process-wide here
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class Resolved:
     compile: str  # off | blocks | step
     residual_norm: str  # off | triton | torch: model.fused_residual_norm (the op's impl on this device)
     residual_dtype: str  # fp32 | bf16: the blocks' residual stream under autocast
+    tf32: bool  # train.allow_tf32: fp32 matmuls in TF32 (applied process-wide by resolve)
     reference: bool
 
     def to_dict(self) -> dict:
@@ -123,6 +127,9 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
     if cfg.train.reference:
         cfg = with_overrides(cfg, REFERENCE)
     device = torch.device(device)
+    # a process-wide numerics setting of the recipe (not a fast path: reference mode keeps it), applied
+    # here so that every choice below (the fused head's refusal, the Gram kernel's dots) sees it
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
     m, ds = cfg.model, cfg.deepspeed.enabled
     spec = arch_spec(m.arch)
     dim, heads = spec["embed_dim"], spec["num_heads"]
@@ -155,5 +162,6 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
         compile=compile_mode,
         residual_norm=("triton" if device.type == "cuda" else "torch") if m.fused_residual_norm else "off",  # op's auto
         residual_dtype=m.residual_dtype,
+        tf32=cfg.train.allow_tf32,
         reference=cfg.train.reference,
     )

@@ -17,8 +17,9 @@ table the step reads them from.
     last_layer_frozen  1 while epoch < freeze_last_layer (the heads' last layers: no update, or lr 0 under
                  optim.freeze_last_layer_mode=zero_lr; fastdino/optim.py)
 Same arrays as the official `utils.cosine_scheduler` and DINOLoss.teacher_temp_schedule (DINO), and
-dinov2/utils/utils.py CosineScheduler (DINOv2). An "epoch" here is the data's steps per epoch; DINOv2
-counts its schedules in a fixed OFFICIAL_EPOCH_LENGTH of 1250 iterations instead.
+dinov2/utils/utils.py CosineScheduler (DINOv2). An "epoch" here is the loader's steps per epoch:
+data.epoch_length iterations (DINOv2 / DINOv3's OFFICIAL_EPOCH_LENGTH, 1250 in their configs), or with
+0 one pass over the data (DINO).
 
 The peak lr scales with the global batch B (`peak_lr`):
     linear_256   lr * B / 256           (DINO: main_dino.py's linear scaling rule)

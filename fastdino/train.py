@@ -300,8 +300,10 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
         cleanup()
 
 
-def _resume(run: Run, resume: str) -> tuple[int, int, int]:
-    """(epoch, step in epoch, global step) to start from."""
+def _resume(run: Run, resume: str, steps_per_epoch: int) -> tuple[int, int, int]:
+    """(epoch, step in epoch, global step) to start from. A checkpoint whose position does not fit
+    this run's epochs (another data.epoch_length, or with 0 a data folder of another size) is refused:
+    its schedules and batches would be out of step."""
     cfg = run.cfg
     ckpt = run.backend.resume(resume, cfg.train.output_dir)
     if ckpt is None:
@@ -311,6 +313,13 @@ def _resume(run: Run, resume: str) -> tuple[int, int, int]:
     path = ckpt.get("path", resume if resume != "auto" else run.backend.checkpoint_path(cfg.train.output_dir))
     epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path, run.ctx.rank, run.state.patch_targets,
                                               run.state.gram_teacher)
+    if it != epoch * steps_per_epoch + step_in_epoch or step_in_epoch > steps_per_epoch:
+        saved = (ckpt.get("config") or {}).get("data", {}).get("epoch_length", "?")
+        raise CheckpointError(
+            f"checkpoint '{path}' was saved at step {step_in_epoch} of epoch {epoch} (global step {it}), which does not "
+            f"fit this run's {steps_per_epoch} steps per epoch (data.epoch_length={cfg.data.epoch_length} now, {saved} "
+            f"in the checkpoint; 0 = a pass over the data, whose size may have changed): resume with the same "
+            f"data.epoch_length and data")
     run.state.counters[STEP] = it
     if run.ctx.is_main:
         log.info("resumed from %s at epoch %d, step %d", path, epoch, it)
@@ -358,7 +367,7 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
         write_config(cfg, resolved)
 
     # ============ resume ============
-    start = (0, 0, 0) if args.resume is None else _resume(run, args.resume)
+    start = (0, 0, 0) if args.resume is None else _resume(run, args.resume, steps_per_epoch)
     metrics_path = os.path.join(cfg.train.output_dir, "metrics.jsonl")
     if ctx.is_main and args.resume is not None:
         drop_metrics_from(metrics_path, start[2])  # the steps after the checkpoint are logged again

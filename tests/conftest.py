@@ -36,3 +36,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "interpreted" in item.keywords:
             item.add_marker(skip)
+
+
+try:
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _no_tf32_matmuls():
+        """resolve() applies train.allow_tf32 process-wide (the DINOv2 / DINOv3 configs set it): every
+        test starts from PyTorch's default, fp32 matmuls in fp32, whatever an earlier test resolved."""
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+except ImportError:  # pragma: no cover
+    pass

@@ -157,6 +157,19 @@ def test_reference_mode_is_one_switch():
     assert (r.loss, r.ema, r.clip, r.attn, r.packed_multicrop, r.fused_head, r.data, r.compile, r.residual_norm,
             r.residual_dtype) == ("reference", "loop", "loop", "math", False, False, "torch", "off", "off", "fp32")
     assert r.reference and set(REFERENCE) >= {"loss.impl", "optim.ema_impl", "optim.clip_impl", "model.attn"}
+    assert not r.tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_allow_tf32_is_applied_by_resolve():
+    """train.allow_tf32 (the DINOv2 / DINOv3 configs: true, as their official train.py) is a recipe
+    setting: resolve applies it process-wide, in reference mode too, and logs it."""
+    from fastdino.resolve import resolve
+
+    for extra in ([], ["train.reference=true"]):
+        r = resolve(load_config("configs/dinov2_vits14.json", extra), torch.device("cpu"))
+        assert r.tf32 and torch.backends.cuda.matmul.allow_tf32 and "tf32=True" in r.line()
+    r = resolve(load_config("configs/vits16.json"), torch.device("cpu"))
+    assert not r.tf32 and not torch.backends.cuda.matmul.allow_tf32
     fast = resolve(load_config("configs/vits16.json"), torch.device("cpu"))
     assert (fast.loss, fast.ema, fast.clip, fast.attn, fast.packed_multicrop) == \
         ("reference", "foreach", "foreach", "sdpa", True)  # what auto means on a CPU

@@ -85,6 +85,39 @@ def test_determinism_resume_world_size_dtype(demo, epoch_dali):
             assert torch.equal(joined, epoch_dali[step + 2][c].to(torch.bfloat16))
 
 
+def test_epoch_length_follows_the_torch_mapping(demo):
+    """data.epoch_length=L: step s of epoch e is the batch of step (e*L + s) % P of pass (e*L + s) // P,
+    the same indices as the torch backend's sampler and the same crops as the one-pass-per-epoch DALI
+    loader; resume and the rank split keep that."""
+    from fastdino.data.torch_loader import EpochBatches
+
+    def with_length(length):
+        c = cfg(demo, "dali")
+        c.epoch_length, c.local_crops_number = length, 2
+        return c
+
+    passes = build_train_loader(with_length(0), 20, seed=4, device=DEVICE)  # 48 images: P = 2 steps per pass
+    by_pass = {(p, s): [c.cpu() for c in crops] for p in (1, 2) for s, crops in enumerate(passes.epoch(p))}
+    loader = build_train_loader(with_length(3), 20, seed=4, device=DEVICE)
+    assert loader.steps_per_epoch == 3
+    keys = [(1, 1), (2, 0), (2, 1)]  # epoch 1 = global iterations 3, 4, 5
+    one_pass = EpochBatches(48, 20, 0, 1, 4)
+    for s, key in enumerate(keys):
+        assert loader._host_batch(1, s)["indices"] == one_pass.indices(*key).tolist()
+    got = [[c.cpu() for c in crops] for crops in loader.epoch(1)]
+    assert len(got) == 3
+    for crops, key in zip(got, keys):
+        assert all(torch.equal(x, y) for x, y in zip(crops, by_pass[key])), key
+    ranks = [build_train_loader(with_length(3), 10, rank=r, world_size=2, seed=4, device=DEVICE) for r in range(2)]
+    parts = [[[c.cpu() for c in crops] for crops in r.epoch(1, start_step=1)] for r in ranks]
+    assert len(parts[0]) == len(parts[1]) == 2
+    for step, key in enumerate(keys[1:]):
+        joined = [torch.cat([parts[0][step][c], parts[1][step][c]]) for c in range(4)]
+        assert all(torch.equal(x, y) for x, y in zip(joined, by_pass[key])), key
+    for x in [passes, loader] + ranks:
+        x.close()
+
+
 def test_bad_files_skipped_and_counted(demo, tmp_path):
     root = tmp_path / "bad"
     shutil.copytree(demo, root)

@@ -337,6 +337,71 @@ def test_ibot_masks_are_keyed_by_the_batch(demo):
         assert torch.equal(a.masks, b.masks) and torch.equal(a.mask_indices, b.mask_indices)
 
 
+def test_epoch_length_zero_is_a_pass(demo):
+    """data.epoch_length=0 (the default): epoch e is pass e, its global batches the consecutive slices
+    of permutation(seed, e, n); an epoch_length equal to the pass length gives the same batches, bit for bit."""
+    from fastdino.data.augment import permutation
+
+    n, B, W = 103, 4, 3
+    for r in range(W):
+        s = EpochBatches(n, B, r, W, seed=5)
+        assert s.steps_per_epoch == s.steps_per_pass == 8
+        for epoch in (0, 3):
+            s.epoch = epoch
+            perm = permutation(5, epoch, n)
+            assert [b for b in s] == [[(epoch, int(i)) for i in perm[g * B * W + r * B:g * B * W + (r + 1) * B]]
+                                      for g in range(8)]
+    passes = build_train_loader(small_cfg(demo), 8, seed=7)
+    same = build_train_loader(small_cfg(demo, epoch_length=6), 8, seed=7)
+    assert passes.steps_per_epoch == same.steps_per_epoch == 6
+    for epoch in (0, 2):
+        for a, b in zip(passes.epoch(epoch), same.epoch(epoch)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_epoch_length_runs_on_across_passes(demo):
+    """data.epoch_length=L (DINOv2 / DINOv3's OFFICIAL_EPOCH_LENGTH): step s of epoch e is the global
+    iteration e*L + s, the batch (indices, crops, iBOT masks) of step (e*L + s) % P of pass (e*L + s) // P
+    exactly as the one-pass-per-epoch loader makes it; resume and the rank split keep that."""
+    from fastdino.data.masking import IBOTMasks
+
+    masking = IBOTMasks(2)
+    passes = build_train_loader(small_cfg(demo), 20, seed=7, masking=masking)  # 48 images: P = 2 steps per pass
+    assert passes.steps_per_epoch == 2
+    by_pass = {(p, s): item for p in range(3) for s, item in enumerate(passes.epoch(p))}
+    loader = build_train_loader(small_cfg(demo, epoch_length=3), 20, seed=7, masking=masking)
+    assert loader.steps_per_epoch == 3 and loader.num_images == 48
+    want = {0: [(0, 0), (0, 1), (1, 0)], 1: [(1, 1), (2, 0), (2, 1)]}
+    one_pass = EpochBatches(48, 20, 0, 1, 7)
+    for epoch, keys in want.items():
+        assert [loader.sampler.position(epoch, s) for s in range(3)] == keys
+        sampler = EpochBatches(48, 20, 0, 1, 7, epoch_length=3)
+        sampler.epoch = epoch
+        assert list(sampler) == [[(p, int(i)) for i in one_pass.indices(p, s)] for p, s in keys]
+        got = list(loader.epoch(epoch))
+        assert len(got) == 3
+        for (crops, mb), key in zip(got, keys):
+            ref_crops, ref_mb = by_pass[key]
+            assert all(torch.equal(x, y) for x, y in zip(crops, ref_crops)), key
+            assert torch.equal(mb.masks, ref_mb.masks) and torch.equal(mb.mask_indices, ref_mb.mask_indices), key
+        for start in (1, 2, 3):  # resume at any step: the tail of the epoch
+            tail = list(loader.epoch(epoch, start_step=start))
+            assert len(tail) == 3 - start
+            for (a, _), (b, _) in zip(tail, got[start:]):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
+    ranks = [build_train_loader(small_cfg(demo, epoch_length=3, num_workers=r), 10, rank=r, world_size=2, seed=7)
+             for r in range(2)]
+    parts = [list(r.epoch(1, start_step=1)) for r in ranks]
+    assert len(parts[0]) == len(parts[1]) == 2
+    for step, key in enumerate(want[1][1:]):
+        rows = [ranks[r].sampler.indices(*key) for r in range(2)]
+        assert np.array_equal(np.concatenate(rows), one_pass.indices(*key))
+        joined = [torch.cat([parts[0][step][c], parts[1][step][c]]) for c in range(5)]
+        assert all(torch.equal(x, y) for x, y in zip(joined, by_pass[key][0])), key
+    with pytest.raises(ValueError, match="start_step 4 outside"):
+        next(iter(loader.epoch(0, start_step=4)))
+
+
 def test_corrupt_files_skipped_counted_or_raise(demo, tmp_path):
     root = tmp_path / "bad"
     shutil.copytree(demo, root)

@@ -437,6 +437,22 @@ def test_mismatched_checkpoint_names_the_key_and_shapes(data_dir, tmp_path, caps
     assert "student 'backbone.blocks.3.norm1.weight' (192,) is in the checkpoint but not in this model" in err, err
 
 
+def test_resume_with_another_epoch_length_is_refused(data_dir, tmp_path):
+    """A checkpoint saved mid-run resumed with another data.epoch_length: one CheckpointError line naming
+    the key, before any step (the schedules and batches would be out of step); the same length resumes."""
+    from fastdino.checkpoint import CheckpointError
+
+    out = str(tmp_path / "run")
+    run_in_process(tiny(data_dir, out, "--train.max_steps=3", "--train.checkpoint_every=3", "--data.epoch_length=2"))
+    before = load(out)
+    assert (before["epoch"], before["step_in_epoch"], before["step"]) == (1, 1, 3)
+    with pytest.raises(CheckpointError, match=r"data.epoch_length=5 now, 2 in the checkpoint") as e:
+        run_in_process(tiny(data_dir, out, "--train.max_steps=4", "--data.epoch_length=5", "--resume"))
+    assert "\n" not in str(e.value)
+    assert load(out)["step"] == 3  # nothing written
+    assert run_in_process(tiny(data_dir, out, "--train.max_steps=4", "--data.epoch_length=2", "--resume"))["steps"] == 4
+
+
 def test_bare_resume_without_checkpoint_starts_fresh(data_dir, tmp_path, caplog):
     out = str(tmp_path / "run")
     with caplog.at_level("WARNING", logger="fastdino"):

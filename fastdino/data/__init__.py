@@ -5,6 +5,10 @@
     for crops in loader.epoch(epoch, start_step):   # crop-major list of 2+N [B,3,S,S] on device
         ...
 
+An epoch is a pass over the data (data.epoch_length=0), or data.epoch_length iterations running on
+across passes (DINOv2 / DINOv3's OFFICIAL_EPOCH_LENGTH); either way each batch is a pure function of
+(seed, data pass, step in pass), fastdino/data/torch_loader.py's EpochBatches.
+
 With masking=IBOTMasks(...) (the DINOv2 recipe's iBOT masks, fastdino/data/masking.py) each item is
 (crops, MaskBatch on the device), the masks keyed by the batch's dataset indices: both loaders give
 the same masks.
@@ -45,7 +49,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def build_train_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                        device=None, dtype: torch.dtype = torch.float32, backend: str | None = None,
                        masking=None):
-    """The training loader for this rank: `.epoch(e, start_step)`, `.steps_per_epoch`, `.num_images`,
+    """The training loader for this rank: `.epoch(e, start_step)`, `.steps_per_epoch` (data.epoch_length,
+    or images // global batch when 0), `.num_images`,
     `.num_corrupt`, `.backend`. backend: the resolved data backend (fastdino/resolve.py); None
     resolves data_cfg.backend here (standalone use). Generates the demo dataset first when
     data_cfg.generate_demo is set (safe when every rank calls it)."""

@@ -2,11 +2,12 @@
 half runs batched on the device with the same code as the torch backend (augment.photometric).
 
 Host (one background thread, plus a small thread pool for file reads): for each step, this rank's
-dataset indices (the same epoch permutation and global-batch layout as the torch backend), the raw
-bytes (folder, file list or webdataset tar shards: fastdino.data.folder.ImageSource), the image size
-read from the header, and every random draw of every crop of the whole batch in one vectorized hash
-(augment.uniforms keyed by seed, epoch, dataset index, crop: one numpy call of [B, 2+N, 36] draws per
-batch). So both backends use identical crop boxes and parameters for a given key, and the output is
+dataset indices (the same (data pass, step in pass) of each step, per data.epoch_length, pass
+permutation and global-batch layout as the torch backend: EpochBatches), the raw bytes (folder, file
+list or webdataset tar shards: fastdino.data.folder.ImageSource), the image size read from the
+header, and every random draw of every crop of the whole batch in one vectorized hash
+(augment.uniforms keyed by seed, data pass, dataset index, crop: one numpy call of [B, 2+N, 36] draws
+per batch). So both backends use identical crop boxes and parameters for a given key, and the output is
 a pure function of the key: resume (start_step), world size and thread counts do not change it.
 
 Graph (fed with feed_input; "mixed" decoder on GPU, "cpu" operators when device_id=None):
@@ -57,14 +58,14 @@ HOST_QUEUE = 3  # host batches prepared ahead by the background thread
 
 
 # ----------------------------------------------------------------------------- host-side parameters
-def host_params(specs, seed: int, epoch: int, indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict:
-    """All draws of one batch, vectorized (one hash over [B, C, 36]).
+def host_params(specs, seed: int, data_pass: int, indices: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> dict:
+    """All draws of one batch of pass `data_pass`, vectorized (one hash over [B, C, 36]).
 
     Returns {'roi_start{c}', 'roi_end{c}': float32 [B, 2] (y, x; a flipped crop has its x bounds
     swapped) for each crop c, 'photometric': per size group, a dict of CPU tensors [F*B] in crop-major
     order (as augment.stack_params; 'order' [F*B, 4])}."""
     B = len(indices)
-    u = uniforms(seed, epoch, np.asarray(indices)[:, None], draw_keys(specs)[None, :])  # [B, C, draws]
+    u = uniforms(seed, data_pass, np.asarray(indices)[:, None], draw_keys(specs)[None, :])  # [B, C, draws]
     p = photometric_params(u, np.array([s.p_blur for s in specs]), np.array([s.p_solarize for s in specs]),
                            np.array([s.p_flip for s in specs]))
     distort = np.array([s.distort for s in specs])
@@ -155,14 +156,17 @@ class DaliMultiCropLoader:
         self.masking = masking  # fastdino.data.masking.IBOTMasks: also yield the batch's iBOT masks
         self.source = source or ImageSource(data_cfg.path)
         self.num_images = len(self.source)
-        self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
+        check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
         self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
                                 data_cfg.global_crops_scale, data_cfg.local_crops_scale,
                                 getattr(data_cfg, "gram_crop_size", 0),  # + 2 Gram-teacher crops (DINOv3)
                                 getattr(data_cfg, "horizontal_flips", True))
         self.groups = size_groups(self.specs)
         self.batch_size, self.dtype, self.seed = batch_size, dtype, seed
-        self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed)
+        # data.epoch_length: 0, an epoch is a pass over the data; N > 0, N iterations (OFFICIAL_EPOCH_LENGTH)
+        self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed,
+                                    int(getattr(data_cfg, "epoch_length", 0)))
+        self.steps_per_epoch = self.sampler.steps_per_epoch
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.num_threads = int(num_threads or max(1, min(int(data_cfg.num_workers) or 1, 16)))
         self._pipe = None
@@ -204,11 +208,11 @@ class DaliMultiCropLoader:
             pass
 
     # host side ------------------------------------------------------------
-    def _read_checked(self, epoch: int, index: int):
+    def _read_checked(self, data_pass: int, index: int):
         """(dataset index, bytes, w, h, first bad name or None) for one sample, replacing unreadable files."""
         n, first_bad = self.num_images, None
         for k in range(MAX_REPLACEMENTS + 1):
-            i = int(index) if k == 0 else int(uniforms(self.seed, epoch, int(index), -2 - k, 1)[0] * n)
+            i = int(index) if k == 0 else int(uniforms(self.seed, data_pass, int(index), -2 - k, 1)[0] * n)
             if i in self._bad:
                 continue
             try:
@@ -223,10 +227,13 @@ class DaliMultiCropLoader:
                         f"e.g. '{first_bad}'")
 
     def _host_batch(self, epoch: int, step: int) -> dict:
+        """Step `step` of epoch `epoch`: the batch of (data pass, step in pass) = sampler.position(epoch, step)."""
         t0 = time.perf_counter()
         if self._readers is None:
             self._readers = ThreadPoolExecutor(max(1, min(self.num_threads, 8)), thread_name_prefix="fastdino-read")
-        rows = list(self._readers.map(lambda i: self._read_checked(epoch, i), self.sampler.indices(epoch, step)))
+        data_pass, step_in_pass = self.sampler.position(epoch, step)
+        indices = self.sampler.indices(data_pass, step_in_pass)
+        rows = list(self._readers.map(lambda i: self._read_checked(data_pass, i), indices))
         primary_bad = sum(r[5] > 0 for r in rows)
         if 2 * primary_bad > self.batch_size:
             first_bad = next(r[4] for r in rows if r[4])
@@ -234,14 +241,15 @@ class DaliMultiCropLoader:
                             f"(check data.path)")
         idx = np.array([r[0] for r in rows])
         t1 = time.perf_counter()
-        feed = host_params(self.specs, self.seed, epoch, idx, np.array([r[2] for r in rows]), np.array([r[3] for r in rows]))
+        feed = host_params(self.specs, self.seed, data_pass, idx, np.array([r[2] for r in rows]),
+                           np.array([r[3] for r in rows]))
         feed["encoded"] = [np.frombuffer(r[1], np.uint8) for r in rows]
         self.timing["host_read_s"] += t1 - t0
         self.timing["host_params_s"] += time.perf_counter() - t1
         self.timing["batches"] += 1
         item = {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step}
         if self.masking is not None:  # keyed by the sampler's indices, as the torch loader's
-            item["masks"] = self.masking(self.seed, epoch, self.sampler.indices(epoch, step))
+            item["masks"] = self.masking(self.seed, data_pass, indices)
         return item
 
     def _host_batches(self, epoch: int, start_step: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -371,7 +379,7 @@ class DaliMultiCropLoader:
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher crops with data.gram_crop_size)
-        [B,3,S,S] on the device, normalized, in self.dtype."""
+        [B,3,S,S] on the device, normalized, in self.dtype. Step s is the batch of sampler.position(epoch, s)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         q, stop = queue.Queue(maxsize=HOST_QUEUE), threading.Event()

@@ -6,14 +6,21 @@ the parameters. The main process copies them to the device (pinned memory, non_b
 runs augment.photometric on each group of same-size crops (the 2 globals together, the N locals
 together), then splits them into the crop-major list.
 
-Order of samples: one permutation per (seed, epoch), the same on every rank; global batch g is
-positions [g*B*W, (g+1)*B*W) of it, rank r takes [g*B*W + r*B, g*B*W + (r+1)*B); the last partial
-global batch is dropped. Draws are keyed by (seed, epoch, dataset index, crop), so the crops do not
-depend on rank, world size, num_workers, start_step or torch's global RNG.
+Order of samples: one permutation per (seed, data pass), the same on every rank; global batch g of
+a pass is positions [g*B*W, (g+1)*B*W) of it, rank r takes [g*B*W + r*B, g*B*W + (r+1)*B); the last
+partial global batch of a pass is dropped, so a pass has P = images // (B*W) steps. Draws are keyed
+by (seed, data pass, dataset index, crop), so the crops do not depend on rank, world size,
+num_workers, start_step or torch's global RNG.
 
-Unreadable files: sample i is replaced by the deterministic draw index (seed, epoch, i, try k); each
-distinct bad file is counted in num_corrupt; a batch where more than half of the files fail raises
-DataError naming one of them.
+Epochs (data.epoch_length L): L = 0, an epoch is a pass (epoch e = pass e, steps_per_epoch = P);
+L > 0, an epoch is L iterations (DINOv2 / DINOv3's OFFICIAL_EPOCH_LENGTH): step s of epoch e is the
+global iteration e*L + s, which is step (e*L + s) % P of pass (e*L + s) // P. Batches run on across
+pass boundaries into the next pass's permutation, as an infinite sampler, and every batch is a
+function of its global iteration, so resuming at any step is exact.
+
+Unreadable files: sample i is replaced by the deterministic draw index (seed, data pass, i, try k);
+each distinct bad file is counted in num_corrupt; a batch where more than half of the files fail
+raises DataError naming one of them.
 """
 from __future__ import annotations
 
@@ -46,7 +53,8 @@ def _decode(data: bytes):
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Map-style dataset over keys (epoch, index); `__getitems__` makes a whole batch in the worker:
+    """Map-style dataset over keys (data pass, index); `__getitems__` makes a whole batch (all of one
+    pass) in the worker:
     {'crops': list of uint8 [B,3,S,S] per crop, 'params': list of param dicts per crop,
      'bad': names of unreadable files met, 'primary_bad': how many of the batch's own files failed}."""
 
@@ -56,10 +64,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _load(self, epoch: int, index: int, bad: list) -> tuple[int, object]:
+    def _load(self, data_pass: int, index: int, bad: list) -> tuple[int, object]:
         n = len(self.source)
         for k in range(MAX_REPLACEMENTS + 1):
-            i = index if k == 0 else int(uniforms(self.seed, epoch, index, -2 - k, 1)[0] * n)
+            i = index if k == 0 else int(uniforms(self.seed, data_pass, index, -2 - k, 1)[0] * n)
             try:
                 return i, _decode(self.source.read(i))
             except Exception:  # any decode or read failure (OSError, SyntaxError, DecompressionBomb...)
@@ -67,12 +75,12 @@ class MultiCropDataset(torch.utils.data.Dataset):
         raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
                         f"e.g. '{bad[-1]}'")
 
-    def sample(self, epoch: int, index: int, bad: list) -> tuple[list, list]:
+    def sample(self, data_pass: int, index: int, bad: list) -> tuple[list, list]:
         """(list of uint8 [3,S,S] crops, list of param dicts) of one image."""
-        i, img = self._load(epoch, index, bad)
+        i, img = self._load(data_pass, index, bad)
         crops, params = [], []
         for c, spec in enumerate(self.specs):
-            p = draw_params(self.seed, epoch, i, c, spec, img.width, img.height)
+            p = draw_params(self.seed, data_pass, i, c, spec, img.width, img.height)
             crops.append(pil_to_uint8(resized_crop_pil(img, p["box"], spec.size, p["flip"])))
             params.append(p)
         return crops, params
@@ -82,9 +90,9 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, keys):
         bad, primary_bad, per_image = [], 0, []
-        for epoch, index in keys:
+        for data_pass, index in keys:
             before = len(bad)
-            per_image.append(self.sample(epoch, index, bad))
+            per_image.append(self.sample(data_pass, index, bad))
             primary_bad += len(bad) > before
         crops = [torch.stack([im[0][c] for im in per_image]) for c in range(len(self.specs))]
         params = [stack_params([im[1][c] for im in per_image]) for c in range(len(self.specs))]
@@ -99,25 +107,44 @@ def _first(batch):
 
 
 class EpochBatches:
-    """Batch sampler: this rank's lists of (epoch, index) for steps start_step..steps_per_epoch-1."""
+    """Batch sampler: this rank's lists of (data pass, index) for steps start_step..steps_per_epoch-1
+    of epoch `epoch`. epoch_length 0: an epoch is a pass (steps_per_pass steps); > 0: an epoch is
+    epoch_length iterations, running on across passes (see position)."""
 
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch_length: int = 0):
         self.n, self.B, self.rank, self.W, self.seed = n, batch_size, rank, world_size, seed
-        self.steps_per_epoch = n // (batch_size * world_size)
+        self.steps_per_pass = n // (batch_size * world_size)
+        if epoch_length < 0:
+            raise ValueError(f"EpochBatches: epoch_length must be >= 0, got {epoch_length}")
+        if epoch_length and not self.steps_per_pass:
+            raise ValueError(f"EpochBatches: {n} images are fewer than one global batch ({batch_size} x {world_size})")
+        self.epoch_length = epoch_length
+        self.steps_per_epoch = epoch_length or self.steps_per_pass
         self.epoch, self.start_step = 0, 0
+        self._perm = None  # (pass, its permutation), the last one used
 
-    def indices(self, epoch: int, step: int) -> np.ndarray:
-        """Dataset indices of this rank's rows of global batch `step`."""
+    def position(self, epoch: int, step: int) -> tuple[int, int]:
+        """(data pass, step in that pass) of step `step` of epoch `epoch`: global iteration
+        it = epoch * steps_per_epoch + step is step it % steps_per_pass of pass it // steps_per_pass
+        ((epoch, step) itself when an epoch is a pass)."""
+        if not self.epoch_length:
+            return epoch, step
+        return divmod(epoch * self.epoch_length + step, self.steps_per_pass)
+
+    def indices(self, data_pass: int, step: int) -> np.ndarray:
+        """Dataset indices of this rank's rows of global batch `step` of pass `data_pass`."""
         from fastdino.data.augment import permutation
 
-        if getattr(self, "_perm_epoch", None) != epoch:
-            self._perm, self._perm_epoch = permutation(self.seed, epoch, self.n), epoch
+        cached = self._perm  # one attribute read and write: safe with the DALI loader's two threads
+        if cached is None or cached[0] != data_pass:
+            cached = self._perm = (data_pass, permutation(self.seed, data_pass, self.n))
         start = step * self.B * self.W + self.rank * self.B
-        return self._perm[start:start + self.B]
+        return cached[1][start:start + self.B]
 
     def __iter__(self):
         for step in range(self.start_step, self.steps_per_epoch):
-            yield [(self.epoch, int(i)) for i in self.indices(self.epoch, step)]
+            data_pass, step_in_pass = self.position(self.epoch, step)
+            yield [(data_pass, int(i)) for i in self.indices(data_pass, step_in_pass)]
 
     def __len__(self) -> int:
         return max(self.steps_per_epoch - self.start_step, 0)
@@ -145,13 +172,16 @@ class TorchMultiCropLoader:
         self.source = source or ImageSource(data_cfg.path)
         self.masking = masking  # fastdino.data.masking.IBOTMasks: also yield the batch's iBOT masks
         self.num_images = len(self.source)
-        self.steps_per_epoch = check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
+        check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
         self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
                                 data_cfg.global_crops_scale, data_cfg.local_crops_scale,
                                 getattr(data_cfg, "gram_crop_size", 0),  # + 2 Gram-teacher crops (DINOv3)
                                 getattr(data_cfg, "horizontal_flips", True))
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device or "cpu"), dtype
-        self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed)
+        # data.epoch_length: 0, an epoch is a pass over the data; N > 0, N iterations (OFFICIAL_EPOCH_LENGTH)
+        self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed,
+                                    int(getattr(data_cfg, "epoch_length", 0)))
+        self.steps_per_epoch = self.sampler.steps_per_epoch
         workers = int(data_cfg.num_workers)
         self._loader = torch.utils.data.DataLoader(
             MultiCropDataset(self.source, self.specs, seed, masking), batch_sampler=self.sampler, collate_fn=_first,
@@ -178,7 +208,7 @@ class TorchMultiCropLoader:
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher crops with data.gram_crop_size)
-        [B,3,S,S] on the device, normalized, in self.dtype."""
+        [B,3,S,S] on the device, normalized, in self.dtype. Step s is the batch of sampler.position(epoch, s)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         self.sampler.epoch, self.sampler.start_step = int(epoch), int(start_step)
