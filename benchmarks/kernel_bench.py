@@ -47,6 +47,36 @@ def time_ms(fn, device: str, reps: int, grad_to_none=None) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def capture(step):
+    """(CUDA graph, the captured step's outputs): step warmed up on a side stream first (Triton
+    compiles, the allocator makes its pools), then captured. Shared with the kernel tests."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def graph_ms(fn, calls: int = 10, replays: int = 3) -> float:
+    """GPU time of one fn() call: `calls` calls captured in a CUDA graph, replayed `replays` times (after
+    one untimed replay), no host work in between."""
+    graph, _ = capture(lambda: [fn() for _ in range(calls)])
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / (calls * replays)
+    del graph
+    return ms
+
+
 def common_fields(script: str, device: str, argv) -> dict:
     import triton
 

@@ -133,30 +133,6 @@ def sweep_launches(N: int, C: int, sm_count: int) -> list[dict]:
     return launches
 
 
-def graph_ms(fn, calls: int = 10, replays: int = 3) -> float:
-    """GPU time of one fn() call: `calls` calls captured in a CUDA graph, replayed `replays` times (after
-    one untimed replay), no host work in between."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / (calls * replays)
-    del graph
-    return ms
-
-
 def sweep_config(N, C, gamma, dtype_name, device, reps) -> list[dict]:
     """The Triton backward over sweep_launches: [{"config", "metrics"}], the launch table's first."""
     dtype = DTYPES[dtype_name]
@@ -188,7 +164,7 @@ def sweep_config(N, C, gamma, dtype_name, device, reps) -> list[dict]:
         metrics = {"bwd_op_ms": time_ms(lambda: bwd(*args), device, reps)}
         metrics["bwd_op_GBps"] = bwd_floor / (metrics["bwd_op_ms"] * 1e-3) / 1e9
         if device == "cuda":
-            metrics["bwd_graph_ms"] = graph_ms(lambda: bwd(*args))
+            metrics["bwd_graph_ms"] = kernel_bench.graph_ms(lambda: bwd(*args))
             metrics["bwd_graph_GBps"] = bwd_floor / (metrics["bwd_graph_ms"] * 1e-3) / 1e9
         metrics["max_rel_diff"] = diff
         config = {"N": N, "C": C, "gamma": gamma, "dtype": dtype_name, "bwd_floor_bytes": bwd_floor,

@@ -1,15 +1,5 @@
-"""CUDA-graph capture for the kernel tests: warm a step up on a side stream (Triton compiles, the
-allocator makes its pools), then capture it. Returns (graph, the captured step's outputs)."""
-import torch
+"""CUDA-graph capture for the kernel tests: benchmarks/kernel_bench.py's capture (warm a step up on a
+side stream, then capture it). capture(step) returns (graph, the captured step's outputs)."""
+from aot import load_benchmark
 
-
-def capture(step):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
+capture = load_benchmark("kernel_bench").capture
