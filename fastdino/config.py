@@ -81,6 +81,13 @@ class LossConfig:
     sinkhorn_iterations: int = 3
     dino_weight: float = 1.0  # weight of the DINO [CLS] term
     koleo_weight: float = 0.0  # KoLeo on the student's pre-head [CLS] of each global crop (DINOv2: 0.1)
+    # DINOv3's distributed KoLeo: each rank's nearest neighbours are searched among the batches of a group of
+    # consecutive ranks (all-gathered, gradients sent back), not its own batch only (dino.koleo_loss_distributed;
+    # the 7B high-resolution adaptation: true). One process: the same as false
+    koleo_distributed: bool = False
+    # images per distributed-KoLeo group: a multiple of optim.batch_size_per_gpu that divides the global batch;
+    # 0: the global batch (dino.koleo_distributed_loss_group_size, null; the high-resolution adaptation: 16)
+    koleo_group_size: int = 0
     ibot_weight: float = 0.0  # iBOT masked-patch loss on the global crops (DINOv2: 1.0; 0 disables masking)
     warmup_teacher_temp: float = 0.04  # initial teacher temperature
     teacher_temp: float = 0.04  # final teacher temperature; anything above 0.07 is unstable
@@ -89,6 +96,16 @@ class LossConfig:
     teacher_temp_schedule: str = choice("per_epoch", "per_epoch", "per_iteration")
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    # DINOv3's dino.reweight_dino_local_loss: the DINO term's local-crop pairs count w times, w from its
+    # local_loss_weight_schedule (linear_warmup_cosine_decay, per iteration): start -> peak over warmup_epochs,
+    # a half cosine to end over cosine_epochs (-1: the rest of the run), then end. Defaults: the official
+    # 0.5 throughout (the 7B recipe's high-resolution adaptation: the same). Not with model.fused_head
+    reweight_local: bool = False
+    local_weight_start: float = 0.5
+    local_weight_peak: float = 0.5
+    local_weight_end: float = 0.5
+    local_weight_warmup_epochs: int = 0
+    local_weight_cosine_epochs: int = -1
 
 
 @dataclass
@@ -191,6 +208,9 @@ class GramConfig:
     img_level: bool = True  # one Gram matrix per image (True) or over the rank's whole batch of patches
     remove_neg: bool = False  # clamp negative similarities of both Gram matrices to 0
     remove_only_teacher_neg: bool = False  # clamp the teacher's negatives (and the student's where both are)
+    # the patch tokens in the Gram matrices: all, or those the student saw masked / unmasked by iBOT (one Gram
+    # matrix of the rank's selected tokens: needs img_level=false and iBOT masks, loss.ibot_weight > 0)
+    tokens_used: str = choice("all", "all", "masked", "unmasked")
 
 
 @dataclass
@@ -383,6 +403,12 @@ def _validate(cfg: Config) -> None:
     need(lo.sinkhorn_iterations >= 1, "loss.sinkhorn_iterations", "must be >= 1")
     need(lo.dino_weight > 0, "loss.dino_weight", "must be > 0")
     need(lo.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0 (0 disables KoLeo)")
+    need(not lo.koleo_distributed or lo.koleo_weight > 0, "loss.koleo_distributed",
+         "distributes the KoLeo term, which is off: set loss.koleo_weight > 0 (DINOv3: 0.1) or leave it false")
+    need(lo.koleo_group_size >= 0 and lo.koleo_group_size % o.batch_size_per_gpu == 0, "loss.koleo_group_size",
+         f"must be 0 (the global batch) or a multiple of optim.batch_size_per_gpu={o.batch_size_per_gpu}")
+    need(lo.koleo_distributed or lo.koleo_group_size == 0, "loss.koleo_group_size",
+         "sizes the distributed KoLeo's groups: set loss.koleo_distributed=true or leave it 0")
     need(lo.ibot_weight >= 0, "loss.ibot_weight", "must be >= 0 (0 disables iBOT and masking)")
     need(m.ibot_out_dim >= 1, "model.ibot_out_dim", "must be >= 1")
     need(0 < o.layerwise_decay <= 1, "optim.layerwise_decay", "must be in (0, 1] (1 disables it)")
@@ -398,6 +424,23 @@ def _validate(cfg: Config) -> None:
          f"iBOT needs a backbone with a mask token: a dinov2_* or dinov3_* model.arch, not {m.arch}")
     need(lo.ibot_weight == 0 or not m.fused_head, "model.fused_head",
          "the fused head is not built for the iBOT loss yet: set model.fused_head=false with loss.ibot_weight > 0")
+    local_weight_keys = [f"loss.local_weight_{k}" for k in ("start", "peak", "end", "warmup_epochs", "cosine_epochs")]
+    if lo.reweight_local:  # DINOv3's local-crop reweighting of the DINO term
+        need(not m.fused_head, "model.fused_head", "the fused head is not built for the local-crop reweighting yet: "
+             "set model.fused_head=false with loss.reweight_local=true")
+        need(d.local_crops_number > 0, "loss.reweight_local", "weights the local crops' pairs: needs "
+             "data.local_crops_number > 0")
+        for key in local_weight_keys[:4]:
+            need(cfg.get(key) >= 0, key, "must be >= 0")
+        need(lo.local_weight_cosine_epochs >= -1, "loss.local_weight_cosine_epochs",
+             "must be >= 0, or -1 (the rest of the run)")
+        need(lo.local_weight_warmup_epochs + max(lo.local_weight_cosine_epochs, 0) <= o.epochs,
+             f"loss.local_weight_{'cosine' if lo.local_weight_cosine_epochs > 0 else 'warmup'}_epochs",
+             f"the warmup and cosine epochs must fit in optim.epochs={o.epochs}")
+    else:
+        for key in local_weight_keys:
+            need(cfg.get(key) == getattr(LossConfig(), key.split(".")[1]), key,
+                 "sets the local-crop weight, which is off: set loss.reweight_local=true or leave it at its default")
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
         lo_s, hi_s = cfg.get(key)
         need(0 < lo_s <= hi_s <= 1, key, "must satisfy 0 < min <= max <= 1")
@@ -415,6 +458,10 @@ def _validate(cfg: Config) -> None:
         need(cfg.get(key) >= 0, key, "must be >= 0")
     need(not (gr.remove_neg and gr.remove_only_teacher_neg), "gram.remove_only_teacher_neg",
          "cannot be combined with gram.remove_neg (choose one)")
+    need(gr.tokens_used == "all" or not gr.img_level, "gram.tokens_used",
+         "masked / unmasked make one Gram matrix of the rank's selected tokens: set gram.img_level=false")
+    need(gr.tokens_used == "all" or lo.ibot_weight > 0, "gram.tokens_used",
+         "masked / unmasked select by the iBOT masks, and loss.ibot_weight=0 makes none: use all")
     need(gr.weight == 0 or d.gram_crop_size > 0, "data.gram_crop_size",
          "Gram anchoring (gram.weight > 0) needs the Gram teacher's crops: set data.gram_crop_size (e.g. 2x the global crop)")
     need(gr.weight > 0 or d.gram_crop_size == 0, "data.gram_crop_size",

@@ -10,7 +10,10 @@ grid. As the official SSLMetaArch (dinov3/train/ssl_meta_arch.py, get_gram_teach
     T  <- bicubic resize of T as a (2B, D, hg, hg) image to the student grid (hs, hs), no antialias,
           align_corners=False                                   (2B, Ps, D)
     S   = student(global crops, iBOT-masked)["x_norm_patchtokens"]   (2B, Ps, D)
-    loss = GramLoss(S, T)  (all tokens; normalized features; per image or over the rank's batch)
+    S, T <- S[masks], T[masks] (gram.tokens_used=masked) or S[~masks], T[~masks] (unmasked): the (n, D)
+          patch tokens the student saw masked / unmasked, one Gram matrix over the rank's batch
+          (fastdino/losses/gram.py keeps static shapes: zeroed rows, the mean rescaled to n^2)
+    loss = GramLoss(S, T)  (normalized features; per image or over the rank's batch)
 
 When (gram config section, epochs of the data's steps):
     - before gram.start_epoch: no Gram teacher forward and no Gram term (it costs nothing but the

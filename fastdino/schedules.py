@@ -14,6 +14,11 @@ table the step reads them from.
     gram_weight  0 before gram.start_epoch, then a half cosine from 0 to gram.weight over gram.ramp_epochs,
                  then gram.weight (DINOv3's gram loss_weight_schedule: linear_warmup_cosine_decay with
                  start = peak = 0 until the Gram phase, cosine to its end value, then constant)
+    dino_local_weight  with loss.reweight_local (DINOv3's dino.reweight_dino_local_loss): the weight of the DINO
+                 term's local-crop pairs (fastdino/losses/dino.py), DINOv3's local_loss_weight_schedule:
+                 linear_warmup_cosine_decay from loss.local_weight_start to _peak over local_weight_warmup_epochs,
+                 a half cosine to _end over local_weight_cosine_epochs (-1: the rest of the run), then _end;
+                 0 in the table (and not logged) when off
     last_layer_frozen  1 while epoch < freeze_last_layer (the heads' last layers: no update, or lr 0 under
                  optim.freeze_last_layer_mode=zero_lr; fastdino/optim.py)
 Same arrays as the official `utils.cosine_scheduler` and DINOLoss.teacher_temp_schedule (DINO), and
@@ -40,8 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-HYPERPARAMS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_frozen", "gram_weight")  # rows of the table
-LR, WD, MOMENTUM, TEACHER_TEMP, LAST_LAYER_FROZEN, GRAM_WEIGHT = range(len(HYPERPARAMS))
+HYPERPARAMS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_frozen", "gram_weight",
+               "dino_local_weight")  # rows of the table
+LR, WD, MOMENTUM, TEACHER_TEMP, LAST_LAYER_FROZEN, GRAM_WEIGHT, DINO_LOCAL_WEIGHT = range(len(HYPERPARAMS))
 LR_SCALING = ("linear_256", "sqrt_1024", "sqrt_1024_x4")
 LR_SCHEDULES = ("cosine", "constant")
 TEACHER_TEMP_SCHEDULES = ("per_epoch", "per_iteration")
@@ -100,6 +106,25 @@ def gram_weight_schedule(weight: float, start_epoch: int, ramp_epochs: int, epoc
     return np.where(its < start, 0.0, weight * 0.5 * (1.0 - np.cos(np.pi * t)))
 
 
+def linear_warmup_cosine_decay(start: float, peak: float, end: float, warmup_iters: int, total_iters: int,
+                               cosine_iters: int | None = None) -> np.ndarray:
+    """total_iters values: linear from start towards peak over warmup_iters (peak itself first at the
+    cosine's start), a half cosine from peak to end over cosine_iters (both included; None: all the
+    iterations after the warmup), then end. DINOv3's dinov3/train/cosine_lr_scheduler.py
+    linear_warmup_cosine_decay (np.linspace(start, peak, warmup, endpoint=False), the cosine over
+    np.linspace(0, pi, cosine_iters), a constant tail)."""
+    if cosine_iters is None:
+        cosine_iters = total_iters - warmup_iters
+    if warmup_iters < 0 or cosine_iters < 0 or warmup_iters + cosine_iters > total_iters:
+        raise ValueError(f"linear_warmup_cosine_decay: warmup ({warmup_iters}) and cosine ({cosine_iters}) "
+                         f"iterations must be >= 0 and fit in the {total_iters} iterations")
+    its = np.arange(total_iters, dtype=np.float64)
+    warmup = start + (peak - start) * its / max(warmup_iters, 1)
+    t = np.clip((its - warmup_iters) / max(cosine_iters - 1, 1), 0.0, 1.0)  # 0 .. 1 over the cosine
+    cosine = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * t))
+    return np.where(its < warmup_iters, warmup, np.where(its < warmup_iters + cosine_iters, cosine, end))
+
+
 @dataclass
 class Schedules:
     lr: np.ndarray  # per iteration
@@ -110,6 +135,7 @@ class Schedules:
     niter_per_ep: int
     teacher_temp_per_iteration: bool = False  # loss.teacher_temp_schedule == "per_iteration"
     gram_weight: np.ndarray | None = None  # per iteration; None: no Gram anchoring (all 0)
+    dino_local_weight: np.ndarray | None = None  # per iteration; None: loss.reweight_local off (a row of 0)
 
     @classmethod
     def from_config(cls, cfg, global_batch: int, niter_per_ep: int) -> "Schedules":
@@ -130,6 +156,13 @@ class Schedules:
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Schedules: unknown lr_schedule {lr_schedule!r} (choose one of {list(LR_SCHEDULES)})")
         end_lr = peak if lr_schedule == "constant" else o.min_lr  # constant: the cosine from peak to peak
+        local_weight = None
+        if getattr(lo, "reweight_local", False):  # DINOv3: iterations per epoch = its OFFICIAL_EPOCH_LENGTH
+            cosine_epochs = lo.local_weight_cosine_epochs
+            local_weight = linear_warmup_cosine_decay(
+                lo.local_weight_start, lo.local_weight_peak, lo.local_weight_end,
+                lo.local_weight_warmup_epochs * niter_per_ep, o.epochs * niter_per_ep,
+                None if cosine_epochs < 0 else cosine_epochs * niter_per_ep)
         return cls(
             lr=cosine_scheduler(peak, end_lr, o.epochs, niter_per_ep, o.warmup_epochs),
             wd=cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, niter_per_ep),
@@ -141,10 +174,14 @@ class Schedules:
             teacher_temp_per_iteration=per_iteration,
             gram_weight=(gram_weight_schedule(cfg.gram.weight, cfg.gram.start_epoch, cfg.gram.ramp_epochs, o.epochs,
                                               niter_per_ep) if getattr(cfg, "gram", None) and cfg.gram.weight > 0 else None),
+            dino_local_weight=local_weight,
         )
 
     def gram_weights(self, its: np.ndarray) -> np.ndarray:
         return np.zeros(np.shape(its)) if self.gram_weight is None else self.gram_weight[its]
+
+    def dino_local_weights(self, its: np.ndarray) -> np.ndarray:
+        return np.zeros(np.shape(its)) if self.dino_local_weight is None else self.dino_local_weight[its]
 
     def _teacher_temps(self, its: np.ndarray) -> np.ndarray:
         """The teacher temperature of steps `its` (the last entry past the end of the array)."""
@@ -159,6 +196,8 @@ class Schedules:
                "last_layer_frozen": float(epoch < self.freeze_last_layer)}
         if self.gram_weight is not None:
             out["gram_weight"] = float(self.gram_weight[it])
+        if self.dino_local_weight is not None:
+            out["dino_local_weight"] = float(self.dino_local_weight[it])
         return out
 
     def table(self, device) -> torch.Tensor:
@@ -166,5 +205,6 @@ class Schedules:
         its = np.arange(len(self.lr))
         epochs = its // self.niter_per_ep
         rows = [self.lr, self.wd, self.momentum, self._teacher_temps(its),
-                (epochs < self.freeze_last_layer).astype(np.float64), self.gram_weights(its)]
+                (epochs < self.freeze_last_layer).astype(np.float64), self.gram_weights(its),
+                self.dino_local_weights(its)]
         return torch.tensor(np.stack(rows), dtype=torch.float32).to(device)

@@ -84,6 +84,7 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
         real = torch.arange(masks.upper_bound, device=q.device) < masks.n_masked  # the rest is padding
         targets["patch"], patch_stats = s.patch_targets(teacher["patch"], hp[TEACHER_TEMP], real)
         targets["patch_weights"] = masks.mask_weights
+        targets["masks"] = masks  # Gram with gram.tokens_used masked / unmasked selects by them
         patch_colsum = patch_stats.get("colsum", patch_colsum)
     if s.gram_active:  # the Gram teacher's patch tokens of the same crops at its resolution, on the student grid
         with torch.no_grad(), autocast:

@@ -135,8 +135,9 @@ def build_masking(cfg: Config):
 def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,
                  device) -> tuple[nn.Module, nn.Module | None, nn.ModuleList]:
     """The recipe: teacher targets (centering, or Sinkhorn-Knopp), the DINO term over 2 + N crops;
-    with loss.koleo_weight, KoLeo on the student's global [CLS] features; with loss.ibot_weight, the
-    iBOT term on the masked patch tokens of the global crops and its own targets (its own center)."""
+    with loss.koleo_weight, KoLeo on the student's global [CLS] features (loss.koleo_distributed: their
+    nearest neighbours among a group of ranks' batches); with loss.ibot_weight, the iBOT term on the
+    masked patch tokens of the global crops and its own targets (its own center)."""
     lo = cfg.loss
 
     def make_targets(out_dim):  # a Sinkhorn-Knopp all_reduce is wired to the backend once that exists
@@ -147,9 +148,18 @@ def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,
     targets = make_targets(cfg.model.out_dim)
     head = student.head if resolved.fused_head else None
     terms = [DINOTerm(2 + cfg.data.local_crops_number, lo.student_temp, resolved.loss, weight=lo.dino_weight,
-                      head=head, matmul_dtype=resolved.autocast_dtype or torch.float32)]
+                      head=head, matmul_dtype=resolved.autocast_dtype or torch.float32,
+                      reweight_local=lo.reweight_local)]  # its local weight: the step's hp (build_run binds it)
     if lo.koleo_weight > 0:
-        terms.append(KoLeoTerm(weight=lo.koleo_weight))
+        group_ranks = 1  # DINOv2: each rank's batch is its own neighbour set
+        if lo.koleo_distributed:  # DINOv3: the batches of koleo_group_size / B consecutive ranks
+            batch, world = cfg.optim.batch_size_per_gpu, resolved.world_size
+            group_size = lo.koleo_group_size or batch * world
+            if (batch * world) % group_size:
+                raise ConfigError(f"config key 'loss.koleo_group_size': must divide the global batch {batch * world} "
+                                  f"(optim.batch_size_per_gpu={batch} x {world} ranks), got {group_size}")
+            group_ranks = group_size // batch
+        terms.append(KoLeoTerm(weight=lo.koleo_weight, group_ranks=group_ranks))
         student.keep_features = True  # the student also returns its global crops' [CLS] features
     patch_targets = None
     if lo.ibot_weight > 0:
@@ -157,7 +167,7 @@ def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,
         terms.append(IBOTTerm(2 * cfg.optim.batch_size_per_gpu, lo.student_temp, resolved.loss, weight=lo.ibot_weight))
     if cfg.gram.weight > 0:
         g = cfg.gram
-        terms.append(GramTerm(g.img_level, g.remove_neg, g.remove_only_teacher_neg, resolved.loss))
+        terms.append(GramTerm(g.img_level, g.remove_neg, g.remove_only_teacher_neg, resolved.loss, g.tokens_used))
         student.keep_patch_tokens = True  # the student also returns its global crops' patch tokens
     return targets, patch_targets, nn.ModuleList(terms)
 
@@ -224,6 +234,9 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
                       teacher_rows=2 * cfg.optim.batch_size_per_gpu * ctx.world_size, world_size=ctx.world_size,
                       autocast_dtype=resolved.autocast_dtype,
                       nonfinite_grads_are_bad=resolved.precision != "fp16", gram_teacher=gram_teacher)
+    for term in terms:  # terms that read a schedule row themselves (DINO's local weight): the step's hp
+        if hasattr(term, "bind_hyperparams"):
+            term.bind_hyperparams(state.hp)
     step_fn = compile_step(train_step) if resolved.compile == "step" else train_step
     if ctx.is_main:
         log.info(resolved.line())

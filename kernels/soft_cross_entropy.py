@@ -4,28 +4,30 @@ intermediates. The student side of DINO ([CLS] rows) and of iBOT (masked patch r
 Inputs: student logits S (V*G, K), view-major (row v*G + g is view v of group g; for DINO a group
 is an image and V = 2 + n_local crops); target probabilities Q (T*G, K), row i*G + g, T in {1, 2}
 (rows summing to 1 are the teacher's business: kernels/softmax_center.py, Sinkhorn-Knopp; the loss
-does not rely on it, the backward does); optional per-group weights w (G,). View v is paired with
-target i unless skip_same_view and v == i.
+does not rely on it, the backward does); optional per-group weights w (G,) and per-view weights
+c (V,) (DINOv3's local-crop reweighting; c = 1 without them). View v is paired with target i unless
+skip_same_view and v == i.
 
     n_v    = number of targets paired with view v,   P = sum_v n_v  (pairs per group)
     Q_vg   = sum_{i ~ v} q_ig,   B_vg = sum_k Q_vgk  (= n_v for normalized targets)
-    loss   = sum_g w_g sum_v sum_{i ~ v} -<q_ig, log_softmax(s_vg / tau)>,   w_g = 1/(P*G) by default
-           = sum_g w_g sum_v ( B_vg log Z_vg + <Q_vg, M_vg - s_vg / tau> )
+    loss   = sum_g w_g sum_v c_v sum_{i ~ v} -<q_ig, log_softmax(s_vg / tau)>,   w_g = 1/(P*G) by default
+           = sum_g w_g sum_v c_v ( B_vg log Z_vg + <Q_vg, M_vg - s_vg / tau> )
     M_vg   = max_k s_vgk / tau,   Z_vg = sum_k exp(s_vgk / tau - M_vg) >= 1,   lse_vg = M_vg + log Z_vg
 
-Every term is >= 0, so nothing cancels: the loss is exactly 0 where it is 0 (K = 1) and tiny losses
-keep relative accuracy, log Z = log1p(Z - 1) with Z - 1 summed without the 1 of the maximal element
+Every term is >= 0 (weights >= 0), so nothing cancels: the loss is exactly 0 where it is 0 (K = 1)
+and tiny losses keep relative accuracy, log Z = log1p(Z - 1) with Z - 1 summed without the 1 of the maximal element
 (a difference n_v lse - <Q, s> / tau of two large numbers would leave ~1e-7 absolute). K is split
 into tiles across programs and M is known only after all of them: per tile t the forward keeps the
 tile max m_t, Z_t - 1 and a_t = <Q, m_t - s / tau> on t, then <Q, M - s / tau> = sum_t a_t + (M - m_t) B_t
 with B_t the paired mass on t (per target row and tile: the views' masses are sums of the targets').
 
-    dL/ds_vg = g * w_g * (B_vg softmax(s_vg / tau) - Q_vg) / tau         (g = upstream gradient)
+    dL/ds_vg = g * w_g * c_v * (B_vg softmax(s_vg / tau) - Q_vg) / tau         (g = upstream gradient)
 
 computed with n_v for B_vg (targets summing to 1 up to rounding: ~1e-7 relative). No gradient flows
-to Q or w. DINO: V = ncrops, T = 2, skip_same_view, uniform weights (the official loss exactly: mean
-over the 2V - 2 pairs, mean over the batch). iBOT: V = 1, T = 1, no skip, w = 1 / (masked tokens of
-the row's image) / n_images.
+to Q, w or c. DINO: V = ncrops, T = 2, skip_same_view, uniform weights (the official loss exactly: mean
+over the 2V - 2 pairs, mean over the batch); DINOv3's reweight_dino_local_loss: c = 1 on the 2 global
+views, its local weight on the others (P stays 2V - 2: global_scale * global mean + local_scale *
+weight * local mean). iBOT: V = 1, T = 1, no skip, w = 1 / (masked tokens of the row's image) / n_images.
 
 Passes (fp32 accumulation; exponentials in base 2, x = s * log2(e)/tau):
   1. _soft_ce_fwd_kernel, grid (K tiles, group blocks): one K tile of every row of a block of
@@ -34,16 +36,17 @@ Passes (fp32 accumulation; exponentials in base 2, x = s * log2(e)/tau):
      views and their paired targets as [T, BLOCK_K], the other views ROWS at a time) to keep many
      16-byte loads in flight per program. Splitting K across programs fills the GPU at G = 16..128.
   2. _soft_ce_combine_kernel, grid (G,): merges the tile partials of a group into lse per row (kept
-     for the backward) and the group's unweighted loss.
+     for the backward) and the group's loss (views weighted by c, the group not yet by w_g).
   3. _soft_ce_reduce_kernel, grid (1,): loss = sum_g w_g * group loss, weights read on device.
   4. _soft_ce_bwd_kernel, grid (K tiles, group blocks): reads S and Q once more, writes dS.
 (kernels/linear_soft_cross_entropy.py writes the former partials, with the dot term of the n_v lse
-- <Q, s> / tau form: workspace, combine_and_reduce, _soft_ce_combine_dot_kernel.)
+- <Q, s> / tau form: workspace, combine_and_reduce, _soft_ce_combine_dot_kernel; no view weights.)
 The backward is compiled without FMA contraction: a contracted s * (1/tau) - lse would round s / tau
 differently from the forward's M / tau; as compiled, the exponent is exactly 0 where lse = M / tau
 (K = 1; one dominant logit), and the gradient exactly 0 at K = 1.
 Host side: per-shape launch plans are cached, partials share one allocation, the upstream gradient
-and the weights are read in the kernels, student_temp is a kernel scalar (constant for a run):
+and both weights are read in the kernels (a new view weight each step, a schedule's, recompiles and
+re-captures nothing), student_temp is a kernel scalar (constant for a run):
 3 + 1 launches, no synchronization, CUDA-graph capturable. Both passes are torch.library custom ops
 (fastdino::soft_cross_entropy, fastdino::soft_cross_entropy_backward) with fake implementations,
 so torch.compile traces a step through them without a graph break.
@@ -97,32 +100,38 @@ def check_shapes(n_rows: int, K: int, target_shape, n_views: int, n_targets: int
     return G
 
 
-def _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights):
+def _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights, view_weights=None):
     if student_logits.dim() != 2 or targets.dim() != 2:
         raise ValueError(f"soft_cross_entropy: student_logits and targets must be 2-D, got "
                          f"{tuple(student_logits.shape)} and {tuple(targets.shape)}")
+    if view_weights is not None and tuple(view_weights.shape) != (n_views,):
+        raise ValueError(f"soft_cross_entropy: view_weights must be (n_views,) = ({n_views},), got "
+                         f"{tuple(view_weights.shape)}")
     return check_shapes(student_logits.shape[0], student_logits.shape[1], targets.shape, n_views, n_targets,
                         skip_same_view, None if weights is None else weights.shape)
 
 
 def soft_cross_entropy_ref(student_logits, targets, n_views, student_temp, n_targets=2, skip_same_view=True,
-                           weights=None):
+                           weights=None, *, view_weights=None):
     """Plain PyTorch, from the paper: the double loop over (target i, student view v) pairs.
 
     student_logits (n_views*G, K) view-major, targets (n_targets*G, K) probabilities (detached),
-    weights (G,) or None (= 1/(pairs*G): the mean over pairs and groups). Math in fp32, fp64 when
-    student_logits is fp64. Returns the scalar loss, differentiable w.r.t. student_logits.
+    weights (G,) or None (= 1/(pairs*G): the mean over pairs and groups), view_weights (n_views,) or
+    None (= 1): each pair of view v counts view_weights[v] times (the pair count is unchanged). Math in
+    fp32, fp64 when student_logits is fp64. Returns the scalar loss, differentiable w.r.t. student_logits.
     """
-    _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights)
+    _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights, view_weights)
     dt = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     student = (student_logits.to(dt) / student_temp).chunk(n_views)
     target = targets.detach().to(dt).chunk(n_targets)
+    c = None if view_weights is None else view_weights.detach().to(dt)
     per_group, n_pairs = 0.0, 0  # summed cross-entropy of each group, over its pairs
     for i, q_i in enumerate(target):
         for v, s_v in enumerate(student):
             if skip_same_view and v == i:
                 continue  # the same view for target and student is not a pair (DINO)
-            per_group = per_group + torch.sum(-q_i * F.log_softmax(s_v, dim=-1), dim=-1)
+            pair = torch.sum(-q_i * F.log_softmax(s_v, dim=-1), dim=-1)
+            per_group = per_group + (pair if c is None else c[v] * pair)
             n_pairs += 1
     if weights is None:
         return per_group.mean() / n_pairs
@@ -209,18 +218,19 @@ def _soft_ce_fwd_kernel(
 
 @triton.jit
 def _soft_ce_combine_kernel(
-    SStat_ptr, QStat_ptr, Lse_ptr, GroupLoss_ptr,
+    SStat_ptr, QStat_ptr, ViewWeight_ptr, Lse_ptr, GroupLoss_ptr,
     G, n_views, n_tiles, s_scale, inv_student_temp,
-    N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_T: tl.constexpr, V_BLOCK: tl.constexpr,
+    N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, HAS_VIEW_WEIGHTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, V_BLOCK: tl.constexpr,
 ):
     """Group g from _soft_ce_fwd_kernel's partials. Per view, with M = max_t m_t (raw logit), gap_t =
     (M - m_t) * s_scale >= 0 and B_t the view's paired target mass on tile t:
         Z - 1  = sum_t (1 + r_t) 2^-gap_t - 1, a sum of terms >= 0 (tiles at the max: r_t)
         Lse    = M / tau + log1p(Z - 1)            (natural log, per row: the backward's input)
-        GroupLoss[g] = sum_v [ (sum_t B_t) log1p(Z - 1) + ln 2 sum_t (a_t + gap_t B_t) ]
-    Every term >= 0: no cancellation, no assumption that a target row sums to 1, exactly 0 at K = 1
-    and relative accuracy for tiny losses. All views of the group are one [V_BLOCK, BLOCK_T] load
-    per partial: one memory round trip, not one per view."""
+        GroupLoss[g] = sum_v c_v [ (sum_t B_t) log1p(Z - 1) + ln 2 sum_t (a_t + gap_t B_t) ]
+    with c_v = ViewWeight[v] (read on device), or 1. Every term >= 0: no cancellation, no assumption
+    that a target row sums to 1, exactly 0 at K = 1 and relative accuracy for tiny losses. All views
+    of the group are one [V_BLOCK, BLOCK_T] load per partial: one memory round trip, not one per view."""
     g = tl.program_id(0)
     offs_t = tl.arange(0, BLOCK_T)
     tmask = offs_t < n_tiles
@@ -252,6 +262,8 @@ def _soft_ce_combine_kernel(
             mass += b_i[None, :]
     excess = tl.sum(a + tl.where(smask, gap, 0.0) * mass, axis=1)  # a, mass: 0 off the tiles
     loss = tl.sum(mass, axis=1) * log_z + excess * LN2
+    if HAS_VIEW_WEIGHTS:
+        loss *= tl.load(ViewWeight_ptr + offs_v, mask=vmask, other=0.0).to(tl.float32)
     tl.store(GroupLoss_ptr + g, tl.sum(tl.where(vmask, loss, 0.0), axis=0))
 
 
@@ -309,13 +321,13 @@ def _soft_ce_reduce_kernel(
 
 @triton.jit
 def _soft_ce_bwd_kernel(
-    S_ptr, Q_ptr, Lse_ptr, Weight_ptr, GradOut_ptr, DS_ptr,
+    S_ptr, Q_ptr, Lse_ptr, Weight_ptr, ViewWeight_ptr, GradOut_ptr, DS_ptr,
     G, K, n_views, group_size, stride_s, stride_q, stride_ds,
     inv_student_temp, grad_scale,  # 1/tau;  1/tau, times 1/(P*G) without weights
     N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+    HAS_VIEW_WEIGHTS: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """dS_vg = g * w_g / tau * (n_v e^(s_vg / tau - lse_vg) - Q_vg) with Q_vg = sum_i q_ig, minus
+    """dS_vg = g * w_g * c_v / tau * (n_v e^(s_vg / tau - lse_vg) - Q_vg) with Q_vg = sum_i q_ig, minus
     q_vg for the target-aligned views under skip_same_view. s / tau is rounded as in the forward
     (no FMA contraction), so where lse = max (one dominant logit; K = 1) the exponent is exactly 0.
     Same grid shape and 2-D row blocks as the forward (its own group size)."""
@@ -328,6 +340,8 @@ def _soft_ce_bwd_kernel(
     offs_t = tl.arange(0, N_TARGETS)
     offs_r = tl.arange(0, ROWS)
     hmask = offs_t < n_views
+    if HAS_VIEW_WEIGHTS:
+        c_h = tl.load(ViewWeight_ptr + offs_t, mask=hmask, other=0.0).to(tl.float32)
     for j in range(0, group_size):
         g = pid_g * group_size + j
         if g < G:
@@ -344,9 +358,13 @@ def _soft_ce_bwd_kernel(
             lse_h = tl.load(Lse_ptr + rows_t, mask=hmask, other=0.0)
             p = tl.exp2((sh * inv_student_temp - lse_h[:, None]) * LOG2E)
             if SKIP_SAME_VIEW:  # view i pairs with every target but i
-                dsh = coef_g * ((N_TARGETS - 1.0) * p - (q_all[None, :] - q))
+                dsh = (N_TARGETS - 1.0) * p - (q_all[None, :] - q)
             else:
-                dsh = coef_g * (N_TARGETS * p - q_all[None, :])
+                dsh = N_TARGETS * p - q_all[None, :]
+            if HAS_VIEW_WEIGHTS:
+                dsh = (coef_g * c_h)[:, None] * dsh
+            else:
+                dsh = coef_g * dsh
             tl.store(DS_ptr + rows_t[:, None].to(tl.int64) * stride_ds + offs[None, :], dsh.to(out_ty), mask=hm)
             for v0 in range(N_TARGETS, n_views, ROWS):
                 vr = v0 + offs_r
@@ -357,8 +375,11 @@ def _soft_ce_bwd_kernel(
                              other=0.0).to(tl.float32)
                 lse_l = tl.load(Lse_ptr + rows, mask=rmask, other=0.0)
                 pl = tl.exp2((sl * inv_student_temp - lse_l[:, None]) * LOG2E)
+                coef_l = coef_g
+                if HAS_VIEW_WEIGHTS:
+                    coef_l = (coef_g * tl.load(ViewWeight_ptr + vr, mask=rmask, other=0.0).to(tl.float32))[:, None]
                 tl.store(DS_ptr + rows[:, None].to(tl.int64) * stride_ds + offs[None, :],
-                         (coef_g * (N_TARGETS * pl - q_all[None, :])).to(out_ty), mask=m2)
+                         (coef_l * (N_TARGETS * pl - q_all[None, :])).to(out_ty), mask=m2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,12 +512,14 @@ def combine_and_reduce(sstat, dstat, group_loss, weights, G, n_views, n_tiles, s
 @torch.library.custom_op("fastdino::soft_cross_entropy", mutates_args=())
 def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
                           n_views: int, student_temp: float, n_targets: int, skip_same_view: bool,
-                          block_k: int, group_size: int, num_warps: int, rows: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          block_k: int, group_size: int, num_warps: int, rows: int,
+                          view_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Passes 1-3: 3 kernels, 3 allocations. Returns (loss 0-dim fp32, lse (n_views*G,) fp32).
-    block_k / group_size / num_warps / rows: launch overrides, 0 = the launch table."""
+    block_k / group_size / num_warps / rows: launch overrides, 0 = the launch table. view_weights
+    (n_views,) or None: last, so that callers without them keep their positional arguments."""
     S, Q = rows_contiguous(student_logits), rows_contiguous(targets)
     W = None if weights is None else weights.contiguous()
+    VW = None if view_weights is None else view_weights.contiguous()
     n_rows, K = S.shape
     G = n_rows // n_views
     plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
@@ -507,14 +530,15 @@ def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, w
         N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw)
     lse = torch.empty(n_rows, dtype=torch.float32, device=S.device)
     _soft_ce_combine_kernel[(G,)](
-        sstat, qstat, lse, group_loss, G, n_views, n_tiles, LOG2E.value / student_temp, 1.0 / student_temp,
-        N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, **combine_meta(n_views, n_tiles))
+        sstat, qstat, qstat if VW is None else VW, lse, group_loss, G, n_views, n_tiles, LOG2E.value / student_temp,
+        1.0 / student_temp, N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, HAS_VIEW_WEIGHTS=VW is not None,
+        **combine_meta(n_views, n_tiles))
     return _reduce(group_loss, W, G, n_views, n_targets, skip_same_view, S.device), lse
 
 
 @soft_cross_entropy_op.register_fake
 def _(student_logits, targets, weights, n_views, student_temp, n_targets, skip_same_view, block_k, group_size,
-      num_warps, rows):
+      num_warps, rows, view_weights=None):
     f32 = dict(dtype=torch.float32, device=student_logits.device)
     return torch.empty((), **f32), torch.empty(student_logits.shape[0], **f32)
 
@@ -523,11 +547,13 @@ def _(student_logits, targets, weights, n_views, student_temp, n_targets, skip_s
 def soft_cross_entropy_backward_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor,
                                    lse: torch.Tensor, weights: torch.Tensor | None, n_views: int,
                                    student_temp: float, n_targets: int, skip_same_view: bool, block_k: int,
-                                   group_size: int, num_warps: int, rows: int) -> torch.Tensor:
+                                   group_size: int, num_warps: int, rows: int,
+                                   view_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Pass 4: dS (same shape and dtype as student_logits, contiguous). grad_loss: the upstream
-    gradient of the loss, a 0-dim device tensor read in the kernel."""
+    gradient of the loss, a 0-dim device tensor read in the kernel (as the weights)."""
     S, Q = rows_contiguous(student_logits), rows_contiguous(targets)
     W = None if weights is None else weights.contiguous()
+    VW = None if view_weights is None else view_weights.contiguous()
     n_rows, K = S.shape
     G = n_rows // n_views
     plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
@@ -537,32 +563,33 @@ def soft_cross_entropy_backward_op(grad_loss: torch.Tensor, student_logits: torc
         grad_scale /= sum(pair_counts(n_views, n_targets, skip_same_view)) * G
     dS = torch.empty_like(S, memory_format=torch.contiguous_format)
     _soft_ce_bwd_kernel[(triton.cdiv(K, BLOCK_K), triton.cdiv(G, gs))](
-        S, Q, lse, lse if W is None else W, grad_loss, dS,
+        S, Q, lse, lse if W is None else W, lse if VW is None else VW, grad_loss, dS,
         G, K, n_views, gs, S.stride(0), Q.stride(0), dS.stride(0), 1.0 / student_temp, grad_scale,
         N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, HAS_WEIGHTS=W is not None,
-        BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw, enable_fp_fusion=False)
+        HAS_VIEW_WEIGHTS=VW is not None, BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw, enable_fp_fusion=False)
     return dS
 
 
 @soft_cross_entropy_backward_op.register_fake
 def _(grad_loss, student_logits, targets, lse, weights, n_views, student_temp, n_targets, skip_same_view,
-      block_k, group_size, num_warps, rows):
+      block_k, group_size, num_warps, rows, view_weights=None):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    student_logits, targets, weights, *args = inputs
-    ctx.save_for_backward(student_logits, targets, output[1], weights)
+    student_logits, targets, weights, *args, view_weights = inputs
+    ctx.save_for_backward(student_logits, targets, output[1], weights, view_weights)
     ctx.args = args
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_lse):
-    student_logits, targets, lse, weights = ctx.saved_tensors
+    student_logits, targets, lse, weights, view_weights = ctx.saved_tensors
     dS = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
-        dS = soft_cross_entropy_backward_op(grad_loss, student_logits, targets, lse, weights, *ctx.args)
-    return (dS,) + (None,) * 10
+        dS = soft_cross_entropy_backward_op(grad_loss, student_logits, targets, lse, weights, *ctx.args,
+                                            view_weights)
+    return (dS,) + (None,) * 11
 
 
 soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -575,13 +602,15 @@ IMPLS = ("triton", "torch")
 
 
 def soft_cross_entropy(student_logits, targets, n_views, student_temp, n_targets=2, skip_same_view=True,
-                       weights=None, impl="triton", *, block_k=0, group_size=0, num_warps=0, rows=0):
+                       weights=None, impl="triton", *, view_weights=None, block_k=0, group_size=0, num_warps=0,
+                       rows=0):
     """Multi-view soft-target cross-entropy (see the header), scalar fp32 loss.
 
     student_logits (n_views*G, K) view-major, fp32/bf16/fp16; targets (n_targets*G, K) fp32
     probabilities (no gradient); weights (G,) fp32 per-group weights or None (mean over pairs and
-    groups). impl="triton": the custom op (CUDA tensors, or CPU under TRITON_INTERPRET=1);
-    impl="torch": soft_cross_entropy_ref. block_k / group_size / num_warps / rows override the
+    groups); view_weights (n_views,) fp32 per-view weights c_v or None (= 1), a device tensor read in
+    the kernels (no gradient). impl="triton": the custom op (CUDA tensors, or CPU under
+    TRITON_INTERPRET=1); impl="torch": soft_cross_entropy_ref. block_k / group_size / num_warps / rows override the
     launch table of both streaming passes (tests, tuning).
     Host cost per step: 4 kernel launches, 4 allocations, no synchronization.
     """
@@ -589,12 +618,13 @@ def soft_cross_entropy(student_logits, targets, n_views, student_temp, n_targets
         raise ValueError(f"soft_cross_entropy: impl={impl!r} is not one of {list(IMPLS)}")
     if impl == "torch":
         return soft_cross_entropy_ref(student_logits, targets, n_views, student_temp, n_targets, skip_same_view,
-                                      weights)
-    _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights)
+                                      weights, view_weights=view_weights)
+    _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights, view_weights)
     check_runnable(student_logits, "soft_cross_entropy")
     loss, _ = soft_cross_entropy_op(student_logits, targets.detach(), None if weights is None else weights.detach(),
                                     n_views, float(student_temp), n_targets, bool(skip_same_view),
-                                    block_k, group_size, num_warps, rows)
+                                    block_k, group_size, num_warps, rows,
+                                    None if view_weights is None else view_weights.detach())
     return loss
 
 

@@ -2,7 +2,8 @@
 SSLMetaArch.forward_backward written out literally here (DINO local + global terms with the teacher
 views swapped, KoLeo on each global crop's pre-head [CLS], the iBOT patch loss over the masked tokens
 with the separate iBOT head; centering with its own iBOT center, or Sinkhorn-Knopp over the real
-masked rows): the loss, each term, every student gradient, and the centers after the step."""
+masked rows), and with DINOv3's local-crop reweighting of the DINO term (loss.reweight_local): the
+loss, each term, every student gradient, and the centers after the step."""
 import copy
 
 import pytest
@@ -64,9 +65,11 @@ def official_koleo(x, eps=1e-8):
     return -torch.log(d + eps).mean()
 
 
-def official_objective(student, teacher, crops, masks, targets, dino_center, ibot_center):
+def official_objective(student, teacher, crops, masks, targets, dino_center, ibot_center, local_weight=1.0):
     """ssl_meta_arch.forward_backward (separate iBOT head, student_temp 0.1), returning the
-    accumulated loss, its parts, and the teacher outputs the centers are updated from."""
+    accumulated loss, its parts, and the teacher outputs the centers are updated from. local_weight:
+    DINOv3's compute_losses under dino.reweight_dino_local_loss, the local term (its scale times its
+    loss, the same as DINOv2's local term here) times dino_local_loss_schedule[iteration]."""
     n_masked = int(masks.n_masked)
     mask_indices = masks.mask_indices[:n_masked]
     global_crops, local_crops = torch.cat(crops[:2]), torch.cat(crops[2:])
@@ -98,7 +101,7 @@ def official_objective(student, teacher, crops, masks, targets, dino_center, ibo
         return total
 
     n_terms = (2 - 1) * 2 + max(N_LOCAL * 2, 1)
-    dino_local = dino_loss(s_l_h.chunk(N_LOCAL), q_cls) / n_terms
+    dino_local = dino_loss(s_l_h.chunk(N_LOCAL), q_cls) / n_terms * local_weight
     dino_global = dino_loss([s_g_h], [q_cls.flatten(0, 1)]) * 2 / n_terms
     koleo = 0.1 * sum(official_koleo(p) for p in s_g["x_norm_clstoken"].chunk(2))
     per_token = torch.sum(q_patch * F.log_softmax(s_patch_h / 0.1, dim=-1), dim=-1)
@@ -108,9 +111,19 @@ def official_objective(student, teacher, crops, masks, targets, dino_center, ibo
 
 
 # ---------------------------------------------------------------------------- the test
-@pytest.mark.parametrize("targets", ["centering", "sinkhorn_knopp"])
-def test_step_is_the_official_dinov2_objective(targets):
-    run = build_run(dinov2_cfg(targets), DistContext(device=torch.device("cpu")), steps_per_epoch=4)
+# DINOv3's reweighting with a warmup from 0.2 to 0.8 over the first epoch (4 iterations), then a cosine to
+# 0.4: the step at iteration 2 weighs the local pairs 0.2 + 0.6 * 2 / 4 = 0.5
+REWEIGHT = ["loss.reweight_local=true", "loss.local_weight_start=0.2", "loss.local_weight_peak=0.8",
+            "loss.local_weight_end=0.4", "loss.local_weight_warmup_epochs=1"]
+
+
+@pytest.mark.parametrize("targets,reweight", [("centering", False), ("sinkhorn_knopp", False),
+                                              ("sinkhorn_knopp", True)])
+def test_step_is_the_official_dinov2_objective(targets, reweight):
+    from fastdino.schedules import DINO_LOCAL_WEIGHT
+
+    run = build_run(dinov2_cfg(targets, *(REWEIGHT if reweight else [])), DistContext(device=torch.device("cpu")),
+                    steps_per_epoch=4)
     b, state = run.backend, run.state
     student, teacher = b.student_module, b.teacher_module
     assert hasattr(student, "ibot_head") and student.backbone.mask_token.requires_grad
@@ -123,11 +136,14 @@ def test_step_is_the_official_dinov2_objective(targets):
     ibot_center = state.patch_targets.center.clone() if targets == "centering" else None
 
     crops, masks = batch(3)
-    state.load_hyperparams(run.table, 0)
+    it = 2 if reweight else 0
+    state.load_hyperparams(run.table, it)
     out = run.step_fn(state, crops, masks)
+    local_weight = float(run.table[DINO_LOCAL_WEIGHT, it]) if reweight else 1.0
+    assert local_weight == pytest.approx(0.5 if reweight else 1.0, rel=1e-7)
 
     ref_loss, parts, (t_cls_h, t_patch_h) = official_objective(ref_student, ref_teacher, crops, masks, targets,
-                                                               dino_center, ibot_center)
+                                                               dino_center, ibot_center, local_weight)
     ref_loss.backward()
     torch.testing.assert_close(out["loss"], ref_loss.detach(), rtol=1e-5, atol=1e-5)
     for name, value in parts.items():

@@ -2,7 +2,8 @@
 schedule and the Gram teacher's load steps, the step's Gram term against the official formula written
 out here (dinov3/loss/gram_loss.py GramLoss, ssl_meta_arch.get_gram_teacher_output's resize), and a
 tiny training run: no Gram before gram.start_epoch, the Gram teacher taken from the EMA teacher at the
-configured steps or from gram.teacher_checkpoint, checkpointed, and an exact resume."""
+configured steps or from gram.teacher_checkpoint, checkpointed, and an exact resume; gram.tokens_used
+(all / masked / unmasked) against the official selection S[masks] / S[~masks]."""
 import copy
 import json
 import math
@@ -14,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from fastdino.config import ConfigError, load_config
-from fastdino.data.masking import IBOTMasks
+from fastdino.data.masking import IBOTMasks, MaskBatch
 from fastdino.distributed import DistContext
 from fastdino.gram import gram_active, load_iterations, resize_patch_tokens
+from fastdino.losses.gram import IMPLS, GramTerm, selected_rows
 from fastdino.schedules import GRAM_WEIGHT, gram_weight_schedule
 from fastdino.train import build_run
 from test_train import data_dir, load, run_in_process, tiny  # noqa: F401 (data_dir: a fixture)
@@ -28,9 +30,11 @@ B, N_LOCAL, GLOBAL, LOCAL, GRAM = 4, 2, 28, 14, 56
 # the official definitions, written out
 # ------------------------------------------------------------------------------------------------
 def official_gram_loss(student, teacher, img_level=True, remove_neg=False, remove_only_teacher_neg=False):
-    """dinov3 GramLoss.forward with apply_norm=True, in fp64."""
+    """dinov3 GramLoss.forward with apply_norm=True, in fp64: (B, P, D), or (n, D) rows with img_level=False."""
+    if img_level:
+        assert student.dim() == 3 and teacher.dim() == 3
     s, t = F.normalize(student.double(), dim=-1), F.normalize(teacher.double(), dim=-1)
-    if not img_level:
+    if not img_level and s.dim() == 3:
         s, t = s.flatten(0, 1), t.flatten(0, 1)
     gs, gt = s @ s.transpose(-1, -2), t @ t.transpose(-1, -2)
     if remove_neg:
@@ -38,7 +42,12 @@ def official_gram_loss(student, teacher, img_level=True, remove_neg=False, remov
     elif remove_only_teacher_neg:
         gs = torch.where((gs < 0) & (gt < 0), torch.zeros_like(gs), gs)
         gt = gt.clamp(min=0)
-    return ((gs - gt) ** 2).mean()
+    return F.mse_loss(gs, gt)  # the official nn.MSELoss: NaN for an empty selection
+
+
+def official_tokens(patches, masks, tokens_used):
+    """get_gram_teacher_output's selection of the (2B, P, D) patch tokens by the (2B, P) bool iBOT masks."""
+    return {"all": patches, "masked": patches[masks], "unmasked": patches[~masks]}[tokens_used]
 
 
 def official_resize(teacher_patches, n_teacher, n_student):
@@ -107,7 +116,9 @@ def v3_batch(seed):
 
 
 @pytest.mark.parametrize("options", [(), ("gram.img_level=false",), ("gram.remove_neg=true",),
-                                     ("gram.remove_only_teacher_neg=true",)])
+                                     ("gram.remove_only_teacher_neg=true",),
+                                     ("gram.img_level=false", "gram.tokens_used=masked"),
+                                     ("gram.img_level=false", "gram.tokens_used=unmasked", "gram.remove_neg=true")])
 def test_step_gram_term_is_the_official_loss(options):
     """One step in the middle of the ramp: the Gram value is GramLoss(student's masked global patch
     tokens, resized Gram-teacher tokens of the Gram crops), and the total loss adds it times the
@@ -135,10 +146,132 @@ def test_step_gram_term_is_the_official_loss(options):
         teacher = official_resize(teacher, GRAM // 14, GLOBAL // 14)
     kw = {"img_level": "gram.img_level=false" not in options, "remove_neg": "gram.remove_neg=true" in options,
           "remove_only_teacher_neg": "gram.remove_only_teacher_neg=true" in options}
-    want = official_gram_loss(tokens, teacher, **kw)
+    used = next((o.split("=")[1] for o in options if o.startswith("gram.tokens_used=")), "all")
+    if used != "all":
+        assert 0 < int(masks.n_masked) < masks.masks.numel()
+    want = official_gram_loss(official_tokens(tokens, masks.masks, used), official_tokens(teacher, masks.masks, used), **kw)
     assert out["gram"].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
     others = out["dino"] + 0.1 * out["koleo"] + out["ibot"]
     assert out["loss"].item() == pytest.approx((others + weight * out["gram"]).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# gram.tokens_used: the patch tokens the student saw masked / unmasked
+# ------------------------------------------------------------------------------------------------
+TB, GRID, TD = 3, 5, 16  # 2 * 3 global crops of 5 x 5 patches, 16 features
+
+
+def token_inputs(seed, dtype=torch.float64):
+    """Student and Gram-teacher patch tokens (2TB, GRID^2, TD) and the real mask generator's MaskBatch."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2 * TB, GRID * GRID, TD, generator=g, dtype=torch.float64)
+    t = s + 0.7 * torch.randn(s.shape, generator=g, dtype=torch.float64)  # correlated, as a teacher
+    masks = IBOTMasks(GRID, mask_probability=0.5)(seed, 0, np.arange(TB) + 10 * seed)
+    assert 0 < int(masks.n_masked) < masks.masks.numel()
+    return s.to(dtype).requires_grad_(), t.to(dtype), masks
+
+
+REMOVALS = {"none": {}, "remove_neg": {"remove_neg": True}, "remove_only_teacher_neg": {"remove_only_teacher_neg": True}}
+
+
+@pytest.mark.parametrize("removal", list(REMOVALS))
+@pytest.mark.parametrize("tokens_used", ["masked", "unmasked"])
+def test_tokens_used_term_is_the_official_selection(tokens_used, removal):
+    """fp64: the term's loss and its gradient to the student's patch tokens equal GramLoss(S[sel], T[sel],
+    img_level=False) of the official selection, for masks of the real generator; the static buffer's
+    zero rows and the (R / n)^2 rescaling leave no trace."""
+    for seed in (0, 1):
+        s, t, masks = token_inputs(seed)
+        term = GramTerm(img_level=False, impl="reference", tokens_used=tokens_used, **REMOVALS[removal])
+        got = term({"patch_tokens": s}, {"gram": t, "masks": masks})
+        want = official_gram_loss(official_tokens(s, masks.masks, tokens_used),
+                                  official_tokens(t, masks.masks, tokens_used), img_level=False, **REMOVALS[removal])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        (g_got,), (g_want,) = torch.autograd.grad(got, s), torch.autograd.grad(want, s)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-16)
+        assert g_want.abs().max() > 0
+
+
+@pytest.mark.parametrize("tokens_used", ["masked", "unmasked"])
+def test_tokens_used_through_the_kernel(tokens_used, monkeypatch):
+    """fp32 through the tiled kernel (Triton, the interpreter on CPU) with zero rows and the rescaling:
+    its error against the fp64 official is within twice the fp32 reference's own, loss and gradient."""
+    s64, t64, masks = token_inputs(2)
+    want = official_gram_loss(official_tokens(s64, masks.masks, tokens_used),
+                              official_tokens(t64, masks.masks, tokens_used), img_level=False)
+    (g_want,) = torch.autograd.grad(want, s64)
+    s, t = s64.detach().float().requires_grad_(), t64.float()
+    ref = GramTerm(img_level=False, impl="reference", tokens_used=tokens_used)({"patch_tokens": s}, {"gram": t, "masks": masks})
+    (g_ref,) = torch.autograd.grad(ref, s)
+    monkeypatch.setitem(IMPLS, "fused", "triton")
+    out = GramTerm(img_level=False, impl="fused", tokens_used=tokens_used)({"patch_tokens": s}, {"gram": t, "masks": masks})
+    (g_out,) = torch.autograd.grad(out, s)
+    assert abs(out.double() - want) <= 2 * abs(ref.double() - want) + 1e-7 * want
+    assert ((g_out.double() - g_want).abs() <= 2 * (g_ref.double() - g_want).abs() + 1e-6 * g_want.abs().max()).all()
+
+
+def test_masked_and_unmasked_partition_the_tokens():
+    """The two selections hold every patch token once, in the official order; each one's gradient
+    reaches only its own tokens; and with the cross terms the two losses make up the batch-level "all"
+    loss: N^2 L_all = n_m^2 L_masked + n_u^2 L_unmasked + 2 sum_{i masked, j unmasked} E_ij^2."""
+    s, t, masks = token_inputs(3)
+    m = masks.masks.flatten()
+    rows = s.detach().flatten(0, 1)
+    (sm, _, nm), (su, _, nu) = (selected_rows(s.detach(), t, masks, u) for u in ("masked", "unmasked"))
+    assert int(nm) == int(m.sum()) and int(nm) + int(nu) == m.numel()
+    assert torch.equal(sm[:int(nm)], rows[m]) and not sm[int(nm):].any()
+    assert torch.equal(su[~m], rows[~m]) and not su[m].any()
+    losses, grads = {}, {}
+    for u in ("all", "masked", "unmasked"):
+        term = GramTerm(img_level=False, impl="reference", tokens_used=u)
+        losses[u] = term({"patch_tokens": s}, {"gram": t, "masks": masks})
+        grads[u] = torch.autograd.grad(losses[u], s)[0].flatten(0, 1)
+    assert not grads["masked"][~m].any() and grads["masked"][m].abs().min() > 0
+    assert not grads["unmasked"][m].any() and grads["unmasked"][~m].abs().min() > 0
+    a, b = F.normalize(s.detach().flatten(0, 1), dim=-1), F.normalize(t.flatten(0, 1), dim=-1)
+    cross = ((a[m] @ a[~m].T - b[m] @ b[~m].T) ** 2).sum()
+    total = nm.double() ** 2 * losses["masked"] + nu.double() ** 2 * losses["unmasked"] + 2 * cross
+    torch.testing.assert_close(m.numel() ** 2 * losses["all"], total.detach(), rtol=1e-12, atol=0)
+
+
+def test_all_tokens_unchanged_and_masks_ignored():
+    """tokens_used="all" (the default) is the plain Gram term: per image or over the batch, the same
+    number with or without the masks in the targets."""
+    s, t, masks = token_inputs(4)
+    for img_level in (True, False):
+        plain = GramTerm(img_level=img_level, impl="reference")({"patch_tokens": s}, {"gram": t})
+        with_masks = GramTerm(img_level=img_level, impl="reference", tokens_used="all")(
+            {"patch_tokens": s}, {"gram": t, "masks": masks})
+        assert torch.equal(plain, with_masks)
+        torch.testing.assert_close(plain, official_gram_loss(s, t, img_level=img_level), rtol=1e-12, atol=0)
+
+
+def test_no_selected_token_is_nan_as_the_official():
+    """The official MSELoss of an empty selection is NaN: so is the term, with an upper bound of 0 rows
+    (mask_ratio (0, 0)) or a static buffer holding none (a hand-made batch without masked tokens)."""
+    s, t, _ = token_inputs(5)
+    empty = IBOTMasks(GRID, mask_probability=0.5, mask_ratio=(0.0, 0.0))(0, 0, np.arange(TB))
+    assert empty.upper_bound == 0 and torch.isnan(official_gram_loss(s[empty.masks], t[empty.masks], img_level=False))
+    none = MaskBatch(torch.zeros(2 * TB, GRID * GRID, dtype=torch.bool), torch.zeros(4, dtype=torch.int64),
+                     torch.zeros(4), torch.tensor(0))
+    for mb in (empty, none):
+        assert torch.isnan(GramTerm(img_level=False, tokens_used="masked")({"patch_tokens": s}, {"gram": t, "masks": mb}))
+
+
+def test_tokens_used_refusals():
+    assert v3_cfg().gram.tokens_used == "all"
+    assert v3_cfg("gram.img_level=false", "gram.tokens_used=unmasked").gram.tokens_used == "unmasked"
+    for bad, match in [(("gram.tokens_used=masked",), "img_level=false"),
+                       (("gram.img_level=false", "gram.tokens_used=masked", "loss.ibot_weight=0"), "ibot_weight=0"),
+                       (("gram.tokens_used=patches",), "not one of")]:
+        with pytest.raises(ConfigError, match="gram.tokens_used") as e:
+            v3_cfg(*bad)
+        assert match in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="img_level=False"):
+        GramTerm(img_level=True, tokens_used="masked")
+    s, t, _ = token_inputs(0)
+    with pytest.raises(ValueError, match="iBOT masks"):
+        GramTerm(img_level=False, tokens_used="unmasked")({"patch_tokens": s}, {"gram": t})
 
 
 def test_inactive_gram_costs_no_forward_and_no_term():

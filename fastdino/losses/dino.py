@@ -3,6 +3,12 @@
     loss = mean over pairs (teacher global view i, student view v), v != i, of -sum_k q_i,k log p_v,k,
            averaged over the batch;   log p_v = log_softmax(s_v / student_temp)
 
+With DINOv3's local-crop reweighting (loss.reweight_local) the pairs of the local views count w times,
+w = the step's dino_local_weight (fastdino/schedules.py), the pair count unchanged:
+    loss = (sum over global pairs + w * sum over local pairs) / (pairs * B),   pairs = 2 + 2 n_local
+         = global_scale * global loss + local_scale * w * local loss   (DINOv3's compute_losses: scales
+           2 / pairs and 2 n_local / pairs, each loss the mean over its own pairs and the batch)
+
 DINOTerm is the term the engine's step sums: a soft-target cross-entropy over the multi-crop pairs
 (kernels/soft_cross_entropy.py), with the head's last layer inside the kernel when the head is fused
 (kernels/linear_soft_cross_entropy.py). The teacher side (centering) lives in fastdino/targets.py.
@@ -19,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fastdino.models.head import last_layer_weight
-from fastdino.schedules import teacher_temp_schedule
+from fastdino.schedules import DINO_LOCAL_WEIGHT, teacher_temp_schedule
 from fastdino.targets import Centering, update_center_
 
 _KERNEL_IMPL = {"fused": "triton", "reference": "torch"}
@@ -32,27 +38,53 @@ class DINOTerm(nn.Module):
     head: the student's DINOHead when its last layer is fused into this term (model.fused_head):
     student["cls"] is then the bottleneck (n_views*B, D), the logits are made tile by tile in the
     kernel with the head's effective weight g * v / ||v||, in `matmul_dtype` (the autocast dtype of
-    the run: bf16/fp16, or fp32)."""
+    the run: bf16/fp16, or fp32).
+
+    reweight_local: the local views' pairs count hp[DINO_LOCAL_WEIGHT] times, read on the device from
+    the step's hyper-parameter tensor given to bind_hyperparams (a new value each step recompiles and
+    re-captures nothing); not with the fused head. Off: the loss of the plain mean, unchanged."""
 
     name = "dino"
 
     def __init__(self, n_views: int, student_temp: float, impl: str = "reference", weight: float = 1.0,
-                 head: nn.Module | None = None, matmul_dtype: torch.dtype = torch.float32):
+                 head: nn.Module | None = None, matmul_dtype: torch.dtype = torch.float32,
+                 reweight_local: bool = False):
         super().__init__()
         if n_views < 2:
             raise ValueError(f"DINOTerm: n_views must be >= 2 (two global crops), got {n_views}")
         if impl not in _KERNEL_IMPL:
             raise ValueError(f"DINOTerm: impl={impl!r} is not one of {list(_KERNEL_IMPL)}")
+        if reweight_local and head is not None:
+            raise ValueError("DINOTerm: the fused head is not built for the local-crop reweighting")
         self.n_views, self.student_temp, self.impl, self.weight = n_views, student_temp, impl, weight
         self.matmul_dtype = matmul_dtype
         self._head = [head]  # a reference, not a submodule: the head's parameters belong to the student
+        self.reweight_local = reweight_local
+        self.hp: torch.Tensor | None = None  # the step's hyper-parameters (bind_hyperparams), not a buffer
+
+    def bind_hyperparams(self, hp: torch.Tensor) -> None:
+        """The step's hyper-parameter tensor (StepState.hp, updated in place each step): the local
+        weight is read from it at DINO_LOCAL_WEIGHT in every forward."""
+        self.hp = hp
+
+    def view_weights(self) -> torch.Tensor | None:
+        """(n_views,) fp32 on the device: 1 for the 2 global views, the local weight for the others;
+        None without reweighting."""
+        if not self.reweight_local:
+            return None
+        if self.hp is None:
+            raise RuntimeError("DINOTerm: reweight_local reads the local weight from the step's hyper-parameters: "
+                               "call bind_hyperparams(hp) first")
+        w = self.hp[DINO_LOCAL_WEIGHT:DINO_LOCAL_WEIGHT + 1].float()
+        return torch.cat([w.new_ones(2), w.expand(self.n_views - 2)])
 
     def forward(self, student: dict, targets: dict) -> torch.Tensor:
         head, impl = self._head[0], _KERNEL_IMPL[self.impl]
         if head is None:
             from fastdino.kernels.soft_cross_entropy import soft_cross_entropy
 
-            return soft_cross_entropy(student["cls"], targets["cls"], self.n_views, self.student_temp, impl=impl)
+            return soft_cross_entropy(student["cls"], targets["cls"], self.n_views, self.student_temp, impl=impl,
+                                      view_weights=self.view_weights())
         from fastdino.kernels.linear_soft_cross_entropy import linear_soft_cross_entropy
 
         dtype = self.matmul_dtype

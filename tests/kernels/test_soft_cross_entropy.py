@@ -1,6 +1,7 @@
-"""kernels/soft_cross_entropy.py: the reference against an element-by-element float64 formula and
-the official DINO loss; the Triton op against the reference on fresh random inputs (gradients
-included) for DINO pairings, the iBOT pairing and per-group weights; the custom ops' registrations
+"""kernels/soft_cross_entropy.py: the reference against an element-by-element float64 formula, the
+official DINO loss and DINOv3's reweighted one (local-crop weight); the Triton op against the
+reference on fresh random inputs (gradients included) for DINO pairings, the iBOT pairing, per-group
+and per-view weights; the custom ops' registrations
 (opcheck, torch.compile without graph breaks); an ahead-of-time compile for sm_80 and sm_90a at the
 real sizes; the benchmark's CPU smoke run. On CPU the kernels run under TRITON_INTERPRET=1."""
 import math
@@ -36,6 +37,14 @@ def _inputs(G, K, n_views, n_targets, dtype, seed, weighted=False):
     return s, q, w
 
 
+def _view_weights(n_views, seed, dtype=torch.float32):
+    """Per-view weights in [0, 2), one of them 0 when there are 3 views or more."""
+    c = torch.rand(n_views, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+    if n_views >= 3:
+        c[n_views // 2] = 0.0
+    return c.to(DEV, dtype)
+
+
 def _run(fn, s, q, w, n_views, n_targets, skip, grad_out, **kw):
     s = s.clone().requires_grad_()
     loss = fn(s, q, n_views, TAU, n_targets, skip, w, **kw)
@@ -56,12 +65,13 @@ def _close(out, ref, ref64, eps, what):
 # ---------------------------------------------------------------------------------------------
 # The reference
 # ---------------------------------------------------------------------------------------------
-def _elementwise(s, q, n_views, n_targets, skip, tau, w):
+def _elementwise(s, q, n_views, n_targets, skip, tau, w, c=None):
     """Loss and dL/ds, float64 Python scalars, element by element: the formula of the header."""
     s, q = s.double().tolist(), q.double().tolist()
     G, K = len(s) // n_views, len(s[0])
     n = pair_counts(n_views, n_targets, skip)
     weight = [1.0 / (sum(n) * G)] * G if w is None else w.double().tolist()
+    c = [1.0] * n_views if c is None else c.double().tolist()
     loss, grad = 0.0, [[0.0] * K for _ in s]
     for g in range(G):
         for v in range(n_views):
@@ -72,24 +82,28 @@ def _elementwise(s, q, n_views, n_targets, skip, tau, w):
                 if skip and v == i:
                     continue
                 t = q[i * G + g]
-                loss += weight[g] * -sum(t[k] * (row[k] - lse) for k in range(K))
-                for k in range(K):  # d/ds of the pair: w (softmax - q) / tau
-                    grad[v * G + g][k] += weight[g] * (math.exp(row[k] - lse) - t[k]) / tau
+                loss += weight[g] * c[v] * -sum(t[k] * (row[k] - lse) for k in range(K))
+                for k in range(K):  # d/ds of the pair: w c (softmax - q) / tau
+                    grad[v * G + g][k] += weight[g] * c[v] * (math.exp(row[k] - lse) - t[k]) / tau
     return torch.tensor(loss, dtype=torch.float64), torch.tensor(grad, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("G,K,n_views,n_targets,skip,weighted", [
-    (2, 7, 4, 2, True, False),  # DINO: 2 global + 2 local views
-    (3, 5, 1, 1, False, True),  # iBOT: one view, one target, weights
-    (2, 6, 3, 2, True, True),  # DINO pairing with weights
-    (2, 5, 1, 2, True, False),  # fewer views than targets
+@pytest.mark.parametrize("G,K,n_views,n_targets,skip,weighted,view_weighted", [
+    (2, 7, 4, 2, True, False, False),  # DINO: 2 global + 2 local views
+    (3, 5, 1, 1, False, True, False),  # iBOT: one view, one target, weights
+    (2, 6, 3, 2, True, True, False),  # DINO pairing with weights
+    (2, 5, 1, 2, True, False, False),  # fewer views than targets
+    (2, 7, 5, 2, True, False, True),  # DINO with per-view weights
+    (3, 6, 3, 2, True, True, True),  # both weights
 ])
-def test_reference_matches_elementwise_formula(G, K, n_views, n_targets, skip, weighted):
+def test_reference_matches_elementwise_formula(G, K, n_views, n_targets, skip, weighted, view_weighted):
     s, q, w = _inputs(G, K, n_views, n_targets, torch.float64, seed=G + K, weighted=weighted)
     q = q.cpu().double()
     s, q, w = s.cpu(), q / q.sum(-1, keepdim=True), None if w is None else w.cpu().double()  # sum_k q = 1 in fp64
-    loss, grad = _run(soft_cross_entropy_ref, s, q, w, n_views, n_targets, skip, torch.tensor(1.0, dtype=torch.float64))
-    loss_e, grad_e = _elementwise(s, q, n_views, n_targets, skip, TAU, w)
+    c = _view_weights(n_views, seed=K, dtype=torch.float64).cpu() if view_weighted else None
+    loss, grad = _run(soft_cross_entropy_ref, s, q, w, n_views, n_targets, skip, torch.tensor(1.0, dtype=torch.float64),
+                      view_weights=c)
+    loss_e, grad_e = _elementwise(s, q, n_views, n_targets, skip, TAU, w, c)
     torch.testing.assert_close(loss, loss_e, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, grad_e, rtol=1e-10, atol=1e-12)
 
@@ -129,6 +143,65 @@ def test_reference_is_the_official_dino_loss(ncrops):
     torch.testing.assert_close(grad_ours, grad_official, rtol=1e-12, atol=1e-15)
 
 
+def _official_dinov3_dino_loss(student_logits, teacher_probs, student_temp, ignore_diagonal=False):
+    """facebookresearch/dinov3 dinov3/loss/dino_clstoken_loss.py DINOLoss.forward, student_logits
+    (student crops, B, K), teacher_probs (teacher crops, B, K), in the inputs' dtype (float64 here; the
+    official casts the logits to fp32)."""
+    student_crops, B, K = student_logits.shape
+    teacher_crops, _, _ = teacher_probs.shape
+    student_logits = F.log_softmax(student_logits / student_temp, dim=-1)
+    if not ignore_diagonal:
+        loss = -torch.einsum("s b k, t b k -> ", student_logits, teacher_probs)
+        return loss / (B * student_crops * teacher_crops)
+    loss = -torch.einsum("s b k, t b k -> s t", student_logits, teacher_probs)
+    min_st = min(student_crops, teacher_crops)
+    loss = torch.diagonal_scatter(loss, loss.new_zeros(min_st))
+    return loss.sum() / (B * student_crops * teacher_crops - B * min_st)
+
+
+def _official_dinov3_dino_terms(student_global, student_local, teacher_probs, student_temp, local_weight):
+    """dinov3/train/ssl_meta_arch.py SSLMetaArch.compute_losses, its DINO part (dino.loss_weight 1,
+    global_ignore_diagonal true, local_weight = dino_local_loss_schedule[iteration] under
+    reweight_dino_local_loss): (total, global loss, local loss, global scale, local scale)."""
+    n_global_crops, n_local_crops = student_global.shape[0], student_local.shape[0]
+    dino_global_terms = n_global_crops * (n_global_crops - 1)
+    dino_local_terms = n_global_crops * n_local_crops
+    dino_global_scale = dino_global_terms / (dino_global_terms + dino_local_terms)
+    dino_local_scale = dino_local_terms / (dino_global_terms + dino_local_terms)
+    local_loss = _official_dinov3_dino_loss(student_local, teacher_probs, student_temp)
+    global_loss = _official_dinov3_dino_loss(student_global, teacher_probs, student_temp, ignore_diagonal=True)
+    total = dino_local_scale * local_weight * local_loss + dino_global_scale * global_loss
+    return total, global_loss, local_loss, dino_global_scale, dino_local_scale
+
+
+@pytest.mark.parametrize("n_local,local_weight", [(1, 0.5), (8, 0.5), (10, 0.3), (4, 1.0), (3, 0.0)])
+def test_reference_is_the_official_dinov3_reweighted_loss(n_local, local_weight):
+    """View weights (1, 1, w, ..., w): DINOv3's DINO loss with its local crops' term times w, i.e.
+    (sum over global pairs + w * sum over local pairs) / (pairs * B); its global and local terms are
+    the reference over the global views and over the local views (paired with both targets); at w = 1
+    the unweighted loss (the mean over pairs and batch) is the official loss."""
+    g = torch.Generator().manual_seed(n_local)
+    B, K, ncrops = 3, 40, 2 + n_local
+    s = (torch.randn(ncrops * B, K, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    q = torch.softmax(torch.randn(2 * B, K, generator=g, dtype=torch.float64) * 2, dim=-1)
+    views = s.unflatten(0, (ncrops, B))
+    total, global_loss, local_loss, global_scale, local_scale = _official_dinov3_dino_terms(
+        views[:2], views[2:], q.unflatten(0, (2, B)), TAU, local_weight)
+    (grad_official,) = torch.autograd.grad(total, s)
+    c = torch.tensor([1.0, 1.0] + [local_weight] * n_local, dtype=torch.float64)
+    ours = soft_cross_entropy_ref(s, q, ncrops, TAU, view_weights=c)
+    (grad_ours,) = torch.autograd.grad(ours, s)
+    torch.testing.assert_close(ours, total, rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad_ours, grad_official, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(soft_cross_entropy_ref(s[:2 * B], q, 2, TAU), global_loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(soft_cross_entropy_ref(s[2 * B:], q, n_local, TAU, skip_same_view=False), local_loss,
+                               rtol=1e-13, atol=0)
+    pairs = sum(pair_counts(ncrops, 2, True))  # 2 global + 2 n_local local pairs
+    assert (global_scale, local_scale) == (2 / pairs, 2 * n_local / pairs)
+    if local_weight == 1.0:
+        torch.testing.assert_close(soft_cross_entropy_ref(s, q, ncrops, TAU), total, rtol=1e-13, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # The Triton op against the reference
 # ---------------------------------------------------------------------------------------------
@@ -157,12 +230,50 @@ def test_triton_matches_reference(G, K, n_views, n_targets, skip, weighted, dtyp
     _close(out[1], ref[1], ref64[1], EPS[dtype], "grad")
 
 
+VIEW_WEIGHT_CASES = [  # CASES' shapes, with per-view weights (_view_weights: one of them 0 from 3 views)
+    (3, 1000, 5, 2, True, False, torch.float32, dict(block_k=256, group_size=2)),
+    (4, 513, 6, 2, True, True, torch.bfloat16, dict(block_k=128, group_size=3, rows=2)),  # and per-group weights
+    (2, 77, 4, 2, True, False, torch.float16, dict(block_k=32, group_size=1)),
+    (2, 1500, 12, 2, True, False, torch.bfloat16, {}),
+    (5, 200, 1, 1, False, True, torch.float32, dict(block_k=64, group_size=2)),
+    (3, 90, 3, 1, True, False, torch.float16, dict(block_k=32)),
+    (2, 100, 1, 2, True, False, torch.float32, dict(block_k=64)),
+]
+
+
+@pytest.mark.parametrize("G,K,n_views,n_targets,skip,weighted,dtype,launch", VIEW_WEIGHT_CASES)
+def test_triton_view_weights_match_reference(G, K, n_views, n_targets, skip, weighted, dtype, launch):
+    s, q, w = _inputs(G, K, n_views, n_targets, dtype, seed=G * 1000 + K + 7, weighted=weighted)
+    c = _view_weights(n_views, seed=K)
+    grad_out = torch.tensor(0.7, device=DEV)
+    out = _run(soft_cross_entropy, s, q, w, n_views, n_targets, skip, grad_out, view_weights=c, **launch)
+    ref = _run(soft_cross_entropy_ref, s, q, w, n_views, n_targets, skip, grad_out, view_weights=c)
+    w64 = None if w is None else w.double()
+    ref64 = _run(soft_cross_entropy_ref, s.double(), q.double(), w64, n_views, n_targets, skip, grad_out.double(),
+                 view_weights=c.double())
+    _close(out[0], ref[0], ref64[0], 1e-5, "loss")
+    _close(out[1], ref[1], ref64[1], EPS[dtype], "grad")
+
+
+def test_unit_view_weights_are_bit_identical():
+    """View weights of 1 give exactly the loss and gradient without view weights (the kernels multiply
+    by 1.0, nothing else changes)."""
+    s, q, w = _inputs(3, 300, 5, 2, torch.bfloat16, seed=13)
+    grad_out = torch.tensor(0.7, device=DEV)
+    plain = _run(soft_cross_entropy, s, q, w, 5, 2, True, grad_out, block_k=64)
+    ones = _run(soft_cross_entropy, s, q, w, 5, 2, True, grad_out, block_k=64, view_weights=torch.ones(5, device=DEV))
+    assert torch.equal(plain[0], ones[0]) and torch.equal(plain[1], ones[1])
+
+
 def test_lse_output_and_impl_switch():
     """The op's second output is logsumexp(s / tau) per row; impl="torch" is the reference."""
     s, q, _ = _inputs(3, 200, 4, 2, torch.float32, seed=1)
     loss, lse = soft_cross_entropy_op(s, q, None, 4, TAU, 2, True, 64, 0, 0, 0)
     torch.testing.assert_close(lse, torch.logsumexp(s.double() / TAU, dim=-1).float(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(soft_cross_entropy(s, q, 4, TAU, impl="torch"), soft_cross_entropy_ref(s, q, 4, TAU))
+    c = _view_weights(4, seed=1)
+    torch.testing.assert_close(soft_cross_entropy(s, q, 4, TAU, impl="torch", view_weights=c),
+                               soft_cross_entropy_ref(s, q, 4, TAU, view_weights=c))
     torch.testing.assert_close(loss, soft_cross_entropy_ref(s, q, 4, TAU), rtol=1e-6, atol=1e-5)
 
 
@@ -289,10 +400,10 @@ def test_degenerate_sizes_dino_loss_module(K, gap, teacher_gap):
 # ---------------------------------------------------------------------------------------------
 # Custom-op registrations: fake impls, autograd, torch.compile
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("weighted", [False, True])
-def test_opcheck(weighted):
+@pytest.mark.parametrize("weighted,view_weighted", [(False, False), (True, False), (False, True)])
+def test_opcheck(weighted, view_weighted):
     s, q, w = _inputs(2, 40, 3, 2, torch.float32, seed=3, weighted=weighted)
-    args = (3, TAU, 2, True, 16, 0, 0, 0)
+    args = (3, TAU, 2, True, 16, 0, 0, 0) + ((_view_weights(3, seed=3),) if view_weighted else ())
     torch.library.opcheck(soft_cross_entropy_op, (s.requires_grad_(), q, w, *args))
     _, lse = soft_cross_entropy_op(s.detach(), q, w, *args)
     g = torch.tensor(0.7, device=DEV)
@@ -330,29 +441,62 @@ def test_compile_fullgraph_matches_eager():
         check(0.07)
 
 
+def test_compile_view_weights_no_recompile():
+    """View weights made from a 0-dim weight tensor (the DINO term's local weight, a row of the step's
+    schedule table): one graph, forward and backward as eager, and a new weight value reuses it."""
+    torch._dynamo.reset()
+    s, q, _ = _inputs(2, 50, 4, 2, torch.float32, seed=14)
+
+    def step(s, local_weight):
+        c = torch.cat([local_weight.new_ones(2), local_weight.expand(2)])
+        return soft_cross_entropy(s, q, 4, TAU, view_weights=c, block_k=16)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+
+    def check(value):
+        local_weight = torch.tensor(value, device=DEV)
+        outs = []
+        for fn in (step, compiled):
+            x = s.clone().requires_grad_()
+            loss = fn(x, local_weight)
+            (loss * 0.7).backward()
+            outs.append((loss.detach(), x.grad))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        return outs[1][0]
+
+    loss_a = check(0.5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss_b = check(0.25)
+    assert loss_a != loss_b  # the new value reached the kernels
+
+
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs: CUDA only")
 def test_cuda_graph_capture():
-    """The whole fused step (teacher targets, weighted loss, backward) captured and replayed."""
+    """The whole fused step (teacher targets, weighted loss with view weights, backward) captured and
+    replayed."""
     s, _, w = _inputs(64, 4096, 12, 2, torch.bfloat16, seed=6, weighted=True)
     t, c = torch.randn(128, 4096, device=DEV, dtype=torch.bfloat16), torch.randn(1, 4096, device=DEV) * 0.1
     temp = torch.tensor(0.04, device=DEV)
+    view_weights = torch.ones(12, device=DEV)
     x = s.clone().requires_grad_()
 
     def step():
         x.grad = None
         q, _, colsum = softmax_center(t, c, temp)
-        loss = soft_cross_entropy(x, q, 12, TAU, weights=w)
+        loss = soft_cross_entropy(x, q, 12, TAU, weights=w, view_weights=view_weights)
         loss.backward()
         return loss, colsum
 
     from cuda_graph import capture
 
     graph, (loss, colsum) = capture(step)
-    temp.fill_(0.07)  # a new temperature reaches the captured kernels
+    temp.fill_(0.07)  # a new temperature and new view weights reach the captured kernels
+    view_weights[2:] = 0.5
     graph.replay()
     torch.cuda.synchronize()
     q, _, colsum_ref = softmax_center(t, c, 0.07)
-    ref = _run(soft_cross_entropy, s, q, w, 12, 2, True, torch.tensor(1.0, device=DEV))
+    ref = _run(soft_cross_entropy, s, q, w, 12, 2, True, torch.tensor(1.0, device=DEV), view_weights=view_weights)
     torch.testing.assert_close(loss.double(), ref[0])
     torch.testing.assert_close(x.grad.double(), ref[1])
     torch.testing.assert_close(colsum, colsum_ref)
@@ -376,6 +520,7 @@ def test_bad_inputs_raise():
         _raises_one_line("n_targets", fn, s, q, 4, TAU, n_targets=3)
         _raises_one_line("no \\(target, view\\) pair", fn, s[:2], q[:2], 1, TAU, n_targets=1, skip_same_view=True)
         _raises_one_line("2-D", fn, s[0], q, 4, TAU)
+        _raises_one_line("view_weights must be", fn, s, q, 4, TAU, view_weights=torch.ones(3, device=DEV))
     _raises_one_line("impl", soft_cross_entropy, s, q, 4, TAU, impl="cuda")
 
 
@@ -389,8 +534,8 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for real GPUs (no GPU needed): every kernel at the constexprs the
-# launchers pick for the real sizes (DINO: G=64, K=65536, 2+10 crops; iBOT: 4096 masked tokens,
-# K=65536), plus the launch sweep's largest configuration.
+# launchers pick for the real sizes (DINO: G=64, K=65536, 2+10 crops, with and without view weights;
+# iBOT: 4096 masked tokens, K=65536), plus the launch sweep's largest configuration.
 # ---------------------------------------------------------------------------------------------
 def _jobs():
     """(module, kernel, types, constexprs, num_warps or options, capability) per compile, with the
@@ -402,8 +547,9 @@ def _jobs():
     common = {"G": "i32", "K": "i32:16", "n_views": "i32", "group_size": "i32", "n_tiles": "i32",
               "stride_s": "i32:16", "stride_q": "i32:16", "stride_ds": "i32:16", "s_scale": "fp32",
               "inv_student_temp": "fp32", "grad_scale": "fp32", "Q_ptr": f32, "SStat_ptr": f32, "QStat_ptr": f32,
-              "Lse_ptr": f32, "Weight_ptr": f32, "GradOut_ptr": f32}
-    combine = {"SStat_ptr": f32, "QStat_ptr": f32, "DStat_ptr": f32, "Lse_ptr": f32, "GroupLoss_ptr": f32,
+              "Lse_ptr": f32, "Weight_ptr": f32, "ViewWeight_ptr": f32, "GradOut_ptr": f32}
+    combine = {"SStat_ptr": f32, "QStat_ptr": f32, "DStat_ptr": f32, "ViewWeight_ptr": f32, "Lse_ptr": f32,
+               "GroupLoss_ptr": f32,
                "G": "i32", "n_views": "i32", "n_tiles": "i32", "s_scale": "fp32", "inv_student_temp": "fp32"}
     reduce = {"GroupLoss_ptr": f32, "Weight_ptr": f32, "Loss_ptr": f32, "G": "i32", "uniform_weight": "fp32"}
     cpu = torch.device("cpu")
@@ -418,21 +564,27 @@ def _jobs():
                 if T == 2:  # the sweep's largest tiles
                     configs["fwd"].add((2048, 8, 8))
                     configs["bwd"].add((2048, 8, 8))
-                for kind, kernel in (("fwd", "_soft_ce_fwd_kernel"), ("bwd", "_soft_ce_bwd_kernel")):
-                    extra = {} if kind == "fwd" else {"HAS_WEIGHTS": weighted}
-                    for block_k, rows, nw in sorted(configs[kind]):
-                        options = nw if kind == "fwd" else {"num_warps": nw, "enable_fp_fusion": False}
-                        jobs.append((mod, kernel, types, {**pairing, **extra, "BLOCK_K": block_k, "ROWS": rows},
-                                     options, cap))
-        for kernel in ("_soft_ce_combine_kernel", "_soft_ce_combine_dot_kernel"):  # dot: the fused head's
-            for n_tiles in (32, 64, 128, 512):  # block_k 2048 / 1024 / 512 at K=65536; MAX_TILES
-                meta = combine_meta(12, n_tiles)
-                nw = meta.pop("num_warps")
-                jobs.append((mod, kernel, combine, {**meta, "N_TARGETS": 2, "SKIP_SAME_VIEW": True}, nw, cap))
+                fwd = [{}]  # DINO's backward with and without view weights
+                bwd = [{"HAS_WEIGHTS": weighted, "HAS_VIEW_WEIGHTS": v} for v in (False, True)[:T]]
+                for kind, kernel, variants in (("fwd", "_soft_ce_fwd_kernel", fwd),
+                                               ("bwd", "_soft_ce_bwd_kernel", bwd)):
+                    for extra in variants:
+                        for block_k, rows, nw in sorted(configs[kind]):
+                            options = nw if kind == "fwd" else {"num_warps": nw, "enable_fp_fusion": False}
+                            jobs.append((mod, kernel, types, {**pairing, **extra, "BLOCK_K": block_k, "ROWS": rows},
+                                         options, cap))
+        for kernel, variants in (("_soft_ce_combine_kernel", ({"HAS_VIEW_WEIGHTS": False}, {"HAS_VIEW_WEIGHTS": True})),
+                                 ("_soft_ce_combine_dot_kernel", ({},))):  # dot: the fused head's
+            for extra in variants:
+                for n_tiles in (32, 64, 128, 512):  # block_k 2048 / 1024 / 512 at K=65536; MAX_TILES
+                    meta = combine_meta(12, n_tiles)
+                    nw = meta.pop("num_warps")
+                    jobs.append((mod, kernel, combine, {**meta, **extra, "N_TARGETS": 2, "SKIP_SAME_VIEW": True},
+                                 nw, cap))
         meta = combine_meta(1, 64)
         nw = meta.pop("num_warps")
-        jobs.append((mod, "_soft_ce_combine_kernel", combine, {**meta, "N_TARGETS": 1, "SKIP_SAME_VIEW": False},
-                     nw, cap))
+        jobs.append((mod, "_soft_ce_combine_kernel", combine,
+                     {**meta, "N_TARGETS": 1, "SKIP_SAME_VIEW": False, "HAS_VIEW_WEIGHTS": False}, nw, cap))
         for weighted in (False, True):
             meta = reduce_meta(4096)
             nw = meta.pop("num_warps")
