@@ -38,17 +38,27 @@ drop out (global_rows is accepted for the reference, which follows the official 
 
 Passes (no atomics: deterministic), over T in its own dtype, rows contiguous in K:
   _sk_colmax_kernel, grid (K blocks, row splits), only with row_valid: column maxima of the valid
-      rows (splits, K), reduced by torch.
-  _sk_colsum_kernel, grid (K blocks, row splits): prototype partial sums (splits, K), summed by torch.
-  _sk_row_lse_kernel, grid (row blocks, K splits): per (row, split) max and sum of 2^(x - c - max),
-      merged by torch into l (R,).
-  _sk_targets_kernel, grid (row blocks, K splits): writes q, per (row, split) entropy partials.
+      rows (splits, K), reduced by torch (without row_valid: torch.amax).
+  _sk_colsum_kernel, grid (K blocks, row splits): prototype partial sums (splits, K). Per row block
+      it first merges l_r from the last sample step's (R, K splits) partials.
+  _sk_row_lse_kernel, grid (row blocks, K splits): the prototype step, c += log2 colsum, colsum summed
+      over its row splits per column tile (one after an all-reduce; the programs of row block 0 store
+      the new c, all compute the same), then the sample step in parts: the log-sum-exp of x - c over each
+      (row, K split), (R, K splits), merged by the next colsum or targets launch.
+  _sk_targets_kernel, grid (row blocks, K splits): merges l_r, writes q and per (row, split) entropy
+      partials, summed by torch.
 Per iteration: 2 kernels, one all-reduce of K floats (the caller's, between launches: the ops are
-collective-free); once: torch.amax (colmax with row_valid) for M and its all-reduce. Host side: no
-synchronization, CUDA-graph capturable; each launch is a torch.library custom op
-(fastdino::sinkhorn_knopp_colsum, fastdino::sinkhorn_knopp_row_lse, fastdino::sinkhorn_knopp_targets,
-fastdino::sinkhorn_knopp_colmax) with a fake implementation, so torch.compile traces the whole
-function, the all-reduces included (they are the caller's Python).
+collective-free). Host side: no synchronization, CUDA-graph capturable, every launch in a
+torch.library custom op with a fake implementation, so torch.compile traces the whole function, the
+all-reduces included (they are the caller's Python). With all_reduce None: one op,
+fastdino::sinkhorn_knopp, of 2 n_iterations + 3 launches (torch.amax, the kernels, the entropy sum;
++1 with row_valid: the colmax kernel and its split max). With an all_reduce: one op per step, the
+caller's all-reduces between them: fastdino::sinkhorn_knopp_colmax (with row_valid; else torch.amax
+and a cast to fp32), then per iteration fastdino::sinkhorn_knopp_colsum (the kernel and a torch sum
+of its splits: the vector all-reduced) and fastdino::sinkhorn_knopp_row_lse, then
+fastdino::sinkhorn_knopp_targets: 3 n_iterations + 4 launches (+3 in fp32 without row_valid: no
+cast). A torch split sum is left out where its pass has one split. The launch plan of a shape is
+derived once (_plan).
 
 Padded rows (row_valid, the iBOT patch targets). The masked-token logits are a static-shaped
 (U, K) buffer whose first n_masked rows are real and the rest padding (finite values, e.g. copies of
@@ -59,21 +69,29 @@ of all ranks, up to rounding (B_global = valid rows over all ranks; it cancels).
 valid row; with none on any rank, q and entropy are all zeros. No host synchronization, no
 data-dependent shape. Fused: M_k is the max over the valid rows (_sk_colmax_kernel instead of
 torch.amax: the padding could otherwise hold a column's max far above its valid rows and underflow
-their first prototype sum; 0 where no row of any rank is valid); l_r = +inf for the invalid rows from
-the start and after every sample step, so 2^(x - c - l) = 0 for them in the colsum and targets
-kernels (x is finite on the padding, so x - c - l = -inf, never inf - inf); a prototype sum is
-clamped to the smallest normal fp32 before its log2 (>= 1/K unless no row of any rank is valid; then
-0, and c stays finite). The reference masks with torch.where after every division (no 0/0 or inf
-of the padding reaches a valid row) and takes M_k over the valid rows too.
+their first prototype sum; -inf where no row of any rank is valid, read as 0 by the kernels); the
+kernels that merge l_r set it to +inf on the invalid rows (row_valid passed to the colsum and targets
+launches), so 2^(x - c - l) = 0 for them (x is finite on the padding, so x - c - l = -inf, never
+inf - inf); a prototype sum is clamped to the smallest normal fp32 before its log2 (>= 1/K unless no
+row of any rank is valid; then 0, and c stays finite). Without padding the -inf read and the clamp
+change nothing (M_k is finite for finite logits, the sums are >= 1/K). The reference masks with
+torch.where after every division (no 0/0 or inf of the padding reaches a valid row) and takes M_k
+over the valid rows too.
 
 Traffic: T read 2 n_iterations + 2 times (amax or colmax, 2 per iteration, targets; T is 16 MB at
 R = 128, K = 65536 in bf16, which may stay in an H100's 50 MB L2 between passes), q written once in
-fp32; the floor is T once + q once. Not measured on a GPU yet.
-Design limits: launch table untuned (no GPU measurement yet); the all-rows-underflow case of a
-column cannot happen (its max entry, of a valid row, is 2^0); a non-finite logit makes q non-finite
-(as the official; with row_valid, a non-finite padded logit too).
+fp32; the floor is T once + q once. Besides T, the kernels read per tile the small state: M, c, the
+colsum splits (row splits x K floats) and the row partials (R x K splits). Measured on an H200
+before the state updates moved into the kernels (B = 32, 64, K = 65536): 0.11-0.16 ms of device
+time, but 0.8-1.3 ms of host time per call from ~42 launches in 7 custom ops; not measured since.
+Design limits: launch table untuned; the all-rows-underflow case of a column cannot happen (its max
+entry, of a valid row, is 2^0); a NaN or +inf logit makes q non-finite (as the official; with
+row_valid, on a padded row too); a -inf logit gets q = 0 (a column of them, a column of zeros).
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -168,13 +186,60 @@ def sinkhorn_knopp_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # 2^-126, the smallest normal fp32
+
+
 @triton.jit
-def _x_tile(T_ptr, ColMax_ptr, ColLse_ptr, rows, cols, rmask, cmask, stride_t, x_scale):
-    """x - c of a [rows, cols] tile, log2 units: (t - M_k) * log2(e)/tau_t - c_k; -inf past K."""
+def _col_max(ColMax_ptr, cols, cmask):
+    """M_k at cols in fp32 (stored in fp32 or in T's dtype); -inf (no valid row on any rank) read as
+    0, so that x stays finite."""
+    col_max = tl.load(ColMax_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    return tl.where(col_max == float("-inf"), 0.0, col_max)
+
+
+@triton.jit
+def _col_lse_next(ColLse_ptr, ColSum_ptr, cols, cmask, K, n_sum_splits):
+    """The prototype step at cols: c_k + log2 colsum_k, colsum summed over its (n_sum_splits, K) split
+    partials in order and clamped to the smallest normal fp32 (0 when no row of any rank is valid: c
+    stays finite; a NaN stays NaN); c = 0 before the first step (ColLse_ptr None)."""
+    colsum = tl.load(ColSum_ptr + cols, mask=cmask, other=1.0)
+    for _ in range(1, n_sum_splits):
+        ColSum_ptr += K
+        colsum += tl.load(ColSum_ptr + cols, mask=cmask, other=1.0)
+    col_lse = tl.log2(tl.where(colsum < FP32_TINY, FP32_TINY, colsum))
+    if ColLse_ptr is not None:
+        col_lse += tl.load(ColLse_ptr + cols, mask=cmask, other=0.0)
+    return col_lse
+
+
+@triton.jit
+def _row_lse(RowPart_ptr, Valid_ptr, rows, rmask, n_row_splits, BLOCK_S: tl.constexpr):
+    """l_r of rows: the sample step's log-sum-exps p_s per (row, K split), (R, n_row_splits), merged:
+    l = m + log2 sum_s 2^(p_s - m), m = max_s p_s; 0 before the first sample step (RowPart_ptr None);
+    +inf past R and on the rows with Valid 0 (no term in any sum, q = 0)."""
+    if RowPart_ptr is None:
+        row_lse = tl.zeros(rows.shape, dtype=tl.float32)
+    else:
+        splits = tl.arange(0, BLOCK_S)
+        split_mask = (splits < n_row_splits)[None, :]
+        # past the splits: no term (2^-inf); past R: 0 (replaced below), no inf - inf
+        part = tl.load(RowPart_ptr + rows[:, None].to(tl.int64) * n_row_splits + splits[None, :],
+                       mask=rmask[:, None] & split_mask, other=0.0)
+        part = tl.where(split_mask, part, float("-inf"))
+        row_max = tl.max(part, axis=1)  # finite: every split saw a column
+        row_lse = row_max + tl.log2(tl.sum(tl.exp2(part - row_max[:, None]), axis=1))
+    keep = rmask
+    if Valid_ptr is not None:
+        keep = keep & (tl.load(Valid_ptr + rows, mask=rmask, other=0) != 0)
+    return tl.where(keep, row_lse, float("inf"))
+
+
+@triton.jit
+def _x_tile(T_ptr, col_max, col_lse, rows, cols, rmask, cmask, stride_t, x_scale):
+    """x - c of a [rows, cols] tile, log2 units: (t - M_k) * log2(e)/tau_t - c_k, from the column
+    vectors col_max and col_lse of cols; -inf past K."""
     t = tl.load(T_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :],
                 mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-    col_max = tl.load(ColMax_ptr + cols, mask=cmask, other=0.0)
-    col_lse = tl.load(ColLse_ptr + cols, mask=cmask, other=0.0)
     x = (t - col_max[None, :]) * x_scale - col_lse[None, :]
     return tl.where(cmask[None, :], x, float("-inf"))
 
@@ -206,37 +271,48 @@ def _sk_colmax_kernel(
 
 @triton.jit
 def _sk_colsum_kernel(
-    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, RowLse_ptr, Part_ptr,
-    R, K, rows_per_split, stride_t,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, RowPart_ptr, Valid_ptr, Part_ptr,
+    R, K, rows_per_split, n_row_splits, stride_t,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Part[pid_r, k] = sum over rows [pid_r*rows_per_split, +rows_per_split) of 2^(x_rk - c_k - l_r),
-    for the columns of block pid_k. The [BLOCK_R, BLOCK_K] accumulator is reduced once, at the end."""
+    for the columns of block pid_k; c = 0 with ColLse_ptr None, l_r merged from the last sample step's
+    partials (_row_lse). The [BLOCK_R, BLOCK_K] accumulator is reduced once, at the end."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     x_scale = LOG2E / tl.load(Temp_ptr).to(tl.float32)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
+    col_max = _col_max(ColMax_ptr, cols, cmask)
+    if ColLse_ptr is None:
+        col_lse = tl.zeros([BLOCK_K], dtype=tl.float32)
+    else:
+        col_lse = tl.load(ColLse_ptr + cols, mask=cmask, other=0.0)
     r_begin = pid_r * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, R)
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     for r0 in range(r_begin, r_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         rmask = rows < r_end
-        x = _x_tile(T_ptr, ColMax_ptr, ColLse_ptr, rows, cols, rmask, cmask, stride_t, x_scale)
-        row_lse = tl.load(RowLse_ptr + rows, mask=rmask, other=float("inf"))  # masked rows: 2^-inf = 0
-        acc += tl.exp2(x - row_lse[:, None])
+        # l before the T tile: the merge's registers are free again when T's are taken (sm_90a at
+        # BLOCK_S 16: 96 registers, 115 the other way round)
+        row_lse = _row_lse(RowPart_ptr, Valid_ptr, rows, rmask, n_row_splits, BLOCK_S)
+        x = _x_tile(T_ptr, col_max, col_lse, rows, cols, rmask, cmask, stride_t, x_scale)
+        acc += tl.exp2(x - row_lse[:, None])  # rows masked or invalid: 2^-inf = 0
     tl.store(Part_ptr + pid_r.to(tl.int64) * K + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
 def _sk_row_lse_kernel(
-    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, PartMax_ptr, PartSum_ptr,
-    R, K, cols_per_split, n_splits, stride_t,
+    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, ColSum_ptr, NewColLse_ptr, RowPart_ptr,
+    R, K, cols_per_split, n_sum_splits, n_splits, stride_t,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Rows of block pid_r over columns [pid_k*cols_per_split, +cols_per_split): running max m_r of
-    x - c and z_r = sum 2^(x - c - m_r), stored at [r, pid_k] of PartMax / PartSum (R, n_splits)."""
+    """The prototype step then the sample step's partials. Over columns [pid_k*cols_per_split,
+    +cols_per_split): c' = c + log2 colsum (_col_lse_next), stored to NewColLse by the programs of row
+    block 0 (every program computes the same c'); for the rows of block pid_r the running max m_r of
+    x - c' and z_r = sum 2^(x - c' - m_r); their log-sum-exp m_r + log2 z_r to RowPart[r, pid_k]
+    (R, n_splits)."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     x_scale = LOG2E / tl.load(Temp_ptr).to(tl.float32)
@@ -248,37 +324,42 @@ def _sk_row_lse_kernel(
     z_run = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
-        x = _x_tile(T_ptr, ColMax_ptr, ColLse_ptr, rows, cols, rmask, cols < c_end, stride_t, x_scale)
+        cmask = cols < c_end
+        col_lse = _col_lse_next(ColLse_ptr, ColSum_ptr, cols, cmask, K, n_sum_splits)
+        if pid_r == 0:
+            tl.store(NewColLse_ptr + cols, col_lse, mask=cmask)
+        x = _x_tile(T_ptr, _col_max(ColMax_ptr, cols, cmask), col_lse, rows, cols, rmask, cmask, stride_t,
+                    x_scale)
         m_new = tl.maximum(m_run, tl.max(x, axis=1))  # finite: every tile has a column < c_end
         z_run = z_run * tl.exp2(m_run - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
         m_run = m_new
-    out = rows.to(tl.int64) * n_splits + pid_k
-    tl.store(PartMax_ptr + out, m_run, mask=rmask)
-    tl.store(PartSum_ptr + out, z_run, mask=rmask)
+    tl.store(RowPart_ptr + rows.to(tl.int64) * n_splits + pid_k, m_run + tl.log2(z_run), mask=rmask)
 
 
 @triton.jit
 def _sk_targets_kernel(
-    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, RowLse_ptr, Q_ptr, PartEnt_ptr,
+    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, RowPart_ptr, Valid_ptr, Q_ptr, PartEnt_ptr,
     R, K, cols_per_split, n_splits, stride_t, stride_q,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """q = 2^(x - c - l) for the rows of block pid_r over columns [pid_k*cols_per_split, ...), and
-    PartEnt[r, pid_k] = -ln2 sum q log2 q over them (0 log 0 = 0; a NaN q stays NaN)."""
+    """q = 2^(x - c - l) for the rows of block pid_r over columns [pid_k*cols_per_split, ...), l
+    merged from the (R, n_splits) sample step partials (_row_lse), and PartEnt[r, pid_k] =
+    -ln2 sum q log2 q over them (0 log 0 = 0; a NaN q stays NaN)."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     x_scale = LOG2E / tl.load(Temp_ptr).to(tl.float32)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
-    row_lse = tl.load(RowLse_ptr + rows, mask=rmask, other=float("inf"))  # masked rows: q = 0
+    row_lse = _row_lse(RowPart_ptr, Valid_ptr, rows, rmask, n_splits, BLOCK_S)  # masked rows: q = 0
     c_begin = pid_k * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, K)
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         cmask = cols < c_end
-        log2_q = _x_tile(T_ptr, ColMax_ptr, ColLse_ptr, rows, cols, rmask, cmask, stride_t, x_scale) \
-            - row_lse[:, None]
+        x = _x_tile(T_ptr, _col_max(ColMax_ptr, cols, cmask), tl.load(ColLse_ptr + cols, mask=cmask, other=0.0),
+                    rows, cols, rmask, cmask, stride_t, x_scale)
+        log2_q = x - row_lse[:, None]
         q = tl.exp2(log2_q)
         tl.store(Q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], q,
                  mask=rmask[:, None] & cmask[None, :])
@@ -290,38 +371,128 @@ def _sk_targets_kernel(
 # Launchers, custom ops, public function
 # ----------------------------------------------------------------------------------------------
 # (BLOCK_R, BLOCK_K, num_warps). Untuned: chosen for 16-byte loads and ~32 fp32 values per thread
-# per tile; PROGRAMS_PER_SM sets the splits (programs ~ PROGRAMS_PER_SM * SMs). Tune on a GPU.
+# per tile; PROGRAMS_PER_SM sets the splits (programs ~ PROGRAMS_PER_SM * SMs). Tune on a GPU
+# (launch_config and _plan are cached per shape: cache_clear() them after changing these).
 COL_CONFIG = (16, 256, 4)  # prototype sums: a column block down a share of the rows
 ROW_CONFIG = (4, 1024, 4)  # row log-sum-exp and targets: a row block along a share of K
 PROGRAMS_PER_SM = 4
 
 
-def launch_config(R: int, K: int, kind: str, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_R, BLOCK_K, num_warps, per_split, n_splits) of the "col" or "row" kernels: per_split
-    rows (col) or columns (row) per program, a multiple of the block; n_splits programs along it."""
-    block_r, block_k, nw = COL_CONFIG if kind == "col" else ROW_CONFIG
-    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+def _split(R, K, kind: str, device: torch.device, block_k: int):
+    """(per_split, n_splits) of launch_config at BLOCK_K block_k, in SymInt-safe arithmetic: the fake
+    row_lse sizes its row partials with the nominal BLOCK_K (the same n_splits as the clipped one:
+    with K below a block, 1)."""
+    block_r = COL_CONFIG[0] if kind == "col" else ROW_CONFIG[0]
     target = PROGRAMS_PER_SM * sm_count(device)
     if kind == "col":
         length, block, n_other = R, block_r, triton.cdiv(K, block_k)
     else:
         length, block, n_other = K, block_k, triton.cdiv(R, block_r)
-    n_splits = max(1, min(triton.cdiv(length, block), triton.cdiv(target, n_other)))
+    n_splits = torch.sym_max(1, torch.sym_min(triton.cdiv(length, block), triton.cdiv(target, n_other)))
     per_split = triton.cdiv(triton.cdiv(length, n_splits), block) * block
-    return block_r, block_k, max(1, min(nw, block_r * block_k // 256)), per_split, triton.cdiv(length, per_split)
+    return per_split, triton.cdiv(length, per_split)
+
+
+@functools.lru_cache(maxsize=256)
+def launch_config(R: int, K: int, kind: str, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_R, BLOCK_K, num_warps, per_split, n_splits) of the "col" or "row" kernels: per_split
+    rows (col) or columns (row) per program, a multiple of the block; n_splits programs along it."""
+    block_r, block_k, nw = COL_CONFIG if kind == "col" else ROW_CONFIG
+    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    return block_r, block_k, max(1, min(nw, block_r * block_k // 256)), *_split(R, K, kind, device, block_k)
+
+
+class _Plan(NamedTuple):
+    """The launches of one (R, K, device), derived once: the "col" and "row" launch_config, their
+    grids, and BLOCK_S, the row partials' splits rounded up to a power of 2."""
+    R: int
+    K: int
+    col: tuple[int, int, int, int, int]
+    col_grid: tuple[int, int]
+    row: tuple[int, int, int, int, int]
+    row_grid: tuple[int, int]
+    block_s: int
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(R: int, K: int, device: torch.device) -> _Plan:
+    col, row = launch_config(R, K, "col", device), launch_config(R, K, "row", device)
+    return _Plan(R, K, col, (triton.cdiv(K, col[1]), col[4]), row, (triton.cdiv(R, row[0]), row[4]),
+                 triton.next_power_of_2(row[4]))
+
+
+def _valid_bytes(row_valid):
+    return None if row_valid is None else row_valid.contiguous().view(torch.uint8)
+
+
+def _launch_colmax(T, valid, p):
+    """Column maxima (K,) fp32 over the rows with valid (uint8) != 0: the kernel's row splits reduced."""
+    BR, BK, nw, per_split, n_splits = p.col
+    part = torch.empty((n_splits, p.K), dtype=torch.float32, device=T.device)
+    _sk_colmax_kernel[p.col_grid](T, valid, part, p.R, p.K, per_split, T.stride(0),
+                                  BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
+    return part[0] if n_splits == 1 else part.amax(dim=0)
+
+
+def _launch_colsum(T, temp, col_max, col_lse, row_part, valid, p):
+    """Prototype sums, per row split: (splits, K) fp32."""
+    BR, BK, nw, per_split, n_splits = p.col
+    part = torch.empty((n_splits, p.K), dtype=torch.float32, device=T.device)
+    _sk_colsum_kernel[p.col_grid](T, temp, col_max, col_lse, row_part, valid, part,
+                                  p.R, p.K, per_split, p.row[4], T.stride(0),
+                                  BLOCK_R=BR, BLOCK_K=BK, BLOCK_S=p.block_s, num_warps=nw)
+    return part
+
+
+def _launch_row_lse(T, temp, col_max, col_lse, colsum, p):
+    """(c' (K,), the row log-sum-exps per K split (R, splits)) from the prototype sums colsum (splits, K)."""
+    BR, BK, nw, per_split, n_splits = p.row
+    new_col_lse = torch.empty(p.K, dtype=torch.float32, device=T.device)
+    row_part = torch.empty((p.R, n_splits), dtype=torch.float32, device=T.device)
+    _sk_row_lse_kernel[p.row_grid](T, temp, col_max, col_lse, colsum, new_col_lse, row_part,
+                                   p.R, p.K, per_split, colsum.shape[0], n_splits, T.stride(0),
+                                   BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
+    return new_col_lse, row_part
+
+
+def _launch_targets(T, temp, col_max, col_lse, row_part, valid, p):
+    BR, BK, nw, per_split, n_splits = p.row
+    q = torch.empty((p.R, p.K), dtype=torch.float32, device=T.device)
+    part = torch.empty((p.R, n_splits), dtype=torch.float32, device=T.device)
+    _sk_targets_kernel[p.row_grid](T, temp, col_max, col_lse, row_part, valid, q, part,
+                                   p.R, p.K, per_split, n_splits, T.stride(0), q.stride(0),
+                                   BLOCK_R=BR, BLOCK_K=BK, BLOCK_S=p.block_s, num_warps=nw)
+    return q, part[:, 0] if n_splits == 1 else part.sum(dim=1)
+
+
+@torch.library.custom_op("fastdino::sinkhorn_knopp", mutates_args=())
+def sinkhorn_knopp_op(teacher_logits: torch.Tensor, teacher_temp: torch.Tensor, row_valid: Optional[torch.Tensor],
+                      n_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (R, K) fp32, entropy (R,) fp32) on one process (no all-reduce): every launch in one op.
+    row_valid (R,) bool or None (all valid)."""
+    T = rows_contiguous(teacher_logits)
+    p = _plan(T.shape[0], T.shape[1], T.device)
+    valid = _valid_bytes(row_valid)
+    col_max = torch.amax(T, dim=0) if valid is None else _launch_colmax(T, valid, p)  # T's dtype: exact
+    col_lse = row_part = None  # c = 0, l = 0
+    for _ in range(n_iterations):
+        colsum = _launch_colsum(T, teacher_temp, col_max, col_lse, row_part, valid, p)  # (splits, K)
+        col_lse, row_part = _launch_row_lse(T, teacher_temp, col_max, col_lse, colsum, p)
+    return _launch_targets(T, teacher_temp, col_max, col_lse, row_part, valid, p)
+
+
+@sinkhorn_knopp_op.register_fake
+def _(teacher_logits, teacher_temp, row_valid, n_iterations):
+    R, K = teacher_logits.shape
+    return (teacher_logits.new_empty((R, K), dtype=torch.float32),
+            teacher_logits.new_empty(R, dtype=torch.float32))
 
 
 @torch.library.custom_op("fastdino::sinkhorn_knopp_colmax", mutates_args=())
 def sinkhorn_knopp_colmax_op(teacher_logits: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
     """Column maxima (K,) fp32 over the rows with row_valid (R,) bool True; -inf where there is none."""
     T = rows_contiguous(teacher_logits)
-    R, K = T.shape
-    BR, BK, nw, per_split, n_splits = launch_config(R, K, "col", T.device)
-    part = torch.empty((n_splits, K), dtype=torch.float32, device=T.device)
-    _sk_colmax_kernel[(triton.cdiv(K, BK), n_splits)](T, row_valid.contiguous().view(torch.uint8), part,
-                                                      R, K, per_split, T.stride(0),
-                                                      BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
-    return part[0] if n_splits == 1 else part.amax(dim=0)
+    return _launch_colmax(T, _valid_bytes(row_valid), _plan(T.shape[0], T.shape[1], T.device))
 
 
 @sinkhorn_knopp_colmax_op.register_fake
@@ -331,70 +502,62 @@ def _(teacher_logits, row_valid):
 
 @torch.library.custom_op("fastdino::sinkhorn_knopp_colsum", mutates_args=())
 def sinkhorn_knopp_colsum_op(teacher_logits: torch.Tensor, teacher_temp: torch.Tensor, col_max: torch.Tensor,
-                             col_lse: torch.Tensor, row_lse: torch.Tensor) -> torch.Tensor:
-    """Prototype sums (K,) fp32 of this rank's rows: sum_r 2^(x_rk - c_k - l_r)."""
+                             col_lse: Optional[torch.Tensor], row_part: Optional[torch.Tensor],
+                             row_valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Prototype sums (K,) fp32 of this rank's rows: sum_r 2^(x_rk - c_k - l_r), the kernel's row splits
+    summed. col_lse c (K,) (None: 0); row_part the (R, splits) row log-sum-exps of the last
+    sinkhorn_knopp_row_lse, merged into l (None: l = 0); row_valid (R,) bool or None: l = +inf on the
+    rows with False."""
     T = rows_contiguous(teacher_logits)
-    R, K = T.shape
-    BR, BK, nw, per_split, n_splits = launch_config(R, K, "col", T.device)
-    part = torch.empty((n_splits, K), dtype=torch.float32, device=T.device)
-    _sk_colsum_kernel[(triton.cdiv(K, BK), n_splits)](T, teacher_temp, col_max, col_lse, row_lse, part,
-                                                      R, K, per_split, T.stride(0),
-                                                      BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
-    return part[0] if n_splits == 1 else part.sum(dim=0)
+    part = _launch_colsum(T, teacher_temp, col_max, col_lse, row_part, _valid_bytes(row_valid),
+                          _plan(T.shape[0], T.shape[1], T.device))
+    return part[0] if part.shape[0] == 1 else part.sum(dim=0)
 
 
 @sinkhorn_knopp_colsum_op.register_fake
-def _(teacher_logits, teacher_temp, col_max, col_lse, row_lse):
+def _(teacher_logits, teacher_temp, col_max, col_lse, row_part, row_valid):
     return teacher_logits.new_empty(teacher_logits.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastdino::sinkhorn_knopp_row_lse", mutates_args=())
 def sinkhorn_knopp_row_lse_op(teacher_logits: torch.Tensor, teacher_temp: torch.Tensor, col_max: torch.Tensor,
-                              col_lse: torch.Tensor) -> torch.Tensor:
-    """Sample normalizers (R,) fp32: l_r = log2 sum_k 2^(x_rk - c_k)."""
+                              col_lse: Optional[torch.Tensor], colsum: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prototype step c' = c + log2 colsum ((K,) fp32; col_lse None: c = 0), then the sample step in
+    parts: (c', row_part), row_part (R, splits) fp32 the log-sum-exps of x_rk - c'_k over each K split,
+    merged into l_r by the next sinkhorn_knopp_colsum or sinkhorn_knopp_targets."""
     T = rows_contiguous(teacher_logits)
-    R, K = T.shape
-    BR, BK, nw, per_split, n_splits = launch_config(R, K, "row", T.device)
-    part_max = torch.empty((R, n_splits), dtype=torch.float32, device=T.device)
-    part_sum = torch.empty_like(part_max)
-    _sk_row_lse_kernel[(triton.cdiv(R, BR), n_splits)](T, teacher_temp, col_max, col_lse, part_max, part_sum,
-                                                       R, K, per_split, n_splits, T.stride(0),
-                                                       BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
-    if n_splits == 1:
-        return part_max[:, 0] + torch.log2(part_sum[:, 0])
-    m = part_max.amax(dim=1, keepdim=True)  # merge the splits: rescale each to the row's max
-    return m[:, 0] + torch.log2(torch.sum(part_sum * torch.exp2(part_max - m), dim=1))
+    return _launch_row_lse(T, teacher_temp, col_max, col_lse, colsum.view(1, -1),
+                           _plan(T.shape[0], T.shape[1], T.device))
 
 
 @sinkhorn_knopp_row_lse_op.register_fake
-def _(teacher_logits, teacher_temp, col_max, col_lse):
-    return teacher_logits.new_empty(teacher_logits.shape[0], dtype=torch.float32)
+def _(teacher_logits, teacher_temp, col_max, col_lse, colsum):
+    R, K = teacher_logits.shape
+    n_splits = _split(R, K, "row", teacher_logits.device, ROW_CONFIG[1])[1]
+    return (teacher_logits.new_empty(K, dtype=torch.float32),
+            teacher_logits.new_empty((R, n_splits), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastdino::sinkhorn_knopp_targets", mutates_args=())
 def sinkhorn_knopp_targets_op(teacher_logits: torch.Tensor, teacher_temp: torch.Tensor, col_max: torch.Tensor,
-                              col_lse: torch.Tensor, row_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q (R, K) fp32, entropy (R,) fp32): q_rk = 2^(x_rk - c_k - l_r)."""
+                              col_lse: torch.Tensor, row_part: torch.Tensor, row_valid: Optional[torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (R, K) fp32, entropy (R,) fp32): q_rk = 2^(x_rk - c_k - l_r), l_r merged from the row_part of
+    sinkhorn_knopp_row_lse (+inf, q = 0, on the rows with row_valid False)."""
     T = rows_contiguous(teacher_logits)
-    R, K = T.shape
-    BR, BK, nw, per_split, n_splits = launch_config(R, K, "row", T.device)
-    q = torch.empty((R, K), dtype=torch.float32, device=T.device)
-    part = torch.empty((R, n_splits), dtype=torch.float32, device=T.device)
-    _sk_targets_kernel[(triton.cdiv(R, BR), n_splits)](T, teacher_temp, col_max, col_lse, row_lse, q, part,
-                                                       R, K, per_split, n_splits, T.stride(0), q.stride(0),
-                                                       BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
-    return q, part[:, 0] if n_splits == 1 else part.sum(dim=1)
+    return _launch_targets(T, teacher_temp, col_max, col_lse, row_part, _valid_bytes(row_valid),
+                           _plan(T.shape[0], T.shape[1], T.device))
 
 
 @sinkhorn_knopp_targets_op.register_fake
-def _(teacher_logits, teacher_temp, col_max, col_lse, row_lse):
+def _(teacher_logits, teacher_temp, col_max, col_lse, row_part, row_valid):
     R, K = teacher_logits.shape
     return (teacher_logits.new_empty((R, K), dtype=torch.float32),
             teacher_logits.new_empty(R, dtype=torch.float32))
 
 
 IMPLS = ("triton", "torch")
-_FP32_TINY = torch.finfo(torch.float32).tiny  # 2^-126, the smallest normal fp32
 
 
 def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None, global_rows=None,
@@ -407,45 +570,37 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None
     B_global (default R: it cancels, see the header). row_valid (R,) bool device tensor or None (all
     valid): the rows with False (padding, finite) take no part in any sum or max and get q = 0,
     entropy 0; the valid rows get the targets of the valid rows alone (see the header).
-    impl="triton": the custom ops (CUDA, or CPU under TRITON_INTERPRET=1); "torch": the reference.
+    impl="triton": the custom ops (CUDA, or CPU under TRITON_INTERPRET=1): one op without all_reduce,
+    one per step with it; "torch": the reference.
     """
     if impl not in IMPLS:
         raise ValueError(f"sinkhorn_knopp: impl={impl!r} is not one of {list(IMPLS)}")
     if impl == "torch":
         return sinkhorn_knopp_ref(teacher_logits, teacher_temp, n_iterations, all_reduce, global_rows,
                                   row_valid=row_valid)
-    R, K = _check_inputs(teacher_logits, teacher_temp, n_iterations, global_rows, row_valid)
+    _check_inputs(teacher_logits, teacher_temp, n_iterations, global_rows, row_valid)
     check_runnable(teacher_logits, "sinkhorn_knopp")
-    T = rows_contiguous(teacher_logits.detach())  # once, not in each of the 2 n_iterations + 1 ops
+    T = rows_contiguous(teacher_logits.detach())  # once, not in each op
     if isinstance(teacher_temp, torch.Tensor):
         temp = teacher_temp.detach().reshape(()).to(torch.float32)
     else:
         temp = torch.full((), float(teacher_temp), dtype=torch.float32, device=T.device)
-    if row_valid is None:
+    valid = None if row_valid is None else row_valid.detach()
+    if all_reduce is None:
+        return sinkhorn_knopp_op(T, temp, valid, n_iterations)
+    # one op per step, the caller's all-reduces between them (no collective inside an op)
+    if valid is None:
         col_max = torch.amax(T, dim=0).to(torch.float32)  # exact in T's dtype
     else:
-        valid = row_valid.detach()
-        col_max = sinkhorn_knopp_colmax_op(T, valid)  # over the valid rows: -inf where none
-    if all_reduce is not None:
-        all_reduce(col_max, "max")
-    col_lse = torch.zeros(K, dtype=torch.float32, device=T.device)
-    row_lse = torch.zeros(R, dtype=torch.float32, device=T.device)
-    if row_valid is not None:
-        col_max = torch.where(col_max == float("-inf"), 0.0, col_max)  # no valid row on any rank: x finite
-        row_lse = torch.where(valid, row_lse, float("inf"))  # invalid rows: 2^(x - c - inf) = 0 in every sum
+        col_max = sinkhorn_knopp_colmax_op(T, valid)  # over the valid rows: -inf where none (read as 0)
+    all_reduce(col_max, "max")
+    col_lse = row_part = None  # c = 0, l = 0
     for _ in range(n_iterations):
-        colsum = sinkhorn_knopp_colsum_op(T, temp, col_max, col_lse, row_lse)
-        if all_reduce is not None:
-            all_reduce(colsum, "sum")
-        if row_valid is None:
-            col_lse = col_lse + torch.log2(colsum)
-        else:  # 0 when no row of any rank is valid: keep c finite (x - c - l stays -inf there, not NaN)
-            col_lse = col_lse + torch.log2(colsum.clamp_min(_FP32_TINY))
-        row_lse = sinkhorn_knopp_row_lse_op(T, temp, col_max, col_lse)
-        if row_valid is not None:
-            row_lse = torch.where(valid, row_lse, float("inf"))
-    return sinkhorn_knopp_targets_op(T, temp, col_max, col_lse, row_lse)
+        colsum = sinkhorn_knopp_colsum_op(T, temp, col_max, col_lse, row_part, valid)
+        all_reduce(colsum, "sum")
+        col_lse, row_part = sinkhorn_knopp_row_lse_op(T, temp, col_max, col_lse, colsum)
+    return sinkhorn_knopp_targets_op(T, temp, col_max, col_lse, row_part, valid)
 
 
-__all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref", "sinkhorn_knopp_colmax_op", "sinkhorn_knopp_colsum_op",
-           "sinkhorn_knopp_row_lse_op", "sinkhorn_knopp_targets_op", "launch_config"]
+__all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref", "sinkhorn_knopp_op", "sinkhorn_knopp_colmax_op",
+           "sinkhorn_knopp_colsum_op", "sinkhorn_knopp_row_lse_op", "sinkhorn_knopp_targets_op", "launch_config"]

@@ -5,16 +5,21 @@ steps in float64; rows sum to 1 and columns approach uniform; two ranks (two thr
 an all_reduce over both) equal one rank on the concatenated rows; a row far below every column's
 max; padded rows (row_valid: the valid rows get the unpadded targets, the others zeros, on one rank
 and on two, also with no valid row); the custom ops' registrations (opcheck, torch.compile without
-graph breaks or recompiles); one-line errors; an ahead-of-time compile for sm_80 and sm_90a; the
-target module; the benchmark's CPU run."""
+graph breaks or recompiles, with and without an all_reduce); the launches per call (one custom op of
+2 n_iterations + 3 launches without an all_reduce); one-line errors; an ahead-of-time compile for
+sm_80 and sm_90a; the target module; the benchmark's CPU run."""
+import collections
+import math
 import threading
 
 import pytest
 import torch
+import triton
 
 import fastdino  # noqa: F401  (registers fastdino.kernels from a plain checkout)
+import fastdino.kernels.sinkhorn_knopp as sk_module
 from fastdino.kernels.sinkhorn_knopp import (launch_config, sinkhorn_knopp, sinkhorn_knopp_colmax_op,
-                                             sinkhorn_knopp_colsum_op, sinkhorn_knopp_ref,
+                                             sinkhorn_knopp_colsum_op, sinkhorn_knopp_op, sinkhorn_knopp_ref,
                                              sinkhorn_knopp_row_lse_op, sinkhorn_knopp_targets_op)
 from fastdino.targets import Centering, SinkhornKnopp
 
@@ -272,22 +277,37 @@ def test_nonfinite_logit_gives_nonfinite_targets(impl):
 
 
 def test_opcheck():
+    """The one-process op and the per-step ops (the first step's c = 0 and l = 0 as None, then the
+    previous op's state), and the per-step state against its definition in torch."""
     t = _logits(5, 70, torch.bfloat16, seed=11)
     temp = torch.tensor(0.04, device=DEV)
+    valid = torch.tensor([True, False, True, True, False], device=DEV)
+    for v in (None, valid):
+        torch.library.opcheck(sinkhorn_knopp_op, (t, temp, v, 2))
     col_max = t.float().amax(0)
     col_lse = torch.rand(70, device=DEV)
-    row_lse = torch.rand(5, device=DEV)
-    torch.library.opcheck(sinkhorn_knopp_colsum_op, (t, temp, col_max, col_lse, row_lse))
-    torch.library.opcheck(sinkhorn_knopp_row_lse_op, (t, temp, col_max, col_lse))
-    torch.library.opcheck(sinkhorn_knopp_targets_op, (t, temp, col_max, col_lse, row_lse))
-    valid = torch.tensor([True, False, True, True, False], device=DEV)
+    colsum = torch.rand(70, device=DEV) + 0.5
+    torch.library.opcheck(sinkhorn_knopp_colsum_op, (t, temp, col_max, None, None, None))
+    torch.library.opcheck(sinkhorn_knopp_row_lse_op, (t, temp, col_max, None, colsum))
+    torch.library.opcheck(sinkhorn_knopp_row_lse_op, (t, temp, col_max, col_lse, colsum))
+    new_col_lse, row_part = sinkhorn_knopp_row_lse_op(t, temp, col_max, col_lse, colsum)
+    torch.library.opcheck(sinkhorn_knopp_colsum_op, (t, temp, col_max, new_col_lse, row_part, valid))
+    torch.library.opcheck(sinkhorn_knopp_targets_op, (t, temp, col_max, new_col_lse, row_part, valid))
     torch.library.opcheck(sinkhorn_knopp_colmax_op, (t, valid))
     torch.testing.assert_close(sinkhorn_knopp_colmax_op(t, valid), t[valid].float().amax(0), rtol=0, atol=0)
     assert (sinkhorn_knopp_colmax_op(t, torch.zeros_like(valid)) == float("-inf")).all()
-    row_lse = torch.where(valid, row_lse, float("inf"))  # padded rows: no term in the sums, q = 0
-    assert torch.equal(sinkhorn_knopp_colsum_op(t, temp, col_max, col_lse, row_lse),
-                       sinkhorn_knopp_colsum_op(t[valid], temp, col_max, col_lse, row_lse[valid]))
-    q, entropy = sinkhorn_knopp_targets_op(t, temp, col_max, col_lse, row_lse)
+    # the state: c' = c + log2 colsum; l_r = log2 sum_k 2^(x_rk - c'_k), merged from the row partials
+    torch.testing.assert_close(new_col_lse, col_lse + torch.log2(colsum), rtol=1e-6, atol=1e-6)
+    x = (t.float() - col_max) / (0.04 * math.log(2)) - new_col_lse  # log2 units
+    row_lse = torch.logsumexp(x * math.log(2), dim=1) / math.log(2)
+    torch.testing.assert_close(torch.logsumexp(row_part * math.log(2), dim=1) / math.log(2), row_lse,
+                               rtol=1e-5, atol=1e-4)
+    q, _ = sinkhorn_knopp_targets_op(t, temp, col_max, new_col_lse, row_part, None)
+    torch.testing.assert_close(q, torch.exp2(x - row_lse[:, None]), rtol=1e-4, atol=1e-7)
+    # padded rows: no term in the sums, q = 0
+    assert torch.equal(sinkhorn_knopp_colsum_op(t, temp, col_max, new_col_lse, row_part, valid),
+                       sinkhorn_knopp_colsum_op(t[valid], temp, col_max, new_col_lse, row_part[valid], None))
+    q, entropy = sinkhorn_knopp_targets_op(t, temp, col_max, new_col_lse, row_part, valid)
     assert (q[~valid] == 0).all() and (entropy[~valid] == 0).all() and torch.isfinite(q).all()
 
 
@@ -318,6 +338,114 @@ def test_compile_fullgraph_row_valid_no_recompile():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _two_equal_ranks(x, op):
+    """all_reduce over two ranks holding the same rows: a sum doubles, a max is unchanged."""
+    if op == "sum":
+        x.mul_(2.0)
+
+
+def test_compile_fullgraph_per_step_ops():
+    """With an all_reduce: one op per step, the all-reduces between them, traced without graph breaks
+    (the fake row partials have the real shapes) to the eager numbers; two ranks with the same rows get
+    the one-process op's targets (every prototype sum doubles: c + 1, l - 1, the same q)."""
+    torch._dynamo.reset()
+    t, valid = _padded(40, 3000, torch.bfloat16, seed=20)  # several row and K splits
+    temp = torch.tensor(0.05, device=DEV)
+    compiled = torch.compile(lambda t, temp, v: sinkhorn_knopp(t, temp, 3, _two_equal_ranks, row_valid=v),
+                             fullgraph=True, backend="aot_eager")
+    for v in (None, valid):
+        out = compiled(t, temp, v)
+        for a, b in zip(out, sinkhorn_knopp(t, temp, 3, _two_equal_ranks, row_valid=v)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(out, sinkhorn_knopp(t, temp, 3, row_valid=v)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+_NO_LAUNCH = {f"aten::{name}" for name in (  # a cast launches through its copy_ only
+    "empty", "empty_like", "new_empty", "empty_strided", "detach", "detach_", "view", "reshape", "_reshape_alias",
+    "select", "slice", "as_strided", "alias", "unsqueeze", "squeeze", "expand", "t", "transpose", "lift_fresh",
+    "resolve_conj", "resolve_neg", "contiguous", "to", "_to_copy")}
+
+
+def _launches(monkeypatch, fn):
+    """(Triton launches, torch ops that launch a kernel, fastdino custom-op calls) of fn(), Counters by
+    name. Triton: counted at the kernels' launchers. Torch: the profiler's outermost aten ops outside a
+    Triton launch (the interpreter's own ops run inside one) with a computing aten op in them (not an
+    allocation, a view or a cast to the same dtype)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    triton_launches = collections.Counter()
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                triton_launches[self.name] += 1
+                with record_function("triton_launch"):
+                    return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    with monkeypatch.context() as m:
+        for name in ("_sk_colmax_kernel", "_sk_colsum_kernel", "_sk_row_lse_kernel", "_sk_targets_kernel"):
+            m.setattr(sk_module, name, Counted(name, getattr(sk_module, name)))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+
+    def computes(event):
+        if event.cpu_children:
+            return any(computes(c) for c in event.cpu_children)
+        return event.name.startswith("aten::") and event.name not in _NO_LAUNCH
+
+    torch_ops, custom_ops = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        parent = e.cpu_parent
+        if e.name.startswith("fastdino::"):
+            custom_ops[e.name] += 1
+        elif (e.name.startswith("aten::") and computes(e)
+              and (parent is None or not (parent.name.startswith("aten::") or parent.name == "triton_launch"))):
+            torch_ops[e.name] += 1
+    return triton_launches, torch_ops, custom_ops
+
+
+@pytest.mark.parametrize("row_valid", [False, True], ids=["all_rows", "row_valid"])
+@pytest.mark.parametrize("with_all_reduce", [False, True], ids=["one_process", "all_reduce"])
+def test_launches_per_call(monkeypatch, with_all_reduce, row_valid):
+    """The host work of a call, at a shape with several row and K splits (the split sums run). Without
+    an all_reduce: one custom op, 2 n_iterations + 3 launches (+1, the colmax kernel, with row_valid).
+    With one: per iteration the colsum kernel, the torch sum of its splits (the vector all-reduced) and
+    the row_lse kernel; the kernels merge the row partials and update c and l themselves. (Before that
+    a call took 42 launches in 7 custom ops, 51 in 8 with row_valid, at n_iterations = 3.)"""
+    R, K, n_iter = 40, 3000, 3
+    assert launch_config(R, K, "col", torch.device(DEV))[4] > 1 and launch_config(R, K, "row", torch.device(DEV))[4] > 1
+    t = _logits(R, K, torch.bfloat16, seed=21)
+    valid = (torch.arange(R, device=DEV) % 3 != 1) if row_valid else None
+    temp = torch.tensor(0.05, device=DEV)
+    reduced = []  # a one-process all_reduce: records the op, launches nothing
+
+    def call():
+        reduced.clear()
+        return sinkhorn_knopp(t, temp, n_iter, (lambda x, op: reduced.append(op)) if with_all_reduce else None,
+                              row_valid=valid)
+
+    call()  # compiled (or interpreted) once before counting
+    triton_launches, torch_ops, custom_ops = _launches(monkeypatch, call)
+    assert reduced == (["max"] + ["sum"] * n_iter if with_all_reduce else [])
+    assert triton_launches == {"_sk_colsum_kernel": n_iter, "_sk_row_lse_kernel": n_iter, "_sk_targets_kernel": 1,
+                               **({"_sk_colmax_kernel": 1} if row_valid else {})}
+    if not with_all_reduce:  # the column max (torch.amax, or the colmax splits' amax), the entropy splits' sum
+        assert torch_ops == {"aten::amax": 1, "aten::sum": 1}
+        assert custom_ops == {"fastdino::sinkhorn_knopp": 1}
+        assert sum(triton_launches.values()) + sum(torch_ops.values()) == 2 * n_iter + 3 + row_valid
+    else:  # + the colsum splits' sums and, without row_valid, the bf16 column max cast to fp32 (all-reduced)
+        assert torch_ops == {"aten::amax": 1, "aten::sum": n_iter + 1, **({} if row_valid else {"aten::to": 1})}
+        assert custom_ops == {"fastdino::sinkhorn_knopp_colsum": n_iter, "fastdino::sinkhorn_knopp_row_lse": n_iter,
+                              "fastdino::sinkhorn_knopp_targets": 1,
+                              **({"fastdino::sinkhorn_knopp_colmax": 1} if row_valid else {})}
+        assert sum(triton_launches.values()) + sum(torch_ops.values()) == 3 * n_iter + 4
+
+
 def test_bad_inputs_raise():
     t = _logits(2, 64, torch.float32, seed=13)
     for impl in ("triton", "torch"):
@@ -346,29 +474,45 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 def test_aot_compile_sm80_sm90a():
     """The four kernels at the launcher's constexprs for DINO's K=65536 (R = 2B = 128) and a small
-    K, teacher logits in bf16, fp16 and fp32: compiles, no spills, 16-byte loads."""
+    K, teacher logits in bf16, fp16 and fp32, in the variants launched: the first iteration (c and l
+    None: 0; the column max in T's dtype, one process without row_valid) and the later ones (every
+    state pointer given, with row_valid or not); BLOCK_S at its largest, cdiv(K, BLOCK_K) row
+    partials (a few rows). Compiles, no spills, 16-byte loads."""
     from aot import aot_compile, assert_compiled
 
-    f32 = "*fp32:16"
-    common = {"Temp_ptr": "*fp32", "ColMax_ptr": f32, "ColLse_ptr": f32, "R": "i32", "K": "i32:16",
-              "stride_t": "i32:16"}
-    kernels = {
-        "_sk_colmax_kernel": ("col", {"Valid_ptr": "*u8", "Part_ptr": f32, "rows_per_split": "i32:16"}),
-        "_sk_colsum_kernel": ("col", {"RowLse_ptr": f32, "Part_ptr": f32, "rows_per_split": "i32:16"}),
-        "_sk_row_lse_kernel": ("row", {"PartMax_ptr": f32, "PartSum_ptr": f32, "cols_per_split": "i32:16",
-                                       "n_splits": "i32"}),
-        "_sk_targets_kernel": ("row", {"RowLse_ptr": f32, "Q_ptr": f32, "PartEnt_ptr": f32,
-                                       "cols_per_split": "i32:16", "n_splits": "i32", "stride_q": "i32:16"}),
-    }
+    f32, u8 = "*fp32:16", "*u8:16"
+    row_state = {"RowPart_ptr": f32, "Valid_ptr": u8}
+    kernels = [  # name, kind, argument types, the pointers passed as None
+        ("_sk_colmax_kernel", "col", {"Valid_ptr": u8, "Part_ptr": f32, "rows_per_split": "i32:16"}, ()),
+        ("_sk_colsum_kernel", "col", {"ColLse_ptr": f32, **row_state, "Part_ptr": f32, "rows_per_split": "i32:16",
+                                      "n_row_splits": "i32"}, ()),
+        ("_sk_colsum_kernel", "col", {"Part_ptr": f32, "rows_per_split": "i32:16", "n_row_splits": "i32"},
+         ("ColLse_ptr", "RowPart_ptr", "Valid_ptr")),
+        ("_sk_row_lse_kernel", "row", {"ColLse_ptr": f32, "ColSum_ptr": f32, "NewColLse_ptr": f32, "RowPart_ptr": f32,
+                                       "cols_per_split": "i32:16", "n_sum_splits": "i32", "n_splits": "i32"}, ()),
+        ("_sk_row_lse_kernel", "row", {"ColSum_ptr": f32, "NewColLse_ptr": f32, "RowPart_ptr": f32,
+                                       "cols_per_split": "i32:16", "n_sum_splits": "i32", "n_splits": "i32"},
+         ("ColLse_ptr",)),
+        ("_sk_targets_kernel", "row", {"ColLse_ptr": f32, **row_state, "Q_ptr": f32, "PartEnt_ptr": f32,
+                                       "cols_per_split": "i32:16", "n_splits": "i32", "stride_q": "i32:16"}, ()),
+        ("_sk_targets_kernel", "row", {"ColLse_ptr": f32, "RowPart_ptr": f32, "Q_ptr": f32, "PartEnt_ptr": f32,
+                                       "cols_per_split": "i32:16", "n_splits": "i32", "stride_q": "i32:16"},
+         ("Valid_ptr",)),
+    ]
     jobs = []
     for cap in (80, 90):
         for dt in ("bf16", "fp16", "fp32"):
-            for name, (kind, types) in kernels.items():
+            for name, kind, types, none in kernels:
                 for K in (65536, 1024):
                     block_r, block_k, nw, _, _ = launch_config(128, K, kind, torch.device("cpu"))  # blocks: any device
+                    constexprs = {"BLOCK_R": block_r, "BLOCK_K": block_k, **{p: None for p in none}}
+                    if name in ("_sk_colsum_kernel", "_sk_targets_kernel"):
+                        row_block_k = launch_config(128, K, "row", torch.device("cpu"))[1]
+                        constexprs["BLOCK_S"] = triton.next_power_of_2(triton.cdiv(K, row_block_k))
+                    col_max = f"*{dt}:16" if none else f32
                     jobs.append(("fastdino.kernels.sinkhorn_knopp", name,
-                                 {"T_ptr": f"*{dt}:16", **common, **types},
-                                 {"BLOCK_R": block_r, "BLOCK_K": block_k}, nw, cap))
+                                 {"T_ptr": f"*{dt}:16", "Temp_ptr": "*fp32", "ColMax_ptr": col_max, "R": "i32",
+                                  "K": "i32:16", "stride_t": "i32:16", **types}, constexprs, nw, cap))
     assert_compiled(jobs, aot_compile(jobs))
 
 
