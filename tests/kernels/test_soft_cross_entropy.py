@@ -410,64 +410,59 @@ def test_opcheck(weighted, view_weighted):
     torch.library.opcheck(soft_cross_entropy_backward_op, (g, s.detach(), q, lse, w, *args))
 
 
+def _eager_and_compiled_agree(step, s, scalar):
+    """step(x, device scalar) -> (loss, *other outputs), eager and compiled (fullgraph, aot_eager): the
+    outputs and x's gradient agree. Returns the compiled loss."""
+    scalar = torch.tensor(scalar, device=DEV)
+    outs = []
+    for fn in (step, step.compiled):
+        x = s.clone().requires_grad_()
+        loss, *rest = fn(x, scalar)
+        (loss * 0.7).backward()
+        outs.append((loss.detach(), *rest, x.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    return outs[1][0]
+
+
+def _compile(step):
+    """step, with step.compiled: its fullgraph aot_eager compilation (on a fresh dynamo cache)."""
+    torch._dynamo.reset()
+    step.compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    return step
+
+
 def test_compile_fullgraph_matches_eager():
     """DINO loss from teacher logits, both ops in one graph (no break), forward and backward; a new
     teacher_temp value (a device tensor) reuses the compiled graph."""
-    torch._dynamo.reset()
     s, _, _ = _inputs(2, 50, 3, 2, torch.float32, seed=4)
     g = torch.Generator().manual_seed(5)
     t = torch.randn(4, 50, generator=g).to(DEV)
     c = torch.randn(1, 50, generator=g).to(DEV) * 0.1
 
-    def step(s, t, c, teacher_temp):
+    @_compile
+    def step(s, teacher_temp):
         q, entropy, colsum = softmax_center(t, c, teacher_temp)
         return soft_cross_entropy(s, q, 3, TAU, block_k=16), entropy.mean(), colsum
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-
-    def check(temp):
-        temp = torch.tensor(temp, device=DEV)
-        outs = []
-        for fn in (step, compiled):
-            x = s.clone().requires_grad_()
-            loss, ent, colsum = fn(x, t, c, temp)
-            (loss * 0.7).backward()
-            outs.append((loss.detach(), ent, colsum, x.grad))
-        for a, b in zip(*outs):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-    check(0.04)
+    _eager_and_compiled_agree(step, s, 0.04)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        check(0.07)
+        _eager_and_compiled_agree(step, s, 0.07)
 
 
 def test_compile_view_weights_no_recompile():
     """View weights made from a 0-dim weight tensor (the DINO term's local weight, a row of the step's
     schedule table): one graph, forward and backward as eager, and a new weight value reuses it."""
-    torch._dynamo.reset()
     s, q, _ = _inputs(2, 50, 4, 2, torch.float32, seed=14)
 
+    @_compile
     def step(s, local_weight):
         c = torch.cat([local_weight.new_ones(2), local_weight.expand(2)])
-        return soft_cross_entropy(s, q, 4, TAU, view_weights=c, block_k=16)
+        return (soft_cross_entropy(s, q, 4, TAU, view_weights=c, block_k=16),)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-
-    def check(value):
-        local_weight = torch.tensor(value, device=DEV)
-        outs = []
-        for fn in (step, compiled):
-            x = s.clone().requires_grad_()
-            loss = fn(x, local_weight)
-            (loss * 0.7).backward()
-            outs.append((loss.detach(), x.grad))
-        for a, b in zip(*outs):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        return outs[1][0]
-
-    loss_a = check(0.5)
+    loss_a = _eager_and_compiled_agree(step, s, 0.5)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        loss_b = check(0.25)
+        loss_b = _eager_and_compiled_agree(step, s, 0.25)
     assert loss_a != loss_b  # the new value reached the kernels
 
 
