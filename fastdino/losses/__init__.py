@@ -20,6 +20,10 @@ what they hold:
     targets["gram"]  the Gram teacher's patch tokens of the same crops, on the student's grid (2B, P, D)
     targets["patch"], targets["patch_weights"]  the teacher's targets of those tokens (U, K_ibot)
                      fp32 and their weights (U,), 1 / (masked tokens of the crop), 0 on padding
+    targets["masks"] the step's MaskBatch (masks, mask_indices, weights, n_masked), with iBOT
+                     (Gram with gram.tokens_used masked / unmasked selects its patches by it)
+A term may also read the step's hyper-parameter tensor (bind_hyperparams: the DINO term's local
+weight under loss.reweight_local), or be scaled by a schedule row as a whole (schedule_row: Gram).
 Its state (if any) is its state_dict, saved in checkpoints. Adding a term touches no backend code:
 build it in fastdino/train.py's recipe and the step sums it.
 """
