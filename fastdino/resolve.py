@@ -60,6 +60,12 @@ class Resolved:
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
 
+def effective_config(cfg: Config) -> Config:
+    """The config the run builds from: with train.reference=true, config.REFERENCE replaces the impl
+    keys (the models take their options from it; resolve records the result)."""
+    return with_overrides(cfg, REFERENCE) if cfg.train.reference else cfg
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -124,8 +130,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
     from fastdino.models import arch_spec, extra_tokens
     from fastdino.models.attention import resolve_backend as resolve_attention
 
-    if cfg.train.reference:
-        cfg = with_overrides(cfg, REFERENCE)
+    cfg = effective_config(cfg)
     device = torch.device(device)
     # a process-wide numerics setting of the recipe (not a fast path: reference mode keeps it), applied
     # here so that every choice below (the fused head's refusal, the Gram kernel's dots) sees it

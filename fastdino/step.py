@@ -79,7 +79,7 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
         teacher = b.teacher(crops[:2]) if masks is None else b.teacher(crops[:2], masks, mask_input=False)
     teacher = teacher if isinstance(teacher, dict) else {"cls": teacher}
     q, teacher_stats = s.targets(teacher["cls"], hp[TEACHER_TEMP])
-    targets, patch_colsum = {"cls": q}, q.new_zeros(0)
+    targets, patch_colsum = {"cls": q, "hp": hp}, q.new_zeros(0)  # hp: this step's schedule values
     if masks is not None:
         real = torch.arange(masks.upper_bound, device=q.device) < masks.n_masked  # the rest is padding
         targets["patch"], patch_stats = s.patch_targets(teacher["patch"], hp[TEACHER_TEMP], real)

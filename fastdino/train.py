@@ -35,7 +35,7 @@ from fastdino.gram import GramTeacher, gram_active, load_iterations
 from fastdino.losses import DINOTerm, GramTerm, IBOTTerm, KoLeoTerm
 from fastdino.monitor import CollapseMonitor, knn_holdout, online_knn
 from fastdino.preemption import Abort, Interrupted, StopControl
-from fastdino.resolve import Resolved, resolve
+from fastdino.resolve import Resolved, effective_config, resolve
 from fastdino.schedules import Schedules
 from fastdino.step import BAD_STEPS, FIRST_BAD_STEP, SKIPPED_UPDATES, STEP, StepState, compile_step, new_counters, train_step
 from fastdino.targets import Centering, SinkhornKnopp
@@ -86,15 +86,11 @@ def check_output_dir(path: str) -> None:
 def build_models(cfg: Config, resolved: Resolved, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """Student and teacher: same architecture; the teacher starts as a copy of the student and
     learns only through the EMA. With the fused head the student's head stops at its bottleneck."""
-    from fastdino.models import RESIDUAL_DTYPES, DINOHead, MultiCropWrapper, build_backbone, set_residual_norm
+    from fastdino.models import DINOHead, MultiCropWrapper, build_backbone
 
-    m = cfg.model
+    m = effective_config(cfg).model  # train.reference=true: the reference's options (resolve logged them)
     student_backbone = build_backbone(m, teacher=False, attn=resolved.attn)
     teacher_backbone = build_backbone(m, teacher=True, attn=resolved.attn)
-    for backbone in (student_backbone, teacher_backbone):  # as resolved (train.reference turns both off)
-        if m.fused_residual_norm:
-            set_residual_norm(backbone, None if resolved.residual_norm == "off" else "auto")
-        backbone.residual_dtype = RESIDUAL_DTYPES[resolved.residual_dtype]
     dim = student_backbone.embed_dim
     ibot = cfg.loss.ibot_weight > 0
 
@@ -234,9 +230,6 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
                       teacher_rows=2 * cfg.optim.batch_size_per_gpu * ctx.world_size, world_size=ctx.world_size,
                       autocast_dtype=resolved.autocast_dtype,
                       nonfinite_grads_are_bad=resolved.precision != "fp16", gram_teacher=gram_teacher)
-    for term in terms:  # terms that read a schedule row themselves (DINO's local weight): the step's hp
-        if hasattr(term, "bind_hyperparams"):
-            term.bind_hyperparams(state.hp)
     step_fn = compile_step(train_step) if resolved.compile == "step" else train_step
     if ctx.is_main:
         log.info(resolved.line())

@@ -149,9 +149,9 @@ def _hp(local_weight):
     return hp
 
 
-def _loss_and_grad(term, s, q):
+def _loss_and_grad(term, s, q, hp=None):
     x = s.clone().requires_grad_()
-    loss = term({"cls": x}, {"cls": q})
+    loss = term({"cls": x}, {"cls": q} if hp is None else {"cls": q, "hp": hp})
     loss.backward()
     return loss.detach(), x.grad
 
@@ -165,8 +165,7 @@ IMPLS = ["reference",
 def test_term_is_the_official_dinov3_reweighted_loss(impl, B, K, n_local, local_weight):
     s, q = _term_inputs(B, K, 2 + n_local, seed=B * 100 + K)
     term = DINOTerm(2 + n_local, TAU, impl, reweight_local=True)
-    term.bind_hyperparams(_hp(local_weight))
-    loss, grad = _loss_and_grad(term, s, q)
+    loss, grad = _loss_and_grad(term, s, q, _hp(local_weight))
     x = s.double().requires_grad_()
     official = _official_dinov3_dino(x, q, n_local, B, local_weight)
     official.backward()
@@ -183,16 +182,14 @@ def test_weight_one_and_off_are_todays_loss_bit_for_bit(impl):
     today = soft_cross_entropy(x, q, 5, TAU, impl=kernel_impl)
     today.backward()
     off = _loss_and_grad(DINOTerm(5, TAU, impl), s, q)
-    on = DINOTerm(5, TAU, impl, reweight_local=True)
-    on.bind_hyperparams(_hp(1.0))
-    on = _loss_and_grad(on, s, q)
+    on = _loss_and_grad(DINOTerm(5, TAU, impl, reweight_local=True), s, q, _hp(1.0))
     for loss, grad in (off, on):
         assert torch.equal(loss, today.detach()) and torch.equal(grad, x.grad)
 
 
 def test_term_refusals():
-    with pytest.raises(RuntimeError, match="bind_hyperparams"):
-        DINOTerm(4, TAU, reweight_local=True).view_weights()
+    with pytest.raises(RuntimeError, match=r"targets\['hp'\]"):
+        DINOTerm(4, TAU, reweight_local=True).view_weights({})
     with pytest.raises(ValueError, match="fused head") as e:
         DINOTerm(4, TAU, reweight_local=True, head=torch.nn.Linear(2, 2))
     assert "\n" not in str(e.value)
@@ -200,14 +197,13 @@ def test_term_refusals():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_compiled_term_reads_a_new_weight_without_recompiling(impl):
-    """The weight is read from the bound hyper-parameter tensor (updated in place, as the training
+    """The weight is read from the step's hyper-parameter tensor (updated in place, as the training
     loop's load_hyperparams): one graph, equal to eager, a new value reaches the loss."""
     torch._dynamo.reset()
     s, q = _term_inputs(2, 33, 4, seed=5)
     hp = _hp(0.5)
     term = DINOTerm(4, TAU, impl, reweight_local=True)
-    term.bind_hyperparams(hp)
-    compiled = torch.compile(lambda x, q: term({"cls": x}, {"cls": q}), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda x, q: term({"cls": x}, {"cls": q, "hp": hp}), fullgraph=True, backend="aot_eager")
     losses = []
     for w in (0.5, 0.25, 0.9):
         hp[DINO_LOCAL_WEIGHT] = w
@@ -215,7 +211,7 @@ def test_compiled_term_reads_a_new_weight_without_recompiling(impl):
             x = s.clone().requires_grad_()
             loss = compiled(x, q)
             loss.backward()
-        ref = _loss_and_grad(term, s, q)
+        ref = _loss_and_grad(term, s, q, hp)
         torch.testing.assert_close(loss.detach(), ref[0], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(x.grad, ref[1], rtol=1e-6, atol=1e-7)
         losses.append(loss.item())
@@ -223,9 +219,9 @@ def test_compiled_term_reads_a_new_weight_without_recompiling(impl):
 
 
 # ---------------------------------------------------------------------------------------------
-# Through the engine: build_run binds the step's hp; the whole compiled step
+# Through the engine: the step's hp reaches the term; the whole compiled step
 # ---------------------------------------------------------------------------------------------
-def test_run_binds_the_step_hyperparameters():
+def test_run_reads_the_step_hyperparameters():
     from fastdino.distributed import DistContext
     from fastdino.train import build_run
 
@@ -237,11 +233,12 @@ def test_run_binds_the_step_hyperparameters():
                              "loss.local_weight_end=0.5", "loss.local_weight_warmup_epochs=1"])
     run = build_run(cfg, DistContext(device=torch.device("cpu")), steps_per_epoch=4)
     term = run.state.terms[0]
-    assert term.reweight_local and term.hp is run.state.hp
+    assert term.reweight_local
     for it in (0, 3, 6):
         run.state.load_hyperparams(run.table, it)
         expected = official_linear_warmup_cosine_decay(0.0, 1.0, 0.5, 4, 8)[it]
-        assert term.view_weights().tolist() == pytest.approx([1.0, 1.0, expected, expected], rel=1e-6, abs=1e-7)
+        weights = term.view_weights({"hp": run.state.hp})
+        assert weights.tolist() == pytest.approx([1.0, 1.0, expected, expected], rel=1e-6, abs=1e-7)
 
 
 def test_compiled_whole_step_with_reweighting_equals_eager_without_recompiles():

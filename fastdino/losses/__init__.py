@@ -22,8 +22,9 @@ what they hold:
                      fp32 and their weights (U,), 1 / (masked tokens of the crop), 0 on padding
     targets["masks"] the step's MaskBatch (masks, mask_indices, weights, n_masked), with iBOT
                      (Gram with gram.tokens_used masked / unmasked selects its patches by it)
-A term may also read the step's hyper-parameter tensor (bind_hyperparams: the DINO term's local
-weight under loss.reweight_local), or be scaled by a schedule row as a whole (schedule_row: Gram).
+    targets["hp"]    the step's hyper-parameters, one schedule value per row of fastdino/schedules.py
+                     (the DINO term's local weight under loss.reweight_local); a term scaled by a row as
+                     a whole sets schedule_row instead (Gram)
 Its state (if any) is its state_dict, saved in checkpoints. Adding a term touches no backend code:
 build it in fastdino/train.py's recipe and the step sums it.
 """

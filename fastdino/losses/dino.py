@@ -41,8 +41,8 @@ class DINOTerm(nn.Module):
     the run: bf16/fp16, or fp32).
 
     reweight_local: the local views' pairs count hp[DINO_LOCAL_WEIGHT] times, read on the device from
-    the step's hyper-parameter tensor given to bind_hyperparams (a new value each step recompiles and
-    re-captures nothing); not with the fused head. Off: the loss of the plain mean, unchanged."""
+    the step's hyper-parameter tensor targets["hp"] (a new value each step recompiles and re-captures
+    nothing); not with the fused head. Off: the loss of the plain mean, unchanged."""
 
     name = "dino"
 
@@ -60,22 +60,17 @@ class DINOTerm(nn.Module):
         self.matmul_dtype = matmul_dtype
         self._head = [head]  # a reference, not a submodule: the head's parameters belong to the student
         self.reweight_local = reweight_local
-        self.hp: torch.Tensor | None = None  # the step's hyper-parameters (bind_hyperparams), not a buffer
 
-    def bind_hyperparams(self, hp: torch.Tensor) -> None:
-        """The step's hyper-parameter tensor (StepState.hp, updated in place each step): the local
-        weight is read from it at DINO_LOCAL_WEIGHT in every forward."""
-        self.hp = hp
-
-    def view_weights(self) -> torch.Tensor | None:
-        """(n_views,) fp32 on the device: 1 for the 2 global views, the local weight for the others;
-        None without reweighting."""
+    def view_weights(self, targets: dict) -> torch.Tensor | None:
+        """(n_views,) fp32 on the device: 1 for the 2 global views, the local weight for the others,
+        read from the step's hyper-parameters targets["hp"] at DINO_LOCAL_WEIGHT; None without
+        reweighting."""
         if not self.reweight_local:
             return None
-        if self.hp is None:
-            raise RuntimeError("DINOTerm: reweight_local reads the local weight from the step's hyper-parameters: "
-                               "call bind_hyperparams(hp) first")
-        w = self.hp[DINO_LOCAL_WEIGHT:DINO_LOCAL_WEIGHT + 1].float()
+        if "hp" not in targets:
+            raise RuntimeError("DINOTerm: reweight_local reads the local weight from the step's hyper-parameters "
+                               "(targets['hp'])")
+        w = targets["hp"][DINO_LOCAL_WEIGHT:DINO_LOCAL_WEIGHT + 1].float()
         return torch.cat([w.new_ones(2), w.expand(self.n_views - 2)])
 
     def forward(self, student: dict, targets: dict) -> torch.Tensor:
@@ -84,7 +79,7 @@ class DINOTerm(nn.Module):
             from fastdino.kernels.soft_cross_entropy import soft_cross_entropy
 
             return soft_cross_entropy(student["cls"], targets["cls"], self.n_views, self.student_temp, impl=impl,
-                                      view_weights=self.view_weights())
+                                      view_weights=self.view_weights(targets))
         from fastdino.kernels.linear_soft_cross_entropy import linear_soft_cross_entropy
 
         dtype = self.matmul_dtype

@@ -114,5 +114,5 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
 
 __all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14",
            "dinov2_vitl14", "dinov2_vitg14", "DINOV2_ARCHS", "VisionTransformer", "DINOHead", "WeightNormLinear",
-           "MultiCropWrapper", "build_backbone", "extra_tokens", "compile_blocks", "set_residual_norm", "RESIDUAL_DTYPES", "resolve_backend", "BACKENDS",
+           "MultiCropWrapper", "build_backbone", "extra_tokens", "compile_blocks", "set_residual_norm", "resolve_backend", "BACKENDS",
            "AttentionBackendError", "ARCHS", "ARCH_DIMS", "DINOV3_ARCHS", "DINOv3VisionTransformer"]

@@ -49,19 +49,6 @@ def _interpreter_bf16_rounding():
         yield
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 on CUDA means fp32 here: no TF32 matmuls or convolutions (the ViT's patch embed) in the
-    paths compared, nor in their references (the budgets come from the references' own error)."""
-    if DEV != "cuda":
-        yield
-        return
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 def _inputs(shape, dtype, seed, gamma=True, drop=True):
     """x, y, weight, bias, scale, gamma: a residual stream with a per-row offset (the mean matters),
     scales 0 or 1/0.7 with at least one zero row (drop path) or None, gamma around 0.1 or None."""
