@@ -376,9 +376,8 @@ def run_steps(run, batches, n: int, it0: int, epoch: int, spe: int, clock: Phase
 
     mark = clock.mark if clock is not None else (lambda phase: None)
     log_every = run.cfg.train.log_every
-    if run.state.gram_teacher is not None and not run.state.gram_active:  # measure the Gram phase's step
-        run.state.gram_teacher.load_backbone_(run.backend.teacher_backbone_state())
-        run.state.gram_active = True
+    if run.gram is not None and run.state.gram_teacher is None:  # measure the Gram phase's step
+        run.state.gram_teacher = run.gram.before_step(run.gram.start, run.backend.teacher_backbone_state)
     for i in range(n):
         it = it0 + i
         crops, masks = next(batches)

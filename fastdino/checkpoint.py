@@ -65,26 +65,27 @@ def set_rng_state(state: dict) -> None:
 
 
 def client_state(targets, epoch: int, step_in_epoch: int, step: int, cfg, resolved, patch_targets=None,
-                 gram_teacher=None) -> dict:
+                 gram=None) -> dict:
     """The backend-independent entries of a checkpoint (iBOT's patch targets as "ibot_patch_loss",
-    the Gram teacher's backbone as "gram_teacher")."""
+    the Gram teacher's backbone as "gram_teacher" once it exists: gram, fastdino.gram.GramAnchoring)."""
     state = {"dino_loss": targets.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step,
              "rng": rng_state(), "config": cfg.to_dict(), "resolved": resolved.to_dict()}
     if patch_targets is not None:
         state["ibot_patch_loss"] = patch_targets.state_dict()
-    if gram_teacher is not None:
-        state["gram_teacher"] = gram_teacher.backbone.state_dict()
+    if gram is not None and gram.teacher is not None:
+        state["gram_teacher"] = gram.teacher.backbone.state_dict()
     return state
 
 
 def restore_client(ckpt: dict, targets, path: str, rank: int = 0, patch_targets=None,
-                   gram_teacher=None) -> tuple[int, int, int]:
-    """Load the targets' state and this rank's RNG states; returns (epoch, step_in_epoch, step)."""
+                   gram=None) -> tuple[int, int, int]:
+    """Load the targets' state and this rank's RNG states (and the Gram teacher, gram:
+    fastdino.gram.GramAnchoring); returns (epoch, step_in_epoch, step)."""
     load_states([("dino_loss", targets, ckpt.get("dino_loss"))], path)
     if patch_targets is not None:
         load_states([("ibot_patch_loss", patch_targets, ckpt.get("ibot_patch_loss"))], path)
-    if gram_teacher is not None and ckpt.get("gram_teacher") is not None:  # absent: a checkpoint from before
-        load_states([("gram_teacher", gram_teacher.backbone, ckpt["gram_teacher"])], path)  # Gram anchoring
+    if gram is not None:  # Gram anchoring: absent before gram.start_epoch (and in checkpoints of other recipes)
+        gram.resume_from(ckpt.get("gram_teacher"), path)
     try:
         per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
         set_rng_state(per_rank[rank] if rank < len(per_rank) else ckpt["rng"])

@@ -158,6 +158,12 @@ class DataConfig:
     # DINOv3 Gram anchoring: > 0 adds 2 Gram-teacher crops of this size (the global crops' boxes, no distortions)
     gram_crop_size: int = 0
     horizontal_flips: bool = True  # random horizontal flips of every crop (p = 0.5); DINOv3's 7B recipe: off
+    # several crop sets, one drawn per step with probability p / sum(p), the same on every rank (DINOv3's
+    # high-resolution adaptation: crops.global_crops_size / local_crops_size / gram_teacher_crops_size lists and
+    # global_local_crop_pairs_ratios), e.g. [{"global": 512, "local": 112, "gram": 768, "p": 0.3}, ...]; "gram"
+    # only with Gram anchoring. Replaces data.local_crop_size / gram_crop_size (not used then); data.global_crop_size
+    # stays the size of the online k-NN's crops. [] (default): one set of those three sizes. Torch data backend only
+    crop_sets: list = field(default_factory=list)
     mask_probability: float = 0.5  # iBOT: fraction of the global crops that get a block mask
     mask_ratio: tuple = (0.1, 0.5)  # iBOT: masked fraction of a masked crop, stratified over [min, max]
     # iBOT: images per mask stratification group; 0: the rank's batch (official). A divisor of every per-GPU
@@ -310,6 +316,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         ):
             raise ConfigError(f"config key '{key}': expected a pair of numbers like [0.4, 1.0], got {value!r}")
         return (float(value[0]), float(value[1]))
+    if typ is list or get_origin(typ) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [copy.deepcopy(v) for v in value]
     if typ is dict or get_origin(typ) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected an object, got {value!r}")
@@ -348,6 +358,32 @@ def _check_choices(cfg: Config) -> None:
                 what = f"was renamed {new!r}" if new else "was removed"
                 raise ConfigError(f"config key '{key}': {value!r} {what} (choose one of {list(allowed)})")
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+
+
+def _check_crop_sets(cfg: Config, need) -> None:
+    """data.crop_sets: a list of {"global", "local", "gram", "p"} sets, sizes multiples of the patch, gram
+    sizes >= the set's global size exactly when Gram anchoring is on; it replaces data.local_crop_size and
+    data.gram_crop_size (which are then not used: the run logs it)."""
+    d, p = cfg.data, cfg.model.patch_size
+    if not d.crop_sets:
+        return
+    gram_on = cfg.gram.weight > 0
+    for k, s in enumerate(d.crop_sets):
+        where = f"set {k} ({s!r})"
+        need(isinstance(s, dict) and {"global", "local", "p"} <= set(s) <= {"global", "local", "gram", "p"},
+             "data.crop_sets", f"{where} must be an object with keys global, local, p (and gram with Gram anchoring)")
+        for name in ("global", "local") + (("gram",) if gram_on else ()):
+            v = s.get(name)
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= p and v % p == 0
+            need(ok, "data.crop_sets", f"{where}: {name} must be a multiple of model.patch_size={p}")
+        need(isinstance(s["p"], (int, float)) and not isinstance(s["p"], bool) and math.isfinite(s["p"]) and s["p"] > 0,
+             "data.crop_sets", f"{where}: p must be a number > 0 (sets are drawn with probability p / sum(p))")
+        if gram_on:
+            need(s["gram"] >= s["global"], "data.crop_sets",
+                 f"{where}: gram must be >= global (the Gram teacher sees the global crops at a higher resolution)")
+        else:
+            need("gram" not in s, "data.crop_sets", f"{where} has Gram-teacher crops, but Gram anchoring is off "
+                 "(gram.weight=0): remove gram or set gram.weight")
 
 
 def _validate(cfg: Config) -> None:
@@ -453,6 +489,7 @@ def _validate(cfg: Config) -> None:
              f"must be a multiple of model.patch_size={m.patch_size} "
              f"(e.g. {max(size // m.patch_size, 1) * m.patch_size} or {(size // m.patch_size + 1) * m.patch_size})")
     gr = cfg.gram
+    _check_crop_sets(cfg, need)
     need(gr.weight >= 0, "gram.weight", "must be >= 0 (0 disables Gram anchoring)")
     for key in ("gram.start_epoch", "gram.ramp_epochs", "gram.update_every", "gram.max_updates"):
         need(cfg.get(key) >= 0, key, "must be >= 0")
@@ -462,7 +499,7 @@ def _validate(cfg: Config) -> None:
          "masked / unmasked make one Gram matrix of the rank's selected tokens: set gram.img_level=false")
     need(gr.tokens_used == "all" or lo.ibot_weight > 0, "gram.tokens_used",
          "masked / unmasked select by the iBOT masks, and loss.ibot_weight=0 makes none: use all")
-    need(gr.weight == 0 or d.gram_crop_size > 0, "data.gram_crop_size",
+    need(gr.weight == 0 or d.gram_crop_size > 0 or d.crop_sets, "data.gram_crop_size",
          "Gram anchoring (gram.weight > 0) needs the Gram teacher's crops: set data.gram_crop_size (e.g. 2x the global crop)")
     need(gr.weight > 0 or d.gram_crop_size == 0, "data.gram_crop_size",
          "makes Gram-teacher crops, but Gram anchoring is off (gram.weight=0): set data.gram_crop_size=0 or gram.weight")

@@ -163,7 +163,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
         clip=_resolve_update_impl("optim.clip_impl", cfg.optim.clip_impl, device, ds),
         attn=resolve_attention(m.attn, device.type, shape=(seq, heads, dim // heads)),
         packed_multicrop=m.packed_multicrop,
-        data=resolve_data_backend(cfg.data.backend, device),
+        data=resolve_data_backend(cfg.data.backend, device, len(cfg.data.crop_sets) > 1),
         compile=compile_mode,
         residual_norm=("triton" if device.type == "cuda" else "torch") if m.fused_residual_norm else "off",  # op's auto
         residual_dtype=m.residual_dtype,

@@ -47,8 +47,9 @@ class StepState:
     world_size: int
     autocast_dtype: torch.dtype | None  # bf16 / fp16 forwards, None: fp32
     nonfinite_grads_are_bad: bool  # False under fp16 (an overflow is the grad scaler's business)
-    gram_teacher: nn.Module | None = None  # DINOv3 Gram anchoring (fastdino/gram.py): the last 2 crops are its own
-    gram_active: bool = False  # the loop turns it on at gram.start_epoch: the Gram teacher and term run
+    # DINOv3 Gram anchoring (fastdino/gram.py): the Gram teacher this step runs, on the loader's last 2 crops;
+    # None (no Gram crops, no Gram term) before gram.start_epoch: the loop sets it each step
+    gram_teacher: nn.Module | None = None
 
     def load_hyperparams(self, table: torch.Tensor, it: int) -> None:
         """Copy step `it`'s column of the schedule table into hp (device to device, no sync)."""
@@ -86,9 +87,9 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
         targets["patch_weights"] = masks.mask_weights
         targets["masks"] = masks  # Gram with gram.tokens_used masked / unmasked selects by them
         patch_colsum = patch_stats.get("colsum", patch_colsum)
-    if s.gram_active:  # the Gram teacher's patch tokens of the same crops at its resolution, on the student grid
+    if s.gram_teacher is not None:  # its patch tokens of the same crops at its resolution, on the student's grid
         with torch.no_grad(), autocast:
-            targets["gram"] = s.gram_teacher(gram_crops)
+            targets["gram"] = s.gram_teacher(gram_crops, crops[0].shape[-1])  # this step's global crop size
     mark("teacher_forward")
 
     # ============ student forward and the loss terms (fp32) ============

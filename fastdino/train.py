@@ -28,10 +28,10 @@ if __name__ == "__main__" and __package__ in (None, ""):  # `python fastdino/tra
 import torch
 import torch.nn as nn
 
-from fastdino.checkpoint import CheckpointError, client_state, restore_client
+from fastdino.checkpoint import CheckpointError, client_state, first_mismatch, restore_client
 from fastdino.config import Config, ConfigError, load_config, split_cli_overrides
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
-from fastdino.gram import GramTeacher, gram_active, load_iterations
+from fastdino.gram import GramAnchoring
 from fastdino.losses import DINOTerm, GramTerm, IBOTTerm, KoLeoTerm
 from fastdino.monitor import CollapseMonitor, knn_holdout, online_knn
 from fastdino.preemption import Abort, Interrupted, StopControl
@@ -125,7 +125,7 @@ def build_masking(cfg: Config):
 
     d = cfg.data
     return IBOTMasks(d.global_crop_size // cfg.model.patch_size, mask_probability=d.mask_probability,
-                     mask_ratio=d.mask_ratio, group_size=d.mask_group_size or None)
+                     mask_ratio=d.mask_ratio, group_size=d.mask_group_size or None, patch_size=cfg.model.patch_size)
 
 
 def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,
@@ -168,23 +168,38 @@ def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,
     return targets, patch_targets, nn.ModuleList(terms)
 
 
-def build_gram_teacher(cfg: Config, teacher: nn.Module) -> GramTeacher | None:
-    """DINOv3 Gram anchoring (fastdino/gram.py): a frozen copy of the teacher's backbone, with the
-    weights of gram.teacher_checkpoint if given (else the EMA teacher's once gram.start_epoch comes)."""
+def build_gram_anchoring(cfg: Config, resolved: Resolved, teacher: nn.Module, device: torch.device,
+                         steps_per_epoch: int) -> GramAnchoring | None:
+    """DINOv3 Gram anchoring (fastdino/gram.py): the Gram teacher, built when gram.start_epoch comes (a
+    fresh copy of the teacher's architecture, unpartitioned whatever the backend). gram.teacher_checkpoint
+    is checked against that architecture here (one line naming the key), and read again when needed."""
     if cfg.gram.weight <= 0:
         return None
-    gram = GramTeacher.like(teacher.backbone, cfg.data.global_crop_size // cfg.model.patch_size)
+    from fastdino.models import build_backbone
+
+    m = effective_config(cfg).model
+
+    def make_backbone() -> nn.Module:  # on its own RNG: building it later must not shift the run's random numbers
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return build_backbone(m, teacher=True, attn=resolved.attn).to(device)
+
+    read_checkpoint = None
     if cfg.gram.teacher_checkpoint:
         from fastdino.eval.common import backbone_state_dict, torch_load
 
+        path = cfg.gram.teacher_checkpoint
+
+        def read_checkpoint() -> dict:
+            return backbone_state_dict(torch_load(path), "teacher")[0]
+
         try:
-            state, _ = backbone_state_dict(torch_load(cfg.gram.teacher_checkpoint), "teacher")
-            gram.load_backbone_(state)
-        except Exception as e:  # a missing key, a shape, not a checkpoint at all
-            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            missing = first_mismatch(teacher.backbone.state_dict(), read_checkpoint())
+        except Exception as e:  # not a checkpoint at all, no teacher in it
+            missing = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if missing:
             raise ConfigError(f"config key 'gram.teacher_checkpoint': cannot load its teacher backbone into "
-                              f"{cfg.model.arch}: {what}") from None
-    return gram
+                              f"{cfg.model.arch}: {missing}")
+    return GramAnchoring(cfg.gram, make_backbone, steps_per_epoch, cfg.optim.epochs, read_checkpoint)
 
 
 @dataclass
@@ -198,6 +213,7 @@ class Run:
     schedules: Schedules
     table: torch.Tensor
     step_fn: object
+    gram: GramAnchoring | None = None  # DINOv3 Gram anchoring: the Gram teacher, from gram.start_epoch
 
     @property
     def backend(self):
@@ -213,7 +229,7 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
     resolved = resolved or resolve(cfg, device, ctx.world_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student, teacher = build_models(cfg, resolved, device)
-    gram_teacher = build_gram_teacher(cfg, teacher)  # a plain copy, before any backend partitions the teacher
+    gram = build_gram_anchoring(cfg, resolved, teacher, device, steps_per_epoch)  # no Gram teacher until its epoch
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank randomness (drop path) from here on
     if resolved.compile == "blocks":
         compile_blocks(student)
@@ -229,11 +245,11 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
                       hp=table[:, 0].clone(), counters=new_counters(device),
                       teacher_rows=2 * cfg.optim.batch_size_per_gpu * ctx.world_size, world_size=ctx.world_size,
                       autocast_dtype=resolved.autocast_dtype,
-                      nonfinite_grads_are_bad=resolved.precision != "fp16", gram_teacher=gram_teacher)
+                      nonfinite_grads_are_bad=resolved.precision != "fp16")
     step_fn = compile_step(train_step) if resolved.compile == "step" else train_step
     if ctx.is_main:
         log.info(resolved.line())
-    return Run(cfg, resolved, ctx, state, schedules, table, step_fn)
+    return Run(cfg, resolved, ctx, state, schedules, table, step_fn, gram)
 
 
 class MetricsLog:
@@ -318,7 +334,7 @@ def _resume(run: Run, resume: str, steps_per_epoch: int) -> tuple[int, int, int]
         return 0, 0, 0
     path = ckpt.get("path", resume if resume != "auto" else run.backend.checkpoint_path(cfg.train.output_dir))
     epoch, step_in_epoch, it = restore_client(ckpt, run.state.targets, path, run.ctx.rank, run.state.patch_targets,
-                                              run.state.gram_teacher)
+                                              run.gram)
     if it != epoch * steps_per_epoch + step_in_epoch or step_in_epoch > steps_per_epoch:
         saved = (ckpt.get("config") or {}).get("data", {}).get("epoch_length", "?")
         raise CheckpointError(
@@ -364,8 +380,13 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     batch = cfg.optim.batch_size_per_gpu
     loader = build_train_loader(cfg.data, batch_size=batch, rank=ctx.rank, world_size=ctx.world_size,
                                 seed=cfg.train.seed, device=device, dtype=DTYPES[resolved.crops_dtype],
-                                backend=resolved.data, masking=build_masking(cfg))
+                                backend=resolved.data, masking=build_masking(cfg),
+                                gram_from_epoch=cfg.gram.start_epoch)  # the Gram crops only once the Gram teacher runs
     steps_per_epoch = loader.steps_per_epoch  # >= 1: the loader refuses data smaller than one global batch
+    if loader.plan.multi_resolution and ctx.is_main:
+        log.info("data.crop_sets: %s, one drawn per step (data.local_crop_size and data.gram_crop_size are not used)",
+                 ", ".join(f"{s.global_size}/{s.local_size}" + (f"/{s.gram_size}" if s.gram_size else "") + f" px p={s.p:g}"
+                           for s in loader.plan.sets))
 
     # ============ student, teacher, recipe, backend ============
     run = build_run(cfg, ctx, steps_per_epoch, resolved)
@@ -421,7 +442,6 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
     monitor = CollapseMonitor(cfg.model.out_dim, targets=cfg.loss.targets)  # warns when entropy -> 0 or ln K, or KL -> 0
     knn_sets = (knn_holdout(cfg.data.path, cfg.train.knn_holdout_per_class, seed=cfg.train.seed)
                 if cfg.train.knn_every > 0 else None)
-    gram_loads = set(load_iterations(cfg.gram, steps_per_epoch, cfg.optim.epochs))  # Gram teacher <- EMA teacher
     images_per_step = cfg.optim.batch_size_per_gpu * ctx.world_size
     pending: list[tuple[int, int, dict]] = []  # (step, epoch, step outputs) not yet read by the host
     last_log_time, last_log_step = time.perf_counter(), it
@@ -447,12 +467,8 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
         for step_in_epoch, batch in enumerate(loader.epoch(epoch, start_step=first_step), start=first_step):
             crops, masks = batch if loader.masking is not None else (batch, None)  # iBOT: (crops, MaskBatch)
             state.load_hyperparams(run.table, it)
-            if state.gram_teacher is not None:  # Gram anchoring: take the EMA teacher when due, run from the start epoch
-                if it in gram_loads:
-                    state.gram_teacher.load_backbone_(run.backend.teacher_backbone_state())
-                    if ctx.is_main:
-                        log.info("step %d: the Gram teacher takes the EMA teacher's weights", it)
-                state.gram_active = gram_active(cfg.gram, it, steps_per_epoch)
+            if run.gram is not None:  # Gram anchoring: from its start epoch (built then), the EMA teacher when due
+                state.gram_teacher = run.gram.before_step(it, run.backend.teacher_backbone_state)
             pending.append((it, epoch, run.step_fn(state, crops, masks)))
             it += 1
             if it % cfg.train.log_every == 0 or it == total_steps:  # ============ logging ============
@@ -469,7 +485,7 @@ def _loop(run: Run, loader, metrics: MetricsLog, progress, control: StopControl,
                 next_epoch, next_step = (epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)
                 keep = end_of_epoch and (epoch + 1) % cfg.train.saveckp_freq == 0
                 run.backend.save(client_state(state.targets, next_epoch, next_step, it, cfg, run.resolved,
-                                              state.patch_targets, state.gram_teacher),
+                                              state.patch_targets, run.gram),
                                  cfg.train.output_dir, keep_as=f"checkpoint{epoch:04d}.pth" if keep else None)
                 control.checkpointed()
             if stop:

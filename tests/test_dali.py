@@ -180,3 +180,22 @@ def test_gram_teacher_crops_equal_the_torch_backend(demo):
     for x, y in zip(dali, ref):
         d = (x.cpu() - y).abs() * STD
         assert d.mean() < mean_tol and d.max() < max_tol, (d.mean(), d.max())
+
+
+def test_gram_crops_from_their_epoch_and_one_crop_set_only(demo):
+    """gram_from_epoch: DALI makes the Gram-teacher crops from that epoch on (a pipeline rebuilt for the
+    new layout), as the torch backend; several crop sets (data.crop_sets) are refused with one line."""
+    c = cfg(demo, "dali")
+    c.gram_crop_size, c.local_crops_number = 48, 2
+    loader = build_train_loader(c, 12, seed=4, device=DEVICE, gram_from_epoch=1)
+    before, after = next(iter(loader.epoch(0))), next(iter(loader.epoch(1)))
+    assert len(before) == 4 and len(after) == 6 and loader._pipes_built == 2
+    t = cfg(demo, "torch")
+    t.gram_crop_size, t.local_crops_number = 48, 2
+    ref = next(iter(build_train_loader(t, 12, seed=4).epoch(1)))
+    for x, y in zip(after, ref):
+        assert ((x.cpu() - y).abs() * STD).mean() < (0.01 if DEVICE.type == "cuda" else 0.003)
+    loader.close()
+    c.crop_sets = [{"global": 32, "local": 16, "gram": 48, "p": 1}, {"global": 48, "local": 16, "gram": 64, "p": 1}]
+    with pytest.raises(DataError, match="data.backend=torch"):
+        build_train_loader(c, 12, seed=4, device=DEVICE)

@@ -452,6 +452,96 @@ def test_gram_teacher_crops_are_the_global_boxes_undistorted(demo):
         load_config(None, ["data.gram_crop_size=160"])  # smaller than the 224 px globals
 
 
+def test_crop_plan_draws_sets_by_probability_per_step():
+    """data.crop_sets: step it takes set k with probability p_k / sum(p), a pure function of (seed, it)
+    (a new CropPlan, as on another rank or after a resume, draws the same); one set is always set 0; the
+    Gram-teacher crops only from gram_from on."""
+    from fastdino.data.crop_plan import CropPlan, CropSet
+
+    sets = [CropSet(32, 16, 64, 0.3), CropSet(48, 16, 96, 0.6), CropSet(48, 32, 96, 0.1)]
+    plan = CropPlan(sets, n_local=2, seed=3, gram_from=100)
+    draws = np.array([plan.set_index(it) for it in range(3000)])
+    for k, p in enumerate((0.3, 0.6, 0.1)):
+        assert binomial_ok(int((draws == k).sum()), 3000, p), (k, (draws == k).mean())
+    assert [CropPlan(sets, 2, seed=3).set_index(it) for it in range(50)] == draws[:50].tolist()
+    assert [CropPlan(sets, 2, seed=4).set_index(it) for it in range(50)] != draws[:50].tolist()
+    assert plan.layout(99) == (draws[99], False) and plan.layout(100) == (draws[100], True)
+    specs = plan.specs((1, True))
+    assert [s.size for s in specs] == [48, 48, 16, 16, 96, 96]
+    assert [s.size for s in plan.specs((2, False))] == [48, 48, 32, 32]
+    single = CropPlan([CropSet(32, 16)], 2, seed=3)
+    assert {single.set_index(it) for it in range(200)} == {0} and not single.multi_resolution
+    with pytest.raises(ValueError, match="> 0"):
+        CropPlan([CropSet(32, 16, 0, 0.0)], 2)
+
+
+def test_multi_resolution_batches_are_each_sets_crops(demo):
+    """With data.crop_sets each step's crops have its set's sizes and are exactly the crops a one-set
+    loader of those sizes makes at that step (the same boxes and draws, only the output sizes change);
+    the iBOT masks are on that set's patch grid; the rank split and resume keep it."""
+    from fastdino.data.masking import IBOTMasks
+
+    sets = [{"global": 32, "local": 16, "p": 0.5}, {"global": 48, "local": 32, "p": 0.5}]
+    masking = IBOTMasks(2, patch_size=16)
+    multi = build_train_loader(small_cfg(demo, crop_sets=sets, epoch_length=6), 8, seed=7, masking=masking)
+    got = list(multi.epoch(1))
+    layouts = [multi.plan.layout(6 + s) for s in range(6)]
+    assert {k for k, _ in layouts} == {0, 1}  # both sets occur in these 6 steps (seed 7)
+    one = {k: build_train_loader(small_cfg(demo, global_crop_size=s["global"], local_crop_size=s["local"], epoch_length=6),
+                                 8, seed=7, masking=IBOTMasks(s["global"] // 16)) for k, s in enumerate(sets)}
+    want = {k: list(loader.epoch(1)) for k, loader in one.items()}
+    for step, ((crops, mb), (k, _)) in enumerate(zip(got, layouts)):
+        assert [x.shape[-1] for x in crops] == [sets[k]["global"]] * 2 + [sets[k]["local"]] * 3
+        ref_crops, ref_mb = want[k][step]
+        assert all(torch.equal(x, y) for x, y in zip(crops, ref_crops)), step
+        assert mb.masks.shape[1] == (sets[k]["global"] // 16) ** 2 and torch.equal(mb.masks, ref_mb.masks)
+    tail = list(multi.epoch(1, start_step=4))
+    assert all(torch.equal(x, y) for (a, _), (b, _) in zip(tail, got[4:]) for x, y in zip(a, b))
+    ranks = [build_train_loader(small_cfg(demo, crop_sets=sets, epoch_length=6), 4, rank=r, world_size=2, seed=7)
+             for r in range(2)]
+    halves = [list(r.epoch(1)) for r in ranks]
+    for step, (crops, _) in enumerate(got):
+        assert all(torch.equal(torch.cat([halves[0][step][c], halves[1][step][c]]), crops[c]) for c in range(5))
+    with pytest.raises(ValueError, match="patch_size"):
+        build_train_loader(small_cfg(demo, crop_sets=sets), 8, seed=7, masking=IBOTMasks(2))
+
+
+def test_gram_crops_start_at_their_epoch(demo):
+    """gram_from_epoch: the batches of earlier epochs have no Gram-teacher crops (no time spent on them);
+    from that epoch on they are the crops of a loader that always makes them."""
+    late = build_train_loader(small_cfg(demo, gram_crop_size=64), 8, seed=5, gram_from_epoch=2)
+    always = build_train_loader(small_cfg(demo, gram_crop_size=64), 8, seed=5)
+    before = next(iter(late.epoch(1)))
+    assert len(before) == 5 and all(torch.equal(a, b) for a, b in zip(before, next(iter(always.epoch(1)))))
+    after = next(iter(late.epoch(2)))
+    assert len(after) == 7 and all(torch.equal(a, b) for a, b in zip(after, next(iter(always.epoch(2)))))
+
+
+def test_crop_sets_config_errors():
+    """data.crop_sets is checked with one line naming the key: each set's keys and sizes, p > 0, the Gram
+    size with (only with) Gram anchoring."""
+    from fastdino.config import ConfigError, load_config
+
+    ok = '[{"global": 224, "local": 96, "p": 1}, {"global": 448, "local": 112, "p": 2}]'
+    assert len(load_config(None, [f"data.crop_sets={ok}"]).data.crop_sets) == 2
+    cases = {
+        '[{"global": 224, "local": 96}]': "keys global, local, p",
+        '[{"global": 224, "local": 100, "p": 1}]': "multiple of model.patch_size",
+        '[{"global": 224, "local": 96, "p": 0}]': "p must be a number > 0",
+        '[{"global": 224, "local": 96, "gram": 448, "p": 1}]': "Gram anchoring is off",
+        '{"global": 224}': "expected a list",
+    }
+    for value, what in cases.items():
+        with pytest.raises(ConfigError, match="data.crop_sets") as e:
+            load_config(None, [f"data.crop_sets={value}"])
+        assert what in str(e.value) and "\n" not in str(e.value), (value, str(e.value))
+    gram = ["gram.weight=1", '--data.crop_sets=[{"global": 224, "local": 96, "gram": 160, "p": 1}]']
+    with pytest.raises(ConfigError, match="gram must be >= global"):
+        load_config(None, [gram[0], gram[1][2:]])
+    with pytest.raises(ConfigError, match="gram must be a multiple"):
+        load_config(None, ["gram.weight=1", 'data.crop_sets=[{"global": 224, "local": 96, "p": 1}]'])
+
+
 def test_horizontal_flips_switch(demo):
     """data.horizontal_flips=false (DINOv3's 7B recipe): no crop is flipped, in the per-crop draws and
     in the DALI host draws; the boxes and photometric draws are those of the flipping recipe."""

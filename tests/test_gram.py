@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fastdino.config import ConfigError, load_config
 from fastdino.data.masking import IBOTMasks, MaskBatch
 from fastdino.distributed import DistContext
-from fastdino.gram import gram_active, load_iterations, resize_patch_tokens
+from fastdino.gram import GramAnchoring, load_iterations, resize_patch_tokens
 from fastdino.losses.gram import IMPLS, GramTerm, selected_rows
 from fastdino.schedules import GRAM_WEIGHT, gram_weight_schedule
 from fastdino.train import build_run
@@ -79,9 +79,59 @@ def test_load_steps_start_refresh_limit_and_checkpoint():
     assert load_iterations(cfg, 10, 20) == [90, 130]
     cfg.update_every, cfg.teacher_checkpoint = 0, ""
     assert load_iterations(cfg, 10, 20) == [50]
-    assert not gram_active(cfg, 49, 10) and gram_active(cfg, 50, 10)
     cfg.weight = 0.0
-    assert load_iterations(cfg, 10, 20) == [] and not gram_active(cfg, 100, 10)
+    assert load_iterations(cfg, 10, 20) == []
+
+
+def test_gram_teacher_exists_only_from_its_start_and_loads_when_due():
+    """GramAnchoring: no Gram teacher (no module, no memory) before the start step; built there with the
+    EMA teacher's weights; refreshed at the load steps only; built on its own RNG (the run's random
+    numbers do not move); a resumed checkpoint's weights are taken at once, a checkpoint without any
+    leaves it unbuilt."""
+    cfg = load_config(None, ["gram.weight=1", "data.gram_crop_size=448", "optim.epochs=6", "gram.start_epoch=2",
+                             "gram.update_every=2", "optim.warmup_epochs=1"]).gram
+    built, ema = [], [0.0]
+
+    def make_backbone():
+        built.append(1)
+        torch.randn(3)  # a model's init draws random numbers
+        return torch.nn.Linear(2, 2)
+
+    def ema_state():
+        ema[0] += 1.0
+        return {"weight": torch.full((2, 2), ema[0]), "bias": torch.zeros(2)}
+
+    gram = GramAnchoring(cfg, make_backbone, steps_per_epoch=3, epochs=6)
+    assert sorted(gram.loads) == [6, 12]
+    assert all(gram.before_step(it, ema_state) is None for it in range(6)) and not built and gram.teacher is None
+    t6 = gram.before_step(6, ema_state)
+    assert built == [1] and t6 is gram.teacher and not t6.training
+    assert not any(p.requires_grad for p in t6.parameters())
+    assert torch.equal(t6.backbone.weight, torch.full((2, 2), 1.0))
+    assert gram.before_step(7, ema_state) is t6 and torch.equal(t6.backbone.weight, torch.full((2, 2), 1.0))
+    gram.before_step(12, ema_state)
+    assert torch.equal(t6.backbone.weight, torch.full((2, 2), 2.0)) and built == [1]
+
+    resumed = GramAnchoring(cfg, make_backbone, 3, 6)
+    resumed.resume_from({"weight": torch.full((2, 2), 7.0), "bias": torch.zeros(2)}, "ckpt")
+    assert torch.equal(resumed.before_step(8, ema_state).backbone.weight, torch.full((2, 2), 7.0))
+    unbuilt = GramAnchoring(cfg, make_backbone, 3, 6)
+    unbuilt.resume_from(None, "ckpt")
+    assert unbuilt.teacher is None and unbuilt.before_step(5, ema_state) is None
+
+
+def test_a_late_built_gram_teacher_does_not_move_the_runs_random_numbers():
+    """The Gram teacher is built mid-run (at gram.start_epoch), after the run seeded its RNG: its init
+    must not shift torch's random stream (drop path, resume exactness)."""
+    run = build_run(v3_cfg("gram.start_epoch=1"), DistContext(device=torch.device("cpu")), steps_per_epoch=4)
+    assert run.gram.teacher is None and run.state.gram_teacher is None
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    teacher = run.gram.before_step(4, run.backend.teacher_backbone_state)
+    assert torch.equal(torch.rand(4), want)
+    ema = run.backend.teacher_backbone_state()
+    assert all(torch.equal(v, ema[k]) for k, v in teacher.backbone.state_dict().items())
 
 
 def test_resize_is_the_official_bicubic_downsampling():
@@ -125,8 +175,8 @@ def test_step_gram_term_is_the_official_loss(options):
     scheduled weight. The student tokens are recomputed from a copy of the pre-step student."""
     run = build_run(v3_cfg(*options), DistContext(device=torch.device("cpu")), steps_per_epoch=4)
     s = run.state
-    assert s.gram_teacher is not None and any(t.name == "gram" for t in s.terms)
-    s.gram_teacher.load_backbone_(run.backend.teacher_backbone_state())
+    assert any(t.name == "gram" for t in s.terms)
+    s.gram_teacher = run.gram.before_step(0, run.backend.teacher_backbone_state)
     with torch.no_grad():  # a Gram teacher that differs from the student
         for p in s.gram_teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -135,7 +185,6 @@ def test_step_gram_term_is_the_official_loss(options):
     gram0 = copy.deepcopy(s.gram_teacher)
     it = 2  # the middle of the 1-epoch ramp (4 steps)
     s.load_hyperparams(run.table, it)
-    s.gram_active = True
     out = run.step_fn(s, crops, masks)
     weight = float(run.table[GRAM_WEIGHT, it])
     assert weight == pytest.approx(2.0 * 0.5 * (1 - math.cos(math.pi * 0.5)))
@@ -275,12 +324,13 @@ def test_tokens_used_refusals():
 
 
 def test_inactive_gram_costs_no_forward_and_no_term():
+    """Before gram.start_epoch: no Gram teacher, the batch has no Gram crops, no Gram value."""
     run = build_run(v3_cfg("gram.start_epoch=1"), DistContext(device=torch.device("cpu")), steps_per_epoch=4)
-    calls = []
-    run.state.gram_teacher.register_forward_hook(lambda *a: calls.append(1))
+    assert run.gram.before_step(3, run.backend.teacher_backbone_state) is None and run.state.gram_teacher is None
     run.state.load_hyperparams(run.table, 0)
-    out = run.step_fn(run.state, *v3_batch(1))
-    assert "gram" not in out and not calls and float(run.table[GRAM_WEIGHT, 3]) == 0.0
+    crops, masks = v3_batch(1)
+    out = run.step_fn(run.state, crops[:-2], masks)
+    assert "gram" not in out and math.isfinite(out["loss"].item()) and float(run.table[GRAM_WEIGHT, 3]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,6 +370,29 @@ def test_gram_phase_trains_refreshes_checkpoints_and_resumes_exactly(data_dir, t
         assert all(torch.equal(resumed[name][k], last[name][k]) for k in last[name]), name
 
 
+def test_multi_resolution_gram_phase_trains_and_resumes_exactly(data_dir, tmp_path):
+    """data.crop_sets (DINOv3's high-resolution adaptation): two sets of global / local / Gram sizes drawn
+    per step; the student, the teacher, the iBOT masks and the Gram teacher (its tokens resized to each
+    step's student grid) follow the step's set; stopped and resumed, the run ends bit for bit where the
+    uninterrupted one does, checkpoint by checkpoint the same Gram teacher."""
+    from fastdino.data.crop_plan import CropPlan, CropSet
+
+    sets = '[{"global": 28, "local": 14, "gram": 56, "p": 1}, {"global": 42, "local": 28, "gram": 70, "p": 1}]'
+    multi = [*V3_RUN, f"--data.crop_sets={sets}", "--optim.epochs=2"]
+    plan = CropPlan([CropSet(28, 14, 56), CropSet(42, 28, 70)], 2, seed=0)
+    assert {plan.set_index(it) for it in range(6)} == {0, 1}  # both sets in the run's 6 steps (train.seed 0)
+    full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
+    run_in_process(tiny(data_dir, full, *multi))
+    records = [json.loads(x) for x in open(os.path.join(full, "metrics.jsonl")) if '"loss"' in x]
+    assert [("gram" in r) for r in records] == [False] * 3 + [True] * 3
+    assert all(math.isfinite(r["loss"]) for r in records) and all(r["gram"] > 0 for r in records[3:])
+    run_in_process(tiny(data_dir, stopped, *multi, "--train.max_steps=4", "--train.checkpoint_every=4"))
+    run_in_process(tiny(data_dir, stopped, *multi, "--resume"))
+    a, b = load(full), load(stopped)
+    for name in ("student", "teacher", "gram_teacher"):
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+
+
 def test_gram_teacher_from_a_checkpoint(data_dir, tmp_path):
     """gram.teacher_checkpoint: the first Gram teacher is that checkpoint's teacher backbone (no EMA
     copy at the start epoch); a checkpoint of another depth is a one-line config error."""
@@ -350,6 +423,7 @@ def test_dinov3_backbone_through_the_step():
         "train.device=cpu", "train.precision=fp32"])
     run = build_run(cfg, DistContext(device=torch.device("cpu")), steps_per_epoch=4)
     s = run.state
+    s.gram_teacher = run.gram.before_step(0, run.backend.teacher_backbone_state)
     assert not run.backend.teacher_module.backbone.training and not s.gram_teacher.training
     assert run.backend.student_module.backbone.training
     before = {n: p.detach().clone() for n, p in run.backend.student_module.named_parameters()}
@@ -358,8 +432,6 @@ def test_dinov3_backbone_through_the_step():
     crops += [torch.randn(B, 3, 16, 16, generator=g) for _ in range(N_LOCAL)]
     crops += [torch.randn(B, 3, 64, 64, generator=g) for _ in range(2)]
     masks = IBOTMasks(2, mask_probability=1.0)(0, 0, np.arange(B))
-    s.gram_teacher.load_backbone_(run.backend.teacher_backbone_state())
-    s.gram_active = True
     s.load_hyperparams(run.table, 1)
     out = run.step_fn(s, crops, masks)
     assert all(math.isfinite(out[k].item()) for k in ("loss", "dino", "koleo", "ibot", "gram"))

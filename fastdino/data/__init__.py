@@ -33,11 +33,15 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """auto -> dali when DALI imports and the device is CUDA, else torch. dali is also allowed on
-    CPU (DALI's CPU operators: slower, used by the tests)."""
+def resolve_backend(backend: str, device: torch.device, multi_resolution: bool = False) -> str:
+    """auto -> dali when DALI imports and the device is CUDA, else torch; torch with several crop sets
+    (data.crop_sets: a DALI pipeline makes one). dali is also allowed on CPU (DALI's CPU operators:
+    slower, used by the tests)."""
     if backend == "auto":
-        return "dali" if device.type == "cuda" and dali_available() else "torch"
+        return "dali" if device.type == "cuda" and dali_available() and not multi_resolution else "torch"
+    if backend == "dali" and multi_resolution:
+        raise DataError("data.backend 'dali': its pipeline makes one set of crop sizes and data.crop_sets has several "
+                        "(one drawn per step): set data.backend=torch (or auto)")
     if backend == "dali" and not dali_available():
         raise DataError("data.backend 'dali': nvidia.dali is not importable (pip install nvidia-dali-cuda130, "
                         "or set data.backend=torch)")
@@ -48,21 +52,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def build_train_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                        device=None, dtype: torch.dtype = torch.float32, backend: str | None = None,
-                       masking=None):
+                       masking=None, gram_from_epoch: int = 0):
     """The training loader for this rank: `.epoch(e, start_step)`, `.steps_per_epoch` (data.epoch_length,
-    or images // global batch when 0), `.num_images`,
-    `.num_corrupt`, `.backend`. backend: the resolved data backend (fastdino/resolve.py); None
-    resolves data_cfg.backend here (standalone use). Generates the demo dataset first when
-    data_cfg.generate_demo is set (safe when every rank calls it)."""
+    or images // global batch when 0), `.num_images`, `.num_corrupt`, `.backend`, `.plan` (each step's
+    crops: fastdino/data/crop_plan.py). backend: the resolved data backend (fastdino/resolve.py); None
+    resolves data_cfg.backend here (standalone use). gram_from_epoch: the first epoch whose batches
+    carry the Gram-teacher crops (data.gram_crop_size; gram.start_epoch). Generates the demo dataset
+    first when data_cfg.generate_demo is set (safe when every rank calls it)."""
     device = torch.device(device or "cpu")
     if data_cfg.generate_demo:
         generate_demo_dataset(data_cfg.path, data_cfg.demo_num_images, data_cfg.demo_num_classes,
                               data_cfg.demo_image_size, seed)
-    backend = backend or resolve_backend(data_cfg.backend, device)
+    backend = backend or resolve_backend(data_cfg.backend, device, len(getattr(data_cfg, "crop_sets", None) or ()) > 1)
     if backend == "dali":
         from fastdino.data.dali import DaliMultiCropLoader
 
-        return DaliMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype, masking=masking)
+        return DaliMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype, masking=masking,
+                                   gram_from_epoch=gram_from_epoch)
     from fastdino.data.torch_loader import TorchMultiCropLoader
 
-    return TorchMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype, masking=masking)
+    return TorchMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype, masking=masking,
+                                gram_from_epoch=gram_from_epoch)

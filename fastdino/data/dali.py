@@ -48,8 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, crop_specs, draw_keys, photometric, photometric_params,
+from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, draw_keys, photometric, photometric_params,
                                    resized_crop_boxes, uniforms)
+from fastdino.data.crop_plan import CropPlan
 from fastdino.data.folder import DataError, ImageSource, Unreadable, image_size_from_header
 from fastdino.data.torch_loader import MAX_REPLACEMENTS, EpochBatches, check_batch_geometry
 
@@ -151,26 +152,27 @@ class DaliMultiCropLoader:
 
     def __init__(self, data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device=None, dtype: torch.dtype = torch.float32, source: ImageSource | None = None,
-                 num_threads: int | None = None, masking=None):
+                 num_threads: int | None = None, masking=None, gram_from_epoch: int = 0):
         self.device = torch.device(device or "cpu")
         self.masking = masking  # fastdino.data.masking.IBOTMasks: also yield the batch's iBOT masks
         self.source = source or ImageSource(data_cfg.path)
         self.num_images = len(self.source)
         check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
-        self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
-                                data_cfg.global_crops_scale, data_cfg.local_crops_scale,
-                                getattr(data_cfg, "gram_crop_size", 0),  # + 2 Gram-teacher crops (DINOv3)
-                                getattr(data_cfg, "horizontal_flips", True))
-        self.groups = size_groups(self.specs)
         self.batch_size, self.dtype, self.seed = batch_size, dtype, seed
         # data.epoch_length: 0, an epoch is a pass over the data; N > 0, N iterations (OFFICIAL_EPOCH_LENGTH)
         self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed,
                                     int(getattr(data_cfg, "epoch_length", 0)))
         self.steps_per_epoch = self.sampler.steps_per_epoch
+        # the crops of each epoch: one crop set; the Gram-teacher crops (DINOv3) from epoch gram_from_epoch
+        self.plan = CropPlan.from_config(data_cfg, seed, gram_from_epoch * self.steps_per_epoch)
+        if self.plan.multi_resolution:
+            raise DataError("data.backend 'dali': its pipeline is built for one set of crop sizes, and data.crop_sets "
+                            "has several (a draw per step): use data.backend=torch")
+        self._set_layout(self.plan.layout(0))
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.num_threads = int(num_threads or max(1, min(int(data_cfg.num_workers) or 1, 16)))
         self._pipe = None
-        self._pipes_built = 0  # pipelines built over the loader's life (rebuilds happen only after decoder errors)
+        self._pipes_built = 0  # pipelines built over the loader's life (rebuilt after decoder errors and when the layout changes)
         self._readers = None
         self._bad: set[int] = set()  # dataset indices known unreadable on this rank
         self._unreadable = Unreadable("training data")  # names them in the log
@@ -182,6 +184,15 @@ class DaliMultiCropLoader:
     def num_corrupt(self) -> int:
         """Distinct unreadable files met so far on this rank."""
         return len(self._bad)
+
+    def _set_layout(self, layout) -> None:
+        """Make this layout's crops (CropPlan): a new layout (the Gram crops starting) rebuilds the pipeline."""
+        if getattr(self, "layout", None) == layout:
+            return
+        self.layout, self.specs = layout, self.plan.specs(layout)
+        self.groups = size_groups(self.specs)
+        if getattr(self, "_pipe", None) is not None:
+            self._drop_pipeline()
 
     def _pipeline(self):
         if self._pipe is None:
@@ -378,10 +389,16 @@ class DaliMultiCropLoader:
         self._fed = 0
 
     def epoch(self, epoch: int, start_step: int = 0):
-        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher crops with data.gram_crop_size)
-        [B,3,S,S] on the device, normalized, in self.dtype. Step s is the batch of sampler.position(epoch, s)."""
+        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher crops
+        from the plan's gram_from on) [B,3,S,S] on the device, normalized, in self.dtype. Step s is the batch of sampler.position(epoch, s)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
+        first = int(epoch) * self.steps_per_epoch
+        layout = self.plan.layout(first + int(start_step))
+        if self.plan.layout(first + self.steps_per_epoch - 1) != layout:
+            raise DataError(f"data.backend 'dali': the crops change within epoch {epoch} (the Gram-teacher crops start "
+                            f"at step {self.plan.gram_from}); its pipeline makes one layout per epoch")
+        self._set_layout(layout)
         q, stop = queue.Queue(maxsize=HOST_QUEUE), threading.Event()
         worker = threading.Thread(target=self._host_batches, args=(int(epoch), int(start_step), q, stop), daemon=True)
         worker.start()

@@ -231,12 +231,18 @@ class IBOTMasks:
     mask_probability: fraction of the n_global*group samples of a group that get a mask (int() of the
     product, as official); mask_ratio: (min, max) of the masked fraction, stratified over them.
     group_size: images per stratification group (default: the whole call batch = the official rule;
-    see the module docstring). The other arguments go to MaskingGenerator."""
+    see the module docstring). patch_size: the model's, for for_crop_size (crops of other sizes:
+    data.crop_sets). The other arguments go to MaskingGenerator."""
 
     def __init__(self, grid, mask_probability: float = 0.5, mask_ratio=(0.1, 0.5), n_global_crops: int = 2,
                  group_size: int | None = None, min_num_patches: float = 4, max_num_patches: float | None = None,
-                 min_aspect: float = 0.3, max_aspect: float | None = None):
+                 min_aspect: float = 0.3, max_aspect: float | None = None, patch_size: int | None = None):
         self.generator = MaskingGenerator(grid, min_num_patches, max_num_patches, min_aspect, max_aspect)
+        self._args = dict(mask_probability=mask_probability, mask_ratio=mask_ratio, n_global_crops=n_global_crops,
+                          group_size=group_size, min_num_patches=min_num_patches, max_num_patches=max_num_patches,
+                          min_aspect=min_aspect, max_aspect=max_aspect, patch_size=patch_size)
+        self.patch_size = patch_size
+        self._other_grids: dict = {}
         lo, hi = (float(v) for v in mask_ratio)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"IBOTMasks: mask_ratio {tuple(mask_ratio)} must satisfy 0 <= min <= max <= 1")
@@ -250,6 +256,19 @@ class IBOTMasks:
         self.n_global_crops = int(n_global_crops)
         self.group_size = None if group_size is None else int(group_size)
         self._strata = {}
+
+    def for_crop_size(self, size: int) -> "IBOTMasks":
+        """The same masking on the patch grid of global crops of `size` px (size // patch_size; self when
+        that is this grid). Its maximal block is 0.5 x the grid's patches, as the official training builds
+        MaskingGenerator for each crop size (unless an explicit max_num_patches was given)."""
+        if self.patch_size is None:
+            return self
+        grid = int(size) // self.patch_size
+        if (grid, grid) == (self.generator.height, self.generator.width):
+            return self
+        if grid not in self._other_grids:
+            self._other_grids[grid] = IBOTMasks(grid, **self._args)
+        return self._other_grids[grid]
 
     def strata(self, group: int) -> tuple[np.ndarray, np.ndarray]:
         """Stratum bounds of a group of `group` images: float32 (lo, hi) [n_masked] with

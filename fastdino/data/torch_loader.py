@@ -10,7 +10,8 @@ Order of samples: one permutation per (seed, data pass), the same on every rank;
 a pass is positions [g*B*W, (g+1)*B*W) of it, rank r takes [g*B*W + r*B, g*B*W + (r+1)*B); the last
 partial global batch of a pass is dropped, so a pass has P = images // (B*W) steps. Draws are keyed
 by (seed, data pass, dataset index, crop), so the crops do not depend on rank, world size,
-num_workers, start_step or torch's global RNG.
+num_workers, start_step or torch's global RNG. Each step's crop sizes, and whether it makes the
+Gram-teacher crops, are its CropPlan layout (fastdino/data/crop_plan.py), a function of the step too.
 
 Epochs (data.epoch_length L): L = 0, an epoch is a pass (epoch e = pass e, steps_per_epoch = P);
 L > 0, an epoch is L iterations (DINOv2 / DINOv3's OFFICIAL_EPOCH_LENGTH): step s of epoch e is the
@@ -29,7 +30,8 @@ import io
 import numpy as np
 import torch
 
-from fastdino.data.augment import crop_specs, draw_params, photometric, pil_to_uint8, resized_crop_pil, stack_params, uniforms
+from fastdino.data.augment import draw_params, photometric, pil_to_uint8, resized_crop_pil, stack_params, uniforms
+from fastdino.data.crop_plan import CropPlan
 from fastdino.data.folder import DataError, ImageSource, Unreadable
 
 MAX_REPLACEMENTS = 16
@@ -53,13 +55,13 @@ def _decode(data: bytes):
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Map-style dataset over keys (data pass, index); `__getitems__` makes a whole batch (all of one
-    pass) in the worker:
-    {'crops': list of uint8 [B,3,S,S] per crop, 'params': list of param dicts per crop,
+    """Map-style dataset over keys (data pass, index, layout); `__getitems__` makes a whole batch (all
+    of one pass and one layout: fastdino/data/crop_plan.py) in the worker:
+    {'crops': list of uint8 [B,3,S,S] per crop, 'params': list of param dicts per crop, 'layout',
      'bad': names of unreadable files met, 'primary_bad': how many of the batch's own files failed}."""
 
-    def __init__(self, source: ImageSource, specs, seed: int, masking=None):
-        self.source, self.specs, self.seed, self.masking = source, specs, seed, masking
+    def __init__(self, source: ImageSource, plan: CropPlan, seed: int, masking=None):
+        self.source, self.plan, self.seed, self.masking = source, plan, seed, masking
 
     def __len__(self) -> int:
         return len(self.source)
@@ -75,11 +77,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
         raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
                         f"e.g. '{bad[-1]}'")
 
-    def sample(self, data_pass: int, index: int, bad: list) -> tuple[list, list]:
+    def sample(self, data_pass: int, index: int, specs, bad: list) -> tuple[list, list]:
         """(list of uint8 [3,S,S] crops, list of param dicts) of one image."""
         i, img = self._load(data_pass, index, bad)
         crops, params = [], []
-        for c, spec in enumerate(self.specs):
+        for c, spec in enumerate(specs):
             p = draw_params(self.seed, data_pass, i, c, spec, img.width, img.height)
             crops.append(pil_to_uint8(resized_crop_pil(img, p["box"], spec.size, p["flip"])))
             params.append(p)
@@ -90,15 +92,18 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, keys):
         bad, primary_bad, per_image = [], 0, []
-        for data_pass, index in keys:
+        layout = keys[0][2]
+        specs = self.plan.specs(layout)
+        for data_pass, index, _ in keys:
             before = len(bad)
-            per_image.append(self.sample(data_pass, index, bad))
+            per_image.append(self.sample(data_pass, index, specs, bad))
             primary_bad += len(bad) > before
-        crops = [torch.stack([im[0][c] for im in per_image]) for c in range(len(self.specs))]
-        params = [stack_params([im[1][c] for im in per_image]) for c in range(len(self.specs))]
-        out = {"crops": crops, "params": params, "bad": bad, "primary_bad": primary_bad}
+        crops = [torch.stack([im[0][c] for im in per_image]) for c in range(len(specs))]
+        params = [stack_params([im[1][c] for im in per_image]) for c in range(len(specs))]
+        out = {"crops": crops, "params": params, "layout": layout, "bad": bad, "primary_bad": primary_bad}
         if self.masking is not None:  # keyed by the sampler's indices (not the replacements of bad files)
-            out["masks"] = self.masking(self.seed, keys[0][0], [index for _, index in keys])
+            masking = self.masking.for_crop_size(self.plan.global_size(layout))  # the set's patch grid
+            out["masks"] = masking(self.seed, keys[0][0], [index for _, index, _ in keys])
         return out
 
 
@@ -150,6 +155,23 @@ class EpochBatches:
         return max(self.steps_per_epoch - self.start_step, 0)
 
 
+class LayoutBatches:
+    """Batch sampler of the torch loader: EpochBatches' keys of each step, each with the step's crop
+    layout (CropPlan.layout of its global iteration): [(data pass, index, layout), ...]."""
+
+    def __init__(self, sampler: EpochBatches, plan: CropPlan):
+        self.sampler, self.plan = sampler, plan
+
+    def __iter__(self):
+        s = self.sampler
+        for step, keys in enumerate(s, start=s.start_step):
+            layout = self.plan.layout(s.epoch * s.steps_per_epoch + step)
+            yield [(data_pass, index, layout) for data_pass, index in keys]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def check_batch_geometry(n: int, batch_size: int, rank: int, world_size: int, path: str) -> int:
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"data loader: need batch_size >= 1 and 0 <= rank < world_size, got "
@@ -168,23 +190,25 @@ class TorchMultiCropLoader:
 
     def __init__(self, data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device=None, dtype: torch.dtype = torch.float32, source: ImageSource | None = None,
-                 masking=None):
+                 masking=None, gram_from_epoch: int = 0):
         self.source = source or ImageSource(data_cfg.path)
         self.masking = masking  # fastdino.data.masking.IBOTMasks: also yield the batch's iBOT masks
         self.num_images = len(self.source)
         check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
-        self.specs = crop_specs(data_cfg.global_crop_size, data_cfg.local_crop_size, data_cfg.local_crops_number,
-                                data_cfg.global_crops_scale, data_cfg.local_crops_scale,
-                                getattr(data_cfg, "gram_crop_size", 0),  # + 2 Gram-teacher crops (DINOv3)
-                                getattr(data_cfg, "horizontal_flips", True))
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device or "cpu"), dtype
         # data.epoch_length: 0, an epoch is a pass over the data; N > 0, N iterations (OFFICIAL_EPOCH_LENGTH)
         self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed,
                                     int(getattr(data_cfg, "epoch_length", 0)))
         self.steps_per_epoch = self.sampler.steps_per_epoch
+        # each step's crop sizes (data.crop_sets) and whether it makes the Gram-teacher crops (from gram_from_epoch)
+        self.plan = CropPlan.from_config(data_cfg, seed, gram_from_epoch * self.steps_per_epoch)
+        if self.plan.multi_resolution and masking is not None and masking.patch_size is None:
+            raise ValueError("TorchMultiCropLoader: several crop sets (data.crop_sets) need the masking's patch_size "
+                             "(IBOTMasks(..., patch_size=p)) to mask each set's patch grid")
         workers = int(data_cfg.num_workers)
         self._loader = torch.utils.data.DataLoader(
-            MultiCropDataset(self.source, self.specs, seed, masking), batch_sampler=self.sampler, collate_fn=_first,
+            MultiCropDataset(self.source, self.plan, seed, masking), batch_sampler=LayoutBatches(self.sampler, self.plan),
+            collate_fn=_first,
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             generator=torch.Generator(),  # the loader's base seed must not consume torch's global RNG
@@ -207,8 +231,9 @@ class TorchMultiCropLoader:
         return len(self._bad)
 
     def epoch(self, epoch: int, start_step: int = 0):
-        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher crops with data.gram_crop_size)
-        [B,3,S,S] on the device, normalized, in self.dtype. Step s is the batch of sampler.position(epoch, s)."""
+        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher
+        crops on the steps that make them) [B,3,S,S] on the device, normalized, in self.dtype, of the sizes of
+        the step's crop set (self.plan). Step s is the batch of sampler.position(epoch, s)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         self.sampler.epoch, self.sampler.start_step = int(epoch), int(start_step)
@@ -218,14 +243,14 @@ class TorchMultiCropLoader:
             if 2 * batch["primary_bad"] > self.batch_size:
                 raise DataError(f"{batch['primary_bad']} of {self.batch_size} images of a batch are unreadable, "
                                 f"e.g. '{batch['bad'][0]}' (check data.path)")
-            crops = self.to_device(batch["crops"], batch["params"])
+            crops = self.to_device(batch["crops"], batch["params"], self.plan.specs(batch["layout"]))
             yield crops if self.masking is None else (crops, batch["masks"].to(self.device, non_blocking=True))
 
-    def to_device(self, crops: list, params: list) -> list:
+    def to_device(self, crops: list, params: list, specs) -> list:
         """uint8 crops + host params -> normalized device crops; same-size crops are processed together."""
         out = [None] * len(crops)
         groups = {}
-        for c, spec in enumerate(self.specs):
+        for c, spec in enumerate(specs):
             groups.setdefault(spec.size, []).append(c)
         for ids in groups.values():
             x = torch.cat([crops[c] for c in ids]).to(self.device, non_blocking=True)
