@@ -2,9 +2,10 @@
 (X (V*B, D) bottleneck features, view-major; W (K, D) effective weight-normalized last layer) are
 computed tile by tile and never stored, nor is their gradient. The loss is kernels/soft_cross_entropy.py's
 with DINO's pairing (T = 2 targets, view i not paired with target i, uniform weights 1/(P*B)) against
-fp32 target probabilities Q (2B, K); see its header for the algebra.
+fp32 target probabilities Q (2B, K), finished by its combine and reduce; see its header for the algebra.
 
-    loss   = 1/(P*B) sum_b sum_v ( n_v lse(s_vb / tau) - <Q_vb, s_vb> / tau ),   P = sum_v n_v
+    loss   = 1/(P*B) sum_b sum_v ( B_vb log Z_vb + <Q_vb, M_vb - s_vb / tau> ),   P = sum_v n_v
+             (M = max s / tau, Z = sum e^(s / tau - M), B_vb = sum_k Q_vbk: every term >= 0, no cancellation)
     dS_vb  = g / (P*B*tau) * (n_v softmax(s_vb / tau) - Q_vb)                  (recomputed per tile)
     dX     = dS W          dW = dS^T X
 
@@ -12,20 +13,27 @@ with n_0 = n_1 = 1, n_v = 2 for the local views; Q_0 = q_1, Q_1 = q_0, Q_v = q_0
 
 Kernels (fp32 accumulation; tl.dot on the tensor cores in the dtype of X and W):
   1. _linear_soft_ce_fwd_kernel, grid (K tiles, image blocks): W tile once, target tiles once, the S
-     tile of every view by tl.dot; writes kernels/soft_cross_entropy.py's partials (row max and sum
-     of exponentials, the image's dot term), whose combine and reduce kernels finish the forward.
+     tile of every view by tl.dot; writes the partials of kernels/soft_cross_entropy.py's forward
+     (per student row and tile the max logit, Z_t - 1 and <Q, m_t - s / tau>, by its _row_partials;
+     per target row and tile the mass), which its combine_and_reduce (_soft_ce_combine_kernel,
+     _soft_ce_reduce_kernel) turns into the loss and lse per row: 3 launches.
   2. _linear_soft_ce_bwd_dw_kernel, grid (K tiles,): recomputes S, forms dS, accumulates the
      (BLOCK_K, D) tile of dW over all rows in registers: deterministic, no atomics. Skipped when W
      needs no gradient (frozen last layer).
   3. _linear_soft_ce_bwd_dx_kernel, grid (views x image blocks, K chunks): recomputes S, forms dS,
      accumulates dX rows over the chunk's tiles; fp32 partials (n_chunks, V*B, D) summed after.
+Both backward kernels are compiled without FMA contraction (_head_dlogits): s / tau is rounded as the
+combine's M / tau, so at K = 1 (loss exactly 0) both gradients are exactly 0 too, given a backward
+tl.dot that rounds S as the forward's did (the same sum over D; checked under the interpreter).
 Forward and backward are torch.library custom ops (fastdino::linear_soft_cross_entropy and
 fastdino::linear_soft_cross_entropy_backward) with fake implementations; the upstream gradient is
 read in the kernels: no host synchronization, CUDA-graph capturable.
 
 Memory: no (V*B, K) tensor. Partials are O(V*B*K/BLOCK_K) floats for the forward statistics and
 O(n_chunks*V*B*D) for dX. Traffic: W read three times (fwd, dW, dX), Q three times, X a few times.
-Design limits: D <= 256 at full K tiles (larger D shrinks the tiles); X and W in one dtype.
+Design limits: D <= 256 at full K tiles (larger D shrinks the tiles); X and W in one dtype; the
+combine holds one image's (views, K tiles) partials in registers: compiled without spills up to 16
+views x 1024 tiles (K = 65536 in fp32, 131072 in bf16, at D <= 256), spilling past that.
 """
 from __future__ import annotations
 
@@ -34,8 +42,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .soft_cross_entropy import (LOG2E, check_runnable, check_shapes, combine_and_reduce, pair_counts,
-                                 rows_contiguous, sm_count, soft_cross_entropy_ref, workspace)
+from .soft_cross_entropy import (LOG2E, _row_partials, check_runnable, check_shapes, combine_and_reduce,
+                                 pair_counts, partials, rows_contiguous, sm_count, soft_cross_entropy_ref)
 
 
 def linear_soft_cross_entropy_ref(feats, weight, targets, n_views, student_temp):
@@ -69,13 +77,15 @@ def _paired_targets(q0, q1, v):
 
 @triton.jit
 def _linear_soft_ce_fwd_kernel(
-    X_ptr, W_ptr, Q_ptr, SStat_ptr, DStat_ptr,
+    X_ptr, W_ptr, Q_ptr, SStat_ptr, QStat_ptr,
     B, K, D, n_views, n_tiles, stride_x, stride_w, stride_q,
     s_scale,  # log2(e) / tau
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Partials of images [pid_b*BLOCK_B, +BLOCK_B) on K tile pid_k, in the layouts of
-    kernels/soft_cross_entropy.py: SStat (2, n_views*B, n_tiles), DStat (B, n_tiles)."""
+    """Partials of images [pid_b*BLOCK_B, +BLOCK_B) on K tile pid_k, those of
+    kernels/soft_cross_entropy.py's forward: SStat (3, n_views*B, n_tiles) = (tile max, Z_t - 1,
+    a_t) per student row (_row_partials on the tl.dot tile of each view); QStat (2B, n_tiles) =
+    sum_k q_k per target row."""
     pid_k = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -87,26 +97,25 @@ def _linear_soft_ce_fwd_kernel(
     mask = mask_b[:, None] & mask_k[None, :]
     w = _load_w_tile(W_ptr, offs_k, offs_d, mask_k, mask_d, stride_w)
     q0, q1 = _load_target_pair(Q_ptr, offs_b, offs_k, mask, B, stride_q)
+    tl.store(QStat_ptr + offs_b * n_tiles + pid_k, tl.sum(q0, axis=1), mask=mask_b)
+    tl.store(QStat_ptr + (B + offs_b) * n_tiles + pid_k, tl.sum(q1, axis=1), mask=mask_b)
     s_plane = n_views * B * n_tiles
     x_mask = mask_b[:, None] & mask_d[None, :]
-    dot = tl.zeros([BLOCK_B], dtype=tl.float32)  # sum_v <Q_v, s_v> of each image on this tile
     for v in range(0, n_views):
         rows = v * B + offs_b
         x = tl.load(X_ptr + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :], mask=x_mask, other=0.0)
-        s = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)  # (BLOCK_B, BLOCK_K) fp32
-        xs = tl.where(mask, s * s_scale, float("-inf"))
-        m = tl.where(mask_b, tl.max(xs, axis=1), 0.0)
-        tl.store(SStat_ptr + rows * n_tiles + pid_k, m, mask=mask_b)
-        tl.store(SStat_ptr + s_plane + rows * n_tiles + pid_k, tl.sum(tl.exp2(xs - m[:, None]), axis=1), mask=mask_b)
-        dot += tl.sum(_paired_targets(q0, q1, v) * s, axis=1)  # zero outside the tile: q is 0 there
-    tl.store(DStat_ptr + offs_b * n_tiles + pid_k, dot, mask=mask_b)
+        s = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)  # (BLOCK_B, BLOCK_K) fp32; 0 on padded rows
+        _row_partials(SStat_ptr, s, _paired_targets(q0, q1, v), rows, mask_b, mask_k, pid_k, n_tiles, s_plane,
+                      s_scale)
 
 
 @triton.jit
-def _head_dlogits(x, w, q0, q1, lse, v, coef, mask, s_scale, DOT_PRECISION: tl.constexpr):
-    """dS tile of student view v: coef * (n_v p - Q_v), zero outside the valid rows/columns."""
+def _head_dlogits(x, w, q0, q1, lse, v, coef, mask, inv_student_temp, DOT_PRECISION: tl.constexpr):
+    """dS tile of student view v: coef * (n_v p - Q_v), p = e^(s / tau - lse), zero outside the valid
+    rows/columns. The kernels calling it are compiled without FMA contraction: s / tau is rounded as
+    the combine's M / tau, so the exponent is exactly 0 where lse = M / tau (K = 1)."""
     s = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-    p = tl.exp2(s * s_scale - lse[:, None] * LOG2E)
+    p = tl.exp2((s * inv_student_temp - lse[:, None]) * LOG2E)
     n_v = tl.where(v >= 2, 2.0, 1.0)
     return tl.where(mask, coef * (n_v * p - _paired_targets(q0, q1, v)), 0.0)
 
@@ -115,7 +124,7 @@ def _head_dlogits(x, w, q0, q1, lse, v, coef, mask, s_scale, DOT_PRECISION: tl.c
 def _linear_soft_ce_bwd_dw_kernel(
     X_ptr, W_ptr, Q_ptr, Lse_ptr, GradOut_ptr, DW_ptr,
     B, K, D, n_views, stride_x, stride_w, stride_q, stride_dw,
-    s_scale, grad_scale,  # log2(e) / tau;  1 / (P * B * tau)
+    inv_student_temp, grad_scale,  # 1 / tau;  1 / (P * B * tau)
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dW[tile] = sum over all rows of dS[:, tile]^T X, accumulated in registers."""
@@ -137,7 +146,7 @@ def _linear_soft_ce_bwd_dw_kernel(
             x = tl.load(X_ptr + rows[:, None].to(tl.int64) * stride_x + offs_d[None, :],
                         mask=mask_b[:, None] & mask_d[None, :], other=0.0)
             lse = tl.load(Lse_ptr + rows, mask=mask_b, other=0.0)
-            ds = _head_dlogits(x, w, q0, q1, lse, v, coef, mask, s_scale, DOT_PRECISION)
+            ds = _head_dlogits(x, w, q0, q1, lse, v, coef, mask, inv_student_temp, DOT_PRECISION)
             acc += tl.dot(tl.trans(ds.to(x.dtype)), x, input_precision=DOT_PRECISION)
     tl.store(DW_ptr + offs_k[:, None].to(tl.int64) * stride_dw + offs_d[None, :],
              acc.to(DW_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_d[None, :])
@@ -147,7 +156,7 @@ def _linear_soft_ce_bwd_dw_kernel(
 def _linear_soft_ce_bwd_dx_kernel(
     X_ptr, W_ptr, Q_ptr, Lse_ptr, GradOut_ptr, DXPart_ptr,
     B, K, D, n_views, n_bblocks, tiles_per_chunk, stride_x, stride_w, stride_q,
-    s_scale, grad_scale,
+    inv_student_temp, grad_scale,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dX rows of (view v, image block) over the K tiles of chunk pid_c: sum_tiles dS W, fp32 partial."""
@@ -170,7 +179,7 @@ def _linear_soft_ce_bwd_dx_kernel(
         mask = mask_b[:, None] & mask_k[None, :]
         w = _load_w_tile(W_ptr, offs_k, offs_d, mask_k, mask_d, stride_w)
         q0, q1 = _load_target_pair(Q_ptr, offs_b, offs_k, mask, B, stride_q)
-        ds = _head_dlogits(x, w, q0, q1, lse, v, coef, mask, s_scale, DOT_PRECISION)
+        ds = _head_dlogits(x, w, q0, q1, lse, v, coef, mask, inv_student_temp, DOT_PRECISION)
         acc += tl.dot(ds.to(w.dtype), w, input_precision=DOT_PRECISION)
     out = DXPart_ptr + pid_c.to(tl.int64) * (n_views * B * D) + rows[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(out, acc, mask=mask_b[:, None] & mask_d[None, :])
@@ -202,11 +211,13 @@ FP32_IEEE_REFUSED = ("linear_soft_cross_entropy: fp32 features with IEEE fp32 do
 # stages both operands), so 4-byte inputs take smaller K tiles and fewer stages. Every entry stays
 # under sm_80's 166912 B (A100 opt-in maximum) and sm_90's 232448 B with triton 3.9
 # (tests/kernels/test_linear_soft_cross_entropy.py compiles each one, fp32 (ieee and tf32), bf16
-# and fp16, at the largest BLOCK_B; smaller BLOCK_B only shrink tiles). Not re-timed since the
-# targets became fp32: re-run `python benchmarks/loss.py --head` on a GPU.
+# and fp16, at the largest BLOCK_B; smaller BLOCK_B only shrink tiles). The 4-byte forward runs 8
+# warps since it writes the cancellation-free partials (_row_partials): at 4 it spilled 648 B on
+# sm_90a, at 8 none on either target. Not re-timed since the targets became fp32: re-run
+# `python benchmarks/loss.py --head` on a GPU.
 HEAD_CONFIG = {
     2: {"fwd": (128, 8, 3, 64), "dw": (64, 8, 2, 64), "dx": (64, 4, 2, 64)},
-    4: {"fwd": (64, 4, 1, 64), "dw": (32, 8, 2, 32), "dx": (32, 4, 2, 64)},
+    4: {"fwd": (64, 8, 1, 64), "dw": (32, 8, 2, 32), "dx": (32, 4, 2, 64)},
 }
 HEAD_MAX_BLOCK_D = 256  # larger D: K tiles shrink in proportion
 
@@ -253,13 +264,14 @@ def linear_soft_cross_entropy_op(feats: torch.Tensor, weight: torch.Tensor, targ
     B = n_rows // n_views
     BLOCK_B, BLOCK_K, BLOCK_D, nw, ns = head_launch_config(B, D, X.element_size(), block_b, block_k)["fwd"]
     n_tiles, n_bblocks = triton.cdiv(K, BLOCK_K), triton.cdiv(B, BLOCK_B)
-    sstat, dstat, group_loss = workspace(B, n_views, n_tiles, X.device)
+    sstat, qstat, group_loss = partials(B, n_views, 2, n_tiles, X.device)
     _linear_soft_ce_fwd_kernel[(n_tiles, n_bblocks)](
-        X, W, Q, sstat, dstat, B, K, D, n_views, n_tiles, X.stride(0), W.stride(0), Q.stride(0),
+        X, W, Q, sstat, qstat, B, K, D, n_views, n_tiles, X.stride(0), W.stride(0), Q.stride(0),
         LOG2E.value / student_temp,
         BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(X.dtype),
         num_warps=nw, num_stages=ns)
-    return combine_and_reduce(sstat, dstat, group_loss, None, B, n_views, n_tiles, student_temp, 2, True, X.device)
+    return combine_and_reduce(sstat, qstat, group_loss, None, None, B, n_views, n_tiles, student_temp, 2, True,
+                              X.device)
 
 
 @linear_soft_cross_entropy_op.register_fake
@@ -281,7 +293,7 @@ def linear_soft_cross_entropy_backward_op(grad_loss: torch.Tensor, feats: torch.
     B = n_rows // n_views
     blocks = head_launch_config(B, D, X.element_size(), block_b, block_k)
     # grad_loss (0-d, any float dtype) is read in the kernels: no host-side conversion
-    scales = (LOG2E.value / student_temp, 1.0 / (sum(pair_counts(n_views, 2, True)) * B * student_temp))
+    scales = (1.0 / student_temp, 1.0 / (sum(pair_counts(n_views, 2, True)) * B * student_temp))
     prec = _dot_precision(X.dtype)
     dX = dW = X.new_empty(0)
     if need_dweight:
@@ -289,7 +301,8 @@ def linear_soft_cross_entropy_backward_op(grad_loss: torch.Tensor, feats: torch.
         BLOCK_B, BK, BLOCK_D, nw, ns = blocks["dw"]  # the (BK, D) fp32 accumulator lives in registers
         _linear_soft_ce_bwd_dw_kernel[(triton.cdiv(K, BK),)](
             X, W, Q, lse, grad_loss, dW, B, K, D, n_views, X.stride(0), W.stride(0), Q.stride(0), dW.stride(0),
-            *scales, BLOCK_B=BLOCK_B, BLOCK_K=BK, BLOCK_D=BLOCK_D, DOT_PRECISION=prec, num_warps=nw, num_stages=ns)
+            *scales, BLOCK_B=BLOCK_B, BLOCK_K=BK, BLOCK_D=BLOCK_D, DOT_PRECISION=prec, num_warps=nw, num_stages=ns,
+            enable_fp_fusion=False)
     if need_dfeats:
         BLOCK_B, BK, BLOCK_D, nw, ns = blocks["dx"]  # W tile + dS tile staged in shared memory
         n_bblocks = triton.cdiv(B, BLOCK_B)
@@ -301,7 +314,8 @@ def linear_soft_cross_entropy_backward_op(grad_loss: torch.Tensor, feats: torch.
         _linear_soft_ce_bwd_dx_kernel[(n_views * n_bblocks, n_chunks)](
             X, W, Q, lse, grad_loss, part, B, K, D, n_views, n_bblocks, tiles_per_chunk,
             X.stride(0), W.stride(0), Q.stride(0), *scales,
-            BLOCK_B=BLOCK_B, BLOCK_K=BK, BLOCK_D=BLOCK_D, DOT_PRECISION=prec, num_warps=nw, num_stages=ns)
+            BLOCK_B=BLOCK_B, BLOCK_K=BK, BLOCK_D=BLOCK_D, DOT_PRECISION=prec, num_warps=nw, num_stages=ns,
+            enable_fp_fusion=False)
         dX = part.sum(0).to(X.dtype)
     return dX, dW
 

@@ -39,8 +39,8 @@ Passes (fp32 accumulation; exponentials in base 2, x = s * log2(e)/tau):
      for the backward) and the group's loss (views weighted by c, the group not yet by w_g).
   3. _soft_ce_reduce_kernel, grid (1,): loss = sum_g w_g * group loss, weights read on device.
   4. _soft_ce_bwd_kernel, grid (K tiles, group blocks): reads S and Q once more, writes dS.
-(kernels/linear_soft_cross_entropy.py writes the former partials, with the dot term of the n_v lse
-- <Q, s> / tau form: workspace, combine_and_reduce, _soft_ce_combine_dot_kernel; no view weights.)
+kernels/linear_soft_cross_entropy.py (the fused last layer) writes the same partials from its tl.dot
+tiles (_row_partials, partials) and finishes with passes 2 and 3 (combine_and_reduce).
 The backward is compiled without FMA contraction: a contracted s * (1/tau) - lse would round s / tau
 differently from the forward's M / tau; as compiled, the exponent is exactly 0 where lse = M / tau
 (K = 1; one dominant logit), and the gradient exactly 0 at K = 1.
@@ -56,9 +56,10 @@ once and read once (~1% of S's traffic at BLOCK_K = 1024 in bf16); the floor is 
 dS once (memory_floor_bytes). S in fp32/bf16/fp16 (dS in S's dtype), Q read as fp32.
 Design limits: T in {1, 2}; rows of S and Q contiguous in K (other layouts are copied); any K (past
 MAX_TILES = 512 tiles of the table's BLOCK_K, BLOCK_K grows); the combine kernel holds one group's
-(views, tiles) partials in registers (compiled without spills up to 16 views x 512 tiles). Shapes
-with many single-row groups (iBOT: V = T = 1) run one group per loop iteration of a program:
-correct, not yet tuned (a group-blocked variant is the next step).
+(views, tiles) partials in registers (compiled without spills up to 16 views x 1024 tiles: this op
+stays within MAX_TILES, the fused head reaches 1024 in fp32 at K = 65536). Shapes with many
+single-row groups (iBOT: V = T = 1) run one group per loop iteration of a program: correct, not
+yet tuned (a group-blocked variant is the next step).
 """
 from __future__ import annotations
 
@@ -268,38 +269,6 @@ def _soft_ce_combine_kernel(
 
 
 @triton.jit
-def _soft_ce_combine_dot_kernel(
-    SStat_ptr, DStat_ptr, Lse_ptr, GroupLoss_ptr,
-    G, n_views, n_tiles, inv_student_temp,
-    N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_T: tl.constexpr, V_BLOCK: tl.constexpr,
-):
-    """The combine of kernels/linear_soft_cross_entropy.py's partials (log2 units): SStat (2,
-    n_views*G, n_tiles) = (tile max, sum of 2^(x - max)), DStat (G, n_tiles) = the group's dot term
-    sum_v <Q_v, s_v>. Lse = logsumexp(s / tau) per row; GroupLoss[g] = sum_v n_v lse_v - dot / tau,
-    which assumes target rows summing to 1 and cancels (a difference of two large numbers: ~1e-7
-    absolute error where the loss is ~0)."""
-    g = tl.program_id(0)
-    offs_t = tl.arange(0, BLOCK_T)
-    tmask = offs_t < n_tiles
-    dot = tl.sum(tl.load(DStat_ptr + g.to(tl.int64) * n_tiles + offs_t, mask=tmask, other=0.0), axis=0)
-    offs_v = tl.arange(0, V_BLOCK)
-    vmask = offs_v < n_views
-    rows = offs_v * G + g
-    idx = rows[:, None].to(tl.int64) * n_tiles + offs_t[None, :]
-    smask = vmask[:, None] & tmask[None, :]
-    m = tl.load(SStat_ptr + idx, mask=smask, other=float("-inf"))
-    z = tl.load(SStat_ptr + n_views * G * n_tiles + idx, mask=smask, other=0.0)
-    mx = tl.where(vmask, tl.max(m, axis=1), 0.0)  # padded rows: no -inf - -inf
-    lse = (mx + tl.log2(tl.where(vmask, tl.sum(z * tl.exp2(m - mx[:, None]), axis=1), 1.0))) * LN2
-    tl.store(Lse_ptr + rows, lse, mask=vmask)
-    if SKIP_SAME_VIEW:
-        n_v = tl.where(offs_v < N_TARGETS, N_TARGETS - 1.0, N_TARGETS * 1.0)
-    else:
-        n_v = tl.full([V_BLOCK], N_TARGETS, tl.float32)
-    tl.store(GroupLoss_ptr + g, tl.sum(tl.where(vmask, n_v * lse, 0.0), axis=0) - dot * inv_student_temp)
-
-
-@triton.jit
 def _soft_ce_reduce_kernel(
     GroupLoss_ptr, Weight_ptr, Loss_ptr, G, uniform_weight,
     HAS_WEIGHTS: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -477,33 +446,22 @@ def partials(G: int, n_views: int, n_targets: int, n_tiles: int, device
     return ws[:s_n], ws[s_n:s_n + q_n], ws[s_n + q_n:]
 
 
-def _reduce(group_loss, weights, G, n_views, n_targets, skip_same_view, device):
-    """Pass 3: the weighted sum of the group losses, a 0-dim fp32 tensor."""
+def combine_and_reduce(sstat, qstat, group_loss, weights, view_weights, G, n_views, n_tiles, student_temp,
+                       n_targets, skip_same_view, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Passes 2 and 3 on the forward's partials (partials()), shared with
+    kernels/linear_soft_cross_entropy.py. weights (G,) / view_weights (n_views,): contiguous device
+    tensors or None. Returns (loss 0-dim fp32, lse (n_views*G,) fp32, natural log)."""
+    lse = torch.empty(n_views * G, dtype=torch.float32, device=device)
+    _soft_ce_combine_kernel[(G,)](
+        sstat, qstat, qstat if view_weights is None else view_weights, lse, group_loss, G, n_views, n_tiles,
+        LOG2E.value / student_temp, 1.0 / student_temp, N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view,
+        HAS_VIEW_WEIGHTS=view_weights is not None, **combine_meta(n_views, n_tiles))
     loss = torch.empty((), dtype=torch.float32, device=device)
     n_pairs = sum(pair_counts(n_views, n_targets, skip_same_view))
     _soft_ce_reduce_kernel[(1,)](
         group_loss, group_loss if weights is None else weights, loss, G, 1.0 / (n_pairs * G),
         HAS_WEIGHTS=weights is not None, **reduce_meta(G))
-    return loss
-
-
-def workspace(G: int, n_views: int, n_tiles: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kernels/linear_soft_cross_entropy.py's partials, one fp32 allocation: SStat (2, n_views*G,
-    n_tiles), DStat (G, n_tiles), GroupLoss (G,) (see _soft_ce_combine_dot_kernel)."""
-    s_n, d_n = 2 * n_views * G * n_tiles, G * n_tiles
-    ws = torch.empty(s_n + d_n + G, dtype=torch.float32, device=device)
-    return ws[:s_n], ws[s_n:s_n + d_n], ws[s_n + d_n:]
-
-
-def combine_and_reduce(sstat, dstat, group_loss, weights, G, n_views, n_tiles, student_temp, n_targets,
-                       skip_same_view, device):
-    """Passes 2 and 3 for kernels/linear_soft_cross_entropy.py's dot-term partials (workspace).
-    Returns (loss 0-dim fp32, lse (n_views*G,) fp32, natural log of the row sums of exp(s/tau))."""
-    lse = torch.empty(n_views * G, dtype=torch.float32, device=device)
-    _soft_ce_combine_dot_kernel[(G,)](
-        sstat, dstat, lse, group_loss, G, n_views, n_tiles, 1.0 / student_temp,
-        N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, **combine_meta(n_views, n_tiles))
-    return _reduce(group_loss, weights, G, n_views, n_targets, skip_same_view, device), lse
+    return loss, lse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,12 +486,8 @@ def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, w
     _soft_ce_fwd_kernel[(n_tiles, n_groups)](
         S, Q, sstat, qstat, G, K, n_views, gs, n_tiles, S.stride(0), Q.stride(0), LOG2E.value / student_temp,
         N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=S.device)
-    _soft_ce_combine_kernel[(G,)](
-        sstat, qstat, qstat if VW is None else VW, lse, group_loss, G, n_views, n_tiles, LOG2E.value / student_temp,
-        1.0 / student_temp, N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, HAS_VIEW_WEIGHTS=VW is not None,
-        **combine_meta(n_views, n_tiles))
-    return _reduce(group_loss, W, G, n_views, n_targets, skip_same_view, S.device), lse
+    return combine_and_reduce(sstat, qstat, group_loss, W, VW, G, n_views, n_tiles, student_temp, n_targets,
+                              skip_same_view, S.device)
 
 
 @soft_cross_entropy_op.register_fake

@@ -1,9 +1,10 @@
 """kernels/linear_soft_cross_entropy.py: the fused last layer + soft-target cross-entropy against the
 unfused head (F.linear logits) + reference loss: loss and gradients for the features and the
-last-layer weight, a frozen last layer included; the custom ops' registrations (opcheck,
+last-layer weight, a frozen last layer included; degenerate sizes (batch 1, K = 1..3: zero and tiny
+losses, against an element-by-element float64 formula); the custom ops' registrations (opcheck,
 torch.compile without graph breaks); an ahead-of-time compile for sm_80 and sm_90a with the
-shared-memory limits. Interpreted on CPU: fp32 and fp16 (the interpreter's bf16 tl.dot is wrong;
-bf16 runs on CUDA)."""
+shared-memory limits, the combine that finishes the forward included. Interpreted on CPU: fp32 and
+fp16 (the interpreter's bf16 tl.dot is wrong; bf16 runs on CUDA)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ import fastdino  # noqa: F401  (registers fastdino.kernels from a plain checkout
 from fastdino.kernels.linear_soft_cross_entropy import (linear_soft_cross_entropy,
                                                         linear_soft_cross_entropy_backward_op,
                                                         linear_soft_cross_entropy_op, linear_soft_cross_entropy_ref)
+from test_soft_cross_entropy import DEGENERATE, _degenerate, _loss_log1p
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
@@ -53,6 +55,62 @@ def test_fused_head_matches_unfused(B, K, D, n_views, block_k, dtype):
         err = (o - r64).abs()
         budget = 2 * (r - r64).abs() + EPS[dtype] * r64.abs().max().clamp_min(1.0 if name == "loss" else 1e-3)
         assert (err <= budget).all(), f"{name}: max err {err.max().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate sizes: losses that are 0 or tiny (the plain kernel's cases, through the last layer)
+# ---------------------------------------------------------------------------------------------
+DEGENERATE_DTYPES = [torch.float32, torch.float16] if DEV == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def _head_for_logits(s, D, dtype, seed):
+    """Features (V, D) and a last layer (K, D) of unit rows, in `dtype`, whose logits are s (V, K) up to
+    the rounding of both to dtype: x = s (W W^T)^-1 W."""
+    g = torch.Generator().manual_seed(seed)
+    w = F.normalize(torch.randn(s.shape[1], D, generator=g, dtype=torch.float64), dim=-1)
+    x = s.cpu().double() @ torch.linalg.solve(w @ w.T, w)
+    return x.to(DEV, dtype), w.to(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", DEGENERATE_DTYPES)
+@pytest.mark.parametrize("K,gap,tail", DEGENERATE)
+def test_degenerate_sizes_zero_and_tiny_losses(K, gap, tail, dtype):
+    """Batch 1, 2 + 1 views, K = 1..3 (test_soft_cross_entropy.py's cases, as logits of a last layer):
+    the fused head's loss within 1e-8 of the float64 reference and relatively accurate where it is tiny
+    (every term of the combine is >= 0), its gradients within an element-by-element budget, and at
+    K = 1 loss and gradients exactly 0. The kernel's fp32 logits differ from the float64 ones by at
+    most dot_err (the fp32 sum of D products), which the budgets carry."""
+    n_views, D = 3, 24
+    s, q = _degenerate(K, n_views, gap, tail, seed=K * 10 + gap)
+    x, w = _head_for_logits(s, D, dtype, seed=K)
+    loss, dx, dw = _run(linear_soft_cross_entropy, x, w, q, n_views)
+    ref64 = _run(linear_soft_cross_entropy_ref, x.double(), w.double(), q.double(), n_views)
+    x64, w64 = x.double(), w.double()
+    s64 = F.linear(x64, w64)
+    dot_err = D * 2 ** -24 * (x64.abs() @ w64.abs().T).max().item()
+    exact = _loss_log1p(s64, q, n_views, 2, True, TAU)
+    assert abs(loss.item() - ref64[0].item()) <= 1e-8
+    assert abs(loss.item() - exact) <= (1e-5 + 2 * dot_err / TAU) * exact, f"loss {loss.item():.9g}, exact {exact:.9g}"
+    if K == 1:  # targets exactly 1
+        assert loss.item() == 0.0 and not dx.any() and not dw.any()
+    # dS = 0.7 / (P tau) (n_v p - Q_v), element by element: p to the plain kernel's relative budget (the
+    # rounding of s / tau and lse; ex2.approx) plus the logits' error, Q_v = q_0 + q_1 to 2^-23; then
+    # through the last layer, dS rounded to the matmul dtype (eps; below the smallest fp16 subnormal: sub)
+    n_pairs = 2 * n_views - 2
+    coef = 0.7 / (n_pairs * TAU)
+    p = torch.softmax(s64 / TAU, dim=-1)
+    n_v = torch.tensor([1.0, 1.0] + [2.0] * (n_views - 2), dtype=torch.float64, device=DEV)[:, None]
+    Q = torch.stack([q[1], q[0]] + [q[0] + q[1]] * (n_views - 2)).double()
+    ds64 = coef * (n_v * p - Q)
+    p_rel = 2 * (s64.abs().max().item() / TAU) * 2 ** -24 + 2 ** -21 + 2 * dot_err / TAU
+    ds_budget = coef * (n_v * p * p_rel + Q * 2 ** -23)
+    eps = EPS[dtype] if dtype != torch.float32 else 2 ** -20
+    sub = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    for name, out, ref, budget in (
+            ("dfeats", dx, ref64[1], (ds_budget + eps * ds64.abs() + sub) @ w64.abs() + sub),
+            ("dweight", dw, ref64[2], (ds_budget + eps * ds64.abs() + sub).T @ x64.abs() + sub)):
+        err = (out - ref).abs()
+        assert (err <= budget).all(), f"{name}: max err {err.max().item():.3g}, err/budget {(err / budget).max():.3g}"
 
 
 def test_frozen_last_layer():
@@ -154,17 +212,19 @@ def _head_jobs(dtypes):
     f32 = "*fp32:16"
     common = {"B": "i32", "K": "i32:16", "D": "i32:16", "n_views": "i32", "n_tiles": "i32", "n_bblocks": "i32",
               "tiles_per_chunk": "i32", "stride_x": "i32:16", "stride_w": "i32:16", "stride_q": "i32:16",
-              "stride_dw": "i32:16", "s_scale": "fp32", "grad_scale": "fp32", "Q_ptr": f32, "SStat_ptr": f32,
-              "DStat_ptr": f32, "Lse_ptr": f32, "GradOut_ptr": f32, "DXPart_ptr": f32}
+              "stride_dw": "i32:16", "s_scale": "fp32", "inv_student_temp": "fp32", "grad_scale": "fp32",
+              "Q_ptr": f32, "SStat_ptr": f32, "QStat_ptr": f32, "Lse_ptr": f32, "GradOut_ptr": f32, "DXPart_ptr": f32}
     jobs = []
     for cap in (80, 90):
         for dt, itemsize, prec in dtypes:
             p = f"*{dt}:16"
             types = {**common, "X_ptr": p, "W_ptr": p, "DW_ptr": p}
             for kind, (bb, bk, bd, nw, ns) in _launcher_configs(itemsize).items():
+                options = {"num_warps": nw, "num_stages": ns}
+                if kind != "fwd":  # the launchers' backward options: no FMA contraction
+                    options["enable_fp_fusion"] = False
                 jobs.append((mod, KERNELS[kind], types,
-                             {"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_D": bd, "DOT_PRECISION": prec},
-                             {"num_warps": nw, "num_stages": ns}, cap))
+                             {"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_D": bd, "DOT_PRECISION": prec}, options, cap))
     return jobs
 
 
@@ -173,21 +233,44 @@ def _head_jobs(dtypes):
 SMALL_SPILL = 384
 
 
+def _combine_jobs():
+    """kernels/soft_cross_entropy.py's combine at the tiles of the head's forward (K=65536, D=256, 2+10
+    views): 512 tiles for 2-byte inputs, 1024 for fp32, past the plain kernel's MAX_TILES."""
+    from fastdino.kernels.linear_soft_cross_entropy import head_launch_config
+    from fastdino.kernels.soft_cross_entropy import combine_meta
+
+    f32 = "*fp32:16"
+    types = {"SStat_ptr": f32, "QStat_ptr": f32, "ViewWeight_ptr": f32, "Lse_ptr": f32, "GroupLoss_ptr": f32,
+             "G": "i32", "n_views": "i32", "n_tiles": "i32", "s_scale": "fp32", "inv_student_temp": "fp32"}
+    jobs = []
+    for cap in (80, 90):
+        for itemsize in (2, 4):
+            meta = combine_meta(12, -(-65536 // head_launch_config(64, 256, itemsize)["fwd"][1]))
+            nw = meta.pop("num_warps")
+            jobs.append(("fastdino.kernels.soft_cross_entropy", "_soft_ce_combine_kernel", types,
+                         {**meta, "N_TARGETS": 2, "SKIP_SAME_VIEW": True, "HAS_VIEW_WEIGHTS": False}, nw, cap))
+    return jobs
+
+
 def test_aot_compile_sm80_sm90a():
     """Every head kernel at D=256 with the launcher's own configs, for each accepted input dtype (fp32
     with TF32 dots, bf16, fp16; fp32 targets) and sm_80/sm_90a: compiles, at most SMALL_SPILL bytes of
-    spill stack, and its shared memory fits the target."""
+    spill stack, and its shared memory fits the target; the combine that finishes the forward, at the
+    head's tile counts, without spills."""
     from aot import SMEM_LIMIT, aot_compile
 
     jobs = _head_jobs((("fp32", 4, "tf32"), ("bf16", 2, "ieee"), ("fp16", 2, "ieee")))
     assert len(jobs) == 2 * 3 * 3
-    results = aot_compile(jobs)
+    combine = _combine_jobs()
+    assert sorted({j[3]["BLOCK_T"] for j in combine}) == [512, 1024]
+    results = aot_compile(jobs + combine)
     assert {r["target"] for r in results} == {"sm_80", "sm_90a"}
-    for job, r in zip(jobs, results):
-        what = f"{r['kernel']} ({r['target']}, X {job[2]['X_ptr']}, {job[3]}, {job[4]})"
+    for job, r in zip(jobs + combine, results):
+        what = f"{r['kernel']} ({r['target']}, X {job[2].get('X_ptr')}, {job[3]}, {job[4]})"
         assert r["shared"] <= SMEM_LIMIT[r["target"]], f"{what}: {r['shared']} B of shared memory"
         assert not r["local_memory"], f"{what} spills to local memory"
-        assert r["stack"] <= SMALL_SPILL, f"{what} spills: {r['stack']} B of stack at {r['registers']} registers"
+        spill = 0 if r["kernel"] == "_soft_ce_combine_kernel" else SMALL_SPILL
+        assert r["stack"] <= spill, f"{what} spills: {r['stack']} B of stack at {r['registers']} registers"
 
 
 def test_fp32_ieee_dots_spill_and_are_refused(monkeypatch):

@@ -543,8 +543,7 @@ def _jobs():
               "stride_s": "i32:16", "stride_q": "i32:16", "stride_ds": "i32:16", "s_scale": "fp32",
               "inv_student_temp": "fp32", "grad_scale": "fp32", "Q_ptr": f32, "SStat_ptr": f32, "QStat_ptr": f32,
               "Lse_ptr": f32, "Weight_ptr": f32, "ViewWeight_ptr": f32, "GradOut_ptr": f32}
-    combine = {"SStat_ptr": f32, "QStat_ptr": f32, "DStat_ptr": f32, "ViewWeight_ptr": f32, "Lse_ptr": f32,
-               "GroupLoss_ptr": f32,
+    combine = {"SStat_ptr": f32, "QStat_ptr": f32, "ViewWeight_ptr": f32, "Lse_ptr": f32, "GroupLoss_ptr": f32,
                "G": "i32", "n_views": "i32", "n_tiles": "i32", "s_scale": "fp32", "inv_student_temp": "fp32"}
     reduce = {"GroupLoss_ptr": f32, "Weight_ptr": f32, "Loss_ptr": f32, "G": "i32", "uniform_weight": "fp32"}
     cpu = torch.device("cpu")
@@ -568,14 +567,12 @@ def _jobs():
                             options = nw if kind == "fwd" else {"num_warps": nw, "enable_fp_fusion": False}
                             jobs.append((mod, kernel, types, {**pairing, **extra, "BLOCK_K": block_k, "ROWS": rows},
                                          options, cap))
-        for kernel, variants in (("_soft_ce_combine_kernel", ({"HAS_VIEW_WEIGHTS": False}, {"HAS_VIEW_WEIGHTS": True})),
-                                 ("_soft_ce_combine_dot_kernel", ({},))):  # dot: the fused head's
-            for extra in variants:
-                for n_tiles in (32, 64, 128, 512):  # block_k 2048 / 1024 / 512 at K=65536; MAX_TILES
-                    meta = combine_meta(12, n_tiles)
-                    nw = meta.pop("num_warps")
-                    jobs.append((mod, kernel, combine, {**meta, **extra, "N_TARGETS": 2, "SKIP_SAME_VIEW": True},
-                                 nw, cap))
+        for extra in ({"HAS_VIEW_WEIGHTS": False}, {"HAS_VIEW_WEIGHTS": True}):
+            for n_tiles in (32, 64, 128, 512):  # block_k 2048 / 1024 / 512 at K=65536; MAX_TILES
+                meta = combine_meta(12, n_tiles)
+                nw = meta.pop("num_warps")
+                jobs.append((mod, "_soft_ce_combine_kernel", combine, {**meta, **extra, "N_TARGETS": 2,
+                                                                        "SKIP_SAME_VIEW": True}, nw, cap))
         meta = combine_meta(1, 64)
         nw = meta.pop("num_warps")
         jobs.append((mod, "_soft_ce_combine_kernel", combine,
