@@ -10,8 +10,11 @@ Rows (each one config, built and timed in turn in this process on the same devic
     reference     train.reference=true: the official algorithm, every component's plain reference
                   (per-pair loss loop, per-parameter EMA and clipping, crops unpacked through math
                   attention, CPU augmentation: fastdino.config.REFERENCE)
-    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +residual_norm, +bf16_residual, +data
+    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +residual_norm, +bf16_residual,
+    +cuda_graphs, +data
                   the reference with one fast component switched on: what that component buys alone
+                  (+cuda_graphs: the reference step replayed from a CUDA graph; its phases are not split.
+                  The config's fastdino row with graphs: --train.cuda_graphs true --rows fastdino)
     fastdino      the config as given (impls at "auto": every fast path available on this device)
     official      with --baseline-repo: a checkout of facebookresearch/dino timed on the same crops
 A component whose fast impl cannot be built here (no Triton, no DALI, no flash-attn), or resolves to
@@ -73,12 +76,13 @@ COMPONENTS = {
     "compile": {"model.compile": True},
     "residual_norm": {"model.fused_residual_norm": True},  # the blocks' residual add + norm2 as one op
     "bf16_residual": {"model.residual_dtype": "bf16"},  # the blocks' residual stream in bf16 (DINOv3)
+    "cuda_graphs": {"train.cuda_graphs": True},  # the whole step replayed from a CUDA graph (no per-phase split)
     "data": {"data.backend": "auto"},
 }
 # component -> the fields of fastdino.resolve.Resolved that tell what it resolved to
 IMPL_KEYS = {"loss": ("loss",), "ema_clip": ("ema", "clip"), "attention": ("attn",), "packed": ("packed",),
              "fused_head": ("fused_head", "loss"), "compile": ("compile",), "residual_norm": ("residual_norm",),
-             "bf16_residual": ("residual_dtype",), "data": ("data",)}
+             "bf16_residual": ("residual_dtype",), "cuda_graphs": ("cuda_graphs",), "data": ("data",)}
 ROW_NAMES = ("reference",) + tuple(f"+{c}" for c in COMPONENTS) + ("fastdino",)
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "teacher_update")
 
@@ -245,7 +249,7 @@ def resolved_impls(run, loader_backend: str | None) -> dict:
     r = run.resolved
     return {"loss": r.loss, "ema": r.ema, "clip": r.clip, "attn": r.attn, "packed": r.packed_multicrop,
             "fused_head": r.fused_head, "compile": r.compile, "residual_norm": r.residual_norm,
-            "residual_dtype": r.residual_dtype, "data": loader_backend or "synthetic"}
+            "residual_dtype": r.residual_dtype, "cuda_graphs": r.cuda_graphs, "data": loader_backend or "synthetic"}
 
 
 def _is_reference(component: str, impls: dict) -> bool:
@@ -266,6 +270,8 @@ def _is_reference(component: str, impls: dict) -> bool:
         return impls.get("residual_norm") in ("off", "torch")
     if component == "bf16_residual":
         return impls.get("residual_dtype") == "fp32"
+    if component == "cuda_graphs":
+        return impls.get("cuda_graphs") is False
     if component == "data":
         return impls.get("data") == "torch"
     return False

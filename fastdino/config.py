@@ -187,6 +187,9 @@ class TrainConfig:
     device: str = choice("auto", "auto", "cuda", "cpu")
     reference: bool = False  # every component runs its plain-PyTorch reference (config.REFERENCE)
     compile_step: bool = False  # torch.compile the whole step (forward, backward, optimizer, EMA) as one graph
+    # capture the whole step in a CUDA graph per crop layout and replay it (fastdino/cuda_graph.py): no Python
+    # between the kernels. CUDA, one process, bf16/fp32, no DeepSpeed
+    cuda_graphs: bool = False
     log_every: int = 10  # host reads loss and metrics only every N steps (no per-step sync)
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
     checkpoint_minutes: float = 30.0  # also checkpoint.pth every N minutes (0: off); a stop signal checkpoints too
@@ -267,6 +270,7 @@ REFERENCE = {
     "model.residual_dtype": "fp32",
     "model.compile": False,
     "train.compile_step": False,
+    "train.cuda_graphs": False,
     "data.backend": "torch",  # CPU augmentation
 }
 
@@ -526,6 +530,12 @@ def _validate(cfg: Config) -> None:
     if t.compile_step and t.precision == "fp16":
         raise ConfigError("config key 'train.compile_step': not supported with train.precision=fp16 "
                           "(the grad scaler's bookkeeping is host-side); use bf16 or model.compile")
+    if t.cuda_graphs and t.precision == "fp16":
+        raise ConfigError("config key 'train.cuda_graphs': not supported with train.precision=fp16 "
+                          "(the grad scaler reads its scale on the host); use bf16")
+    if t.cuda_graphs and cfg.deepspeed.enabled:
+        raise ConfigError("config key 'train.cuda_graphs': not supported with deepspeed.enabled "
+                          "(DeepSpeed's engine step synchronizes with the host)")
     if t.compile_step and cfg.deepspeed.enabled:
         raise ConfigError("config key 'train.compile_step': not supported with deepspeed.enabled "
                           "(DeepSpeed's engine step is not traceable); use model.compile")

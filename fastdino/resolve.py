@@ -17,6 +17,7 @@ The rest of the engine reads the Resolved record, never the "auto" config values
     residual_norm  off | triton | torch            model.fused_residual_norm: the op's impl on this device
     residual_dtype fp32 | bf16                     model.residual_dtype (fp32 in reference mode)
     tf32         bool                              train.allow_tf32, applied process-wide here
+    cuda_graphs  bool                              train.cuda_graphs (CUDA, one process only)
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class Resolved:
     residual_dtype: str  # fp32 | bf16: the blocks' residual stream under autocast
     tf32: bool  # train.allow_tf32: fp32 matmuls in TF32 (applied process-wide by resolve)
     reference: bool
+    cuda_graphs: bool = False  # train.cuda_graphs: the step replayed from CUDA graphs (fastdino/cuda_graph.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,6 +152,12 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
     if cfg.train.compile_step and world_size > 1:
         raise ConfigError("config key 'train.compile_step': one process only (DDP's gradient hooks are not "
                           "traced); use model.compile")
+    if cfg.train.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"config key 'train.cuda_graphs': needs a CUDA device (the device is {device}); "
+                          "set train.cuda_graphs=false")
+    if cfg.train.cuda_graphs and world_size > 1:
+        raise ConfigError("config key 'train.cuda_graphs': one process only for now (DDP's gradient hooks are "
+                          "not captured); set train.cuda_graphs=false")
     compile_mode = "step" if cfg.train.compile_step else ("blocks" if m.compile else "off")
     return Resolved(
         device=str(device),
@@ -169,4 +177,5 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
         residual_dtype=m.residual_dtype,
         tf32=cfg.train.allow_tf32,
         reference=cfg.train.reference,
+        cuda_graphs=cfg.train.cuda_graphs,
     )

@@ -247,6 +247,10 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
                       autocast_dtype=resolved.autocast_dtype,
                       nonfinite_grads_are_bad=resolved.precision != "fp16")
     step_fn = compile_step(train_step) if resolved.compile == "step" else train_step
+    if resolved.cuda_graphs:  # replayed from a CUDA graph per crop layout after 2 eager steps
+        from fastdino.cuda_graph import GraphedStep
+
+        step_fn = GraphedStep(step_fn)
     if ctx.is_main:
         log.info(resolved.line())
     return Run(cfg, resolved, ctx, state, schedules, table, step_fn, gram)

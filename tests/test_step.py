@@ -208,3 +208,63 @@ def test_no_host_synchronization_per_step():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# train.cuda_graphs: the step replayed from CUDA graphs (fastdino/cuda_graph.py)
+# ------------------------------------------------------------------------------------------------
+def test_cuda_graphs_refusals_are_one_line():
+    """train.cuda_graphs is refused, naming the key, where it cannot run: no CUDA, several processes,
+    fp16 (the grad scaler), DeepSpeed."""
+    from fastdino.config import ConfigError
+    from fastdino.resolve import resolve
+
+    cases = [(lambda: resolve(tiny_cfg("train.cuda_graphs=true"), torch.device("cpu")), "needs a CUDA device"),
+             (lambda: tiny_cfg("train.cuda_graphs=true", "train.precision=fp16"), "fp16"),
+             (lambda: tiny_cfg("train.cuda_graphs=true", "deepspeed.enabled=true"), "deepspeed")]
+    if CUDA:
+        cases.append((lambda: resolve(tiny_cfg("train.cuda_graphs=true", device="cuda"), torch.device("cuda"), 2),
+                      "one process"))
+    for make, what in cases:
+        with pytest.raises(ConfigError, match="'train.cuda_graphs'") as e:
+            make()
+        assert what in str(e.value) and "\n" not in str(e.value)
+
+
+def _layout_crops(seed, size, device):
+    g = torch.Generator().manual_seed(seed)
+    crops = [torch.randn(2, 3, size, size, generator=g) for _ in range(2)]
+    crops += [torch.randn(2, 3, size // 2, size // 2, generator=g) for _ in range(2)]
+    return [c.to(device) for c in crops]
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("extra", [(), ("loss.targets=sinkhorn_knopp", "loss.koleo_weight=0.1"),
+                                   ("model.packed_multicrop=true", "model.drop_path_rate=0.1")])
+def test_graphed_step_equals_eager_across_layouts(extra):
+    """GraphedStep: two eager warm-up steps per layout, then one graph per layout replayed; two crop
+    layouts interleaved (as data.crop_sets makes them) give the eager run's losses and weights; the
+    returned outputs are copies (an earlier step's loss survives later replays); the DINOv2 targets
+    (Sinkhorn-Knopp) and KoLeo too. With drop path the random draws differ from eager, so only
+    finiteness and progress are checked there."""
+    from fastdino.cuda_graph import GraphedStep
+
+    cfg = _cuda_cfg(*extra)
+    torch.manual_seed(0)
+    graphed, eager = make_run(cfg, "cuda"), make_run(cfg, "cuda")
+    fn = GraphedStep(train_step)
+    outs, refs = [], []
+    for it in range(8):
+        crops = _layout_crops(it, 32 if it % 2 == 0 else 48, "cuda")
+        outs.append(step(graphed, crops, it, fn))
+        refs.append(step(eager, crops, it))
+    assert len(fn.graphs) == 2 and all(v == 2 for v in fn.eager_steps.values())
+    losses = torch.stack([o["loss"] for o in outs])
+    assert torch.isfinite(losses).all() and len(set(losses.tolist())) == len(outs)
+    assert graphed.state.counters.tolist()[STEP] == 8
+    if "model.drop_path_rate=0.1" not in extra:
+        torch.testing.assert_close(losses, torch.stack([r["loss"] for r in refs]), rtol=1e-5, atol=1e-5)
+        a, b = snapshot(eager), snapshot(graphed)
+        for which in ("student", "teacher"):
+            for k in a[which]:
+                torch.testing.assert_close(b[which][k], a[which][k], rtol=0, atol=WEIGHT_TOL, msg=f"{which}.{k}")

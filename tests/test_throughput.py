@@ -279,20 +279,21 @@ def test_rows_switch_one_component_each():
     plan = tp.plan_rows(list(tp.ROW_NAMES), "both")  # headline rows first, then the components
     assert plan[:4] == [("reference", "synthetic"), ("fastdino", "synthetic"), ("reference", "real"),
                         ("fastdino", "real")]
-    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == 13
+    n_fast = len(tp.COMPONENTS) - 1  # the component rows on synthetic crops (+data runs on real data only)
+    assert ("+data", "synthetic") not in plan and ("+data", "real") in plan and len(plan) == len(set(plan)) == n_fast + 5
     assert tp.plan_rows(["fastdino", "+loss", "reference"], "real") == [("fastdino", "real"), ("reference", "real"),
                                                                        ("+loss", "real")]
     rows = [{"name": n, "data": m} for n, m in plan] + [{"name": "official", "data": "synthetic"}]
     ordered = [(r["name"], r["data"]) for r in sorted(rows, key=tp.display_order)]
     assert ordered[0] == ("reference", "synthetic")
-    assert ordered[9:11] == [("fastdino", "synthetic"), ("official", "synthetic")]
+    assert ordered[n_fast + 1:n_fast + 3] == [("fastdino", "synthetic"), ("official", "synthetic")]
     assert ordered[-3:] == [("reference", "real"), ("+data", "real"), ("fastdino", "real")]
 
 
 def test_same_as_reference_reasons():
     impls = {"loss": "reference", "ema": "foreach", "clip": None, "attn": "sdpa", "packed": True,
              "fused_head": False, "compile": "off", "residual_norm": "torch", "residual_dtype": "fp32",
-             "data": "torch"}
+             "cuda_graphs": False, "data": "torch"}
     from fastdino.config import load_config
 
     cfg = load_config(None, ["loss.impl=auto"])
@@ -303,6 +304,7 @@ def test_same_as_reference_reasons():
     assert "data=torch" in tp.same_as_reference("+data", impls, cfg)
     assert "residual_norm=torch" in tp.same_as_reference("+residual_norm", impls, cfg)  # CPU: nothing fused
     assert "residual_dtype=fp32" in tp.same_as_reference("+bf16_residual", impls, cfg)
+    assert "cuda_graphs=False" in tp.same_as_reference("+cuda_graphs", impls, cfg)
     # the reference row flags whatever did not resolve to the reference impl
     assert tp.not_reference(impls) == ["ema_clip", "attention", "packed"]
 
