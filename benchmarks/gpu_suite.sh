@@ -76,17 +76,18 @@ elif [ "$part" = E ]; then  # DINOv3: the tiled Gram loss (never measured on a G
         -k "not aot and not benchmark"
     step residual_norm 40 $py benchmarks/residual_norm.py --results "$out/residual_norm.jsonl"
 elif [ "$part" = F ]; then  # the open measurements after 2026-11-29 (~8 min): tests of what changed,
-    # the pipelined residual-norm backward, the cancellation-free loss and fused-head forwards, Sinkhorn-Knopp at
-    # iBOT size, the backbone levers end to end (the fused residual chain, the bf16 residual stream), CUDA graphs
+    # the pipelined residual-norm backward, the loss with targets made from the teacher logits (fused) vs q
+    # stored (fused_q), the cancellation-free fused head, Sinkhorn-Knopp at iBOT size, the backbone levers
+    # end to end (the fused residual chain, the bf16 residual stream), CUDA graphs
     step pytest_changed 120 $py -m pytest -q -p no:cacheprovider tests/kernels/test_residual_layer_norm.py \
         tests/kernels/test_soft_cross_entropy.py tests/kernels/test_linear_soft_cross_entropy.py \
-        tests/kernels/test_gram_loss.py tests/test_ibot.py tests/test_dinov2_models.py tests/test_attention.py \
-        tests/test_models.py tests/test_step.py -k "not aot"
+        tests/kernels/test_softmax_center.py tests/kernels/test_gram_loss.py tests/test_ibot.py \
+        tests/test_dinov2_models.py tests/test_attention.py tests/test_models.py tests/test_step.py -k "not aot"
     step residual_norm 40 $py benchmarks/residual_norm.py --results "$out/residual_norm.jsonl"
-    step loss 50 $py benchmarks/loss.py --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss.json"
+    step loss 60 $py benchmarks/loss.py --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss.json"
     step loss_head 40 $py benchmarks/loss.py --head --B 64 --crops 2+10 --dtypes bf16 --json "$out/loss_head.json"
     step loss_sk 40 $py benchmarks/loss.py --sk --B 64 2048 --dtypes bf16 --json "$out/loss_sk.json"
-    step gram_tf32 50 $py benchmarks/gram.py --dtypes fp32 --tf32 --results "$out/gram_tf32.jsonl"
+    step gram_tf32 45 $py benchmarks/gram.py --dtypes fp32 --tf32 --results "$out/gram_tf32.jsonl"
     step throughput_vits16 150 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
         --batch-size 256 --data synthetic --rows reference,fastdino,+residual_norm,+bf16_residual \
         --steps 8 --warmup 4 --repeats 3 --time-budget 130 --json "$out/throughput_vits16.json"

@@ -5,8 +5,10 @@ center update), then the multi-crop soft-target cross-entropy of the student log
 forward and backward. Variants:
   reference  softmax_center_ref + soft_cross_entropy_ref (kernels/): what the official code computes
              (the double loop over pairs), plus the center's column sum;
-  fused      softmax_center + soft_cross_entropy, the Triton custom ops (CUDA; on CPU only under
-             TRITON_INTERPRET=1).
+  fused      the engine's path: softmax_center_stats (row statistics, entropy, column sums in one read
+             of the teacher logits) + soft_cross_entropy on LogitTargets (q made on the fly from the
+             logits, never stored), the Triton custom ops (CUDA; on CPU only under TRITON_INTERPRET=1);
+  fused_q    the former fused path: softmax_center (q stored in fp32) + soft_cross_entropy on q.
 Sinkhorn-Knopp rows (--sk, and in --suite): DINOv2's teacher targets from the 2B teacher logits,
 3 iterations, one process: sk_reference (the official steps in PyTorch, kernels/sinkhorn_knopp.py's
 sinkhorn_knopp_ref) vs sk_fused (its Triton custom ops); floor = teacher logits read once + q written
@@ -22,7 +24,7 @@ Two times per row:
            loop that launches eagerly sees when the GPU waits for the host;
   dev_ms   device: the step captured 10x in a CUDA graph and replayed (no host in the way).
 plus cpu_us (host time per step with the GPU queue not full: the launch overhead alone) and, for
-fused, targets_ms / fwd_ms / bwd_ms (device time of softmax_center, of the loss's three forward
+fused, targets_ms / fwd_ms / bwd_ms (device time of softmax_center_stats, of the loss's three forward
 kernels and of its backward kernel). GB/s and floor_frac use the device time against the step's
 memory-traffic floor (student read twice, teacher read once, gradient written once) at the GPU's
 peak DRAM bandwidth; peak_extra_MB is max_memory_allocated above the inputs; speedup = reference ms
@@ -68,6 +70,19 @@ def _reference(s, t, c, temp, ncrops):
 
 
 def _fused(s, t, c, temp, ncrops, **launch):
+    """The engine's fused path (fastdino/targets.py Centering): row statistics, entropy and column sums
+    in one read of t; the loss kernels make q from t on the fly (LogitTargets: q never stored)."""
+    from fastdino.kernels.soft_cross_entropy import LogitTargets, soft_cross_entropy
+    from fastdino.kernels.softmax_center import softmax_center_stats
+
+    temp_t = torch.as_tensor(temp, dtype=torch.float32, device=t.device)
+    row_offset, _, colsum = softmax_center_stats(t, c, temp_t)
+    return soft_cross_entropy(s, LogitTargets(t, c.view(-1), temp_t, row_offset), ncrops, STUDENT_TEMP,
+                              **launch), colsum
+
+
+def _fused_q(s, t, c, temp, ncrops, **launch):
+    """The former fused path: q materialized in fp32 by softmax_center, then read by the loss kernels."""
     from fastdino.kernels.soft_cross_entropy import soft_cross_entropy
     from fastdino.kernels.softmax_center import softmax_center
 
@@ -75,7 +90,7 @@ def _fused(s, t, c, temp, ncrops, **launch):
     return soft_cross_entropy(s, q, ncrops, STUDENT_TEMP, **launch), colsum
 
 
-VARIANTS = {"reference": _reference, "fused": _fused}
+VARIANTS = {"reference": _reference, "fused": _fused, "fused_q": _fused_q}
 
 
 def _triton_runs(device: str) -> bool:
@@ -245,18 +260,22 @@ def _op_args(ncrops, launch):
 
 
 def fused_parts_ms(s, t, c, temp, ncrops, **launch) -> dict:
-    """Device time of softmax_center, of the loss forward (3 kernels) and of its backward kernel."""
-    from fastdino.kernels.soft_cross_entropy import soft_cross_entropy_backward_op, soft_cross_entropy_op
-    from fastdino.kernels.softmax_center import softmax_center_op
+    """Device time of the teacher statistics (softmax_center_stats), of the loss forward on the logit
+    targets (3 kernels) and of its backward kernel."""
+    from fastdino.kernels.soft_cross_entropy import (soft_cross_entropy_backward_op, soft_cross_entropy_op,
+                                                     teacher_scale)
+    from fastdino.kernels.softmax_center import softmax_center_stats_op
 
     sd = s.detach()
-    q = softmax_center_op(t, c, temp)[0]
+    temp_t = torch.as_tensor(temp, dtype=torch.float32, device=t.device)
+    row_offset = softmax_center_stats_op(t, c, temp_t)[0]
+    logit = (c.view(-1), teacher_scale(temp_t), row_offset)
     args = _op_args(ncrops, launch)
-    _, lse = soft_cross_entropy_op(sd, q, None, *args)
+    _, lse = soft_cross_entropy_op(sd, t, None, *args, None, *logit)
     g = torch.ones((), device=s.device)
-    return {"targets_ms": graph_ms(lambda: softmax_center_op(t, c, temp)),
-            "fwd_ms": graph_ms(lambda: soft_cross_entropy_op(sd, q, None, *args)),
-            "bwd_ms": graph_ms(lambda: soft_cross_entropy_backward_op(g, sd, q, lse, None, *args))}
+    return {"targets_ms": graph_ms(lambda: softmax_center_stats_op(t, c, temp_t)),
+            "fwd_ms": graph_ms(lambda: soft_cross_entropy_op(sd, t, None, *args, None, *logit)),
+            "bwd_ms": graph_ms(lambda: soft_cross_entropy_backward_op(g, sd, t, lse, None, *args, None, *logit))}
 
 
 def run(args) -> list[dict]:

@@ -79,10 +79,10 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
     with torch.no_grad(), autocast:
         teacher = b.teacher(crops[:2]) if masks is None else b.teacher(crops[:2], masks, mask_input=False)
     teacher = teacher if isinstance(teacher, dict) else {"cls": teacher}
-    q, teacher_stats = s.targets(teacher["cls"], hp[TEACHER_TEMP])
-    targets, patch_colsum = {"cls": q, "hp": hp}, q.new_zeros(0)  # hp: this step's schedule values
+    q, teacher_stats = s.targets(teacher["cls"], hp[TEACHER_TEMP])  # q: probabilities, or LogitTargets
+    targets, patch_colsum = {"cls": q, "hp": hp}, hp.new_zeros(0)  # hp: this step's schedule values
     if masks is not None:
-        real = torch.arange(masks.upper_bound, device=q.device) < masks.n_masked  # the rest is padding
+        real = torch.arange(masks.upper_bound, device=hp.device) < masks.n_masked  # the rest is padding
         targets["patch"], patch_stats = s.patch_targets(teacher["patch"], hp[TEACHER_TEMP], real)
         targets["patch_weights"] = masks.mask_weights
         targets["masks"] = masks  # Gram with gram.tokens_used masked / unmasked selects by them
@@ -103,7 +103,7 @@ def train_step(s: StepState, crops: list[torch.Tensor], masks=None, mark=_no_mar
     mark("loss")
 
     # ============ one all-reduce: the centers' column sums (centering) and the non-finite-loss flag ============
-    colsum = teacher_stats.get("colsum", q.new_zeros(0))  # Sinkhorn-Knopp keeps no center: nothing to sum
+    colsum = teacher_stats.get("colsum", hp.new_zeros(0))  # Sinkhorn-Knopp keeps no center: nothing to sum
     reduced = b.all_reduce_(torch.cat([colsum.float(), patch_colsum.float(),
                                        (~torch.isfinite(loss.detach())).float().view(1)]))
     loss_bad = reduced[-1] > 0

@@ -14,8 +14,10 @@ The targets are the teacher's business: a target module turns teacher logits int
 statistics and owns its state; the student-side cross-entropy (fastdino/losses) only reads the
 probabilities. Both modules answer the same calls:
 
-    q, stats = targets(teacher_logits, teacher_temp)    q (rows, K) fp32, rows summing to 1;
-                                                        stats["entropy"] (rows,) fp32
+    q, stats = targets(teacher_logits, teacher_temp)    q (rows, K) fp32, rows summing to 1 (Centering
+                                                        fused: LogitTargets, the logits and row statistics
+                                                        q is made of, read by the loss kernels: q is
+                                                        never stored); stats["entropy"] (rows,) fp32
     targets.update_(colsum_all_ranks, rows_all_ranks, ok)        after the step, gated on device
 
 iBOT's patch targets (DINOv2) are a second target module of the same kind over the static-shaped
@@ -53,8 +55,10 @@ def update_center_(center: torch.Tensor, batch_mean: torch.Tensor, momentum: flo
 class Centering(nn.Module):
     """DINO's teacher targets: q = softmax((t - c) / teacher_temp), center c (1, K) fp32.
 
-    impl: "fused" (the Triton op of kernels/softmax_center.py) or "reference" (its plain-PyTorch
-    reference). state_dict() is {"center": (1, K)}, the official DINOLoss entry."""
+    impl: "fused" (kernels/softmax_center.py's softmax_center_stats: one read of the logits for the
+    row statistics, the entropy and the column sums; q returned as LogitTargets, which the fused loss
+    kernels turn into q tile by tile, and probs() materializes for anything else) or "reference" (the
+    plain-PyTorch softmax, q stored). state_dict() is {"center": (1, K)}, the official DINOLoss entry."""
 
     def __init__(self, out_dim: int, center_momentum: float = 0.9, impl: str = "reference"):
         super().__init__()
@@ -67,13 +71,24 @@ class Centering(nn.Module):
     def forward(self, teacher_logits: torch.Tensor, teacher_temp,
                 row_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """teacher_logits (R, K) any float dtype; teacher_temp a 0-dim device tensor (or a float).
-        Returns q (R, K) fp32 and {"entropy": (R,) fp32, "colsum": (K,) fp32 column sums of t}.
+        Returns q (R, K) fp32 (fused: LogitTargets) and {"entropy": (R,) fp32, "colsum": (K,) fp32
+        column sums of t}.
         row_valid (R,) bool (iBOT rows): "colsum" is the mean of the valid rows, entropy 0 elsewhere."""
+        t = teacher_logits.detach()
+        if self.impl == "fused":  # q is not stored: the loss kernels make it from t and the row statistics
+            from fastdino.kernels.soft_cross_entropy import LogitTargets
+            from fastdino.kernels.softmax_center import softmax_center_stats
+
+            if not isinstance(teacher_temp, torch.Tensor):
+                teacher_temp = torch.tensor(float(teacher_temp), device=t.device)
+            center = self.center.detach().clone().view(-1)  # the loss's backward reads it; the center moves
+            row_offset, entropy, colsum = softmax_center_stats(t, center, teacher_temp, row_valid, impl="triton")
+            if row_valid is not None:  # the mean of the valid rows
+                colsum = colsum / row_valid.sum().clamp(min=1)
+            return LogitTargets(t, center, teacher_temp, row_offset), {"entropy": entropy, "colsum": colsum}
         from fastdino.kernels.softmax_center import softmax_center
 
-        t = teacher_logits.detach()
-        q, entropy, colsum = softmax_center(t, self.center, teacher_temp,
-                                            impl="triton" if self.impl == "fused" else "torch")
+        q, entropy, colsum = softmax_center(t, self.center, teacher_temp, impl="torch")
         if row_valid is not None:  # a (1, R) x (R, K) product: no (R, K) temporary
             colsum = (row_valid.to(t.dtype)[None] @ t).view(-1).float() / row_valid.sum().clamp(min=1)
             entropy = torch.where(row_valid, entropy, 0.0)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .soft_cross_entropy import (LOG2E, _row_partials, check_runnable, check_shapes, combine_and_reduce,
+from .soft_cross_entropy import (LOG2E, LogitTargets, _row_partials, check_runnable, check_shapes, combine_and_reduce,
                                  pair_counts, partials, rows_contiguous, sm_count, soft_cross_entropy_ref)
 
 
@@ -359,13 +359,16 @@ def linear_soft_cross_entropy(feats, weight, targets, n_views, student_temp, imp
     """Fused last layer + DINO soft-target cross-entropy, scalar fp32 loss.
 
     feats (n_views*B, D) view-major and weight (K, D) in one dtype (the matmul dtype; fp32
-    accumulation); targets (2B, K) fp32 probabilities (no gradient). Gradients flow to feats and
+    accumulation); targets (2B, K) fp32 probabilities (no gradient), or LogitTargets (materialized
+    here: the fused head reads q). Gradients flow to feats and
     weight (the dW kernel is skipped when weight needs no gradient). impl="triton": the custom op
     (CUDA, or CPU under TRITON_INTERPRET=1); impl="torch": linear_soft_cross_entropy_ref.
     block_b / block_k override the launch table (tests, tuning).
     """
     if impl not in IMPLS:
         raise ValueError(f"linear_soft_cross_entropy: impl={impl!r} is not one of {list(IMPLS)}")
+    if isinstance(targets, LogitTargets):
+        targets = targets.probs()
     _check_inputs(feats, weight, targets, n_views)
     if feats.dtype != weight.dtype:
         raise ValueError(f"linear_soft_cross_entropy: feats ({feats.dtype}) and weight ({weight.dtype}) must "

@@ -51,10 +51,21 @@ re-captures nothing), student_temp is a kernel scalar (constant for a run):
 (fastdino::soft_cross_entropy, fastdino::soft_cross_entropy_backward) with fake implementations,
 so torch.compile traces a step through them without a graph break.
 
-Traffic: S twice, Q twice, dS once, plus the partials: 3 V + T floats per group and K tile, written
-once and read once (~1% of S's traffic at BLOCK_K = 1024 in bf16); the floor is S twice + Q once +
-dS once (memory_floor_bytes). S in fp32/bf16/fp16 (dS in S's dtype), Q read as fp32.
-Design limits: T in {1, 2}; rows of S and Q contiguous in K (other layouts are copied); any K (past
+Targets from the teacher logits (LogitTargets: DINO's centering, fused, fastdino/targets.py): Q is
+not stored. Passes 1 and 4 load the teacher logits t (their own dtype) instead of q and make
+q = 2^((t - c) * scale - row_offset) in registers (_target_block, FROM_LOGITS), with the center c
+(one tile per program), scale = teacher_scale(tau_t) and the rows' log2 normalizers row_offset
+(+inf: a padded row, q = 0) from kernels/softmax_center.py's softmax_center_stats, which reads t once
+and is compiled, like both passes here in this mode, without FMA contraction: y2 has the same bits.
+For DINO at B = 64, K = 65536, 2 + 10 crops in bf16 the teacher side of a step goes from t read 3x +
+q written and read 2x in fp32 (144 MB) to t read 3x in bf16 (48 MB), against the student's 300 MB.
+
+Traffic: S twice, Q twice (or t twice), dS once, plus the partials: 3 V + T floats per group and K
+tile, written once and read once (~1% of S's traffic at BLOCK_K = 1024 in bf16); the floor is S twice
++ Q once + dS once (memory_floor_bytes). S in fp32/bf16/fp16 (dS in S's dtype), Q read as fp32.
+Design limits: T in {1, 2}; rows of S and Q contiguous in K (other layouts are copied); with logit
+targets the sweep's largest tiles (BLOCK_K 2048, ROWS 8, 8 warps) spill 8 B in the fp32 backward on
+sm_80 (the launch table's do not); any K (past
 MAX_TILES = 512 tiles of the table's BLOCK_K, BLOCK_K grows); the combine kernel holds one group's
 (views, tiles) partials in registers (compiled without spills up to 16 views x 1024 tiles: this op
 stays within MAX_TILES, the fused head reaches 1024 in fp32 at K = 65536). Shapes with many
@@ -64,6 +75,7 @@ yet tuned (a group-blocked variant is the next step).
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +155,23 @@ def soft_cross_entropy_ref(student_logits, targets, n_views, student_temp, n_tar
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _target_block(Q_ptr, rows, offs, mask, stride_q, c, scale, RowOff_ptr, FROM_LOGITS: tl.constexpr):
+    """fp32 [len(rows), BLOCK_K] block of target probabilities, 0 outside K: loaded from Q, or with
+    FROM_LOGITS made from the teacher logits in Q_ptr as q = 2^((t - c) * scale - row_offset)
+    (LogitTargets; scale = teacher_scale(teacher_temp), read from memory; the kernel is compiled
+    without FMA contraction: y2 rounds as in kernels/softmax_center.py's statistics, where row_offset
+    came from)."""
+    if FROM_LOGITS:
+        t = tl.load(Q_ptr + rows[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
+                    other=0.0).to(tl.float32)
+        y2 = (t - c[None, :]) * scale
+        off = tl.load(RowOff_ptr + rows)
+        return tl.where(mask[None, :], tl.exp2(y2 - off[:, None]), 0.0)
+    return tl.load(Q_ptr + rows[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _row_partials(SStat_ptr, s, paired_q, rows, rmask, mask, pid_k, n_tiles, s_plane, s_scale):
     """Tile partials of a [R, BLOCK_K] block of student rows, stored at SStat[:, rows, pid_k]; with
     d_k = (s_k - m) * s_scale <= 0 (log2 units, exactly 0 at the maximal elements):
@@ -167,10 +196,11 @@ def _row_partials(SStat_ptr, s, paired_q, rows, rmask, mask, pid_k, n_tiles, s_p
 
 @triton.jit
 def _soft_ce_fwd_kernel(
-    S_ptr, Q_ptr, SStat_ptr, QStat_ptr,
+    S_ptr, Q_ptr, SStat_ptr, QStat_ptr, Center_ptr, Scale_ptr, RowOff_ptr,
     G, K, n_views, group_size, n_tiles, stride_s, stride_q,
     s_scale,  # log2(e) / tau
     N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
 ):
     """One K tile of the rows of groups [pid_g*group_size, +group_size). Partials: SStat
     (3, n_views*G, n_tiles) = (m, r, a) per student row (_row_partials); QStat (n_targets*G,
@@ -184,6 +214,10 @@ def _soft_ce_fwd_kernel(
     offs_t = tl.arange(0, N_TARGETS)
     offs_r = tl.arange(0, ROWS)
     hmask = offs_t < n_views  # target-aligned views that exist (n_views may be < n_targets)
+    c, scale = 0.0, 0.0
+    if FROM_LOGITS:  # the center's tile and the teacher temperature, once per program
+        c = tl.load(Center_ptr + offs, mask=mask, other=0.0)
+        scale = tl.load(Scale_ptr)
     for j in range(0, group_size):
         g = pid_g * group_size + j
         if g < G:
@@ -192,8 +226,7 @@ def _soft_ce_fwd_kernel(
                 rows_q = (N_TARGETS - 1 - offs_t) * G + g  # target 1 - i: the one view i pairs with (T = 2)
             else:
                 rows_q = rows_t
-            q = tl.load(Q_ptr + rows_q[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
-                        other=0.0).to(tl.float32)
+            q = _target_block(Q_ptr, rows_q, offs, mask, stride_q, c, scale, RowOff_ptr, FROM_LOGITS)
             tl.store(QStat_ptr + rows_q.to(tl.int64) * n_tiles + pid_k, tl.sum(q, axis=1))
             q_all = tl.sum(q, axis=0)[None, :]  # all targets: the mass paired with views >= n_targets
             if not SKIP_SAME_VIEW:
@@ -290,11 +323,11 @@ def _soft_ce_reduce_kernel(
 
 @triton.jit
 def _soft_ce_bwd_kernel(
-    S_ptr, Q_ptr, Lse_ptr, Weight_ptr, ViewWeight_ptr, GradOut_ptr, DS_ptr,
+    S_ptr, Q_ptr, Lse_ptr, Weight_ptr, ViewWeight_ptr, GradOut_ptr, DS_ptr, Center_ptr, Scale_ptr, RowOff_ptr,
     G, K, n_views, group_size, stride_s, stride_q, stride_ds,
     inv_student_temp, grad_scale,  # 1/tau;  1/tau, times 1/(P*G) without weights
     N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    HAS_VIEW_WEIGHTS: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+    HAS_VIEW_WEIGHTS: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, FROM_LOGITS: tl.constexpr,
 ):
     """dS_vg = g * w_g * c_v / tau * (n_v e^(s_vg / tau - lse_vg) - Q_vg) with Q_vg = sum_i q_ig, minus
     q_vg for the target-aligned views under skip_same_view. s / tau is rounded as in the forward
@@ -311,6 +344,10 @@ def _soft_ce_bwd_kernel(
     hmask = offs_t < n_views
     if HAS_VIEW_WEIGHTS:
         c_h = tl.load(ViewWeight_ptr + offs_t, mask=hmask, other=0.0).to(tl.float32)
+    center, scale = 0.0, 0.0
+    if FROM_LOGITS:
+        center = tl.load(Center_ptr + offs, mask=mask, other=0.0)
+        scale = tl.load(Scale_ptr)
     for j in range(0, group_size):
         g = pid_g * group_size + j
         if g < G:
@@ -318,8 +355,7 @@ def _soft_ce_bwd_kernel(
             if HAS_WEIGHTS:
                 coef_g = coef * tl.load(Weight_ptr + g).to(tl.float32)
             rows_t = offs_t * G + g
-            q = tl.load(Q_ptr + rows_t[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
-                        other=0.0).to(tl.float32)
+            q = _target_block(Q_ptr, rows_t, offs, mask, stride_q, center, scale, RowOff_ptr, FROM_LOGITS)
             q_all = tl.sum(q, axis=0)  # sum over the targets of the group
             hm = hmask[:, None] & mask[None, :]
             sh = tl.load(S_ptr + rows_t[:, None].to(tl.int64) * stride_s + offs[None, :], mask=hm,
@@ -467,32 +503,56 @@ def combine_and_reduce(sstat, qstat, group_loss, weights, view_weights, G, n_vie
 # ----------------------------------------------------------------------------------------------
 # Custom ops (torch.compile traces through them; CUDA-graph capturable)
 # ----------------------------------------------------------------------------------------------
+def teacher_scale(teacher_temp, device=None) -> torch.Tensor:
+    """log2(e) / teacher_temp, 0-dim fp32, computed once by torch on the temperature's device (a float:
+    on `device`) and read from memory by every kernel that makes q from the teacher logits, so all of
+    them round y2 = (t - c) * scale to the same bits (an in-kernel division would not: Triton's fp32 `/`
+    is approximate on NVIDIA GPUs)."""
+    t = teacher_temp if isinstance(teacher_temp, torch.Tensor) else torch.tensor(float(teacher_temp), device=device)
+    return LOG2E.value / t.detach().float().reshape(())
+
+
+def _logit_args(targets, center, scale, row_offset) -> tuple:
+    """The kernels' (Center, Scale, RowOff) pointers and FROM_LOGITS: with LogitTargets' tensors, else
+    `targets` three times (never read)."""
+    if center is None:
+        return targets, targets, targets, False
+    return center.contiguous().view(-1), scale.float().reshape(()), row_offset.contiguous(), True
+
+
 @torch.library.custom_op("fastdino::soft_cross_entropy", mutates_args=())
 def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
                           n_views: int, student_temp: float, n_targets: int, skip_same_view: bool,
                           block_k: int, group_size: int, num_warps: int, rows: int,
-                          view_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          view_weights: torch.Tensor | None = None, center: torch.Tensor | None = None,
+                          teacher_scale: torch.Tensor | None = None,
+                          row_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Passes 1-3: 3 kernels, 3 allocations. Returns (loss 0-dim fp32, lse (n_views*G,) fp32).
     block_k / group_size / num_warps / rows: launch overrides, 0 = the launch table. view_weights
-    (n_views,) or None: last, so that callers without them keep their positional arguments."""
+    (n_views,) or None: last, so that callers without them keep their positional arguments. With
+    center / teacher_scale / row_offset (LogitTargets, teacher_scale = teacher_scale(teacher_temp)),
+    `targets` holds the teacher logits."""
     S, Q = rows_contiguous(student_logits), rows_contiguous(targets)
     W = None if weights is None else weights.contiguous()
     VW = None if view_weights is None else view_weights.contiguous()
+    C, TT, RO, from_logits = _logit_args(Q, center, teacher_scale, row_offset)
     n_rows, K = S.shape
     G = n_rows // n_views
     plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
     (BLOCK_K, ROWS, nw, gs), _, n_tiles, n_groups, _, _ = plan
     sstat, qstat, group_loss = partials(G, n_views, n_targets, n_tiles, S.device)
     _soft_ce_fwd_kernel[(n_tiles, n_groups)](
-        S, Q, sstat, qstat, G, K, n_views, gs, n_tiles, S.stride(0), Q.stride(0), LOG2E.value / student_temp,
-        N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw)
+        S, Q, sstat, qstat, C, TT, RO, G, K, n_views, gs, n_tiles, S.stride(0), Q.stride(0),
+        LOG2E.value / student_temp, N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, BLOCK_K=BLOCK_K,
+        ROWS=ROWS, FROM_LOGITS=from_logits, num_warps=nw,
+        **({"enable_fp_fusion": False} if from_logits else {}))
     return combine_and_reduce(sstat, qstat, group_loss, W, VW, G, n_views, n_tiles, student_temp, n_targets,
                               skip_same_view, S.device)
 
 
 @soft_cross_entropy_op.register_fake
 def _(student_logits, targets, weights, n_views, student_temp, n_targets, skip_same_view, block_k, group_size,
-      num_warps, rows, view_weights=None):
+      num_warps, rows, view_weights=None, center=None, teacher_scale=None, row_offset=None):
     f32 = dict(dtype=torch.float32, device=student_logits.device)
     return torch.empty((), **f32), torch.empty(student_logits.shape[0], **f32)
 
@@ -502,12 +562,15 @@ def soft_cross_entropy_backward_op(grad_loss: torch.Tensor, student_logits: torc
                                    lse: torch.Tensor, weights: torch.Tensor | None, n_views: int,
                                    student_temp: float, n_targets: int, skip_same_view: bool, block_k: int,
                                    group_size: int, num_warps: int, rows: int,
-                                   view_weights: torch.Tensor | None = None) -> torch.Tensor:
+                                   view_weights: torch.Tensor | None = None, center: torch.Tensor | None = None,
+                                   teacher_scale: torch.Tensor | None = None,
+                                   row_offset: torch.Tensor | None = None) -> torch.Tensor:
     """Pass 4: dS (same shape and dtype as student_logits, contiguous). grad_loss: the upstream
     gradient of the loss, a 0-dim device tensor read in the kernel (as the weights)."""
     S, Q = rows_contiguous(student_logits), rows_contiguous(targets)
     W = None if weights is None else weights.contiguous()
     VW = None if view_weights is None else view_weights.contiguous()
+    C, TT, RO, from_logits = _logit_args(Q, center, teacher_scale, row_offset)
     n_rows, K = S.shape
     G = n_rows // n_views
     plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
@@ -517,33 +580,35 @@ def soft_cross_entropy_backward_op(grad_loss: torch.Tensor, student_logits: torc
         grad_scale /= sum(pair_counts(n_views, n_targets, skip_same_view)) * G
     dS = torch.empty_like(S, memory_format=torch.contiguous_format)
     _soft_ce_bwd_kernel[(triton.cdiv(K, BLOCK_K), triton.cdiv(G, gs))](
-        S, Q, lse, lse if W is None else W, lse if VW is None else VW, grad_loss, dS,
+        S, Q, lse, lse if W is None else W, lse if VW is None else VW, grad_loss, dS, C, TT, RO,
         G, K, n_views, gs, S.stride(0), Q.stride(0), dS.stride(0), 1.0 / student_temp, grad_scale,
         N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, HAS_WEIGHTS=W is not None,
-        HAS_VIEW_WEIGHTS=VW is not None, BLOCK_K=BLOCK_K, ROWS=ROWS, num_warps=nw, enable_fp_fusion=False)
+        HAS_VIEW_WEIGHTS=VW is not None, BLOCK_K=BLOCK_K, ROWS=ROWS, FROM_LOGITS=from_logits, num_warps=nw,
+        enable_fp_fusion=False)
     return dS
 
 
 @soft_cross_entropy_backward_op.register_fake
 def _(grad_loss, student_logits, targets, lse, weights, n_views, student_temp, n_targets, skip_same_view,
-      block_k, group_size, num_warps, rows, view_weights=None):
+      block_k, group_size, num_warps, rows, view_weights=None, center=None, teacher_scale=None, row_offset=None):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    student_logits, targets, weights, *args, view_weights = inputs
-    ctx.save_for_backward(student_logits, targets, output[1], weights, view_weights)
+    student_logits, targets, weights, *args, view_weights, center, teacher_scale, row_offset = inputs
+    ctx.save_for_backward(student_logits, targets, output[1], weights, view_weights, center, teacher_scale,
+                          row_offset)
     ctx.args = args
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_lse):
-    student_logits, targets, lse, weights, view_weights = ctx.saved_tensors
+    student_logits, targets, lse, weights, view_weights, center, teacher_scale, row_offset = ctx.saved_tensors
     dS = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
         dS = soft_cross_entropy_backward_op(grad_loss, student_logits, targets, lse, weights, *ctx.args,
-                                            view_weights)
-    return (dS,) + (None,) * 11
+                                            view_weights, center, teacher_scale, row_offset)
+    return (dS,) + (None,) * 14
 
 
 soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -555,13 +620,42 @@ soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 IMPLS = ("triton", "torch")
 
 
+class LogitTargets(NamedTuple):
+    """Target probabilities given by the teacher logits they come from (DINO's centering, fused:
+    fastdino/targets.py), never stored: q = 2^((t - c) * log2(e) / teacher_temp - row_offset) row by
+    row, with row_offset = log2 of the row's normalizer (kernels/softmax_center.py's
+    softmax_center_stats; +inf for padded rows: q = 0). The soft-CE kernels read t (its own dtype:
+    bf16 under autocast, half of fp32 q) instead of q; probs() is the materialized q for everything else."""
+    logits: torch.Tensor  # (R, K) any float dtype
+    center: torch.Tensor  # (K,) or (1, K) fp32
+    teacher_temp: torch.Tensor  # 0-dim fp32 device tensor
+    row_offset: torch.Tensor  # (R,) fp32, log2 units
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logits.shape
+
+    def dim(self) -> int:
+        return self.logits.dim()
+
+    def detach(self) -> "LogitTargets":
+        return self  # the teacher's tensors carry no gradient
+
+    def probs(self) -> torch.Tensor:
+        """q (R, K) fp32."""
+        from .softmax_center import teacher_probs
+
+        return teacher_probs(self.logits, self.center, self.teacher_temp, self.row_offset)
+
+
 def soft_cross_entropy(student_logits, targets, n_views, student_temp, n_targets=2, skip_same_view=True,
                        weights=None, impl="triton", *, view_weights=None, block_k=0, group_size=0, num_warps=0,
                        rows=0):
     """Multi-view soft-target cross-entropy (see the header), scalar fp32 loss.
 
     student_logits (n_views*G, K) view-major, fp32/bf16/fp16; targets (n_targets*G, K) fp32
-    probabilities (no gradient); weights (G,) fp32 per-group weights or None (mean over pairs and
+    probabilities (no gradient), or LogitTargets (the Triton kernels read the teacher logits and make
+    q on the fly; the torch impl materializes it); weights (G,) fp32 per-group weights or None (mean over pairs and
     groups); view_weights (n_views,) fp32 per-view weights c_v or None (= 1), a device tensor read in
     the kernels (no gradient). impl="triton": the custom op (CUDA tensors, or CPU under
     TRITON_INTERPRET=1); impl="torch": soft_cross_entropy_ref. block_k / group_size / num_warps / rows override the
@@ -571,14 +665,19 @@ def soft_cross_entropy(student_logits, targets, n_views, student_temp, n_targets
     if impl not in IMPLS:
         raise ValueError(f"soft_cross_entropy: impl={impl!r} is not one of {list(IMPLS)}")
     if impl == "torch":
-        return soft_cross_entropy_ref(student_logits, targets, n_views, student_temp, n_targets, skip_same_view,
+        q = targets.probs() if isinstance(targets, LogitTargets) else targets
+        return soft_cross_entropy_ref(student_logits, q, n_views, student_temp, n_targets, skip_same_view,
                                       weights, view_weights=view_weights)
     _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights, view_weights)
     check_runnable(student_logits, "soft_cross_entropy")
+    logit_args = (None, None, None)
+    if isinstance(targets, LogitTargets):
+        scale = teacher_scale(targets.teacher_temp, targets.logits.device)
+        targets, logit_args = targets.logits, (targets.center, scale, targets.row_offset)
     loss, _ = soft_cross_entropy_op(student_logits, targets.detach(), None if weights is None else weights.detach(),
                                     n_views, float(student_temp), n_targets, bool(skip_same_view),
                                     block_k, group_size, num_warps, rows,
-                                    None if view_weights is None else view_weights.detach())
+                                    None if view_weights is None else view_weights.detach(), *logit_args)
     return loss
 
 
@@ -588,5 +687,5 @@ def memory_floor_bytes(n_rows: int, n_target_rows: int, K: int, itemsize: int, t
     return (3 * n_rows * itemsize + n_target_rows * target_itemsize) * K
 
 
-__all__ = ["soft_cross_entropy", "soft_cross_entropy_ref", "soft_cross_entropy_op", "soft_cross_entropy_backward_op",
+__all__ = ["soft_cross_entropy", "soft_cross_entropy_ref", "LogitTargets", "teacher_scale", "soft_cross_entropy_op", "soft_cross_entropy_backward_op",
            "memory_floor_bytes", "launch_config", "pair_counts"]

@@ -14,12 +14,15 @@ what they hold:
                      present when a term asks for them (KoLeo: MultiCropWrapper(keep_features=True))
     student["patch"] iBOT head outputs of the global crops' masked patch tokens (U, K_ibot), static
                      U = the masks' upper bound (MultiCropWrapper with masks)
-    targets["cls"]   teacher probabilities of the 2 global crops (2B, K), fp32 (fastdino/targets.py)
+    targets["cls"]   teacher probabilities of the 2 global crops (2B, K), fp32 (fastdino/targets.py), or
+                     with fused centering kernels.soft_cross_entropy.LogitTargets (the logits and row
+                     statistics they are made of; .probs() materializes them)
     student["patch_tokens"]  the backbone's normed patch tokens of the 2 global crops (2B, P, D)
                      (Gram: MultiCropWrapper(keep_patch_tokens=True))
     targets["gram"]  the Gram teacher's patch tokens of the same crops, on the student's grid (2B, P, D)
     targets["patch"], targets["patch_weights"]  the teacher's targets of those tokens (U, K_ibot)
-                     fp32 and their weights (U,), 1 / (masked tokens of the crop), 0 on padding
+                     fp32 (or LogitTargets, as targets["cls"]) and their weights (U,), 1 / (masked
+                     tokens of the crop), 0 on padding
     targets["masks"] the step's MaskBatch (masks, mask_indices, weights, n_masked), with iBOT
                      (Gram with gram.tokens_used masked / unmasked selects its patches by it)
     targets["hp"]    the step's hyper-parameters, one schedule value per row of fastdino/schedules.py

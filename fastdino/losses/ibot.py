@@ -64,7 +64,7 @@ class IBOTTerm(nn.Module):
     def forward(self, student: dict, targets: dict) -> torch.Tensor:
         s, q, w = student["patch"], targets["patch"], targets["patch_weights"]
         if self.impl == "reference":
-            return ibot_loss_ref(s, q, w, self.n_samples, self.student_temp)
+            return ibot_loss_ref(s, q.probs() if hasattr(q, "probs") else q, w, self.n_samples, self.student_temp)
         from fastdino.kernels.soft_cross_entropy import soft_cross_entropy
 
         _check(s, q, w, self.n_samples)
