@@ -155,16 +155,19 @@ def soft_cross_entropy_ref(student_logits, targets, n_views, student_temp, n_tar
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _target_block(Q_ptr, rows, offs, mask, stride_q, c, scale, RowOff_ptr, FROM_LOGITS: tl.constexpr):
+def _target_block(Q_ptr, rows, offs, mask, stride_q, c, co, scale, RowOff_ptr, FROM_LOGITS: tl.constexpr,
+                  HAS_COL_OFFSET: tl.constexpr):
     """fp32 [len(rows), BLOCK_K] block of target probabilities, 0 outside K: loaded from Q, or with
-    FROM_LOGITS made from the teacher logits in Q_ptr as q = 2^((t - c) * scale - row_offset)
-    (LogitTargets; scale = teacher_scale(teacher_temp), read from memory; the kernel is compiled
-    without FMA contraction: y2 rounds as in kernels/softmax_center.py's statistics, where row_offset
-    came from)."""
+    FROM_LOGITS made from the teacher logits in Q_ptr as q = 2^((t - c) * scale [- co] - row_offset)
+    (LogitTargets; scale = teacher_scale(teacher_temp), read from memory; co: the tile of the column
+    offsets with HAS_COL_OFFSET, Sinkhorn-Knopp's). The kernel is compiled without FMA contraction: the
+    exponent rounds as in the statistics kernels where the offsets came from."""
     if FROM_LOGITS:
         t = tl.load(Q_ptr + rows[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
                     other=0.0).to(tl.float32)
         y2 = (t - c[None, :]) * scale
+        if HAS_COL_OFFSET:
+            y2 = y2 - co[None, :]
         off = tl.load(RowOff_ptr + rows)
         return tl.where(mask[None, :], tl.exp2(y2 - off[:, None]), 0.0)
     return tl.load(Q_ptr + rows[:, None].to(tl.int64) * stride_q + offs[None, :], mask=mask[None, :],
@@ -196,11 +199,11 @@ def _row_partials(SStat_ptr, s, paired_q, rows, rmask, mask, pid_k, n_tiles, s_p
 
 @triton.jit
 def _soft_ce_fwd_kernel(
-    S_ptr, Q_ptr, SStat_ptr, QStat_ptr, Center_ptr, Scale_ptr, RowOff_ptr,
+    S_ptr, Q_ptr, SStat_ptr, QStat_ptr, Center_ptr, Scale_ptr, RowOff_ptr, ColOff_ptr,
     G, K, n_views, group_size, n_tiles, stride_s, stride_q,
     s_scale,  # log2(e) / tau
     N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
-    FROM_LOGITS: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
 ):
     """One K tile of the rows of groups [pid_g*group_size, +group_size). Partials: SStat
     (3, n_views*G, n_tiles) = (m, r, a) per student row (_row_partials); QStat (n_targets*G,
@@ -214,10 +217,12 @@ def _soft_ce_fwd_kernel(
     offs_t = tl.arange(0, N_TARGETS)
     offs_r = tl.arange(0, ROWS)
     hmask = offs_t < n_views  # target-aligned views that exist (n_views may be < n_targets)
-    c, scale = 0.0, 0.0
-    if FROM_LOGITS:  # the center's tile and the teacher temperature, once per program
+    c, co, scale = 0.0, 0.0, 0.0
+    if FROM_LOGITS:  # the center's (and column offsets') tile and the teacher temperature, once per program
         c = tl.load(Center_ptr + offs, mask=mask, other=0.0)
         scale = tl.load(Scale_ptr)
+        if HAS_COL_OFFSET:
+            co = tl.load(ColOff_ptr + offs, mask=mask, other=0.0)
     for j in range(0, group_size):
         g = pid_g * group_size + j
         if g < G:
@@ -226,7 +231,8 @@ def _soft_ce_fwd_kernel(
                 rows_q = (N_TARGETS - 1 - offs_t) * G + g  # target 1 - i: the one view i pairs with (T = 2)
             else:
                 rows_q = rows_t
-            q = _target_block(Q_ptr, rows_q, offs, mask, stride_q, c, scale, RowOff_ptr, FROM_LOGITS)
+            q = _target_block(Q_ptr, rows_q, offs, mask, stride_q, c, co, scale, RowOff_ptr, FROM_LOGITS,
+                              HAS_COL_OFFSET)
             tl.store(QStat_ptr + rows_q.to(tl.int64) * n_tiles + pid_k, tl.sum(q, axis=1))
             q_all = tl.sum(q, axis=0)[None, :]  # all targets: the mass paired with views >= n_targets
             if not SKIP_SAME_VIEW:
@@ -324,10 +330,11 @@ def _soft_ce_reduce_kernel(
 @triton.jit
 def _soft_ce_bwd_kernel(
     S_ptr, Q_ptr, Lse_ptr, Weight_ptr, ViewWeight_ptr, GradOut_ptr, DS_ptr, Center_ptr, Scale_ptr, RowOff_ptr,
-    G, K, n_views, group_size, stride_s, stride_q, stride_ds,
+    ColOff_ptr, G, K, n_views, group_size, stride_s, stride_q, stride_ds,
     inv_student_temp, grad_scale,  # 1/tau;  1/tau, times 1/(P*G) without weights
     N_TARGETS: tl.constexpr, SKIP_SAME_VIEW: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     HAS_VIEW_WEIGHTS: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    HAS_COL_OFFSET: tl.constexpr,
 ):
     """dS_vg = g * w_g * c_v / tau * (n_v e^(s_vg / tau - lse_vg) - Q_vg) with Q_vg = sum_i q_ig, minus
     q_vg for the target-aligned views under skip_same_view. s / tau is rounded as in the forward
@@ -344,10 +351,12 @@ def _soft_ce_bwd_kernel(
     hmask = offs_t < n_views
     if HAS_VIEW_WEIGHTS:
         c_h = tl.load(ViewWeight_ptr + offs_t, mask=hmask, other=0.0).to(tl.float32)
-    center, scale = 0.0, 0.0
+    center, co, scale = 0.0, 0.0, 0.0
     if FROM_LOGITS:
         center = tl.load(Center_ptr + offs, mask=mask, other=0.0)
         scale = tl.load(Scale_ptr)
+        if HAS_COL_OFFSET:
+            co = tl.load(ColOff_ptr + offs, mask=mask, other=0.0)
     for j in range(0, group_size):
         g = pid_g * group_size + j
         if g < G:
@@ -355,7 +364,8 @@ def _soft_ce_bwd_kernel(
             if HAS_WEIGHTS:
                 coef_g = coef * tl.load(Weight_ptr + g).to(tl.float32)
             rows_t = offs_t * G + g
-            q = _target_block(Q_ptr, rows_t, offs, mask, stride_q, center, scale, RowOff_ptr, FROM_LOGITS)
+            q = _target_block(Q_ptr, rows_t, offs, mask, stride_q, center, co, scale, RowOff_ptr, FROM_LOGITS,
+                              HAS_COL_OFFSET)
             q_all = tl.sum(q, axis=0)  # sum over the targets of the group
             hm = hmask[:, None] & mask[None, :]
             sh = tl.load(S_ptr + rows_t[:, None].to(tl.int64) * stride_s + offs[None, :], mask=hm,
@@ -512,12 +522,14 @@ def teacher_scale(teacher_temp, device=None) -> torch.Tensor:
     return LOG2E.value / t.detach().float().reshape(())
 
 
-def _logit_args(targets, center, scale, row_offset) -> tuple:
-    """The kernels' (Center, Scale, RowOff) pointers and FROM_LOGITS: with LogitTargets' tensors, else
-    `targets` three times (never read)."""
+def _logit_args(targets, center, scale, row_offset, col_offset) -> tuple:
+    """The kernels' (Center, Scale, RowOff, ColOff) pointers, FROM_LOGITS and HAS_COL_OFFSET: with
+    LogitTargets' tensors, else `targets` (never read)."""
     if center is None:
-        return targets, targets, targets, False
-    return center.contiguous().view(-1), scale.float().reshape(()), row_offset.contiguous(), True
+        return targets, targets, targets, targets, False, False
+    co = targets if col_offset is None else col_offset.contiguous().view(-1)
+    return (center.contiguous().view(-1), scale.float().reshape(()), row_offset.contiguous(), co, True,
+            col_offset is not None)
 
 
 @torch.library.custom_op("fastdino::soft_cross_entropy", mutates_args=())
@@ -526,7 +538,8 @@ def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, w
                           block_k: int, group_size: int, num_warps: int, rows: int,
                           view_weights: torch.Tensor | None = None, center: torch.Tensor | None = None,
                           teacher_scale: torch.Tensor | None = None,
-                          row_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          row_offset: torch.Tensor | None = None,
+                          col_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Passes 1-3: 3 kernels, 3 allocations. Returns (loss 0-dim fp32, lse (n_views*G,) fp32).
     block_k / group_size / num_warps / rows: launch overrides, 0 = the launch table. view_weights
     (n_views,) or None: last, so that callers without them keep their positional arguments. With
@@ -535,16 +548,16 @@ def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, w
     S, Q = rows_contiguous(student_logits), rows_contiguous(targets)
     W = None if weights is None else weights.contiguous()
     VW = None if view_weights is None else view_weights.contiguous()
-    C, TT, RO, from_logits = _logit_args(Q, center, teacher_scale, row_offset)
+    C, TT, RO, CO, from_logits, has_co = _logit_args(Q, center, teacher_scale, row_offset, col_offset)
     n_rows, K = S.shape
     G = n_rows // n_views
     plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
     (BLOCK_K, ROWS, nw, gs), _, n_tiles, n_groups, _, _ = plan
     sstat, qstat, group_loss = partials(G, n_views, n_targets, n_tiles, S.device)
     _soft_ce_fwd_kernel[(n_tiles, n_groups)](
-        S, Q, sstat, qstat, C, TT, RO, G, K, n_views, gs, n_tiles, S.stride(0), Q.stride(0),
+        S, Q, sstat, qstat, C, TT, RO, CO, G, K, n_views, gs, n_tiles, S.stride(0), Q.stride(0),
         LOG2E.value / student_temp, N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, BLOCK_K=BLOCK_K,
-        ROWS=ROWS, FROM_LOGITS=from_logits, num_warps=nw,
+        ROWS=ROWS, FROM_LOGITS=from_logits, HAS_COL_OFFSET=has_co, num_warps=nw,
         **({"enable_fp_fusion": False} if from_logits else {}))
     return combine_and_reduce(sstat, qstat, group_loss, W, VW, G, n_views, n_tiles, student_temp, n_targets,
                               skip_same_view, S.device)
@@ -552,7 +565,7 @@ def soft_cross_entropy_op(student_logits: torch.Tensor, targets: torch.Tensor, w
 
 @soft_cross_entropy_op.register_fake
 def _(student_logits, targets, weights, n_views, student_temp, n_targets, skip_same_view, block_k, group_size,
-      num_warps, rows, view_weights=None, center=None, teacher_scale=None, row_offset=None):
+      num_warps, rows, view_weights=None, center=None, teacher_scale=None, row_offset=None, col_offset=None):
     f32 = dict(dtype=torch.float32, device=student_logits.device)
     return torch.empty((), **f32), torch.empty(student_logits.shape[0], **f32)
 
@@ -564,13 +577,14 @@ def soft_cross_entropy_backward_op(grad_loss: torch.Tensor, student_logits: torc
                                    group_size: int, num_warps: int, rows: int,
                                    view_weights: torch.Tensor | None = None, center: torch.Tensor | None = None,
                                    teacher_scale: torch.Tensor | None = None,
-                                   row_offset: torch.Tensor | None = None) -> torch.Tensor:
+                                   row_offset: torch.Tensor | None = None,
+                                   col_offset: torch.Tensor | None = None) -> torch.Tensor:
     """Pass 4: dS (same shape and dtype as student_logits, contiguous). grad_loss: the upstream
     gradient of the loss, a 0-dim device tensor read in the kernel (as the weights)."""
     S, Q = rows_contiguous(student_logits), rows_contiguous(targets)
     W = None if weights is None else weights.contiguous()
     VW = None if view_weights is None else view_weights.contiguous()
-    C, TT, RO, from_logits = _logit_args(Q, center, teacher_scale, row_offset)
+    C, TT, RO, CO, from_logits, has_co = _logit_args(Q, center, teacher_scale, row_offset, col_offset)
     n_rows, K = S.shape
     G = n_rows // n_views
     plan = _plan(G, K, n_views, n_targets, S.element_size(), S.device, (block_k, group_size, num_warps, rows))
@@ -580,35 +594,38 @@ def soft_cross_entropy_backward_op(grad_loss: torch.Tensor, student_logits: torc
         grad_scale /= sum(pair_counts(n_views, n_targets, skip_same_view)) * G
     dS = torch.empty_like(S, memory_format=torch.contiguous_format)
     _soft_ce_bwd_kernel[(triton.cdiv(K, BLOCK_K), triton.cdiv(G, gs))](
-        S, Q, lse, lse if W is None else W, lse if VW is None else VW, grad_loss, dS, C, TT, RO,
+        S, Q, lse, lse if W is None else W, lse if VW is None else VW, grad_loss, dS, C, TT, RO, CO,
         G, K, n_views, gs, S.stride(0), Q.stride(0), dS.stride(0), 1.0 / student_temp, grad_scale,
         N_TARGETS=n_targets, SKIP_SAME_VIEW=skip_same_view, HAS_WEIGHTS=W is not None,
-        HAS_VIEW_WEIGHTS=VW is not None, BLOCK_K=BLOCK_K, ROWS=ROWS, FROM_LOGITS=from_logits, num_warps=nw,
+        HAS_VIEW_WEIGHTS=VW is not None, BLOCK_K=BLOCK_K, ROWS=ROWS, FROM_LOGITS=from_logits,
+        HAS_COL_OFFSET=has_co, num_warps=nw,
         enable_fp_fusion=False)
     return dS
 
 
 @soft_cross_entropy_backward_op.register_fake
 def _(grad_loss, student_logits, targets, lse, weights, n_views, student_temp, n_targets, skip_same_view,
-      block_k, group_size, num_warps, rows, view_weights=None, center=None, teacher_scale=None, row_offset=None):
+      block_k, group_size, num_warps, rows, view_weights=None, center=None, teacher_scale=None, row_offset=None,
+      col_offset=None):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    student_logits, targets, weights, *args, view_weights, center, teacher_scale, row_offset = inputs
+    student_logits, targets, weights, *args, view_weights, center, teacher_scale, row_offset, col_offset = inputs
     ctx.save_for_backward(student_logits, targets, output[1], weights, view_weights, center, teacher_scale,
-                          row_offset)
+                          row_offset, col_offset)
     ctx.args = args
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_lse):
-    student_logits, targets, lse, weights, view_weights, center, teacher_scale, row_offset = ctx.saved_tensors
+    (student_logits, targets, lse, weights, view_weights, center, teacher_scale, row_offset,
+     col_offset) = ctx.saved_tensors
     dS = None
     if grad_loss is not None and ctx.needs_input_grad[0]:
         dS = soft_cross_entropy_backward_op(grad_loss, student_logits, targets, lse, weights, *ctx.args,
-                                            view_weights, center, teacher_scale, row_offset)
-    return (dS,) + (None,) * 14
+                                            view_weights, center, teacher_scale, row_offset, col_offset)
+    return (dS,) + (None,) * 15
 
 
 soft_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -621,15 +638,18 @@ IMPLS = ("triton", "torch")
 
 
 class LogitTargets(NamedTuple):
-    """Target probabilities given by the teacher logits they come from (DINO's centering, fused:
-    fastdino/targets.py), never stored: q = 2^((t - c) * log2(e) / teacher_temp - row_offset) row by
-    row, with row_offset = log2 of the row's normalizer (kernels/softmax_center.py's
-    softmax_center_stats; +inf for padded rows: q = 0). The soft-CE kernels read t (its own dtype:
+    """Target probabilities given by the teacher logits they come from (fused teacher targets:
+    fastdino/targets.py), never stored: q = 2^((t - c) * log2(e) / teacher_temp - col_offset -
+    row_offset), with DINO's centering c = the center, no col_offset and row_offset = log2 of the row's
+    normalizer (kernels/softmax_center.py's softmax_center_stats); with Sinkhorn-Knopp c = the column
+    maxima, col_offset = the prototypes' log-normalizers, row_offset = the samples'
+    (kernels/sinkhorn_knopp.py); +inf row offsets for padded rows: q = 0. The soft-CE kernels read t (its own dtype:
     bf16 under autocast, half of fp32 q) instead of q; probs() is the materialized q for everything else."""
     logits: torch.Tensor  # (R, K) any float dtype
     center: torch.Tensor  # (K,) or (1, K) fp32
     teacher_temp: torch.Tensor  # 0-dim fp32 device tensor
     row_offset: torch.Tensor  # (R,) fp32, log2 units
+    col_offset: torch.Tensor | None = None  # (K,) fp32, log2 units, subtracted too (Sinkhorn-Knopp's prototypes)
 
     @property
     def shape(self) -> torch.Size:
@@ -645,7 +665,7 @@ class LogitTargets(NamedTuple):
         """q (R, K) fp32."""
         from .softmax_center import teacher_probs
 
-        return teacher_probs(self.logits, self.center, self.teacher_temp, self.row_offset)
+        return teacher_probs(self.logits, self.center, self.teacher_temp, self.row_offset, self.col_offset)
 
 
 def soft_cross_entropy(student_logits, targets, n_views, student_temp, n_targets=2, skip_same_view=True,
@@ -670,10 +690,10 @@ def soft_cross_entropy(student_logits, targets, n_views, student_temp, n_targets
                                       weights, view_weights=view_weights)
     _check_tensors(student_logits, targets, n_views, n_targets, skip_same_view, weights, view_weights)
     check_runnable(student_logits, "soft_cross_entropy")
-    logit_args = (None, None, None)
+    logit_args = (None, None, None, None)
     if isinstance(targets, LogitTargets):
         scale = teacher_scale(targets.teacher_temp, targets.logits.device)
-        targets, logit_args = targets.logits, (targets.center, scale, targets.row_offset)
+        targets, logit_args = targets.logits, (targets.center, scale, targets.row_offset, targets.col_offset)
     loss, _ = soft_cross_entropy_op(student_logits, targets.detach(), None if weights is None else weights.detach(),
                                     n_views, float(student_temp), n_targets, bool(skip_same_view),
                                     block_k, group_size, num_warps, rows,

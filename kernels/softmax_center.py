@@ -158,16 +158,20 @@ def softmax_center_stats_ref(teacher_logits, center, teacher_temp, row_valid=Non
             torch.where(row_valid[:, None], t, 0.0).sum(0))
 
 
-def teacher_probs(teacher_logits, center, teacher_temp, row_offset):
-    """q = 2^(y2 - row_offset[:, None]) (R, K), y2 = (t - c) * teacher_scale(teacher_temp) rounded as
-    the kernels do: the teacher's probabilities made from its logits and softmax_center_stats'
-    row_offset, for consumers that cannot read logits. fp32 (fp64 when teacher_logits is fp64); 0 on
-    rows with row_offset = +inf (where the logits are finite). No gradient."""
+def teacher_probs(teacher_logits, center, teacher_temp, row_offset, col_offset=None):
+    """q = 2^(y2 - col_offset[None, :] - row_offset[:, None]) (R, K), y2 = (t - c) *
+    teacher_scale(teacher_temp), rounded as the kernels do (each subtraction in turn): the teacher's
+    probabilities made from its logits and row statistics (softmax_center_stats' row_offset; with
+    Sinkhorn-Knopp also its column log-normalizers col_offset, kernels/sinkhorn_knopp.py), for
+    consumers that cannot read logits. fp32 (fp64 when teacher_logits is fp64); 0 on rows with
+    row_offset = +inf (where the logits are finite). No gradient."""
     _check_inputs(teacher_logits, center, teacher_temp)
     if row_offset.shape != teacher_logits.shape[:1]:
         raise ValueError(f"teacher_probs: row_offset must be ({teacher_logits.shape[0]},), "
                          f"got {tuple(row_offset.shape)}")
     _, y2 = _scaled_logits(teacher_logits, center, teacher_temp)
+    if col_offset is not None:
+        y2 = y2 - col_offset.detach().reshape(-1).to(y2.dtype)[None, :]
     return torch.exp2(y2 - row_offset.detach().to(y2.dtype)[:, None])
 
 

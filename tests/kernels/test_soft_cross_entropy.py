@@ -255,22 +255,30 @@ def test_triton_view_weights_match_reference(G, K, n_views, n_targets, skip, wei
     _close(out[1], ref[1], ref64[1], EPS[dtype], "grad")
 
 
-def _logit_targets(n_rows, K, dtype, seed, invalid=()):
+def _logit_targets(n_rows, K, dtype, seed, invalid=(), col_offset=False):
     """LogitTargets of random teacher logits in `dtype` (scale ~2, DINO's center ~0.5, temperature
-    0.04: peaked rows), the row offsets from an fp64 logsumexp of the kernels' own fp32 y2 (rows in
-    `invalid` padded: +inf), and q64: the official softmax((t - c) / temp) in fp64 (0 on padded rows)."""
+    0.04: peaked rows), the row offsets from an fp64 logsumexp of the kernels' own fp32 exponents (rows
+    in `invalid` padded: +inf), and q64: the official softmax((t - c) / temp) in fp64 (0 on padded
+    rows). col_offset: also random column offsets (Sinkhorn-Knopp's form), q64 = the distribution the
+    fp32 exponents define, in fp64."""
     from fastdino.kernels.soft_cross_entropy import LogitTargets, teacher_scale
 
     g = torch.Generator().manual_seed(seed)
     t = (torch.randn(n_rows, K, generator=g) * 2).to(DEV, dtype)
     c = (torch.randn(K, generator=g) * 0.5).to(DEV)
+    co = (torch.randn(K, generator=g) * 3).to(DEV) if col_offset else None
     temp = torch.tensor(0.04, device=DEV)
-    y2 = (t.float() - c) * teacher_scale(temp)  # the kernels' y2, bit for bit
+    y2 = (t.float() - c) * teacher_scale(temp)  # the kernels' exponent, bit for bit
+    if co is not None:
+        y2 = y2 - co
     offset = (torch.logsumexp(y2.double() * math.log(2), -1) / math.log(2)).float()
-    q64 = torch.softmax((t.double() - c.double()) / 0.04, -1)
+    if co is None:
+        q64 = torch.softmax((t.double() - c.double()) / 0.04, -1)
+    else:
+        q64 = torch.softmax(y2.double() * math.log(2), -1)
     for r in invalid:
         offset[r], q64[r] = float("inf"), 0.0
-    return LogitTargets(t, c, temp, offset), q64
+    return LogitTargets(t, c, temp, offset, co), q64
 
 
 LOGIT_CASES = [  # G, K, n_views, n_targets, skip, weighted, S dtype, teacher dtype, launch, padded target rows
@@ -280,20 +288,25 @@ LOGIT_CASES = [  # G, K, n_views, n_targets, skip, weighted, S dtype, teacher dt
     (2, 77, 4, 2, True, False, torch.float16, torch.float32, dict(block_k=32, group_size=1), ()),
     (9, 130, 1, 1, False, True, torch.bfloat16, torch.bfloat16, dict(block_k=64, group_size=4), (2, 7, 8)),  # iBOT
 ]
+LOGIT_CASES = [case + (False,) for case in LOGIT_CASES] + [  # Sinkhorn-Knopp's form: column offsets too
+    (3, 1000, 5, 2, True, False, torch.float32, torch.float32, dict(block_k=256, group_size=2), (), True),
+    (2, 1500, 12, 2, True, False, torch.bfloat16, torch.bfloat16, {}, (), True),
+    (9, 130, 1, 1, False, True, torch.bfloat16, torch.bfloat16, dict(block_k=64, group_size=4), (2, 7, 8), True),
+]
 
 
-@pytest.mark.parametrize("G,K,n_views,n_targets,skip,weighted,dtype,tdtype,launch,invalid", LOGIT_CASES)
+@pytest.mark.parametrize("G,K,n_views,n_targets,skip,weighted,dtype,tdtype,launch,invalid,col_offset", LOGIT_CASES)
 def test_triton_logit_targets_match_reference(G, K, n_views, n_targets, skip, weighted, dtype, tdtype, launch,
-                                              invalid):
-    """Targets read from the teacher logits (LogitTargets: the kernels make q = 2^(y2 - row_offset) on
-    the fly, q never stored): loss and gradient against the reference on the official fp32 softmax
-    targets, within the reference's own error against fp64; padded rows (row_offset = +inf, iBOT) are
-    q = 0; the torch impl takes the same LogitTargets."""
+                                              invalid, col_offset):
+    """Targets read from the teacher logits (LogitTargets: the kernels make q = 2^(y2 [- col_offset] -
+    row_offset) on the fly, q never stored): loss and gradient against the reference on the official
+    fp32 softmax targets (or the column-offset distribution), within the reference's own error against
+    fp64; padded rows (row_offset = +inf, iBOT) are q = 0; the torch impl takes the same LogitTargets."""
     s, _, w = _inputs(G, K, n_views, n_targets, dtype, seed=G * 100 + K, weighted=weighted)
     if weighted:
         w = w.clone()
         w[list(invalid)] = 0.0  # padded tokens weigh 0, as the iBOT term's mask weights
-    lt, q64 = _logit_targets(n_targets * G, K, tdtype, seed=K, invalid=invalid)
+    lt, q64 = _logit_targets(n_targets * G, K, tdtype, seed=K, invalid=invalid, col_offset=col_offset)
     grad_out = torch.tensor(0.7, device=DEV)
     out = _run(soft_cross_entropy, s, lt, w, n_views, n_targets, skip, grad_out, **launch)
     ref = _run(soft_cross_entropy_ref, s, q64.float(), w, n_views, n_targets, skip, grad_out)
@@ -606,7 +619,7 @@ def _jobs():
               "stride_s": "i32:16", "stride_q": "i32:16", "stride_ds": "i32:16", "s_scale": "fp32",
               "inv_student_temp": "fp32", "grad_scale": "fp32", "Q_ptr": f32, "SStat_ptr": f32, "QStat_ptr": f32,
               "Lse_ptr": f32, "Weight_ptr": f32, "ViewWeight_ptr": f32, "GradOut_ptr": f32, "Center_ptr": f32,
-              "Scale_ptr": f32, "RowOff_ptr": f32}
+              "Scale_ptr": f32, "RowOff_ptr": f32, "ColOff_ptr": f32}
     combine = {"SStat_ptr": f32, "QStat_ptr": f32, "ViewWeight_ptr": f32, "Lse_ptr": f32, "GroupLoss_ptr": f32,
                "G": "i32", "n_views": "i32", "n_tiles": "i32", "s_scale": "fp32", "inv_student_temp": "fp32"}
     reduce = {"GroupLoss_ptr": f32, "Weight_ptr": f32, "Loss_ptr": f32, "G": "i32", "uniform_weight": "fp32"}
@@ -623,9 +636,12 @@ def _jobs():
                     configs["fwd"].add((2048, 8, 8))
                     configs["bwd"].add((2048, 8, 8))
                 # q read as fp32 targets, or made from the teacher logits (LogitTargets, in S's dtype)
-                fwd = [{"FROM_LOGITS": lg} for lg in (False, True)]
-                bwd = [{"HAS_WEIGHTS": weighted, "HAS_VIEW_WEIGHTS": v, "FROM_LOGITS": lg}  # DINO: view weights
-                       for v in (False, True)[:T] for lg in (False, True)]
+                # (FROM_LOGITS, HAS_COL_OFFSET): q read; made by centering; made by Sinkhorn-Knopp
+                sources = [{"FROM_LOGITS": lg, "HAS_COL_OFFSET": co} for lg, co in ((False, False), (True, False),
+                                                                                    (True, True))]
+                fwd = sources
+                bwd = [{"HAS_WEIGHTS": weighted, "HAS_VIEW_WEIGHTS": v, **src}  # DINO: with view weights too
+                       for v in (False, True)[:T] for src in sources]
                 for kind, kernel, variants in (("fwd", "_soft_ce_fwd_kernel", fwd),
                                                ("bwd", "_soft_ce_bwd_kernel", bwd)):
                     for extra in variants:
