@@ -100,11 +100,12 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="CPU-only check")
-def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("op", ["softmax_center", "softmax_center_stats"])
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch, op):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     t, c = _inputs(2, 64, torch.float32, seed=5)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        softmax_center(t, c, 0.04)
+        {"softmax_center": softmax_center, "softmax_center_stats": softmax_center_stats}[op](t, c, 0.04)
 
 
 def test_aot_compile_sm80_sm90a():
@@ -326,14 +327,6 @@ def test_stats_bad_inputs_raise():
         teacher_probs(t, c, 0.04, torch.zeros(3, device=DEV))
     with pytest.raises(ValueError, match="impl"):
         softmax_center_stats(t, c, 0.04, impl="cuda")
-
-
-@pytest.mark.skipif(DEV == "cuda", reason="CPU-only check")
-def test_stats_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    t, c = _inputs(2, 64, torch.float32, seed=12)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        softmax_center_stats(t, c, 0.04)
 
 
 def test_stats_aot_compile_sm80_sm90a():
