@@ -11,8 +11,9 @@ forward and backward. Variants:
   fused_q    the former fused path: softmax_center (q stored in fp32) + soft_cross_entropy on q.
 Sinkhorn-Knopp rows (--sk, and in --suite): DINOv2's teacher targets from the 2B teacher logits,
 3 iterations, one process: sk_reference (the official steps in PyTorch, kernels/sinkhorn_knopp.py's
-sinkhorn_knopp_ref) vs sk_fused (its Triton custom ops); floor = teacher logits read once + q written
-once in fp32.
+sinkhorn_knopp_ref) vs sk_fused (its Triton custom ops; floor = teacher logits read once + q written
+once in fp32) and sk_stats (the engine's path: the same kernels without the q write,
+sinkhorn_knopp_stats; floor = the logits read once).
 iBOT rows (--ibot, and in --suite): the masked-patch loss forward+backward over the static (U, K)
 masked-token buffer of a batch of B images (U = IBOTMasks(16).upper_bound(B), the DINOv2 recipe at
 224 px / patch 14; a real mask batch, padding weighted 0): ibot_reference (fastdino/losses/ibot.py's
@@ -445,13 +446,15 @@ def head_bench(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- sinkhorn-knopp
-SK_VARIANTS = {"sk_reference": "torch", "sk_fused": "triton"}
+SK_VARIANTS = {"sk_reference": "torch", "sk_fused": "triton", "sk_stats": "stats"}
 SK_ITERATIONS = 3
 
 
 def sk_bench(args) -> list[dict]:
-    """Sinkhorn-Knopp teacher targets (q, entropy) of 2B teacher rows, reference vs fused."""
-    from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp
+    """Sinkhorn-Knopp teacher targets (q, entropy) of 2B teacher rows, reference vs fused; sk_stats:
+    the engine's fused path, the normalizers and entropy without writing q (LogitTargets; floor = T
+    read once)."""
+    from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp, sinkhorn_knopp_stats
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     quick = args.quick or device == "cpu"
@@ -466,14 +469,17 @@ def sk_bench(args) -> list[dict]:
         for B in Bs:
             g = torch.Generator().manual_seed(0)
             t = (torch.randn(2 * B, K, generator=g) * 0.3).to(device, DTYPES[dt])
-            fb = 2 * B * K * (t.element_size() + 4)  # T read once, q written once in fp32
             base = None
             for v in variants:
                 def step(impl=SK_VARIANTS[v]):
+                    if impl == "stats":
+                        return sinkhorn_knopp_stats(t, temp, SK_ITERATIONS)[3:]
                     return sinkhorn_knopp(t, temp, SK_ITERATIONS, impl=impl)
 
+                # T read once (and q written once in fp32, except by sk_stats)
+                fb = 2 * B * K * (t.element_size() + (0 if v == "sk_stats" else 4))
                 r = {"variant": v, "dtype": dt, "B": B, "R": 2 * B, "K": K, "iters": SK_ITERATIONS,
-                     "entropy": float(step()[1].mean())}
+                     "entropy": float(step()[-1].mean())}
                 r["peak_extra_MB"] = peak_extra_mb(step, device)
                 measure(r, step, fb, device, 100 if quick else 200, peak)
                 base = add_row(rows, r, base or r, device)

@@ -104,7 +104,10 @@ class SinkhornKnopp(nn.Module):
     """DINOv2's Sinkhorn-Knopp teacher targets, n_iterations (3) alternating normalizations of
     exp(t / teacher_temp) over the teacher rows of all ranks (kernels/sinkhorn_knopp.py).
 
-    impl: "fused" (the Triton ops) or "reference" (the plain-PyTorch steps of the official code).
+    impl: "fused" (the Triton ops of kernels/sinkhorn_knopp.py's sinkhorn_knopp_stats: the column
+    maxima and the prototype and sample log-normalizers, no (R, K) write; q returned as LogitTargets,
+    made tile by tile by the fused loss kernels, probs() for anything else) or "reference" (the
+    plain-PyTorch steps of the official code, q stored).
     all_reduce(x, op): reduces a (K,) fp32 tensor in place over ranks, op "sum" or "max"; None in one
     process. A plain attribute, set by whoever owns the process group (the backend). No state: the
     state_dict is empty and update_ does nothing (the arguments are accepted for Centering's calls)."""
@@ -121,15 +124,26 @@ class SinkhornKnopp(nn.Module):
     def forward(self, teacher_logits: torch.Tensor, teacher_temp,
                 row_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """teacher_logits (R, K) any float dtype, this rank's rows; teacher_temp a 0-dim device
-        tensor (or a float). Returns q (R, K) fp32 and {"entropy": (R,) fp32}. row_valid (R,) bool
-        (iBOT rows): only the valid rows of all ranks take part; the others get q = 0, entropy 0."""
-        from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp
-
+        tensor (or a float). Returns q (R, K) fp32 (fused: LogitTargets) and {"entropy": (R,) fp32}.
+        row_valid (R,) bool (iBOT rows): only the valid rows of all ranks take part; the others get
+        q = 0, entropy 0."""
         if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.out_dim:
             raise ValueError(f"SinkhornKnopp: teacher_logits must be (R, out_dim={self.out_dim}), "
                              f"got {tuple(teacher_logits.shape)}")
-        q, entropy = sinkhorn_knopp(teacher_logits.detach(), teacher_temp, self.n_iterations, self.all_reduce,
-                                    impl="triton" if self.impl == "fused" else "torch", row_valid=row_valid)
+        t = teacher_logits.detach()
+        if self.impl == "fused":  # q is not stored: the loss kernels make it from t and the normalizers
+            from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp_stats
+            from fastdino.kernels.soft_cross_entropy import LogitTargets
+
+            if not isinstance(teacher_temp, torch.Tensor):
+                teacher_temp = torch.tensor(float(teacher_temp), device=t.device)
+            center, col_offset, row_offset, entropy = sinkhorn_knopp_stats(
+                t, teacher_temp, self.n_iterations, self.all_reduce, row_valid=row_valid, impl="triton")
+            return LogitTargets(t, center, teacher_temp, row_offset, col_offset), {"entropy": entropy}
+        from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp
+
+        q, entropy = sinkhorn_knopp(t, teacher_temp, self.n_iterations, self.all_reduce, impl="torch",
+                                    row_valid=row_valid)
         return q, {"entropy": entropy}
 
     def update_(self, colsum: torch.Tensor | None = None, rows: int | None = None,

@@ -22,8 +22,8 @@ row_valid), M_k (all_reduce op "max"): nothing overflows and every prototype sum
 is >= 1. The official code exponentiates t / tau_t directly, which is inf for t > 88.7 tau_t (3.5 at
 tau_t = 0.04) in fp32.
 
-The fused kernels keep no (R, K) intermediate but q. In base 2, with x_rk = (t_rk - M_k) log2(e)/tau_t,
-the state is one log-normalizer per column and one per row (fp32 vectors):
+The fused kernels keep no (R, K) intermediate but q. In base 2, with x_rk = (t_rk - M_k) * scale,
+scale = log2(e)/tau_t, the state is one log-normalizer per column and one per row (fp32 vectors):
 
     prototype step   colsum_k = sum_r 2^(x_rk - c_k - l_r)  (all-reduced "sum"),  c_k += log2 colsum_k
     sample step      l_r = log2 sum_k 2^(x_rk - c_k)        (online max over k: local)
@@ -36,6 +36,17 @@ steps divide 0 by 0. After a sample step the rows sum to 1, so the next prototyp
 [1/K, B_global]: c stays finite for any number of iterations. The total, 1/K, 1/B and global_rows
 drop out (global_rows is accepted for the reference, which follows the official steps literally).
 
+Rounding shared with the loss. scale = teacher_scale(tau_t) (kernels/soft_cross_entropy.py): a 0-dim
+fp32 tensor computed once per call by torch and read from memory by every kernel (Triton's fp32 `/`
+is approximate on NVIDIA GPUs: a quotient in each kernel could differ from the loss kernels'). Every
+launch is compiled without FMA contraction (enable_fp_fusion=False), so the exponent is rounded one
+operation at a time, ((float32(t) - M) * scale - c) - l, exactly as soft_cross_entropy's
+_target_block (LogitTargets) and softmax_center.teacher_probs compute it from (center = M as the
+kernels read it, col_offset = c, row_offset = l): sinkhorn_knopp_stats hands the loss that state and
+the loss kernels make the same q bit for bit (the same tl.exp2; the tests check the exponent's bits
+under the interpreter), torch (teacher_probs) to exp2's rounding (an ulp or two). The entropy is the
+same with or without q written.
+
 Passes (no atomics: deterministic), over T in its own dtype, rows contiguous in K:
   _sk_colmax_kernel, grid (K blocks, row splits), only with row_valid: column maxima of the valid
       rows (splits, K), reduced by torch (without row_valid: torch.amax).
@@ -45,20 +56,31 @@ Passes (no atomics: deterministic), over T in its own dtype, rows contiguous in 
       over its row splits per column tile (one after an all-reduce; the programs of row block 0 store
       the new c, all compute the same), then the sample step in parts: the log-sum-exp of x - c over each
       (row, K split), (R, K splits), merged by the next colsum or targets launch.
-  _sk_targets_kernel, grid (row blocks, K splits): merges l_r, writes q and per (row, split) entropy
-      partials, summed by torch.
+  _sk_targets_kernel, grid (row blocks, K splits): merges l_r, writes q (WRITE_Q) and per (row, split)
+      entropy partials, summed by torch; with WRITE_Q=False (sinkhorn_knopp_stats) no q: the programs
+      of K split 0 store l_r (R,), those of row block 0 M_k as read (K,) fp32.
 Per iteration: 2 kernels, one all-reduce of K floats (the caller's, between launches: the ops are
 collective-free). Host side: no synchronization, CUDA-graph capturable, every launch in a
 torch.library custom op with a fake implementation, so torch.compile traces the whole function, the
-all-reduces included (they are the caller's Python). With all_reduce None: one op,
-fastdino::sinkhorn_knopp, of 2 n_iterations + 3 launches (torch.amax, the kernels, the entropy sum;
-+1 with row_valid: the colmax kernel and its split max). With an all_reduce: one op per step, the
-caller's all-reduces between them: fastdino::sinkhorn_knopp_colmax (with row_valid; else torch.amax
-and a cast to fp32), then per iteration fastdino::sinkhorn_knopp_colsum (the kernel and a torch sum
-of its splits: the vector all-reduced) and fastdino::sinkhorn_knopp_row_lse, then
-fastdino::sinkhorn_knopp_targets: 3 n_iterations + 4 launches (+3 in fp32 without row_valid: no
-cast). A torch split sum is left out where its pass has one split. The launch plan of a shape is
-derived once (_plan).
+all-reduces included (they are the caller's Python). Each call first computes teacher_scale (2 torch
+launches: reciprocal, mul). With all_reduce None: one op, fastdino::sinkhorn_knopp, of 2 n_iterations
++ 3 launches (torch.amax, the kernels, the entropy sum; +1 with row_valid: the colmax kernel and its
+split max). With an all_reduce: one op per step, the caller's all-reduces between them:
+fastdino::sinkhorn_knopp_colmax (with row_valid; else torch.amax and a cast to fp32), then per
+iteration fastdino::sinkhorn_knopp_colsum (the kernel and a torch sum of its splits: the vector
+all-reduced) and fastdino::sinkhorn_knopp_row_lse, then fastdino::sinkhorn_knopp_targets: 3
+n_iterations + 4 launches (+3 in fp32 without row_valid: no cast). sinkhorn_knopp_stats launches the
+same, its last op fastdino::sinkhorn_knopp_stats (one process) or fastdino::sinkhorn_knopp_target_stats
+(after the per-step ops). A torch split sum is left out where its pass has one split. The launch plan
+of a shape is derived once (_plan).
+
+sinkhorn_knopp_stats (q never stored): (center (K,) = M_k as the kernels read it, col_offset (K,) =
+c_k, row_offset (R,) = l_r, +inf on padded rows, entropy (R,)), fp32, so that
+    q_rk = 2^(((float32(t_rk) - center_k) * teacher_scale(tau_t) - col_offset_k) - row_offset_r),
+the form of LogitTargets(teacher_logits, center, teacher_temp, row_offset, col_offset): the soft-CE
+kernels read t (its own dtype) instead of an fp32 q. impl="torch": sinkhorn_knopp_stats_ref, the same
+log-domain algorithm in plain PyTorch (its sums in torch's order), tied to the official steps in the
+tests through teacher_probs.
 
 Padded rows (row_valid, the iBOT patch targets). The masked-token logits are a static-shaped
 (U, K) buffer whose first n_masked rows are real and the rest padding (finite values, e.g. copies of
@@ -80,10 +102,12 @@ over the valid rows too.
 
 Traffic: T read 2 n_iterations + 2 times (amax or colmax, 2 per iteration, targets; T is 16 MB at
 R = 128, K = 65536 in bf16, which may stay in an H100's 50 MB L2 between passes), q written once in
-fp32; the floor is T once + q once. Besides T, the kernels read per tile the small state: M, c, the
-colsum splits (row splits x K floats) and the row partials (R x K splits). Measured on an H200
-before the state updates moved into the kernels (B = 32, 64, K = 65536): 0.11-0.16 ms of device
-time, but 0.8-1.3 ms of host time per call from ~42 launches in 7 custom ops; not measured since.
+fp32; the floor is T once + q once. sinkhorn_knopp_stats writes no q (32 MB at R = 128, K = 65536),
+only l (R,), M (K,) and the entropy partials; its consumers read T again instead of q (half the bytes
+in bf16). Besides T, the kernels read per tile the small state: M, c, the colsum splits (row splits x
+K floats) and the row partials (R x K splits). Measured on an H200 before the state updates moved
+into the kernels (B = 32, 64, K = 65536): 0.11-0.16 ms of device time, but 0.8-1.3 ms of host time
+per call from ~42 launches in 7 custom ops; not measured since.
 Design limits: launch table untuned; the all-rows-underflow case of a column cannot happen (its max
 entry, of a valid row, is 2^0); a NaN or +inf logit makes q non-finite (as the official; with
 row_valid, on a padded row too); a -inf logit gets q = 0 (a column of them, a column of zeros).
@@ -97,7 +121,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .soft_cross_entropy import LN2, LOG2E, check_runnable, rows_contiguous, sm_count
+from .soft_cross_entropy import LN2, LOG2E, check_runnable, rows_contiguous, sm_count, teacher_scale
 
 OPS = ("sum", "max")
 
@@ -183,6 +207,59 @@ def sinkhorn_knopp_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=
     return q, -torch.special.xlogy(q, q).sum(dim=-1)
 
 
+def sinkhorn_knopp_stats_ref(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None, *, row_valid=None):
+    """Plain PyTorch: the log-domain algorithm of the header (the fused kernels' state, not the official
+    steps; sinkhorn_knopp_ref is those), returning that state instead of q:
+    (center (K,), col_offset (K,), row_offset (R,), entropy (R,)) with
+    q_rk = 2^(((t_rk - center_k) * scale - col_offset_k) - row_offset_r), scale =
+    teacher_scale(teacher_temp) (teacher_probs makes q from them).
+
+        center   M_k, the column max over the valid rows of all ranks (all_reduce "max"); 0 where none
+        c = 0, l = 0 (+inf on invalid rows), n_iterations times:
+            c_k += log2 max(sum_r 2^(x_rk - c_k - l_r), tiny)     (all_reduce "sum" of the sums)
+            l_r  = log2 sum_k 2^(x_rk - c_k)                      (+inf on invalid rows)
+        entropy  -ln2 sum_k q_rk log2 q_rk                        (0 on invalid rows)
+
+    x = (t - M) * scale - c rounded as the kernels round it; the sums in torch's order (not the
+    kernels'). Arguments as sinkhorn_knopp_ref's (no global_rows: it cancels); the same collectives
+    as sinkhorn_knopp (1 + n_iterations). Math in fp32, fp64 when teacher_logits is fp64 (scale =
+    log2(e) / teacher_temp in fp64). Detached.
+    """
+    R, K = _check_inputs(teacher_logits, teacher_temp, n_iterations, None, row_valid)
+    t = teacher_logits.detach()
+    if t.dtype == torch.float64:
+        temp = teacher_temp.detach().double() if isinstance(teacher_temp, torch.Tensor) else float(teacher_temp)
+        scale = LOG2E.value / temp
+    else:
+        t = t.float()
+        scale = teacher_scale(teacher_temp, device=t.device)
+    valid = None if row_valid is None else row_valid.detach()
+    inf = float("inf")
+
+    def invalid_to_inf(x):  # +inf on the rows with row_valid False: 2^(x - c - l) = 0 there
+        return x if valid is None else torch.where(valid, x, inf)
+
+    col_max = t.amax(dim=0) if valid is None else torch.where(valid[:, None], t, -inf).amax(dim=0)
+    if all_reduce is not None:
+        all_reduce(col_max, "max")
+    center = torch.where(col_max == -inf, 0.0, col_max)  # no valid row on any rank: x stays finite
+    y = (t - center) * scale  # x + c: log2 units
+    col_lse = torch.zeros(K, dtype=t.dtype, device=t.device)
+    row_lse = invalid_to_inf(torch.zeros(R, dtype=t.dtype, device=t.device))
+    for _ in range(n_iterations):
+        colsum = torch.exp2(y - col_lse - row_lse[:, None]).sum(dim=0)  # invalid rows: 2^-inf = 0
+        if all_reduce is not None:
+            all_reduce(colsum, "sum")
+        col_lse = col_lse + torch.log2(colsum.clamp_min(torch.finfo(t.dtype).tiny))
+        x = y - col_lse
+        m = x.amax(dim=1, keepdim=True)
+        row_lse = invalid_to_inf(m[:, 0] + torch.log2(torch.exp2(x - m).sum(dim=1)))
+    log2_q = y - col_lse - row_lse[:, None]
+    q = torch.exp2(log2_q)
+    entropy = -LN2.value * (q * torch.where(q == 0, 0.0, log2_q)).sum(dim=1)  # 0 log 0 = 0
+    return center, col_lse, row_lse, entropy
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
@@ -236,8 +313,10 @@ def _row_lse(RowPart_ptr, Valid_ptr, rows, rmask, n_row_splits, BLOCK_S: tl.cons
 
 @triton.jit
 def _x_tile(T_ptr, col_max, col_lse, rows, cols, rmask, cmask, stride_t, x_scale):
-    """x - c of a [rows, cols] tile, log2 units: (t - M_k) * log2(e)/tau_t - c_k, from the column
-    vectors col_max and col_lse of cols; -inf past K."""
+    """x - c of a [rows, cols] tile, log2 units: (t - M_k) * x_scale - c_k, x_scale =
+    teacher_scale(tau_t), from the column vectors col_max and col_lse of cols; -inf past K. Each
+    operation rounded on its own (the kernels are compiled without FMA contraction): the bits of
+    soft_cross_entropy's _target_block and of teacher_probs' exponent."""
     t = tl.load(T_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :],
                 mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     x = (t - col_max[None, :]) * x_scale - col_lse[None, :]
@@ -271,7 +350,7 @@ def _sk_colmax_kernel(
 
 @triton.jit
 def _sk_colsum_kernel(
-    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, RowPart_ptr, Valid_ptr, Part_ptr,
+    T_ptr, Scale_ptr, ColMax_ptr, ColLse_ptr, RowPart_ptr, Valid_ptr, Part_ptr,
     R, K, rows_per_split, n_row_splits, stride_t,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -280,7 +359,7 @@ def _sk_colsum_kernel(
     partials (_row_lse). The [BLOCK_R, BLOCK_K] accumulator is reduced once, at the end."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
-    x_scale = LOG2E / tl.load(Temp_ptr).to(tl.float32)
+    x_scale = tl.load(Scale_ptr)  # teacher_scale(tau_t), computed by torch
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     col_max = _col_max(ColMax_ptr, cols, cmask)
@@ -304,7 +383,7 @@ def _sk_colsum_kernel(
 
 @triton.jit
 def _sk_row_lse_kernel(
-    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, ColSum_ptr, NewColLse_ptr, RowPart_ptr,
+    T_ptr, Scale_ptr, ColMax_ptr, ColLse_ptr, ColSum_ptr, NewColLse_ptr, RowPart_ptr,
     R, K, cols_per_split, n_sum_splits, n_splits, stride_t,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -315,7 +394,7 @@ def _sk_row_lse_kernel(
     (R, n_splits)."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    x_scale = LOG2E / tl.load(Temp_ptr).to(tl.float32)
+    x_scale = tl.load(Scale_ptr)  # teacher_scale(tau_t), computed by torch
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     c_begin = pid_k * cols_per_split
@@ -338,31 +417,42 @@ def _sk_row_lse_kernel(
 
 @triton.jit
 def _sk_targets_kernel(
-    T_ptr, Temp_ptr, ColMax_ptr, ColLse_ptr, RowPart_ptr, Valid_ptr, Q_ptr, PartEnt_ptr,
+    T_ptr, Scale_ptr, ColMax_ptr, ColLse_ptr, RowPart_ptr, Valid_ptr, Q_ptr, RowOff_ptr, Center_ptr, PartEnt_ptr,
     R, K, cols_per_split, n_splits, stride_t, stride_q,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_Q: tl.constexpr,
 ):
     """q = 2^(x - c - l) for the rows of block pid_r over columns [pid_k*cols_per_split, ...), l
     merged from the (R, n_splits) sample step partials (_row_lse), and PartEnt[r, pid_k] =
-    -ln2 sum q log2 q over them (0 log 0 = 0; a NaN q stays NaN)."""
+    -ln2 sum q log2 q over them (0 log 0 = 0; a NaN q stays NaN). WRITE_Q: q stored to Q (R, K);
+    else q is not stored (the consumers make it from the logits: LogitTargets) and the state it is made
+    from is: l to RowOff (R,) by the programs of K split 0, M as read (_col_max: fp32, 0 for -inf) to
+    Center (K,) by the programs of row block 0."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
-    x_scale = LOG2E / tl.load(Temp_ptr).to(tl.float32)
+    x_scale = tl.load(Scale_ptr)  # teacher_scale(tau_t), computed by torch
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     row_lse = _row_lse(RowPart_ptr, Valid_ptr, rows, rmask, n_splits, BLOCK_S)  # masked rows: q = 0
+    if not WRITE_Q:
+        if pid_k == 0:
+            tl.store(RowOff_ptr + rows, row_lse, mask=rmask)
     c_begin = pid_k * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, K)
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
         cmask = cols < c_end
-        x = _x_tile(T_ptr, _col_max(ColMax_ptr, cols, cmask), tl.load(ColLse_ptr + cols, mask=cmask, other=0.0),
+        col_max = _col_max(ColMax_ptr, cols, cmask)
+        x = _x_tile(T_ptr, col_max, tl.load(ColLse_ptr + cols, mask=cmask, other=0.0),
                     rows, cols, rmask, cmask, stride_t, x_scale)
         log2_q = x - row_lse[:, None]
         q = tl.exp2(log2_q)
-        tl.store(Q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], q,
-                 mask=rmask[:, None] & cmask[None, :])
+        if WRITE_Q:
+            tl.store(Q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], q,
+                     mask=rmask[:, None] & cmask[None, :])
+        else:
+            if pid_r == 0:
+                tl.store(Center_ptr + cols, col_max, mask=cmask)
         acc += q * tl.where(q == 0.0, 0.0, log2_q)  # 0 log 0 = 0, not 0 * -inf
     tl.store(PartEnt_ptr + rows.to(tl.int64) * n_splits + pid_k, tl.sum(acc, axis=1) * -LN2, mask=rmask)
 
@@ -425,67 +515,105 @@ def _valid_bytes(row_valid):
     return None if row_valid is None else row_valid.contiguous().view(torch.uint8)
 
 
+# every launch: x = (t - M) * scale - c rounded one operation at a time, as _target_block and
+# teacher_probs round it (a contracted FMA would not)
+NO_FMA = {"enable_fp_fusion": False}
+
+
 def _launch_colmax(T, valid, p):
     """Column maxima (K,) fp32 over the rows with valid (uint8) != 0: the kernel's row splits reduced."""
     BR, BK, nw, per_split, n_splits = p.col
     part = torch.empty((n_splits, p.K), dtype=torch.float32, device=T.device)
     _sk_colmax_kernel[p.col_grid](T, valid, part, p.R, p.K, per_split, T.stride(0),
-                                  BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
+                                  BLOCK_R=BR, BLOCK_K=BK, num_warps=nw, **NO_FMA)
     return part[0] if n_splits == 1 else part.amax(dim=0)
 
 
-def _launch_colsum(T, temp, col_max, col_lse, row_part, valid, p):
+def _launch_colsum(T, scale, col_max, col_lse, row_part, valid, p):
     """Prototype sums, per row split: (splits, K) fp32."""
     BR, BK, nw, per_split, n_splits = p.col
     part = torch.empty((n_splits, p.K), dtype=torch.float32, device=T.device)
-    _sk_colsum_kernel[p.col_grid](T, temp, col_max, col_lse, row_part, valid, part,
+    _sk_colsum_kernel[p.col_grid](T, scale, col_max, col_lse, row_part, valid, part,
                                   p.R, p.K, per_split, p.row[4], T.stride(0),
-                                  BLOCK_R=BR, BLOCK_K=BK, BLOCK_S=p.block_s, num_warps=nw)
+                                  BLOCK_R=BR, BLOCK_K=BK, BLOCK_S=p.block_s, num_warps=nw, **NO_FMA)
     return part
 
 
-def _launch_row_lse(T, temp, col_max, col_lse, colsum, p):
+def _launch_row_lse(T, scale, col_max, col_lse, colsum, p):
     """(c' (K,), the row log-sum-exps per K split (R, splits)) from the prototype sums colsum (splits, K)."""
     BR, BK, nw, per_split, n_splits = p.row
     new_col_lse = torch.empty(p.K, dtype=torch.float32, device=T.device)
     row_part = torch.empty((p.R, n_splits), dtype=torch.float32, device=T.device)
-    _sk_row_lse_kernel[p.row_grid](T, temp, col_max, col_lse, colsum, new_col_lse, row_part,
+    _sk_row_lse_kernel[p.row_grid](T, scale, col_max, col_lse, colsum, new_col_lse, row_part,
                                    p.R, p.K, per_split, colsum.shape[0], n_splits, T.stride(0),
-                                   BLOCK_R=BR, BLOCK_K=BK, num_warps=nw)
+                                   BLOCK_R=BR, BLOCK_K=BK, num_warps=nw, **NO_FMA)
     return new_col_lse, row_part
 
 
-def _launch_targets(T, temp, col_max, col_lse, row_part, valid, p):
+def _launch_targets(T, scale, col_max, col_lse, row_part, valid, p, write_q):
+    """write_q: (q (R, K), entropy (R,)); else (center (K,), row_offset (R,), entropy (R,)), no q."""
     BR, BK, nw, per_split, n_splits = p.row
-    q = torch.empty((p.R, p.K), dtype=torch.float32, device=T.device)
-    part = torch.empty((p.R, n_splits), dtype=torch.float32, device=T.device)
-    _sk_targets_kernel[p.row_grid](T, temp, col_max, col_lse, row_part, valid, q, part,
-                                   p.R, p.K, per_split, n_splits, T.stride(0), q.stride(0),
-                                   BLOCK_R=BR, BLOCK_K=BK, BLOCK_S=p.block_s, num_warps=nw)
-    return q, part[:, 0] if n_splits == 1 else part.sum(dim=1)
+    f32 = dict(dtype=torch.float32, device=T.device)
+    q = torch.empty((p.R, p.K), **f32) if write_q else None
+    row_offset, center = (None, None) if write_q else (torch.empty(p.R, **f32), torch.empty(p.K, **f32))
+    part = torch.empty((p.R, n_splits), **f32)
+    _sk_targets_kernel[p.row_grid](T, scale, col_max, col_lse, row_part, valid, q, row_offset, center, part,
+                                   p.R, p.K, per_split, n_splits, T.stride(0), p.K,
+                                   BLOCK_R=BR, BLOCK_K=BK, BLOCK_S=p.block_s, WRITE_Q=write_q, num_warps=nw,
+                                   **NO_FMA)
+    entropy = part[:, 0] if n_splits == 1 else part.sum(dim=1)
+    return (q, entropy) if write_q else (center, row_offset, entropy)
 
 
-@torch.library.custom_op("fastdino::sinkhorn_knopp", mutates_args=())
-def sinkhorn_knopp_op(teacher_logits: torch.Tensor, teacher_temp: torch.Tensor, row_valid: Optional[torch.Tensor],
-                      n_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q (R, K) fp32, entropy (R,) fp32) on one process (no all-reduce): every launch in one op.
-    row_valid (R,) bool or None (all valid)."""
-    T = rows_contiguous(teacher_logits)
-    p = _plan(T.shape[0], T.shape[1], T.device)
-    valid = _valid_bytes(row_valid)
+def _iterate(T, scale, valid, n_iterations, p):
+    """One process: (M (K,) in T's dtype, or fp32 over the valid rows; c (K,); the last sample step's
+    row partials (R, splits)), every launch but the targets pass."""
     col_max = torch.amax(T, dim=0) if valid is None else _launch_colmax(T, valid, p)  # T's dtype: exact
     col_lse = row_part = None  # c = 0, l = 0
     for _ in range(n_iterations):
-        colsum = _launch_colsum(T, teacher_temp, col_max, col_lse, row_part, valid, p)  # (splits, K)
-        col_lse, row_part = _launch_row_lse(T, teacher_temp, col_max, col_lse, colsum, p)
-    return _launch_targets(T, teacher_temp, col_max, col_lse, row_part, valid, p)
+        colsum = _launch_colsum(T, scale, col_max, col_lse, row_part, valid, p)  # (splits, K)
+        col_lse, row_part = _launch_row_lse(T, scale, col_max, col_lse, colsum, p)
+    return col_max, col_lse, row_part
+
+
+@torch.library.custom_op("fastdino::sinkhorn_knopp", mutates_args=())
+def sinkhorn_knopp_op(teacher_logits: torch.Tensor, teacher_scale: torch.Tensor, row_valid: Optional[torch.Tensor],
+                      n_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (R, K) fp32, entropy (R,) fp32) on one process (no all-reduce): every launch in one op.
+    teacher_scale: teacher_scale(tau_t), 0-dim fp32; row_valid (R,) bool or None (all valid)."""
+    T = rows_contiguous(teacher_logits)
+    p = _plan(T.shape[0], T.shape[1], T.device)
+    valid = _valid_bytes(row_valid)
+    col_max, col_lse, row_part = _iterate(T, teacher_scale, valid, n_iterations, p)
+    return _launch_targets(T, teacher_scale, col_max, col_lse, row_part, valid, p, write_q=True)
 
 
 @sinkhorn_knopp_op.register_fake
-def _(teacher_logits, teacher_temp, row_valid, n_iterations):
+def _(teacher_logits, teacher_scale, row_valid, n_iterations):
     R, K = teacher_logits.shape
     return (teacher_logits.new_empty((R, K), dtype=torch.float32),
             teacher_logits.new_empty(R, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastdino::sinkhorn_knopp_stats", mutates_args=())
+def sinkhorn_knopp_stats_op(teacher_logits: torch.Tensor, teacher_scale: torch.Tensor,
+                            row_valid: Optional[torch.Tensor], n_iterations: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(center (K,), col_offset (K,), row_offset (R,), entropy (R,)), fp32, on one process: the launches
+    of sinkhorn_knopp_op with the targets pass storing M, l and the entropy instead of q."""
+    T = rows_contiguous(teacher_logits)
+    p = _plan(T.shape[0], T.shape[1], T.device)
+    valid = _valid_bytes(row_valid)
+    col_max, col_lse, row_part = _iterate(T, teacher_scale, valid, n_iterations, p)
+    center, row_offset, entropy = _launch_targets(T, teacher_scale, col_max, col_lse, row_part, valid, p,
+                                                  write_q=False)
+    return center, col_lse, row_offset, entropy
+
+
+@sinkhorn_knopp_stats_op.register_fake
+def _(teacher_logits, teacher_scale, row_valid, n_iterations):
+    R, K = teacher_logits.shape
+    return tuple(teacher_logits.new_empty(n, dtype=torch.float32) for n in (K, K, R, R))
 
 
 @torch.library.custom_op("fastdino::sinkhorn_knopp_colmax", mutates_args=())
@@ -501,38 +629,39 @@ def _(teacher_logits, row_valid):
 
 
 @torch.library.custom_op("fastdino::sinkhorn_knopp_colsum", mutates_args=())
-def sinkhorn_knopp_colsum_op(teacher_logits: torch.Tensor, teacher_temp: torch.Tensor, col_max: torch.Tensor,
+def sinkhorn_knopp_colsum_op(teacher_logits: torch.Tensor, teacher_scale: torch.Tensor, col_max: torch.Tensor,
                              col_lse: Optional[torch.Tensor], row_part: Optional[torch.Tensor],
                              row_valid: Optional[torch.Tensor]) -> torch.Tensor:
     """Prototype sums (K,) fp32 of this rank's rows: sum_r 2^(x_rk - c_k - l_r), the kernel's row splits
-    summed. col_lse c (K,) (None: 0); row_part the (R, splits) row log-sum-exps of the last
-    sinkhorn_knopp_row_lse, merged into l (None: l = 0); row_valid (R,) bool or None: l = +inf on the
-    rows with False."""
+    summed. teacher_scale: teacher_scale(tau_t), 0-dim fp32; col_lse c (K,) (None: 0); row_part the
+    (R, splits) row log-sum-exps of the last sinkhorn_knopp_row_lse, merged into l (None: l = 0);
+    row_valid (R,) bool or None: l = +inf on the rows with False."""
     T = rows_contiguous(teacher_logits)
-    part = _launch_colsum(T, teacher_temp, col_max, col_lse, row_part, _valid_bytes(row_valid),
+    part = _launch_colsum(T, teacher_scale, col_max, col_lse, row_part, _valid_bytes(row_valid),
                           _plan(T.shape[0], T.shape[1], T.device))
     return part[0] if part.shape[0] == 1 else part.sum(dim=0)
 
 
 @sinkhorn_knopp_colsum_op.register_fake
-def _(teacher_logits, teacher_temp, col_max, col_lse, row_part, row_valid):
+def _(teacher_logits, teacher_scale, col_max, col_lse, row_part, row_valid):
     return teacher_logits.new_empty(teacher_logits.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastdino::sinkhorn_knopp_row_lse", mutates_args=())
-def sinkhorn_knopp_row_lse_op(teacher_logits: torch.Tensor, teacher_temp: torch.Tensor, col_max: torch.Tensor,
+def sinkhorn_knopp_row_lse_op(teacher_logits: torch.Tensor, teacher_scale: torch.Tensor, col_max: torch.Tensor,
                               col_lse: Optional[torch.Tensor], colsum: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prototype step c' = c + log2 colsum ((K,) fp32; col_lse None: c = 0), then the sample step in
     parts: (c', row_part), row_part (R, splits) fp32 the log-sum-exps of x_rk - c'_k over each K split,
-    merged into l_r by the next sinkhorn_knopp_colsum or sinkhorn_knopp_targets."""
+    merged into l_r by the next sinkhorn_knopp_colsum, sinkhorn_knopp_targets or
+    sinkhorn_knopp_target_stats."""
     T = rows_contiguous(teacher_logits)
-    return _launch_row_lse(T, teacher_temp, col_max, col_lse, colsum.view(1, -1),
+    return _launch_row_lse(T, teacher_scale, col_max, col_lse, colsum.view(1, -1),
                            _plan(T.shape[0], T.shape[1], T.device))
 
 
 @sinkhorn_knopp_row_lse_op.register_fake
-def _(teacher_logits, teacher_temp, col_max, col_lse, colsum):
+def _(teacher_logits, teacher_scale, col_max, col_lse, colsum):
     R, K = teacher_logits.shape
     n_splits = _split(R, K, "row", teacher_logits.device, ROW_CONFIG[1])[1]
     return (teacher_logits.new_empty(K, dtype=torch.float32),
@@ -540,24 +669,68 @@ def _(teacher_logits, teacher_temp, col_max, col_lse, colsum):
 
 
 @torch.library.custom_op("fastdino::sinkhorn_knopp_targets", mutates_args=())
-def sinkhorn_knopp_targets_op(teacher_logits: torch.Tensor, teacher_temp: torch.Tensor, col_max: torch.Tensor,
+def sinkhorn_knopp_targets_op(teacher_logits: torch.Tensor, teacher_scale: torch.Tensor, col_max: torch.Tensor,
                               col_lse: torch.Tensor, row_part: torch.Tensor, row_valid: Optional[torch.Tensor]
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q (R, K) fp32, entropy (R,) fp32): q_rk = 2^(x_rk - c_k - l_r), l_r merged from the row_part of
     sinkhorn_knopp_row_lse (+inf, q = 0, on the rows with row_valid False)."""
     T = rows_contiguous(teacher_logits)
-    return _launch_targets(T, teacher_temp, col_max, col_lse, row_part, _valid_bytes(row_valid),
-                           _plan(T.shape[0], T.shape[1], T.device))
+    return _launch_targets(T, teacher_scale, col_max, col_lse, row_part, _valid_bytes(row_valid),
+                           _plan(T.shape[0], T.shape[1], T.device), write_q=True)
 
 
 @sinkhorn_knopp_targets_op.register_fake
-def _(teacher_logits, teacher_temp, col_max, col_lse, row_part, row_valid):
+def _(teacher_logits, teacher_scale, col_max, col_lse, row_part, row_valid):
     R, K = teacher_logits.shape
     return (teacher_logits.new_empty((R, K), dtype=torch.float32),
             teacher_logits.new_empty(R, dtype=torch.float32))
 
 
+@torch.library.custom_op("fastdino::sinkhorn_knopp_target_stats", mutates_args=())
+def sinkhorn_knopp_target_stats_op(teacher_logits: torch.Tensor, teacher_scale: torch.Tensor,
+                                   col_max: torch.Tensor, col_lse: torch.Tensor, row_part: torch.Tensor,
+                                   row_valid: Optional[torch.Tensor]
+                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sinkhorn_knopp_targets without q: (center (K,) M as the kernels read it (fp32, 0 for -inf),
+    row_offset (R,) l_r (+inf on the rows with row_valid False), entropy (R,)), fp32."""
+    T = rows_contiguous(teacher_logits)
+    return _launch_targets(T, teacher_scale, col_max, col_lse, row_part, _valid_bytes(row_valid),
+                           _plan(T.shape[0], T.shape[1], T.device), write_q=False)
+
+
+@sinkhorn_knopp_target_stats_op.register_fake
+def _(teacher_logits, teacher_scale, col_max, col_lse, row_part, row_valid):
+    R, K = teacher_logits.shape
+    return tuple(teacher_logits.new_empty(n, dtype=torch.float32) for n in (K, R, R))
+
+
 IMPLS = ("triton", "torch")
+
+
+def _prepare(teacher_logits, teacher_temp, row_valid):
+    """(T, scale, valid) for the custom ops: T detached, rows contiguous (once, not in each op);
+    scale = teacher_scale(tau_t), 0-dim fp32 on T's device (a float temperature made there with
+    torch.full: no host copy); row_valid detached or None."""
+    T = rows_contiguous(teacher_logits.detach())
+    if not isinstance(teacher_temp, torch.Tensor):
+        teacher_temp = torch.full((), float(teacher_temp), dtype=torch.float32, device=T.device)
+    return T, teacher_scale(teacher_temp), None if row_valid is None else row_valid.detach()
+
+
+def _per_step(T, scale, valid, n_iterations, all_reduce):
+    """One op per step, the caller's all-reduces between them (no collective inside an op): (M (K,)
+    fp32, c (K,), the last sample step's row partials (R, splits))."""
+    if valid is None:
+        col_max = torch.amax(T, dim=0).to(torch.float32)  # exact in T's dtype
+    else:
+        col_max = sinkhorn_knopp_colmax_op(T, valid)  # over the valid rows: -inf where none (read as 0)
+    all_reduce(col_max, "max")
+    col_lse = row_part = None  # c = 0, l = 0
+    for _ in range(n_iterations):
+        colsum = sinkhorn_knopp_colsum_op(T, scale, col_max, col_lse, row_part, valid)
+        all_reduce(colsum, "sum")
+        col_lse, row_part = sinkhorn_knopp_row_lse_op(T, scale, col_max, col_lse, colsum)
+    return col_max, col_lse, row_part
 
 
 def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None, global_rows=None,
@@ -580,27 +753,43 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None
                                   row_valid=row_valid)
     _check_inputs(teacher_logits, teacher_temp, n_iterations, global_rows, row_valid)
     check_runnable(teacher_logits, "sinkhorn_knopp")
-    T = rows_contiguous(teacher_logits.detach())  # once, not in each op
-    if isinstance(teacher_temp, torch.Tensor):
-        temp = teacher_temp.detach().reshape(()).to(torch.float32)
-    else:
-        temp = torch.full((), float(teacher_temp), dtype=torch.float32, device=T.device)
-    valid = None if row_valid is None else row_valid.detach()
+    T, scale, valid = _prepare(teacher_logits, teacher_temp, row_valid)
     if all_reduce is None:
-        return sinkhorn_knopp_op(T, temp, valid, n_iterations)
-    # one op per step, the caller's all-reduces between them (no collective inside an op)
-    if valid is None:
-        col_max = torch.amax(T, dim=0).to(torch.float32)  # exact in T's dtype
-    else:
-        col_max = sinkhorn_knopp_colmax_op(T, valid)  # over the valid rows: -inf where none (read as 0)
-    all_reduce(col_max, "max")
-    col_lse = row_part = None  # c = 0, l = 0
-    for _ in range(n_iterations):
-        colsum = sinkhorn_knopp_colsum_op(T, temp, col_max, col_lse, row_part, valid)
-        all_reduce(colsum, "sum")
-        col_lse, row_part = sinkhorn_knopp_row_lse_op(T, temp, col_max, col_lse, colsum)
-    return sinkhorn_knopp_targets_op(T, temp, col_max, col_lse, row_part, valid)
+        return sinkhorn_knopp_op(T, scale, valid, n_iterations)
+    col_max, col_lse, row_part = _per_step(T, scale, valid, n_iterations, all_reduce)
+    return sinkhorn_knopp_targets_op(T, scale, col_max, col_lse, row_part, valid)
 
 
-__all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref", "sinkhorn_knopp_op", "sinkhorn_knopp_colmax_op",
-           "sinkhorn_knopp_colsum_op", "sinkhorn_knopp_row_lse_op", "sinkhorn_knopp_targets_op", "launch_config"]
+def sinkhorn_knopp_stats(teacher_logits, teacher_temp, n_iterations=3, all_reduce=None, *, row_valid=None,
+                         impl="triton"):
+    """The Sinkhorn-Knopp targets as the state they are made from, q never stored: (center (K,),
+    col_offset (K,), row_offset (R,), entropy (R,)), fp32, no gradient, with
+
+        q_rk = 2^(((float32(t_rk) - center_k) * teacher_scale(tau_t) - col_offset_k) - row_offset_r)
+
+    (LogitTargets(teacher_logits, center, teacher_temp, row_offset, col_offset) for the soft-CE
+    kernels; teacher_probs materializes it). center = M_k as the kernels read it (0 where no valid row
+    of any rank), col_offset = c_k, row_offset = l_r (+inf on the rows with row_valid False: q = 0),
+    entropy as sinkhorn_knopp's. Arguments and collectives as sinkhorn_knopp's (global_rows cancels:
+    not taken). impl="triton": sinkhorn_knopp's launches with the targets pass storing l_r, M_k and the
+    entropy instead of q (the same bits of x and l: its q is this formula's, up to exp2's rounding);
+    "torch": sinkhorn_knopp_stats_ref (the same log-domain algorithm in plain PyTorch).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"sinkhorn_knopp_stats: impl={impl!r} is not one of {list(IMPLS)}")
+    if impl == "torch":
+        return sinkhorn_knopp_stats_ref(teacher_logits, teacher_temp, n_iterations, all_reduce, row_valid=row_valid)
+    _check_inputs(teacher_logits, teacher_temp, n_iterations, None, row_valid)
+    check_runnable(teacher_logits, "sinkhorn_knopp_stats")
+    T, scale, valid = _prepare(teacher_logits, teacher_temp, row_valid)
+    if all_reduce is None:
+        return sinkhorn_knopp_stats_op(T, scale, valid, n_iterations)
+    col_max, col_lse, row_part = _per_step(T, scale, valid, n_iterations, all_reduce)
+    center, row_offset, entropy = sinkhorn_knopp_target_stats_op(T, scale, col_max, col_lse, row_part, valid)
+    return center, col_lse, row_offset, entropy
+
+
+__all__ = ["sinkhorn_knopp", "sinkhorn_knopp_ref", "sinkhorn_knopp_stats", "sinkhorn_knopp_stats_ref",
+           "sinkhorn_knopp_op", "sinkhorn_knopp_stats_op", "sinkhorn_knopp_colmax_op", "sinkhorn_knopp_colsum_op",
+           "sinkhorn_knopp_row_lse_op", "sinkhorn_knopp_targets_op", "sinkhorn_knopp_target_stats_op",
+           "launch_config"]

@@ -34,7 +34,7 @@ KoLeoLoss()
     forward(x (B, D), eps=1e-8) = -(1/B) sum_i ln(||x_i - x_nn(i) + eps|| + eps), x L2-normalized
 
 How they run: the centered softmax is kernels/softmax_center.py, Sinkhorn-Knopp is
-fastdino.targets.SinkhornKnopp (all-reduces over the default process group when it is initialized),
+kernels/sinkhorn_knopp.py's q-writing op (all-reduces over the default process group when it is initialized),
 the cross-entropies are the multi-view soft-target kernel (kernels/soft_cross_entropy.py: DINO pairs
 without skipping, the teacher list two views per call; iBOT rows one view and one weighted target
 each, fastdino.losses.IBOTTerm), KoLeo is fastdino.losses.koleo.koleo_ref. impl="auto" | "fused" |
@@ -58,7 +58,8 @@ from fastdino.compat import (KERNEL_IMPL, accumulation_dtype, all_reduce_or_none
                              resolve_impl, stack_views, world_size)
 from fastdino.losses.ibot import IBOTTerm
 from fastdino.losses.koleo import koleo_ref
-from fastdino.targets import SinkhornKnopp, update_center_
+from fastdino.kernels.sinkhorn_knopp import sinkhorn_knopp
+from fastdino.targets import update_center_
 
 
 class _DeferredCenter(nn.Module):
@@ -98,8 +99,10 @@ class _DeferredCenter(nn.Module):
             raise ValueError(f"{self._who}.sinkhorn_knopp_teacher: teacher_output must be 2-D (rows, "
                              f"{self.center.shape[-1]}), got shape {tuple(teacher_output.shape)}")
         self.impl = self.resolve_impl(teacher_output.device)
-        targets = SinkhornKnopp(self.center.shape[-1], n_iterations, self.impl, all_reduce_or_none())
-        return targets(teacher_output, teacher_temp)[0]
+        # the official API hands q to the caller: the op that writes it (the engine's targets module
+        # keeps it as LogitTargets for its own loss kernels)
+        return sinkhorn_knopp(teacher_output.detach(), teacher_temp, n_iterations, all_reduce_or_none(),
+                              impl=KERNEL_IMPL[self.impl])[0]
 
     @torch.no_grad()
     def _record(self, batch_sum: Tensor) -> None:
