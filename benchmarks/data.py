@@ -59,9 +59,10 @@ def make_jpeg_folder(root: str, n: int, w: int = 500, h: int = 375) -> str:
     return root
 
 
-def bench(backend: str, n_local: int, args, device: torch.device) -> dict:
+def bench(backend: str, n_local: int, args, device: torch.device, photometric: str = "auto") -> dict:
     cfg = DataConfig(path=args.data, backend=backend, num_workers=args.workers, local_crops_number=n_local,
-                     global_crop_size=args.global_size, local_crop_size=args.local_size)
+                     global_crop_size=args.global_size, local_crop_size=args.local_size,
+                     photometric_impl=photometric)
     loader = build_train_loader(cfg, args.batch_size, seed=0, device=device, dtype=torch.bfloat16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     it = loader.epoch(0)
@@ -81,7 +82,8 @@ def bench(backend: str, n_local: int, args, device: torch.device) -> dict:
         steps += 1
     sync()
     dt = time.perf_counter() - t0
-    row = {"backend": loader.backend, "crops": f"2+{n_local}", "batch": args.batch_size, "steps": steps,
+    row = {"backend": loader.backend, "photometric": loader.photometric, "crops": f"2+{n_local}",
+           "batch": args.batch_size, "steps": steps,
             "images_per_s": steps * args.batch_size / dt, "ms_per_batch": 1e3 * dt / steps, "warmup_s": warm,
             "cpu_cores": len(os.sched_getaffinity(0)), "workers_or_threads": args.workers, "device": str(device)}
     if loader.backend == "dali":
@@ -94,7 +96,8 @@ def dali_stages(loader, reps: int, sync) -> dict:
     """Where a DALI batch's time goes. In-loop counters (ms per batch, the host thread runs beside the
     consumer): host_read (file reads + header checks, thread pool), host_params (vectorized draws),
     host_wait / dali_wait (consumer blocked on the host queue / on DALI outputs). Then each stage alone,
-    synchronized: host batch, DALI graph (decode + crops, one batch, no overlap), photometric (torch)."""
+    synchronized: host batch, DALI graph (decode + crops, one batch, no overlap), photometric (each impl of
+    data.photometric_impl on CUDA: torch's batched ops and the fused Triton kernels)."""
     from fastdino.data.dali import build_pipeline
 
     t = loader.timing
@@ -124,11 +127,17 @@ def dali_stages(loader, reps: int, sync) -> dict:
         outs = run(items[i])
     out["alone_dali_ms"] = 1e3 * (time.perf_counter() - t0) / reps
     sync()
-    t0 = time.perf_counter()
-    for i in range(reps):
-        loader.to_crops(outs, items[-1]["feed"]["photometric"])
-    sync()
-    out["alone_photometric_ms"] = 1e3 * (time.perf_counter() - t0) / reps
+    own = loader.photometric
+    for impl in ("torch", "triton") if loader.device.type == "cuda" else (own,):  # both impls of the colour ops
+        loader.photometric = impl
+        loader.to_crops(outs, items[-1]["feed"]["photometric"])  # warm-up (Triton compiles)
+        sync()
+        t0 = time.perf_counter()
+        for i in range(reps):
+            loader.to_crops(outs, items[-1]["feed"]["photometric"])
+        sync()
+        out[f"alone_photometric_{impl}_ms"] = 1e3 * (time.perf_counter() - t0) / reps
+    loader.photometric = own
     del pipe, outs
     return out
 
@@ -147,6 +156,8 @@ def main(argv=None) -> None:
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=96)
     p.add_argument("--quick", action="store_true", help="CPU smoke test: few small batches")
+    p.add_argument("--photometric", default="auto", choices=["auto", "torch", "triton", "both"],
+                   help="data.photometric_impl of the loaders (both: a row of each)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
@@ -159,24 +170,29 @@ def main(argv=None) -> None:
     if "dali" in backends and not dali_available():
         print("dali: not importable, skipped")
         backends.remove("dali")
-    rows = [bench(b, int(n), args, device) for b in backends for n in args.locals.split(",")]
+    impls = ["torch", "triton"] if args.photometric == "both" else [args.photometric]
+    if "triton" in impls and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("photometric triton: needs CUDA (or TRITON_INTERPRET=1), skipped")
+        impls = [i for i in impls if i != "triton"] or ["torch"]
+    rows = [bench(b, int(n), args, device, impl) for b in backends for n in args.locals.split(",") for impl in impls]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n### data pipeline throughput ({name}, {rows[0]['cpu_cores'] if rows else '?'} CPU cores, "
           f"{args.global_size}/{args.local_size} px crops, bf16 out)\n")
-    print("| backend | crops | batch | images/s | ms/batch | warm-up s | workers/threads |")
-    print("|---|---|---|---|---|---|---|")
+    print("| backend | photometric | crops | batch | images/s | ms/batch | warm-up s | workers/threads |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {r['crops']} | {r['batch']} | {r['images_per_s']:.0f} | {r['ms_per_batch']:.1f} | "
-              f"{r['warmup_s']:.1f} | {r['workers_or_threads']} |")
+        print(f"| {r['backend']} | {r['photometric']} | {r['crops']} | {r['batch']} | {r['images_per_s']:.0f} | "
+              f"{r['ms_per_batch']:.1f} | {r['warmup_s']:.1f} | {r['workers_or_threads']} |")
     stages = [r for r in rows if "alone_dali_ms" in r]
     if stages:
         print("\n#### DALI backend: ms per batch by stage (loop: counters during the timed run; alone: each "
               "stage by itself, synchronized)\n")
-        keys = [k for k in stages[0] if k.startswith(("loop_", "alone_"))]
-        print("| crops | " + " | ".join(keys) + " |")
-        print("|---|" + "---|" * len(keys))
+        keys = list(dict.fromkeys(k for r in stages for k in r if k.startswith(("loop_", "alone_"))))
+        print("| crops | photometric | " + " | ".join(keys) + " |")
+        print("|---|---|" + "---|" * len(keys))
         for r in stages:
-            print(f"| {r['crops']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+            print(f"| {r['crops']} | {r['photometric']} | "
+                  + " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "results": rows}, f, indent=2)

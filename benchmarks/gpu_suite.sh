@@ -13,8 +13,8 @@
 #                                           # the fused residual+LayerNorm op's tests and GB/s
 #   bash benchmarks/gpu_suite.sh F OUTDIR   # the next session's default (~8 min, D and E ran on 2026-11-29):
 #                                           # tests of what changed since (kernels, the CUDA-graph step),
-#                                           # residual-norm GB/s, the loss and the fused head (both rewritten
-#                                           # without cancellation), Sinkhorn-Knopp at iBOT size, ViT-S/16 end
+#                                           # residual-norm GB/s, the loss (targets from the logits) and the
+#                                           # fused head, Sinkhorn-Knopp, the fused photometric op, ViT-S/16 end
 #                                           # to end with the backbone levers and with train.cuda_graphs
 #
 # Then, on this machine: python benchmarks/record.py OUTDIR (rows into benchmarks/results.jsonl), and
@@ -77,24 +77,27 @@ elif [ "$part" = E ]; then  # DINOv3: the tiled Gram loss (never measured on a G
     step residual_norm 40 $py benchmarks/residual_norm.py --results "$out/residual_norm.jsonl"
 elif [ "$part" = F ]; then  # the open measurements after 2026-11-29 (~8 min): tests of what changed,
     # the pipelined residual-norm backward, the loss with targets made from the teacher logits (fused) vs q
-    # stored (fused_q), the cancellation-free fused head, Sinkhorn-Knopp at iBOT size, the backbone levers
-    # end to end (the fused residual chain, the bf16 residual stream), CUDA graphs
-    step pytest_changed 120 $py -m pytest -q -p no:cacheprovider tests/kernels/test_residual_layer_norm.py \
+    # stored (fused_q), the cancellation-free fused head, Sinkhorn-Knopp at iBOT size and without its q
+    # (sk_stats), the fused photometric op, the backbone levers end to end (the fused residual chain, the
+    # bf16 residual stream), CUDA graphs
+    step pytest_changed 110 $py -m pytest -q -p no:cacheprovider tests/kernels/test_residual_layer_norm.py \
         tests/kernels/test_soft_cross_entropy.py tests/kernels/test_linear_soft_cross_entropy.py \
-        tests/kernels/test_softmax_center.py tests/kernels/test_gram_loss.py tests/test_ibot.py \
-        tests/test_dinov2_models.py tests/test_attention.py tests/test_models.py tests/test_step.py -k "not aot"
-    step residual_norm 40 $py benchmarks/residual_norm.py --results "$out/residual_norm.jsonl"
-    step loss 60 $py benchmarks/loss.py --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss.json"
-    step loss_head 40 $py benchmarks/loss.py --head --B 64 --crops 2+10 --dtypes bf16 --json "$out/loss_head.json"
-    step loss_sk 40 $py benchmarks/loss.py --sk --B 64 2048 --dtypes bf16 --json "$out/loss_sk.json"
-    step gram_tf32 45 $py benchmarks/gram.py --dtypes fp32 --tf32 --results "$out/gram_tf32.jsonl"
-    step throughput_vits16 150 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
+        tests/kernels/test_softmax_center.py tests/kernels/test_sinkhorn_knopp.py tests/kernels/test_photometric.py \
+        tests/kernels/test_gram_loss.py tests/test_ibot.py tests/test_dinov2_models.py tests/test_attention.py \
+        tests/test_models.py tests/test_step.py -k "not aot and not compiled_arithmetic"
+    step residual_norm 35 $py benchmarks/residual_norm.py --results "$out/residual_norm.jsonl"
+    step loss 55 $py benchmarks/loss.py --B 64 --crops 2+10 --dtypes bf16 fp32 --json "$out/loss.json"
+    step loss_head 35 $py benchmarks/loss.py --head --B 64 --crops 2+10 --dtypes bf16 --json "$out/loss_head.json"
+    step loss_sk 35 $py benchmarks/loss.py --sk --B 64 2048 --dtypes bf16 --json "$out/loss_sk.json"
+    step gram_tf32 40 $py benchmarks/gram.py --dtypes fp32 --tf32 --results "$out/gram_tf32.jsonl"
+    step photometric 30 $py benchmarks/photometric.py --results "$out/photometric.jsonl"
+    step throughput_vits16 140 $py benchmarks/throughput.py --config configs/vits16.json --data.local_crops_number 10 \
         --batch-size 256 --data synthetic --rows reference,fastdino,+residual_norm,+bf16_residual \
-        --steps 8 --warmup 4 --repeats 3 --time-budget 130 --json "$out/throughput_vits16.json"
+        --steps 8 --warmup 4 --repeats 3 --time-budget 120 --json "$out/throughput_vits16.json"
     # the same config's fastdino row with the whole step replayed from a CUDA graph (train.cuda_graphs)
-    step throughput_vits16_graphs 70 $py benchmarks/throughput.py --config configs/vits16.json \
+    step throughput_vits16_graphs 65 $py benchmarks/throughput.py --config configs/vits16.json \
         --data.local_crops_number 10 --train.cuda_graphs true --batch-size 256 --data synthetic --rows fastdino \
-        --steps 8 --warmup 4 --repeats 3 --time-budget 55 --json "$out/throughput_vits16_graphs.json"
+        --steps 8 --warmup 4 --repeats 3 --time-budget 50 --json "$out/throughput_vits16_graphs.json"
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
     step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"
     step pytest_gpu 80 $py -m pytest -q -p no:cacheprovider tests/kernels/test_linear_soft_cross_entropy.py \

@@ -77,12 +77,12 @@ COMPONENTS = {
     "residual_norm": {"model.fused_residual_norm": True},  # the blocks' residual add + norm2 as one op
     "bf16_residual": {"model.residual_dtype": "bf16"},  # the blocks' residual stream in bf16 (DINOv3)
     "cuda_graphs": {"train.cuda_graphs": True},  # the whole step replayed from a CUDA graph (no per-phase split)
-    "data": {"data.backend": "auto"},
+    "data": {"data.backend": "auto", "data.photometric_impl": "auto"},  # DALI decoding, fused colour ops
 }
 # component -> the fields of fastdino.resolve.Resolved that tell what it resolved to
 IMPL_KEYS = {"loss": ("loss",), "ema_clip": ("ema", "clip"), "attention": ("attn",), "packed": ("packed",),
              "fused_head": ("fused_head", "loss"), "compile": ("compile",), "residual_norm": ("residual_norm",),
-             "bf16_residual": ("residual_dtype",), "cuda_graphs": ("cuda_graphs",), "data": ("data",)}
+             "bf16_residual": ("residual_dtype",), "cuda_graphs": ("cuda_graphs",), "data": ("data", "photometric")}
 ROW_NAMES = ("reference",) + tuple(f"+{c}" for c in COMPONENTS) + ("fastdino",)
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "teacher_update")
 
@@ -249,7 +249,8 @@ def resolved_impls(run, loader_backend: str | None) -> dict:
     r = run.resolved
     return {"loss": r.loss, "ema": r.ema, "clip": r.clip, "attn": r.attn, "packed": r.packed_multicrop,
             "fused_head": r.fused_head, "compile": r.compile, "residual_norm": r.residual_norm,
-            "residual_dtype": r.residual_dtype, "cuda_graphs": r.cuda_graphs, "data": loader_backend or "synthetic"}
+            "residual_dtype": r.residual_dtype, "cuda_graphs": r.cuda_graphs, "data": loader_backend or "synthetic",
+            "photometric": r.photometric}
 
 
 def _is_reference(component: str, impls: dict) -> bool:
@@ -273,7 +274,7 @@ def _is_reference(component: str, impls: dict) -> bool:
     if component == "cuda_graphs":
         return impls.get("cuda_graphs") is False
     if component == "data":
-        return impls.get("data") == "torch"
+        return impls.get("data") == "torch" and impls.get("photometric", "torch") == "torch"
     return False
 
 

@@ -174,6 +174,10 @@ class DataConfig:
     epoch_length: int = 0
     num_workers: int = 10  # DataLoader workers per process (torch backend)
     dtype: str = choice("auto", "auto", "fp32", "bf16")  # crops on the device; auto: bf16 when training bf16 on a GPU
+    # the colour jitter / grayscale / blur / solarize / normalization of the crops on the device: triton (the fused
+    # kernels of kernels/photometric.py, 1 copy + 3 launches per crop size), torch (one batched op at a time, the
+    # reference); auto: triton on CUDA
+    photometric_impl: str = choice("auto", "auto", "triton", "torch")
 
 
 @dataclass
@@ -272,6 +276,7 @@ REFERENCE = {
     "train.compile_step": False,
     "train.cuda_graphs": False,
     "data.backend": "torch",  # CPU augmentation
+    "data.photometric_impl": "torch",  # the colour ops one batched torch op at a time
 }
 
 # Values that were renamed or removed: the old value stops the run with a line naming the new one.

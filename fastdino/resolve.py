@@ -18,6 +18,7 @@ The rest of the engine reads the Resolved record, never the "auto" config values
     residual_dtype fp32 | bf16                     model.residual_dtype (fp32 in reference mode)
     tf32         bool                              train.allow_tf32, applied process-wide here
     cuda_graphs  bool                              train.cuda_graphs (CUDA, one process only)
+    photometric  triton | torch                    data.photometric_impl: triton on CUDA
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Resolved:
     tf32: bool  # train.allow_tf32: fp32 matmuls in TF32 (applied process-wide by resolve)
     reference: bool
     cuda_graphs: bool = False  # train.cuda_graphs: the step replayed from CUDA graphs (fastdino/cuda_graph.py)
+    photometric: str = "torch"  # triton | torch: the crops' colour ops (kernels/photometric.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,6 +131,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
     """The one place where "auto" is decided (see the module docstring). Raises ConfigError (one
     line) for a choice that cannot run here."""
     from fastdino.data import resolve_backend as resolve_data_backend
+    from fastdino.data import resolve_photometric
     from fastdino.models import arch_spec, extra_tokens
     from fastdino.models.attention import resolve_backend as resolve_attention
 
@@ -178,4 +181,5 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
         tf32=cfg.train.allow_tf32,
         reference=cfg.train.reference,
         cuda_graphs=cfg.train.cuda_graphs,
+        photometric=resolve_photometric(cfg.data.photometric_impl, device),
     )

@@ -384,7 +384,7 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
     batch = cfg.optim.batch_size_per_gpu
     loader = build_train_loader(cfg.data, batch_size=batch, rank=ctx.rank, world_size=ctx.world_size,
                                 seed=cfg.train.seed, device=device, dtype=DTYPES[resolved.crops_dtype],
-                                backend=resolved.data, masking=build_masking(cfg),
+                                backend=resolved.data, photometric=resolved.photometric, masking=build_masking(cfg),
                                 gram_from_epoch=cfg.gram.start_epoch)  # the Gram crops only once the Gram teacher runs
     steps_per_epoch = loader.steps_per_epoch  # >= 1: the loader refuses data smaller than one global batch
     if loader.plan.multi_resolution and ctx.is_main:

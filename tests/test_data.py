@@ -568,3 +568,32 @@ def test_horizontal_flips_switch(demo):
     want = ref(img, 5, 1, i)
     for c in range(5):  # PIL's rounding and box blur vs the batched ops (as test_photometric_matches_pil_reference)
         assert ((crops[c][0] - want[c]) * STD[0]).abs().mean() < 0.01, c
+
+
+@pytest.mark.interpreted
+def test_fused_photometric_loader_equals_torch(demo):
+    """data.photometric_impl=triton (kernels/photometric.py, interpreted on CPU here): the torch loader's
+    crops equal those of the torch reference ops to float rounding (the op's bound, 1e-5 normalized, away
+    from solarize's threshold), bf16 crops too; the same batch, the same draws."""
+    from fastdino.data import resolve_photometric
+
+    assert resolve_photometric("auto", torch.device("cpu")) == "torch"
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = next(iter(build_train_loader(small_cfg(demo), 8, seed=3, dtype=dtype).epoch(1)))
+        fused_loader = build_train_loader(small_cfg(demo, photometric_impl="triton"), 8, seed=3, dtype=dtype)
+        assert fused_loader.photometric == "triton"
+        fused = next(iter(fused_loader.epoch(1)))
+        for a, b in zip(fused, ref):
+            d = (a.float() - b.float()).abs()
+            tol = 1e-5 if dtype == torch.float32 else 1e-5 + 2 ** -7 * b.float().abs().max().item()
+            assert (d > tol).float().mean() < 1e-3, (dtype, d.max())  # solarize flips at its threshold only
+
+
+def test_fused_photometric_without_cuda_is_one_line(monkeypatch):
+    from fastdino.data import resolve_photometric
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(DataError, match="data.photometric_impl 'triton'") as e:
+        resolve_photometric("triton", torch.device("cpu"))
+    assert "\n" not in str(e.value)
+    assert resolve_photometric("torch", torch.device("cpu")) == "torch"

@@ -22,7 +22,7 @@ from fastdino.data.demo import generate_demo_dataset
 from fastdino.data.folder import DataError, ImageFolder, ImageSource
 
 __all__ = ["build_train_loader", "DataError", "generate_demo_dataset", "ImageFolder", "ImageSource",
-           "DataAugmentationDINORef", "crop_specs", "dali_available", "resolve_backend"]
+           "DataAugmentationDINORef", "crop_specs", "dali_available", "resolve_backend", "resolve_photometric"]
 
 
 def dali_available() -> bool:
@@ -50,26 +50,49 @@ def resolve_backend(backend: str, device: torch.device, multi_resolution: bool =
     return backend
 
 
+def resolve_photometric(impl: str, device: torch.device) -> str:
+    """data.photometric_impl -> triton | torch: auto is triton on CUDA (when triton imports), torch
+    elsewhere; triton needs CUDA (or TRITON_INTERPRET=1, the tests)."""
+    import os
+
+    device = torch.device(device)
+    try:
+        import triton  # noqa: F401
+        have_triton = True
+    except ImportError:
+        have_triton = False
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and have_triton else "torch"
+    if impl == "triton" and not (have_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+        raise DataError(f"data.photometric_impl 'triton': needs triton and a CUDA device (the device is {device}); "
+                        "use auto or torch")
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"data.photometric_impl {impl!r} is not one of ['auto', 'triton', 'torch']")
+    return impl
+
+
 def build_train_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                        device=None, dtype: torch.dtype = torch.float32, backend: str | None = None,
-                       masking=None, gram_from_epoch: int = 0):
+                       masking=None, gram_from_epoch: int = 0, photometric: str | None = None):
     """The training loader for this rank: `.epoch(e, start_step)`, `.steps_per_epoch` (data.epoch_length,
     or images // global batch when 0), `.num_images`, `.num_corrupt`, `.backend`, `.plan` (each step's
     crops: fastdino/data/crop_plan.py). backend: the resolved data backend (fastdino/resolve.py); None
     resolves data_cfg.backend here (standalone use). gram_from_epoch: the first epoch whose batches
-    carry the Gram-teacher crops (data.gram_crop_size; gram.start_epoch). Generates the demo dataset
-    first when data_cfg.generate_demo is set (safe when every rank calls it)."""
+    carry the Gram-teacher crops (data.gram_crop_size; gram.start_epoch). photometric: the resolved
+    data.photometric_impl (None: resolved here). Generates the demo dataset first when
+    data_cfg.generate_demo is set (safe when every rank calls it)."""
     device = torch.device(device or "cpu")
     if data_cfg.generate_demo:
         generate_demo_dataset(data_cfg.path, data_cfg.demo_num_images, data_cfg.demo_num_classes,
                               data_cfg.demo_image_size, seed)
     backend = backend or resolve_backend(data_cfg.backend, device, len(getattr(data_cfg, "crop_sets", None) or ()) > 1)
+    photometric = photometric or resolve_photometric(getattr(data_cfg, "photometric_impl", "torch"), device)
     if backend == "dali":
         from fastdino.data.dali import DaliMultiCropLoader
 
         return DaliMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype, masking=masking,
-                                   gram_from_epoch=gram_from_epoch)
+                                   gram_from_epoch=gram_from_epoch, photometric=photometric)
     from fastdino.data.torch_loader import TorchMultiCropLoader
 
     return TorchMultiCropLoader(data_cfg, batch_size, rank, world_size, seed, device, dtype, masking=masking,
-                                gram_from_epoch=gram_from_epoch)
+                                gram_from_epoch=gram_from_epoch, photometric=photometric)

@@ -1,5 +1,5 @@
 """DALI data path: GPU JPEG decoding and the geometric half of every crop made by DALI; the photometric
-half runs batched on the device with the same code as the torch backend (augment.photometric).
+half runs batched on the device with the same op as the torch backend (kernels/photometric.py, data.photometric_impl).
 
 Host (one background thread, plus a small thread pool for file reads): for each step, this rank's
 dataset indices (the same (data pass, step in pass) of each step, per data.epoch_length, pass
@@ -48,11 +48,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, draw_keys, photometric, photometric_params,
+from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, draw_keys, photometric_params,
                                    resized_crop_boxes, uniforms)
 from fastdino.data.crop_plan import CropPlan
 from fastdino.data.folder import DataError, ImageSource, Unreadable, image_size_from_header
 from fastdino.data.torch_loader import MAX_REPLACEMENTS, EpochBatches, check_batch_geometry
+from fastdino.kernels.photometric import photometric
 
 PIPELINE_DEPTH = 2  # DALI iterations in flight (prefetch_queue_depth): one running while one is consumed
 HOST_QUEUE = 3  # host batches prepared ahead by the background thread
@@ -152,8 +153,9 @@ class DaliMultiCropLoader:
 
     def __init__(self, data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device=None, dtype: torch.dtype = torch.float32, source: ImageSource | None = None,
-                 num_threads: int | None = None, masking=None, gram_from_epoch: int = 0):
+                 num_threads: int | None = None, masking=None, gram_from_epoch: int = 0, photometric: str = "torch"):
         self.device = torch.device(device or "cpu")
+        self.photometric = photometric  # triton | torch: kernels/photometric.py
         self.masking = masking  # fastdino.data.masking.IBOTMasks: also yield the batch's iBOT masks
         self.source = source or ImageSource(data_cfg.path)
         self.num_images = len(self.source)
@@ -325,7 +327,7 @@ class DaliMultiCropLoader:
             x = self._to_torch(tl)  # [B, F, S, S, 3]
             B, F, H, W, _ = x.shape
             x = x.permute(1, 0, 4, 2, 3).reshape(F * B, 3, H, W)  # crop-major, as the torch backend
-            for c, y in zip(ids, photometric(x, p, self.dtype).split(B)):
+            for c, y in zip(ids, photometric(x, p, self.dtype, impl=self.photometric).split(B)):
                 crops[c] = y
         return crops
 

@@ -3,7 +3,8 @@
 Workers: decode, RandomResizedCrop (PIL bicubic, antialiased) + flip, and draw every photometric
 parameter of every crop (augment.draw_params). They send uint8 crops (4x less traffic than float) and
 the parameters. The main process copies them to the device (pinned memory, non_blocking on CUDA) and
-runs augment.photometric on each group of same-size crops (the 2 globals together, the N locals
+runs the photometric op (kernels/photometric.py: fused Triton, or augment.photometric, the torch
+reference; data.photometric_impl) on each group of same-size crops (the 2 globals together, the N locals
 together), then splits them into the crop-major list.
 
 Order of samples: one permutation per (seed, data pass), the same on every rank; global batch g of
@@ -30,9 +31,10 @@ import io
 import numpy as np
 import torch
 
-from fastdino.data.augment import draw_params, photometric, pil_to_uint8, resized_crop_pil, stack_params, uniforms
+from fastdino.data.augment import draw_params, pil_to_uint8, resized_crop_pil, stack_params, uniforms
 from fastdino.data.crop_plan import CropPlan
 from fastdino.data.folder import DataError, ImageSource, Unreadable
+from fastdino.kernels.photometric import photometric
 
 MAX_REPLACEMENTS = 16
 
@@ -190,8 +192,9 @@ class TorchMultiCropLoader:
 
     def __init__(self, data_cfg, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device=None, dtype: torch.dtype = torch.float32, source: ImageSource | None = None,
-                 masking=None, gram_from_epoch: int = 0):
+                 masking=None, gram_from_epoch: int = 0, photometric: str = "torch"):
         self.source = source or ImageSource(data_cfg.path)
+        self.photometric = photometric  # triton | torch: kernels/photometric.py
         self.masking = masking  # fastdino.data.masking.IBOTMasks: also yield the batch's iBOT masks
         self.num_images = len(self.source)
         check_batch_geometry(self.num_images, batch_size, rank, world_size, self.source.path)
@@ -255,6 +258,6 @@ class TorchMultiCropLoader:
         for ids in groups.values():
             x = torch.cat([crops[c] for c in ids]).to(self.device, non_blocking=True)
             p = {k: torch.cat([params[c][k] for c in ids]) for k in params[ids[0]]}
-            for c, y in zip(ids, photometric(x, p, self.dtype).split(self.batch_size)):
+            for c, y in zip(ids, photometric(x, p, self.dtype, impl=self.photometric).split(self.batch_size)):
                 out[c] = y
         return out
