@@ -121,7 +121,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .soft_cross_entropy import LN2, LOG2E, check_runnable, rows_contiguous, sm_count, teacher_scale
+from .soft_cross_entropy import LN2, check_runnable, rows_contiguous, scaled_logits_dtype, sm_count, teacher_scale
 
 OPS = ("sum", "max")
 
@@ -226,13 +226,7 @@ def sinkhorn_knopp_stats_ref(teacher_logits, teacher_temp, n_iterations=3, all_r
     log2(e) / teacher_temp in fp64). Detached.
     """
     R, K = _check_inputs(teacher_logits, teacher_temp, n_iterations, None, row_valid)
-    t = teacher_logits.detach()
-    if t.dtype == torch.float64:
-        temp = teacher_temp.detach().double() if isinstance(teacher_temp, torch.Tensor) else float(teacher_temp)
-        scale = LOG2E.value / temp
-    else:
-        t = t.float()
-        scale = teacher_scale(teacher_temp, device=t.device)
+    t, scale = scaled_logits_dtype(teacher_logits, teacher_temp)
     valid = None if row_valid is None else row_valid.detach()
     inf = float("inf")
 

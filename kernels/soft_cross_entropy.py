@@ -522,6 +522,17 @@ def teacher_scale(teacher_temp, device=None) -> torch.Tensor:
     return LOG2E.value / t.detach().float().reshape(())
 
 
+def scaled_logits_dtype(teacher_logits, teacher_temp) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """(t, scale) for the torch references of the exponent y2 = (t - c) * scale: t detached in fp32 and
+    scale = teacher_scale(teacher_temp) (the kernels' bits), or with fp64 logits both in fp64
+    (scale = log2(e) / teacher_temp computed in fp64)."""
+    t = teacher_logits.detach()
+    if t.dtype == torch.float64:
+        temp = teacher_temp.detach().double() if isinstance(teacher_temp, torch.Tensor) else float(teacher_temp)
+        return t, LOG2E.value / temp
+    return t.float(), teacher_scale(teacher_temp, device=t.device)
+
+
 def _logit_args(targets, center, scale, row_offset, col_offset) -> tuple:
     """The kernels' (Center, Scale, RowOff, ColOff) pointers, FROM_LOGITS and HAS_COL_OFFSET: with
     LogitTargets' tensors, else `targets` (never read)."""

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .soft_cross_entropy import LN2, LOG2E, check_runnable, rows_contiguous, teacher_scale
+from .soft_cross_entropy import LN2, LOG2E, check_runnable, rows_contiguous, scaled_logits_dtype, teacher_scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,13 +124,7 @@ def _scaled_logits(teacher_logits, center, teacher_temp):
     kernels' y2 bit for bit (each operation rounded on its own: no contraction in eager PyTorch);
     fp64 when teacher_logits is fp64, with scale = log2(e) / teacher_temp in fp64."""
     K = teacher_logits.shape[1]
-    t = teacher_logits.detach()
-    if t.dtype == torch.float64:
-        temp = teacher_temp.detach().double() if isinstance(teacher_temp, torch.Tensor) else float(teacher_temp)
-        scale = LOG2E.value / temp
-    else:
-        t = t.float()
-        scale = teacher_scale(teacher_temp, device=t.device)
+    t, scale = scaled_logits_dtype(teacher_logits, teacher_temp)
     return t, (t - center.detach().to(t.dtype).view(1, K)) * scale
 
 
