@@ -23,6 +23,7 @@ names train.cuda_graphs and the cause.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 
@@ -39,12 +40,17 @@ def _no_mark(phase: str) -> None:
     pass
 
 
+def _mask_tensors(masks) -> list[torch.Tensor]:
+    """The tensors of a MaskBatch (fastdino/data/masking.py), in field order."""
+    return [getattr(masks, f.name) for f in dataclasses.fields(masks)]
+
+
 def _describe(x):
     if isinstance(x, torch.Tensor):
         return tuple(x.shape), x.dtype, x.device
     if x is None:
         return None
-    return tuple(_describe(getattr(x, f)) for f in ("masks", "mask_indices", "mask_weights", "n_masked"))
+    return tuple(_describe(t) for t in _mask_tensors(x))
 
 
 class _Captured:
@@ -57,8 +63,8 @@ class _Captured:
         for static, x in zip(self.crops, crops):
             static.copy_(x, non_blocking=True)
         if masks is not None:
-            for name in ("masks", "mask_indices", "mask_weights", "n_masked"):
-                getattr(self.masks, name).copy_(getattr(masks, name), non_blocking=True)
+            for static, x in zip(_mask_tensors(self.masks), _mask_tensors(masks)):
+                static.copy_(x, non_blocking=True)
         self.graph.replay()
         return {k: v.clone() for k, v in self.outputs.items()}
 
@@ -96,8 +102,7 @@ class GraphedStep:
 
     def _capture(self, state, crops, masks) -> _Captured:
         static_crops = [c.clone() for c in crops]
-        static_masks = None if masks is None else type(masks)(
-            *(getattr(masks, f).clone() for f in ("masks", "mask_indices", "mask_weights", "n_masked")))
+        static_masks = None if masks is None else type(masks)(*(t.clone() for t in _mask_tensors(masks)))
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         try:

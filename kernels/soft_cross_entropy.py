@@ -669,9 +669,6 @@ class LogitTargets(NamedTuple):
     def dim(self) -> int:
         return self.logits.dim()
 
-    def detach(self) -> "LogitTargets":
-        return self  # the teacher's tensors carry no gradient
-
     def probs(self) -> torch.Tensor:
         """q (R, K) fp32."""
         from .softmax_center import teacher_probs

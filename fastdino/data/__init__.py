@@ -35,13 +35,10 @@ def dali_available() -> bool:
 
 def resolve_backend(backend: str, device: torch.device, multi_resolution: bool = False) -> str:
     """auto -> dali when DALI imports and the device is CUDA, else torch; torch with several crop sets
-    (data.crop_sets: a DALI pipeline makes one). dali is also allowed on CPU (DALI's CPU operators:
-    slower, used by the tests)."""
+    (data.crop_sets: a DALI pipeline makes one, and the DALI loader refuses several). dali is also
+    allowed on CPU (DALI's CPU operators: slower, used by the tests)."""
     if backend == "auto":
         return "dali" if device.type == "cuda" and dali_available() and not multi_resolution else "torch"
-    if backend == "dali" and multi_resolution:
-        raise DataError("data.backend 'dali': its pipeline makes one set of crop sizes and data.crop_sets has several "
-                        "(one drawn per step): set data.backend=torch (or auto)")
     if backend == "dali" and not dali_available():
         raise DataError("data.backend 'dali': nvidia.dali is not importable (pip install nvidia-dali-cuda130, "
                         "or set data.backend=torch)")

@@ -14,7 +14,7 @@ on (gram.start_epoch's first step): before it the Gram teacher does not run, so 
 spend time on its crops (its batches are the 2 + N crops only).
 
 A step's layout is (set number, Gram crops made?): `specs(layout)` is its list of CropSpec, crop-major
-(fastdino/data/augment.py's crop_specs), `grid(layout, patch)` its global crops' patch grid.
+(fastdino/data/augment.py's crop_specs), `global_size(layout)` its global crops' size.
 """
 from __future__ import annotations
 

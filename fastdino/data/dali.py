@@ -170,11 +170,11 @@ class DaliMultiCropLoader:
         if self.plan.multi_resolution:
             raise DataError("data.backend 'dali': its pipeline is built for one set of crop sizes, and data.crop_sets "
                             "has several (a draw per step): use data.backend=torch")
-        self._set_layout(self.plan.layout(0))
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.num_threads = int(num_threads or max(1, min(int(data_cfg.num_workers) or 1, 16)))
-        self._pipe = None
-        self._pipes_built = 0  # pipelines built over the loader's life (rebuilt after decoder errors and when the layout changes)
+        self._pipe, self.layout = None, None
+        self._set_layout(self.plan.layout(0))
+        self._pipes_built = 0  # pipelines built over the loader's life (again after decoder errors, new layouts)
         self._readers = None
         self._bad: set[int] = set()  # dataset indices known unreadable on this rank
         self._unreadable = Unreadable("training data")  # names them in the log
@@ -189,12 +189,11 @@ class DaliMultiCropLoader:
 
     def _set_layout(self, layout) -> None:
         """Make this layout's crops (CropPlan): a new layout (the Gram crops starting) rebuilds the pipeline."""
-        if getattr(self, "layout", None) == layout:
+        if self.layout == layout:
             return
         self.layout, self.specs = layout, self.plan.specs(layout)
         self.groups = size_groups(self.specs)
-        if getattr(self, "_pipe", None) is not None:
-            self._drop_pipeline()
+        self._drop_pipeline()
 
     def _pipeline(self):
         if self._pipe is None:
@@ -391,16 +390,13 @@ class DaliMultiCropLoader:
         self._fed = 0
 
     def epoch(self, epoch: int, start_step: int = 0):
-        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher crops
-        from the plan's gram_from on) [B,3,S,S] on the device, normalized, in self.dtype. Step s is the batch of sampler.position(epoch, s)."""
+        """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher
+        crops from the plan's gram_from on) [B,3,S,S] on the device, normalized, in self.dtype. Step s is the
+        batch of sampler.position(epoch, s)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
-        first = int(epoch) * self.steps_per_epoch
-        layout = self.plan.layout(first + int(start_step))
-        if self.plan.layout(first + self.steps_per_epoch - 1) != layout:
-            raise DataError(f"data.backend 'dali': the crops change within epoch {epoch} (the Gram-teacher crops start "
-                            f"at step {self.plan.gram_from}); its pipeline makes one layout per epoch")
-        self._set_layout(layout)
+        # one layout per epoch: the plan's gram_from is an epoch's first step (gram_from_epoch)
+        self._set_layout(self.plan.layout(int(epoch) * self.steps_per_epoch))
         q, stop = queue.Queue(maxsize=HOST_QUEUE), threading.Event()
         worker = threading.Thread(target=self._host_batches, args=(int(epoch), int(start_step), q, stop), daemon=True)
         worker.start()

@@ -240,7 +240,7 @@ class IBOTMasks:
         self.generator = MaskingGenerator(grid, min_num_patches, max_num_patches, min_aspect, max_aspect)
         self._args = dict(mask_probability=mask_probability, mask_ratio=mask_ratio, n_global_crops=n_global_crops,
                           group_size=group_size, min_num_patches=min_num_patches, max_num_patches=max_num_patches,
-                          min_aspect=min_aspect, max_aspect=max_aspect, patch_size=patch_size)
+                          min_aspect=min_aspect, max_aspect=max_aspect)  # for_crop_size's copies
         self.patch_size = patch_size
         self._other_grids: dict = {}
         lo, hi = (float(v) for v in mask_ratio)
@@ -267,7 +267,7 @@ class IBOTMasks:
         if (grid, grid) == (self.generator.height, self.generator.width):
             return self
         if grid not in self._other_grids:
-            self._other_grids[grid] = IBOTMasks(grid, **self._args)
+            self._other_grids[grid] = IBOTMasks(grid, **self._args, patch_size=self.patch_size)
         return self._other_grids[grid]
 
     def strata(self, group: int) -> tuple[np.ndarray, np.ndarray]:

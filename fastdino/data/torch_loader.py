@@ -210,8 +210,8 @@ class TorchMultiCropLoader:
                              "(IBOTMasks(..., patch_size=p)) to mask each set's patch grid")
         workers = int(data_cfg.num_workers)
         self._loader = torch.utils.data.DataLoader(
-            MultiCropDataset(self.source, self.plan, seed, masking), batch_sampler=LayoutBatches(self.sampler, self.plan),
-            collate_fn=_first,
+            MultiCropDataset(self.source, self.plan, seed, masking),
+            batch_sampler=LayoutBatches(self.sampler, self.plan), collate_fn=_first,
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             generator=torch.Generator(),  # the loader's base seed must not consume torch's global RNG
