@@ -2,6 +2,7 @@
 `deepspeed` (both set RANK / WORLD_SIZE / LOCAL_RANK). gloo on CPU, nccl on CUDA."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -63,4 +64,7 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # DDP reducers nothing references any more go first, while their process group is alive: a gloo
+        # group destroyed by a reducer's last reference (GIL held) can deadlock on its worker threads
+        gc.collect()
         dist.destroy_process_group()

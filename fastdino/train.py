@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 if __name__ == "__main__" and __package__ in (None, ""):  # `python fastdino/train.py` from a checkout
@@ -322,6 +323,9 @@ def train(cfg: Config, args: argparse.Namespace) -> dict:
     ctx = init_distributed(cfg.train.device, args.local_rank)
     try:
         return _train(cfg, args, ctx)
+    except BaseException as e:  # the failed run's objects (its DDP reducer) go before the process group
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         cleanup()
 
