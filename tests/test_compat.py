@@ -554,10 +554,10 @@ def _dist_worker(rank, world, path, out):
 
 
 def test_distributed_centers_and_sinkhorn(tmp_path):
-    import torch.multiprocessing as mp
+    from spawn_workers import spawn
 
     world, out = 2, str(tmp_path / "result")
-    mp.spawn(_dist_worker, args=(world, str(tmp_path / "store"), out), nprocs=world, join=True)
+    spawn(_dist_worker, args=(world, str(tmp_path / "store"), out), nprocs=world)
     got = [torch.load(f"{out}.{r}") for r in range(world)]
     data = _dist_data(world)
     rows = data["teacher"].flatten(0, 2)  # every teacher row of every rank, rank-major

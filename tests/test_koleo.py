@@ -165,10 +165,10 @@ def test_distributed_groups_equal_one_process_on_the_group_batch(tmp_path):
     the ranks' batches concatenated); each rank's gradient w.r.t. its features (what DDP then averages
     over ranks) is G times that term's gradient w.r.t. its rows; each rank's value is its own rows'
     mean; G = 1 is the per-rank term."""
-    import torch.multiprocessing as mp
+    from spawn_workers import spawn
 
     out = str(tmp_path / "result")
-    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), out), nprocs=WORLD, join=True)
+    spawn(_dist_worker, args=(str(tmp_path / "store"), out), nprocs=WORLD)
     got = [torch.load(f"{out}.{r}") for r in range(WORLD)]
     features = _dist_features()
     for G in GROUPS:

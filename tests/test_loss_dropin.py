@@ -129,10 +129,10 @@ def _dist_worker(rank, world, path, out):
 
 
 def test_distributed_center_is_all_reduced(tmp_path):
-    import torch.multiprocessing as mp
+    from spawn_workers import spawn
 
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    spawn(_dist_worker, args=(2, str(tmp_path / "store"), out), nprocs=2)
     got = torch.load(out)
     torch.manual_seed(0)
     s, t = torch.randn(2, 12, 257), torch.randn(2, 6, 257) * 3
