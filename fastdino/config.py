@@ -117,12 +117,14 @@ class OptimConfig:
     # DINO: lr*B/256; DINOv2: lr*sqrt(B/1024); DINOv3 (its schedules v2): lr*4*sqrt(B/1024)
     lr_scaling: str = choice("linear_256", "linear_256", "sqrt_1024", "sqrt_1024_x4")
     # cosine: warmup, then a half cosine to min_lr (DINO, DINOv2); constant: warmup, then the peak lr to the end
-    # (DINOv3's pretraining and Gram phases: linear_warmup_cosine_decay with peak = end)
-    lr_schedule: str = choice("cosine", "cosine", "constant")
+    # (DINOv3's pretraining and Gram phases: linear_warmup_cosine_decay with peak = end); rise: a half cosine
+    # from 0 up to the peak lr over warmup_epochs, then the peak (DINOv3's high-resolution adaptation: start =
+    # peak = 0, end = its lr, cosine_epochs)
+    lr_schedule: str = choice("cosine", "cosine", "constant", "rise")
     layerwise_decay: float = 1.0  # lr of block i (0-based, of D) times decay^(D - i); embeddings decay^(D+1) (DINOv2: 0.9)
     patch_embed_lr_mult: float = 1.0  # patch embedding lr multiplier on top of the layer-wise one (DINOv2: 0.2)
     min_lr: float = 1e-6  # end of the cosine schedule
-    warmup_epochs: int = 10  # linear lr warmup
+    warmup_epochs: int = 10  # linear lr warmup (lr_schedule=rise: the half cosine's length)
     weight_decay: float = 0.04  # cosine from weight_decay to weight_decay_end; none on biases/norms
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0  # gradient norm clip (per optim.clip_grad_mode); 0 disables
@@ -184,6 +186,10 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
+    # a fastdino checkpoint whose EMA teacher (backbone and heads) starts both the student and the teacher;
+    # optimizer, schedules and step start fresh (DINOv3's student.resume_from_teacher_chkpt, as its
+    # high-resolution adaptation starts). Not read when --resume finds a checkpoint of this run
+    init_from: str = ""
     precision: str = choice("bf16", "fp32", "bf16", "fp16")  # fp16 uses a grad scaler; the loss is always fp32
     # fp32 matmuls (and the kernels' fp32 dots) in TF32 on CUDA: torch.backends.cuda.matmul.allow_tf32, set
     # at start-up. The official DINOv2 / DINOv3 train.py set it (their configs: true); DINO's main_dino.py does not
@@ -516,6 +522,7 @@ def _validate(cfg: Config) -> None:
          f"must be < optim.epochs={o.epochs} (the Gram term would never start)")
     need(not gr.teacher_checkpoint or os.path.isfile(gr.teacher_checkpoint), "gram.teacher_checkpoint",
          "no such file")
+    need(not cfg.train.init_from or os.path.isfile(cfg.train.init_from), "train.init_from", "no such file")
     need(d.epoch_length >= 0, "data.epoch_length", "must be >= 0 (0: an epoch is a pass over the data)")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(bool(d.path), "data.path", "must name a folder of images")

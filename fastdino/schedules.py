@@ -2,7 +2,9 @@
 table the step reads them from.
 
     lr           linear warmup from 0, then cosine to min_lr   (peak: `peak_lr`, optim.lr_scaling), or with
-                 optim.lr_schedule=constant the peak lr after the warmup (DINOv3)
+                 optim.lr_schedule=constant the peak lr after the warmup (DINOv3), or with rise a half cosine
+                 from 0 up to the peak over the warmup epochs, then the peak (DINOv3's high-resolution
+                 adaptation: linear_warmup_cosine_decay with start = peak = 0, end = its lr, cosine_epochs)
     wd           cosine from weight_decay to weight_decay_end (constant when equal)
     momentum     cosine from momentum_teacher to momentum_teacher_end (1; constant when equal: DINOv3)
     teacher_temp linear warmup over warmup_teacher_temp_epochs, then constant; loss.teacher_temp_schedule:
@@ -49,7 +51,7 @@ HYPERPARAMS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_frozen", "gra
                "dino_local_weight")  # rows of the table
 LR, WD, MOMENTUM, TEACHER_TEMP, LAST_LAYER_FROZEN, GRAM_WEIGHT, DINO_LOCAL_WEIGHT = range(len(HYPERPARAMS))
 LR_SCALING = ("linear_256", "sqrt_1024", "sqrt_1024_x4")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant", "rise")
 TEACHER_TEMP_SCHEDULES = ("per_epoch", "per_iteration")
 
 
@@ -155,7 +157,12 @@ class Schedules:
         lr_schedule = getattr(o, "lr_schedule", "cosine")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Schedules: unknown lr_schedule {lr_schedule!r} (choose one of {list(LR_SCHEDULES)})")
-        end_lr = peak if lr_schedule == "constant" else o.min_lr  # constant: the cosine from peak to peak
+        total = o.epochs * niter_per_ep
+        if lr_schedule == "rise":  # 0 -> peak on a half cosine over the warmup epochs, then the peak
+            lr = linear_warmup_cosine_decay(0.0, 0.0, peak, 0, total, o.warmup_epochs * niter_per_ep)
+        else:  # constant: the cosine from peak to peak
+            lr = cosine_scheduler(peak, peak if lr_schedule == "constant" else o.min_lr, o.epochs, niter_per_ep,
+                                  o.warmup_epochs)
         local_weight = None
         if getattr(lo, "reweight_local", False):  # DINOv3: iterations per epoch = its OFFICIAL_EPOCH_LENGTH
             cosine_epochs = lo.local_weight_cosine_epochs
@@ -164,7 +171,7 @@ class Schedules:
                 lo.local_weight_warmup_epochs * niter_per_ep, o.epochs * niter_per_ep,
                 None if cosine_epochs < 0 else cosine_epochs * niter_per_ep)
         return cls(
-            lr=cosine_scheduler(peak, end_lr, o.epochs, niter_per_ep, o.warmup_epochs),
+            lr=lr,
             wd=cosine_scheduler(o.weight_decay, o.weight_decay_end, o.epochs, niter_per_ep),
             momentum=cosine_scheduler(o.momentum_teacher, getattr(o, "momentum_teacher_end", 1.0), o.epochs,
                                       niter_per_ep),

@@ -29,7 +29,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # `python fastdino/tra
 import torch
 import torch.nn as nn
 
-from fastdino.checkpoint import CheckpointError, client_state, first_mismatch, restore_client
+from fastdino.checkpoint import CheckpointError, client_state, first_mismatch, load_checkpoint, restore_client
 from fastdino.config import Config, ConfigError, load_config, split_cli_overrides
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
 from fastdino.gram import GramAnchoring
@@ -129,6 +129,36 @@ def build_masking(cfg: Config):
                      mask_ratio=d.mask_ratio, group_size=d.mask_group_size or None, patch_size=cfg.model.patch_size)
 
 
+def init_from_teacher(path: str, student: nn.Module, teacher: nn.Module, arch: str) -> None:
+    """train.init_from: the checkpoint's EMA teacher (backbone and heads) becomes the student and the teacher
+    (DINOv3's student.resume_from_teacher_chkpt). A missing or foreign file, or another architecture, stops
+    the run with one line naming the key."""
+    key = "config key 'train.init_from'"
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    state = ckpt.get("teacher") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{key}: '{path}' has no 'teacher' entry (a fastdino checkpoint.pth, or a DeepSpeed "
+                          f"run's consolidated one, is expected)")
+    missing = first_mismatch(teacher.state_dict(), state)
+    if missing:
+        raise ConfigError(f"{key}: cannot load the teacher of '{path}' into {arch}: {missing}")
+    teacher.load_state_dict(state)
+    student.load_state_dict(state)
+
+
+def resumes(args: argparse.Namespace, cfg: Config, resolved: Resolved) -> bool:
+    """Whether --resume will load a checkpoint (auto: the backend's checkpoint in the output folder exists)."""
+    if args.resume is None:
+        return False
+    if args.resume != "auto":
+        return True
+    name = "deepspeed" if resolved.backend == "deepspeed" else "checkpoint.pth"  # the backends' checkpoint_path
+    return os.path.exists(os.path.join(cfg.train.output_dir, name))
+
+
 def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,
                  device) -> tuple[nn.Module, nn.Module | None, nn.ModuleList]:
     """The recipe: teacher targets (centering, or Sinkhorn-Knopp), the DINO term over 2 + N crops;
@@ -221,8 +251,10 @@ class Run:
         return self.state.backend
 
 
-def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Resolved | None = None) -> Run:
-    """Models, backend (DDP / DeepSpeed wrapping, optimizer), targets, terms and schedules."""
+def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Resolved | None = None,
+              init_from: str = "") -> Run:
+    """Models (from init_from's teacher: train.init_from), backend (DDP / DeepSpeed wrapping, optimizer),
+    targets, terms and schedules."""
     from fastdino.backend import build_backend
     from fastdino.models import compile_blocks
 
@@ -230,6 +262,10 @@ def build_run(cfg: Config, ctx: DistContext, steps_per_epoch: int, resolved: Res
     resolved = resolved or resolve(cfg, device, ctx.world_size)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student, teacher = build_models(cfg, resolved, device)
+    if init_from:  # before any wrapping: every backend starts from these weights
+        init_from_teacher(init_from, student, teacher, cfg.model.arch)
+        if ctx.is_main:
+            log.info("train.init_from: student and teacher start as the teacher of %s", init_from)
     gram = build_gram_anchoring(cfg, resolved, teacher, device, steps_per_epoch)  # no Gram teacher until its epoch
     torch.manual_seed(cfg.train.seed + ctx.rank)  # per-rank randomness (drop path) from here on
     if resolved.compile == "blocks":
@@ -397,7 +433,8 @@ def _train(cfg: Config, args: argparse.Namespace, ctx: DistContext) -> dict:
                            for s in loader.plan.sets))
 
     # ============ student, teacher, recipe, backend ============
-    run = build_run(cfg, ctx, steps_per_epoch, resolved)
+    run = build_run(cfg, ctx, steps_per_epoch, resolved,
+                    init_from="" if resumes(args, cfg, resolved) else cfg.train.init_from)
     if ctx.is_main:
         write_config(cfg, resolved)
 

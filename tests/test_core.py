@@ -1,6 +1,8 @@
 """The reference recipe: the drop-in DINOLoss equals the kernels' references composed as the paper
 says, the center update, schedules (host arrays and the device table), config errors."""
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -141,9 +143,22 @@ def test_config_errors_name_the_key():
 
 
 @pytest.mark.parametrize("name", ["demo", "vits16", "vits8", "vitb16", "vitb8", "dinov3_vits16", "dinov3_vitb16",
-                                  "dinov3_vitl16", "dinov3_vitl16_gram"])
-def test_shipped_configs_are_valid(name):
-    cfg = load_config(f"configs/{name}.json")
+                                  "dinov3_vitl16", "dinov3_vitl16_gram", "dinov3_vitl16_highres"])
+def test_shipped_configs_are_valid(name, tmp_path, monkeypatch):
+    """Every shipped config loads; the files a config starts from (the high-resolution phase: the Gram phase's
+    checkpoint) must exist, so they are made here, empty, and a missing one is one line naming its key."""
+    path = os.path.abspath(f"configs/{name}.json")
+    monkeypatch.chdir(tmp_path)
+    with open(path) as f:
+        raw = json.load(f)
+    needed = [v for v in (raw.get("train", {}).get("init_from"), raw.get("gram", {}).get("teacher_checkpoint")) if v]
+    if needed:
+        with pytest.raises(ConfigError, match=r"'(train.init_from|gram.teacher_checkpoint)': no such file"):
+            load_config(path)
+    for file in needed:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        open(file, "w").close()
+    cfg = load_config(path)
     assert cfg.model.out_dim >= 2
 
 

@@ -338,6 +338,23 @@ def test_dinov3_schedule_options():
     assert default.momentum[0] == 0.996 and default.momentum[-1] > 0.9999  # DINO: cosine to 1
 
 
+def test_rise_schedule_is_the_high_resolution_adaptations_lr():
+    """lr_schedule=rise: DINOv3's high-resolution adaptation lr (schedules.lr start 0, peak 0, end lr, no warmup,
+    cosine_epochs = optim.warmup_epochs; start, peak and end scaled by 4*sqrt(B/1024)): a half cosine up from 0,
+    written here as the official np.linspace(0, pi, n) form, then the scaled lr to the end."""
+    cfg = load_config(None, ["optim.lr=1.25e-5", "optim.lr_scaling=sqrt_1024_x4", "optim.lr_schedule=rise",
+                             "optim.epochs=5", "optim.warmup_epochs=2"])
+    sch = Schedules.from_config(cfg, global_batch=64, niter_per_ep=10)
+    end = 1.25e-5 * 4 * math.sqrt(64 / 1024)
+    up = end + (0.0 - end) * (np.cos(np.linspace(0, np.pi, 20)) + 1) / 2
+    np.testing.assert_allclose(sch.lr[:20], up, rtol=0, atol=1e-18)
+    assert sch.lr[0] == 0.0 and sch.lr[19] == pytest.approx(end, rel=1e-12) and np.all(np.diff(sch.lr[:20]) > 0)
+    np.testing.assert_allclose(sch.lr[20:], end, rtol=1e-12)
+    flat = Schedules.from_config(load_config(None, ["optim.lr_schedule=rise", "optim.epochs=3", "optim.warmup_epochs=0"]),
+                                 256, 4)
+    np.testing.assert_allclose(flat.lr, 0.0005, rtol=1e-12)  # no rise: the peak from the first step
+
+
 def test_adamw_beta2_matches_torch():
     """optim.adamw_beta2 (DINOv3's 7B recipe: 0.99): three steps equal torch's AdamW with betas (0.9, 0.99)."""
     ours, ref = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)

@@ -461,6 +461,45 @@ def test_bare_resume_without_checkpoint_starts_fresh(data_dir, tmp_path, caplog)
     assert any(m.startswith("--resume: nothing to resume") for m in caplog.messages), caplog.messages
 
 
+def test_init_from_starts_both_models_as_a_checkpoints_teacher(data_dir, tmp_path, capsys):
+    """train.init_from (DINOv3's student.resume_from_teacher_chkpt, how its high-resolution adaptation starts):
+    student and teacher begin as the checkpoint's EMA teacher, with a fresh optimizer and step 0; --resume
+    of that run continues it (equal to running it uninterrupted: the init is not applied again); a foreign
+    file, another architecture and a missing file are one line naming the key."""
+    from fastdino.distributed import DistContext
+    from fastdino.train import build_run, resumes
+
+    first = str(tmp_path / "first")
+    run_in_process(tiny(data_dir, first, "--train.max_steps=3"))
+    source = load(first)["teacher"]
+    assert any(not torch.equal(source[k], load(first)["student"][k]) for k in source)  # they differ after training
+    init = ["--train.init_from", os.path.join(first, "checkpoint.pth")]
+    cfg, args = parse_args(tiny(data_dir, str(tmp_path / "probe"), *init))
+    run = build_run(cfg, DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), 6,
+                    init_from=cfg.train.init_from)
+    for module in (run.backend.student_module, run.backend.teacher_module):
+        state = module.state_dict()
+        assert state.keys() == source.keys() and all(torch.equal(state[k], source[k]) for k in source)
+    moments = [v for st in run.backend.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    assert all(torch.count_nonzero(v) == 0 for v in moments)  # zero moments and steps: the optimizer starts fresh
+    second, straight = str(tmp_path / "second"), str(tmp_path / "straight")
+    assert run_in_process(tiny(data_dir, second, *init, "--train.max_steps=2"))["steps"] == 2
+    assert load(second)["step"] == 2
+    cfg, args = parse_args(tiny(data_dir, second, *init, "--resume"))
+    assert resumes(args, cfg, run.resolved)
+    assert run_in_process(tiny(data_dir, second, *init, "--train.max_steps=4", "--resume"))["steps"] == 4
+    run_in_process(tiny(data_dir, straight, *init, "--train.max_steps=4"))
+    assert_states_equal(load(second), load(straight))
+    bad = tmp_path / "not-a-checkpoint.pth"
+    bad.write_text("hello")
+    err = _one_line_error(tiny(data_dir, str(tmp_path / "x"), "--train.init_from", str(bad)), capsys)
+    assert "'train.init_from'" in err and "not-a-checkpoint.pth" in err, err
+    err = _one_line_error(tiny(data_dir, str(tmp_path / "y"), *init, "--model.out_dim=64"), capsys)
+    assert "'train.init_from'" in err and "(128, 256) in the checkpoint, (64, 256) in this model" in err, err
+    err = _one_line_error(tiny(data_dir, str(tmp_path / "z"), "--train.init_from", str(tmp_path / "none.pth")), capsys)
+    assert "'train.init_from': no such file" in err and "none.pth" in err, err
+
+
 # ------------------------------------------------------------------------------------------------
 # DINOv2 pieces through the same step: backbones with registers, Sinkhorn-Knopp targets, KoLeo
 # ------------------------------------------------------------------------------------------------
