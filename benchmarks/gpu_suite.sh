@@ -16,6 +16,9 @@
 #                                           # residual-norm GB/s, the loss (targets from the logits) and the
 #                                           # fused head, Sinkhorn-Knopp, the fused photometric op, ViT-S/16 end
 #                                           # to end with the backbone levers and with train.cuda_graphs
+#   bash benchmarks/gpu_suite.sh G OUTDIR   # after F in the same session if time is left (~4 min): the fused
+#                                           # bias + GELU op (2026-11-30): its GPU tests, GB/s, ViT-S/16 end to
+#                                           # end with model.fused_bias_gelu on the reference and on fastdino
 #
 # Then, on this machine: python benchmarks/record.py OUTDIR (rows into benchmarks/results.jsonl), and
 # benchmarks/RESULTS.md from them.
@@ -23,8 +26,8 @@
 # Wheels (optional): .whl/p0..p3 hold the parts of a tar of DALI and its needs (too large for one
 # transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh A|B|C|D|E|F OUTDIR}
-out=${2:?usage: gpu_suite.sh A|B|C|D|E|F OUTDIR}
+part=${1:?usage: gpu_suite.sh A|B|C|D|E|F|G OUTDIR}
+out=${2:?usage: gpu_suite.sh A|B|C|D|E|F|G OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 py=python3
@@ -98,6 +101,17 @@ elif [ "$part" = F ]; then  # the open measurements after 2026-11-29 (~8 min): t
     step throughput_vits16_graphs 65 $py benchmarks/throughput.py --config configs/vits16.json \
         --data.local_crops_number 10 --train.cuda_graphs true --batch-size 256 --data synthetic --rows fastdino \
         --steps 8 --warmup 4 --repeats 3 --time-budget 50 --json "$out/throughput_vits16_graphs.json"
+elif [ "$part" = G ]; then  # the fused bias + GELU op (kernels/bias_gelu.py, model.fused_bias_gelu)
+    step pytest_bias_gelu 60 $py -m pytest -q -p no:cacheprovider tests/kernels/test_bias_gelu.py tests/test_models.py \
+        -k "bias_gelu and not aot"
+    step bias_gelu 30 $py benchmarks/bias_gelu.py --results "$out/bias_gelu.jsonl"
+    step throughput_vits16_bias_gelu 90 $py benchmarks/throughput.py --config configs/vits16.json \
+        --data.local_crops_number 10 --batch-size 256 --data synthetic --rows reference,+bias_gelu \
+        --steps 8 --warmup 4 --repeats 3 --time-budget 75 --json "$out/throughput_vits16_bias_gelu.json"
+    # the config's fastdino row with it (compare with F's fastdino row of the same session)
+    step throughput_vits16_fastdino_bias_gelu 65 $py benchmarks/throughput.py --config configs/vits16.json \
+        --data.local_crops_number 10 --model.fused_bias_gelu true --batch-size 256 --data synthetic --rows fastdino \
+        --steps 8 --warmup 4 --repeats 3 --time-budget 50 --json "$out/throughput_vits16_fastdino_bias_gelu.json"
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
     step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"
     step pytest_gpu 80 $py -m pytest -q -p no:cacheprovider tests/kernels/test_linear_soft_cross_entropy.py \

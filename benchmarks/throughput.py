@@ -10,8 +10,8 @@ Rows (each one config, built and timed in turn in this process on the same devic
     reference     train.reference=true: the official algorithm, every component's plain reference
                   (per-pair loss loop, per-parameter EMA and clipping, crops unpacked through math
                   attention, CPU augmentation: fastdino.config.REFERENCE)
-    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +residual_norm, +bf16_residual,
-    +cuda_graphs, +data
+    +loss, +ema_clip, +attention, +packed, +fused_head, +compile, +residual_norm, +bias_gelu,
+    +bf16_residual, +cuda_graphs, +data
                   the reference with one fast component switched on: what that component buys alone
                   (+cuda_graphs: the reference step replayed from a CUDA graph; its phases are not split.
                   The config's fastdino row with graphs: --train.cuda_graphs true --rows fastdino)
@@ -75,6 +75,7 @@ COMPONENTS = {
     "fused_head": {"model.fused_head": True, "loss.impl": "auto"},  # the head's last layer inside the fused loss
     "compile": {"model.compile": True},
     "residual_norm": {"model.fused_residual_norm": True},  # the blocks' residual add + norm2 as one op
+    "bias_gelu": {"model.fused_bias_gelu": True},  # the MLPs' fc1 bias + GELU as one op (bias grad in its backward)
     "bf16_residual": {"model.residual_dtype": "bf16"},  # the blocks' residual stream in bf16 (DINOv3)
     "cuda_graphs": {"train.cuda_graphs": True},  # the whole step replayed from a CUDA graph (no per-phase split)
     "data": {"data.backend": "auto", "data.photometric_impl": "auto"},  # DALI decoding, fused colour ops
@@ -82,7 +83,8 @@ COMPONENTS = {
 # component -> the fields of fastdino.resolve.Resolved that tell what it resolved to
 IMPL_KEYS = {"loss": ("loss",), "ema_clip": ("ema", "clip"), "attention": ("attn",), "packed": ("packed",),
              "fused_head": ("fused_head", "loss"), "compile": ("compile",), "residual_norm": ("residual_norm",),
-             "bf16_residual": ("residual_dtype",), "cuda_graphs": ("cuda_graphs",), "data": ("data", "photometric")}
+             "bias_gelu": ("bias_gelu",), "bf16_residual": ("residual_dtype",), "cuda_graphs": ("cuda_graphs",),
+             "data": ("data", "photometric")}
 ROW_NAMES = ("reference",) + tuple(f"+{c}" for c in COMPONENTS) + ("fastdino",)
 PHASES = ("data", "teacher_forward", "student_forward", "loss", "backward", "optimizer", "teacher_update")
 
@@ -248,7 +250,7 @@ def resolved_impls(run, loader_backend: str | None) -> dict:
     """What each component resolved to in this row (the engine's Resolved record)."""
     r = run.resolved
     return {"loss": r.loss, "ema": r.ema, "clip": r.clip, "attn": r.attn, "packed": r.packed_multicrop,
-            "fused_head": r.fused_head, "compile": r.compile, "residual_norm": r.residual_norm,
+            "fused_head": r.fused_head, "compile": r.compile, "residual_norm": r.residual_norm, "bias_gelu": r.bias_gelu,
             "residual_dtype": r.residual_dtype, "cuda_graphs": r.cuda_graphs, "data": loader_backend or "synthetic",
             "photometric": r.photometric}
 
@@ -269,6 +271,8 @@ def _is_reference(component: str, impls: dict) -> bool:
         return impls.get("compile") == "off"
     if component == "residual_norm":  # off, or the op's torch reference (no GPU): nothing fused to time
         return impls.get("residual_norm") in ("off", "torch")
+    if component == "bias_gelu":  # off, or the op's torch reference (no GPU): nothing fused to time
+        return impls.get("bias_gelu") in ("off", "torch")
     if component == "bf16_residual":
         return impls.get("residual_dtype") == "fp32"
     if component == "cuda_graphs":

@@ -60,6 +60,9 @@ class ModelConfig:
     # each residual add (drop path, LayerScale) and the LayerNorm after it as one fused op (Triton on CUDA):
     # attention residual + norm2, MLP residual + the next block's norm1
     fused_residual_norm: bool = False
+    # the MLP's fc1 bias and exact GELU as one fused op after a bias-free matmul, its backward fused with the
+    # bias gradient (kernels/bias_gelu.py; Triton on CUDA): what model.compile's inductor does, for eager runs
+    fused_bias_gelu: bool = False
     # the residual stream's dtype under bf16 autocast: fp32 (the official DINO / DINOv2 code: the fp32
     # [CLS] token and position embedding promote it) or bf16 (DINOv3's mixed precision; half the traffic)
     residual_dtype: str = choice("fp32", "fp32", "bf16")
@@ -277,6 +280,7 @@ REFERENCE = {
     "model.packed_multicrop": False,  # one backbone call per crop resolution
     "model.fused_head": False,
     "model.fused_residual_norm": False,
+    "model.fused_bias_gelu": False,
     "model.residual_dtype": "fp32",
     "model.compile": False,
     "train.compile_step": False,

@@ -15,6 +15,7 @@ The rest of the engine reads the Resolved record, never the "auto" config values
     data         dali | torch                      dali when importable and on CUDA
     compile      off | blocks | step               model.compile -> blocks, train.compile_step -> step
     residual_norm  off | triton | torch            model.fused_residual_norm: the op's impl on this device
+    bias_gelu    off | triton | torch              model.fused_bias_gelu: the op's impl on this device
     residual_dtype fp32 | bf16                     model.residual_dtype (fp32 in reference mode)
     tf32         bool                              train.allow_tf32, applied process-wide here
     cuda_graphs  bool                              train.cuda_graphs (CUDA, one process only)
@@ -47,6 +48,7 @@ class Resolved:
     data: str  # dali | torch
     compile: str  # off | blocks | step
     residual_norm: str  # off | triton | torch: model.fused_residual_norm (the op's impl on this device)
+    bias_gelu: str  # off | triton | torch: model.fused_bias_gelu (the op's impl on this device)
     residual_dtype: str  # fp32 | bf16: the blocks' residual stream under autocast
     tf32: bool  # train.allow_tf32: fp32 matmuls in TF32 (applied process-wide by resolve)
     reference: bool
@@ -177,6 +179,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
         data=resolve_data_backend(cfg.data.backend, device, len(cfg.data.crop_sets) > 1),
         compile=compile_mode,
         residual_norm=("triton" if device.type == "cuda" else "torch") if m.fused_residual_norm else "off",  # op's auto
+        bias_gelu=("triton" if device.type == "cuda" else "torch") if m.fused_bias_gelu else "off",  # the op's auto
         residual_dtype=m.residual_dtype,
         tf32=cfg.train.allow_tf32,
         reference=cfg.train.reference,

@@ -191,16 +191,24 @@ def test_allow_tf32_is_applied_by_resolve():
 
 
 def test_models_are_built_as_resolved():
-    """The backbones take the resolved residual choices: model.fused_residual_norm and
-    model.residual_dtype as asked, both off under train.reference=true, logged on the resolved line."""
+    """The backbones take the resolved block choices: model.fused_residual_norm, model.fused_bias_gelu and
+    model.residual_dtype as asked (DINOv3's MLP blocks too), all off under train.reference=true, logged on
+    the resolved line."""
+    from fastdino.models.vision_transformer import Mlp
     from fastdino.resolve import resolve
     from fastdino.train import build_models
 
-    asked = ["model.fused_residual_norm=true", "model.residual_dtype=bf16", "train.precision=bf16"]
+    asked = ["model.fused_residual_norm=true", "model.fused_bias_gelu=true", "model.residual_dtype=bf16",
+             "train.precision=bf16"]
     for extra, impl, dtype in (([], "auto", torch.bfloat16), (["train.reference=true"], None, None)):
         cfg = load_config("configs/demo.json", asked + extra)
         r = resolve(cfg, torch.device("cpu"))
         assert ("residual_dtype=bf16" in r.line()) == (dtype is not None)
+        assert ("bias_gelu=torch" in r.line()) == (impl is not None) and r.bias_gelu == ("torch" if impl else "off")
         for model in build_models(cfg, r, torch.device("cpu")):
             assert {b.residual_norm_impl for b in model.backbone.blocks} == {impl}
+            assert {m.bias_gelu_impl for m in model.backbone.modules() if isinstance(m, Mlp)} == {impl}
             assert model.backbone.residual_dtype == dtype
+    cfg = load_config("configs/demo_dinov3.json", ["model.fused_bias_gelu=true"])
+    for model in build_models(cfg, resolve(cfg, torch.device("cpu")), torch.device("cpu")):
+        assert {m.bias_gelu_impl for m in model.backbone.modules() if isinstance(m, Mlp)} == {"auto"}

@@ -168,6 +168,45 @@ def test_packed_equals_unpacked_with_grads(drop_path_rate):
         assert torch.allclose(g_p[n], g_u[n], atol=1e-5, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("arch", ["vit", "dinov3"])
+def test_fused_bias_gelu_equals_the_modules(arch):
+    """model.fused_bias_gelu (set_bias_gelu): the MLPs' fc1 bias + GELU as one op after a bias-free matmul; in
+    fp32 the packed multi-crop forward and every parameter's gradient (fc1's bias: the op's row sum) equal the
+    unfused modules'; the state dict is unchanged; None restores the modules. The op runs as its Triton
+    kernels (interpreted on CPU)."""
+    from fastdino.models import set_bias_gelu
+    from fastdino.models.dinov3 import DINOv3VisionTransformer
+    from fastdino.models.vision_transformer import Mlp
+
+    def build():
+        if arch == "vit":
+            return tiny(drop_path_rate=0.2).train()
+        torch.manual_seed(0)
+        return DINOv3VisionTransformer(attn="sdpa", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32,
+                                       n_storage_tokens=2, layerscale_init=0.5).to(DEV).train()
+
+    plain, fused = build(), build()
+    keys = fused.state_dict().keys()
+    set_bias_gelu(fused, "triton")
+    assert fused.state_dict().keys() == keys
+    mlps = [m for m in fused.modules() if isinstance(m, Mlp)]
+    assert len(mlps) == len(fused.blocks) and {m.bias_gelu_impl for m in mlps} == {"triton"}
+    xs = crops(B=2, n_local=2)
+    outs, grads = [], []
+    for model in (plain, fused):
+        torch.manual_seed(7)  # the same drop-path draws
+        out = torch.cat([o.flatten() for o in model(xs)]) if arch == "dinov3" else model(xs).flatten()
+        (out * torch.linspace(-1, 1, out.numel(), device=DEV)).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and any("fc1.bias" in n for n in grads[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
+    set_bias_gelu(fused, None)
+    assert {m.bias_gelu_impl for m in mlps} == {None}
+
+
 def test_drop_path_matches_reference_and_crop_order():
     """Packed forward with drop path == reference with the masks separate per-group calls draw."""
     model = tiny(drop_path_rate=0.5).train()

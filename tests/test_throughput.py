@@ -292,7 +292,7 @@ def test_rows_switch_one_component_each():
 
 def test_same_as_reference_reasons():
     impls = {"loss": "reference", "ema": "foreach", "clip": None, "attn": "sdpa", "packed": True,
-             "fused_head": False, "compile": "off", "residual_norm": "torch", "residual_dtype": "fp32",
+             "fused_head": False, "compile": "off", "residual_norm": "torch", "bias_gelu": "torch", "residual_dtype": "fp32",
              "cuda_graphs": False, "data": "torch"}
     from fastdino.config import load_config
 
@@ -303,6 +303,7 @@ def test_same_as_reference_reasons():
     assert "fused_head=False" in tp.same_as_reference("+fused_head", impls, cfg)
     assert "data=torch" in tp.same_as_reference("+data", impls, cfg)
     assert "residual_norm=torch" in tp.same_as_reference("+residual_norm", impls, cfg)  # CPU: nothing fused
+    assert "bias_gelu=torch" in tp.same_as_reference("+bias_gelu", impls, cfg)
     assert "residual_dtype=fp32" in tp.same_as_reference("+bf16_residual", impls, cfg)
     assert "cuda_graphs=False" in tp.same_as_reference("+cuda_graphs", impls, cfg)
     # the reference row flags whatever did not resolve to the reference impl
@@ -442,7 +443,7 @@ def test_record_turns_suite_outputs_into_result_rows(tmp_path):
         record.main([str(tmp_path / "empty"), "--results", str(results)])
 
 
-@pytest.mark.parametrize("part", list("ABCDEF"))
+@pytest.mark.parametrize("part", list("ABCDEFG"))
 def test_gpu_suite_commands_are_valid(tmp_path, part):
     """benchmarks/gpu_suite.sh PART in its dry mode (GPU_SUITE_DRY=1: the commands, not run): every
     test file, script and config it names exists, and every --rows name is a throughput row, so a

@@ -19,7 +19,7 @@ from fastdino.models.compile import compile_modules
 from fastdino.models.dinov3 import DINOV3_ARCHS, DINOV3_HUB, DINOv3VisionTransformer, SelfAttentionBlock
 from fastdino.models.head import DINOHead, WeightNormLinear
 from fastdino.models.multicrop import MultiCropWrapper
-from fastdino.models.vision_transformer import (ARCH_DIMS, DINOV2_DEPTH, Block, VisionTransformer, dinov2_vitb14,
+from fastdino.models.vision_transformer import (ARCH_DIMS, DINOV2_DEPTH, Block, Mlp, VisionTransformer, dinov2_vitb14,
                                                dinov2_vitg14, dinov2_vitl14, dinov2_vits14, dinov2_vitt14, vit_base,
                                                vit_giant2, vit_large, vit_small, vit_tiny)
 
@@ -78,6 +78,8 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
             depth=spec["depth"], drop_path_rate=kwargs["drop_path_rate"], attn=kwargs["attn"],
             activation_checkpointing=kwargs["activation_checkpointing"], **rope)
         backbone.residual_dtype = RESIDUAL_DTYPES[getattr(model_cfg, "residual_dtype", "fp32")]
+        if getattr(model_cfg, "fused_bias_gelu", False):
+            set_bias_gelu(backbone, "auto")
         return backbone.eval() if teacher else backbone  # official SSLMetaArch: teacher.eval(), no RoPE augmentation
     if model_cfg.arch in DINOV2_ARCHS:
         ffn = getattr(model_cfg, "ffn", "auto")
@@ -88,6 +90,8 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
         backbone = ARCHS[model_cfg.arch](patch_size=model_cfg.patch_size, **kwargs)
     if getattr(model_cfg, "fused_residual_norm", False):
         set_residual_norm(backbone, "auto")
+    if getattr(model_cfg, "fused_bias_gelu", False):
+        set_bias_gelu(backbone, "auto")
     backbone.residual_dtype = RESIDUAL_DTYPES[getattr(model_cfg, "residual_dtype", "fp32")]
     return backbone
 
@@ -103,6 +107,16 @@ def set_residual_norm(backbone: nn.Module, impl: str | None) -> nn.Module:
     return backbone
 
 
+def set_bias_gelu(backbone: nn.Module, impl: str | None) -> nn.Module:
+    """model.fused_bias_gelu: every MLP's fc1 bias and GELU as one op (kernels/bias_gelu.py) after a bias-free
+    matmul; impl "auto" (Triton on CUDA, the torch reference elsewhere), "triton" or "torch"; None: the
+    unfused modules. SwiGLU FFNs have no GELU: they stay as they are."""
+    for module in backbone.modules():
+        if isinstance(module, Mlp):
+            module.bias_gelu_impl = impl
+    return backbone
+
+
 def compile_blocks(model: nn.Module, **options) -> nn.Module:
     """model.compile: every transformer block and DINO head inside `model` (a ViT, a MultiCropWrapper
     or anything holding them) gets a torch.compile'd forward, one static graph per token layout
@@ -114,5 +128,5 @@ def compile_blocks(model: nn.Module, **options) -> nn.Module:
 
 __all__ = ["arch_spec", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "dinov2_vitt14", "dinov2_vits14", "dinov2_vitb14",
            "dinov2_vitl14", "dinov2_vitg14", "DINOV2_ARCHS", "VisionTransformer", "DINOHead", "WeightNormLinear",
-           "MultiCropWrapper", "build_backbone", "extra_tokens", "compile_blocks", "set_residual_norm", "resolve_backend", "BACKENDS",
+           "MultiCropWrapper", "build_backbone", "extra_tokens", "compile_blocks", "set_residual_norm", "set_bias_gelu", "resolve_backend", "BACKENDS",
            "AttentionBackendError", "ARCHS", "ARCH_DIMS", "DINOV3_ARCHS", "DINOv3VisionTransformer"]

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastdino.models.attention import attention_weights_ref, cu_seqlens_for, packed_attention, resolve_backend
-from fastdino.models.vision_transformer import LayerScale, PatchEmbed, residual_stream
+from fastdino.models.vision_transformer import LayerScale, Mlp, PatchEmbed, residual_stream
 
 NORMS = ("layernorm", "layernormbf16", "rmsnorm")
 FFN_ALIGN = {"mlp": None, "swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
@@ -208,17 +208,6 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "layernormbf16":
         return nn.LayerNorm(dim, eps=1e-5)
     return RMSNorm(dim)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = True):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SwiGLUFFN(nn.Module):

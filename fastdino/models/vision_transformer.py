@@ -37,7 +37,11 @@ Speed-ups over the official modules, all exact:
 - per-block activation checkpointing; the drop-path draws are made before the blocks run, so
   packing and recomputation see the same masks;
 - fused residual norm (set_residual_norm, model.fused_residual_norm): every residual add and the
-  LayerNorm after it as one op (kernels/residual_layer_norm.py), the blocks run as a chain.
+  LayerNorm after it as one op (kernels/residual_layer_norm.py), the blocks run as a chain;
+- fused bias + GELU (set_bias_gelu, model.fused_bias_gelu): the MLP's fc1 bias and GELU as one op after
+  a bias-free matmul, the bias gradient made in the GELU's backward (kernels/bias_gelu.py). Exact in
+  fp32; under bf16 autocast the matmul's output is rounded to bf16 before the bias is added (eager adds
+  it in the matmul's fp32 epilogue): one more bf16 rounding.
 Not exact, an option: residual_dtype (model.residual_dtype=bf16, residual_stream): a bf16 residual
 stream under bf16 autocast, as DINOv3's mixed precision.
 
@@ -122,14 +126,23 @@ class PatchEmbed(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """fc2(GELU(fc1(x))). With bias_gelu_impl set (model.fused_bias_gelu, set_bias_gelu): fc1 without its
+    bias, then fc1's bias and the exact GELU as one op (kernels/bias_gelu.py), whose backward also makes
+    the bias gradient; the same parameters and state dict."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.bias_gelu_impl: str | None = None  # None: the unfused modules
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        if self.bias_gelu_impl is None or self.fc1.bias is None:
+            return self.fc2(self.act(self.fc1(x)))
+        from fastdino.kernels.bias_gelu import bias_gelu
+
+        return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, impl=self.bias_gelu_impl))
 
 
 class SwiGLUFFN(nn.Module):
