@@ -493,6 +493,7 @@ def bf16_worker(out_path: str) -> None:
             "bad_steps": int(run.state.counters[BAD_STEPS]), "autocast_in_blocks": seen,
         }
     finally:
+        run = student = teacher = None  # the engines go before their process group (cleanup)
         cleanup()
     with open(out_path, "w") as f:
         json.dump(result, f)
