@@ -16,9 +16,10 @@
 #                                           # residual-norm GB/s, the loss (targets from the logits) and the
 #                                           # fused head, Sinkhorn-Knopp, the fused photometric op, ViT-S/16 end
 #                                           # to end with the backbone levers and with train.cuda_graphs
-#   bash benchmarks/gpu_suite.sh G OUTDIR   # after F in the same session if time is left (~4 min): the fused
+#   bash benchmarks/gpu_suite.sh G OUTDIR   # after F in the same session if time is left (~6 min): the fused
 #                                           # bias + GELU op (2026-11-30): its GPU tests, GB/s, ViT-S/16 end to
-#                                           # end with model.fused_bias_gelu on the reference and on fastdino
+#                                           # end with model.fused_bias_gelu on the reference and on fastdino;
+#                                           # the Gram kernel's two grad kernels (dx recompute vs accumulate)
 #
 # Then, on this machine: python benchmarks/record.py OUTDIR (rows into benchmarks/results.jsonl), and
 # benchmarks/RESULTS.md from them.
@@ -102,9 +103,13 @@ elif [ "$part" = F ]; then  # the open measurements after 2026-11-29 (~8 min): t
         --data.local_crops_number 10 --train.cuda_graphs true --batch-size 256 --data synthetic --rows fastdino \
         --steps 8 --warmup 4 --repeats 3 --time-budget 50 --json "$out/throughput_vits16_graphs.json"
 elif [ "$part" = G ]; then  # the fused bias + GELU op (kernels/bias_gelu.py, model.fused_bias_gelu)
-    step pytest_bias_gelu 60 $py -m pytest -q -p no:cacheprovider tests/kernels/test_bias_gelu.py tests/test_models.py \
-        -k "bias_gelu and not aot"
+    step pytest_bias_gelu 75 $py -m pytest -q -p no:cacheprovider tests/kernels/test_bias_gelu.py tests/test_models.py \
+        tests/kernels/test_gram_loss.py -k "(bias_gelu or deterministic or dx_modes or real_size or cuda_graph) and not aot"
     step bias_gelu 30 $py benchmarks/bias_gelu.py --results "$out/bias_gelu.jsonl"
+    # the Gram grad kernel without the per-D-chunk recomputation (dx=accumulate) against the default
+    step gram_dx_bf16 45 $py benchmarks/gram.py --dtypes bf16 --dx recompute accumulate --results "$out/gram_dx_bf16.jsonl"
+    step gram_dx_tf32 45 $py benchmarks/gram.py --dtypes fp32 --tf32 --dx recompute accumulate \
+        --results "$out/gram_dx_tf32.jsonl"
     step throughput_vits16_bias_gelu 90 $py benchmarks/throughput.py --config configs/vits16.json \
         --data.local_crops_number 10 --batch-size 256 --data synthetic --rows reference,+bias_gelu \
         --steps 8 --warmup 4 --repeats 3 --time-budget 75 --json "$out/throughput_vits16_bias_gelu.json"

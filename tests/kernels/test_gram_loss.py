@@ -3,16 +3,19 @@ inputs, loss and student gradient, against the fp64 reference with budgets from 
 fp32/bf16 error: every removal option, both img_level settings ((B, P, D) and (N, D) rows), fp32,
 bf16 and mixed features, P below one tile and over several (ragged), D over several K steps and D
 chunks, apply_norm off, rows with (near-)zero norm; the loss-only kernel (no gradient wanted) too.
+Each with both grad kernels (dx="recompute": Gram tiles recomputed per D chunk; dx="accumulate": dX
+summed over the column blocks in global memory), which must also agree with each other closely.
 fp32 features run the "tf32x3" dots (TF32 not allowed, PyTorch's default): the Triton interpreter
 ignores input_precision and multiplies in fp32, so on CPU these tests check the kernels' math, and
 on CUDA the 3xTF32 accuracy, against the same fp64 budgets. impl="auto" takes the reference for
 fp32 features without TF32 (CUDA test).
 The reference against a literal transcription of the official module (in-place masked assignments);
-the options change the result on these inputs; determinism; the custom op's registrations (opcheck,
-torch.compile without graph breaks or recompiles); the impl switch; one-line errors; an
-ahead-of-time compile for sm_80 and sm_90a checked with cuobjdump (registers, no spill stack, shared
-memory); the benchmark's CPU smoke run."""
+the options change the result on these inputs; determinism (both grad kernels); the custom op's
+registrations (opcheck, torch.compile without graph breaks or recompiles); the impl switch; one-line
+errors; an ahead-of-time compile of every kernel for sm_80 and sm_90a checked with cuobjdump
+(registers, no spill stack, shared memory); the benchmark's CPU smoke run (both grad kernels)."""
 
+import json
 import logging
 
 import numpy as np
@@ -22,8 +25,8 @@ import torch.nn.functional as F
 
 import fastdino  # noqa: F401  (registers fastdino.kernels from a plain checkout)
 from fastdino.kernels import gram_loss as gram_module
-from fastdino.kernels.gram_loss import (CLAMPS, GRAM_CONFIG, dot_kind, gram_loss, gram_loss_op, gram_loss_ref,
-                                        launch_config)
+from fastdino.kernels.gram_loss import (CLAMPS, DX_MODES, GRAM_ACCUMULATE_CONFIG, GRAM_CONFIG, dot_kind, gram_loss,
+                                        gram_loss_op, gram_loss_ref, launch_config)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OPTIONS = {"none": {}, "remove_neg": {"remove_neg": True}, "remove_only_teacher_neg": {"remove_only_teacher_neg": True}}
@@ -108,35 +111,42 @@ CASES = [  # B, P, D, dtype, img_level, option, launch overrides
     (2, 13, 40, torch.bfloat16, False, "none", {"block_m": 16}),  # one Gram over the 26 rows of the batch
     (3, 37, 24, torch.float32, False, "remove_only_teacher_neg", {"block_m": 32, "block_dv": 16}),
     (2, 37, 24, torch.float32, False, "remove_neg", {"block_m": 32}),
+    # 3 column blocks (the last ragged) x 3 D chunks (the last ragged), bf16 and a removal option
+    (2, 37, 40, torch.bfloat16, True, "remove_only_teacher_neg", {"block_m": 16, "block_dv": 16}),
 ]
 
 
+@pytest.mark.parametrize("dx", DX_MODES)
 @pytest.mark.parametrize("B,P,D,dtype,img_level,option,launch", CASES)
-def test_triton_matches_reference(B, P, D, dtype, img_level, option, launch):
+def test_triton_matches_reference(B, P, D, dtype, img_level, option, launch, dx):
     s, t = _features(B, P, D, dtype, seed=B * 1000 + P * 10 + D)
-    _check_against_reference(s, t, img_level, option, EPS[dtype], **launch)
+    _check_against_reference(s, t, img_level, option, EPS[dtype], dx=dx, **launch)
 
 
+@pytest.mark.parametrize("dx", DX_MODES)
 @pytest.mark.parametrize("option", ["none", "remove_neg"])
-def test_rows_input_batch_level(option):
+def test_rows_input_batch_level(option, dx):
     """(N, D) rows (the official masked / unmasked token selection), img_level=False."""
     s, t = _features(1, 29, 24, torch.float32, seed=21)
-    _check_against_reference(s[0], t[0], False, option, EPS[torch.float32], block_m=16)
+    _check_against_reference(s[0], t[0], False, option, EPS[torch.float32], dx=dx, block_m=16)
 
 
-def test_mixed_dtypes():
+@pytest.mark.parametrize("dx", DX_MODES)
+def test_mixed_dtypes(dx):
     """bf16 student, fp32 teacher (the fp32 launch row; W rounded to bf16 for the student's dot)."""
     s, t = _features(2, 13, 24, torch.bfloat16, seed=22, teacher_dtype=torch.float32)
-    _check_against_reference(s, t, True, "remove_neg", EPS[torch.bfloat16])
+    _check_against_reference(s, t, True, "remove_neg", EPS[torch.bfloat16], dx=dx)
 
 
+@pytest.mark.parametrize("dx", DX_MODES)
 @pytest.mark.parametrize("dtype,option", [(torch.float32, "remove_neg"), (torch.bfloat16, "none")])
-def test_without_normalization(dtype, option):
-    """apply_norm=False (the official gram.normalized: false): raw features, no projection term."""
-    s, t = _features(2, 13, 24, dtype, seed=23)
+def test_without_normalization(dtype, option, dx):
+    """apply_norm=False (the official gram.normalized: false): raw features, no projection term; 2
+    column blocks (the last ragged) and 2 D chunks."""
+    s, t = _features(2, 21, 24, dtype, seed=23)
     s, t = s * 0.3, t * 0.1
     kw = dict(apply_norm=False, **OPTIONS[option])
-    out = _run(gram_loss, s, t, impl="triton", block_dv=16, **kw)
+    out = _run(gram_loss, s, t, impl="triton", dx=dx, block_m=16, block_dv=16, **kw)
     ref = _run(gram_loss_ref, s, t, **kw)
     ref64 = _run(gram_loss_ref, s.double(), t.double(), **kw)
     _close(out[0], ref[0], ref64[0], 1e-5, "loss")
@@ -145,14 +155,15 @@ def test_without_normalization(dtype, option):
     assert abs(normalized.item() - ref[0].item()) > 0.1 * abs(ref[0].item())
 
 
-def test_zero_and_tiny_norm_rows():
+@pytest.mark.parametrize("dx", DX_MODES)
+def test_zero_and_tiny_norm_rows(dx):
     """Rows with norm below F.normalize's eps (1e-12): zero rows on both sides and a 1e-14 student
     row, whose gradient is ds/eps (no projection), ~1e8 here; compared row by row."""
     s, t = _features(2, 13, 24, torch.float32, seed=24)
     s[0, 3] = 0
     t[1, 5] = 0
     s[1, 7] = s[1, 7] / s[1, 7].norm() * 1e-14
-    out = _run(gram_loss, s, t, impl="triton")
+    out = _run(gram_loss, s, t, impl="triton", dx=dx)
     ref = _run(gram_loss_ref, s, t)
     ref64 = _run(gram_loss_ref, s.double(), t.double())
     _close(out[0], ref[0], ref64[0], 1e-5, "loss")
@@ -202,11 +213,42 @@ def test_reference_matches_official_module(img_level):
             assert (results[a][1] - results[b][1]).abs().max() > 1e-3 * results[a][1].abs().max(), (a, b)
 
 
-def test_deterministic():
-    s, t = _features(2, 37, 24, torch.bfloat16, seed=26)
-    a = _run(gram_loss, s, t, impl="triton", block_m=16, remove_neg=True)
-    b = _run(gram_loss, s, t, impl="triton", block_m=16, remove_neg=True)
+# (B, P, D, launch) of the determinism and mode-agreement tests: several column blocks and D chunks
+# (ragged) in the interpreter; on CUDA a real size at the launch tables, where a missing barrier or a
+# race in the accumulate kernel's read-modify-writes would show.
+BIG = (2, 1024, 768, {}) if DEV == "cuda" else (2, 37, 40, {"block_m": 16, "block_dv": 16})
+
+
+@pytest.mark.parametrize("dx", DX_MODES)
+def test_deterministic(dx):
+    """Two runs, bit for bit: each program owns its rows of dX (accumulate: read-modify-written in
+    place, no atomics) and its loss partial."""
+    B, P, D, launch = BIG
+    s, t = _features(B, P, D, torch.bfloat16, seed=26)
+    a = _run(gram_loss, s, t, impl="triton", dx=dx, remove_neg=True, **launch)
+    b = _run(gram_loss, s, t, impl="triton", dx=dx, remove_neg=True, **launch)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("dtype,clamp,normalize", [(torch.float32, "none", True),
+                                                   (torch.bfloat16, "remove_only_teacher_neg", True),
+                                                   (torch.float32, "remove_neg", False)])
+def test_dx_modes_agree(dtype, clamp, normalize):
+    """The op's fp32 loss and dX from the two grad kernels: the same sums in another order (accumulate
+    adds each column block's product to the stored partial sum, recompute accumulates in the dot).
+    The interpreter adds in the same order in both (np.matmul + the running sum): bit for bit. On
+    CUDA within fp32 rounding (1e-5 of the largest entry; bf16 2^-10, for a W entry whose bf16
+    rounding flips with a last-bit change of its Gram entries)."""
+    B, P, D, launch = BIG
+    s, t = _features(B, P, D, dtype, seed=36)
+    blocks = [launch.get(k, 0) for k in ("block_m", "block_k", "block_dv")]
+    rec = gram_loss_op(s, t, CLAMPS[clamp], normalize, True, False, *blocks)
+    acc = gram_loss_op(s, t, CLAMPS[clamp], normalize, True, True, *blocks)
+    scale = rec[1].abs().max().item()
+    tol = 0.0 if DEV == "cpu" else (1e-5 if dtype == torch.float32 else 2 ** -10)
+    torch.testing.assert_close(acc[0], rec[0], rtol=tol, atol=0)
+    torch.testing.assert_close(acc[1], rec[1], rtol=0, atol=tol * scale)
+    assert acc[1].shape == (B, P, D) and scale > 0
 
 
 def test_impl_switch():
@@ -246,17 +288,18 @@ def test_auto_takes_reference_for_fp32_without_tf32(caplog, monkeypatch):
 
 def test_opcheck():
     s, t = _features(2, 13, 24, torch.float32, seed=28)
-    for with_grad in (True, False):
+    for with_grad, accumulate in ((True, False), (True, True), (False, False)):
         torch.library.opcheck(gram_loss_op, (s.clone().requires_grad_(with_grad), t, CLAMPS["remove_neg"], True,
-                                             with_grad, 16, 0, 0))
+                                             with_grad, accumulate, 16, 0, 0))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("dx", DX_MODES)
+def test_compile_fullgraph_matches_eager(dx):
     """Forward and backward through torch.compile in one graph; new feature values reuse it."""
     torch._dynamo.reset()
 
     def step(s, t):
-        return gram_loss(s, t, remove_only_teacher_neg=True, impl="triton", block_m=16) * 0.5
+        return gram_loss(s, t, remove_only_teacher_neg=True, impl="triton", dx=dx, block_m=16) * 0.5
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for i, seed in enumerate((29, 30)):
@@ -282,6 +325,10 @@ def test_bad_inputs_raise():
         gram_loss(s.half(), t.half(), impl="triton")
     with pytest.raises(ValueError, match="impl"):
         gram_loss(s, t, impl="cuda")
+    for impl in ("triton", "torch"):
+        with pytest.raises(ValueError, match="dx='fast' is not one of") as e:
+            gram_loss(s, t, impl=impl, dx="fast")
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="CPU-only check")
@@ -296,22 +343,22 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 # Ahead-of-time compile with register and spill checks (tests/kernels/aot.py)
 # ---------------------------------------------------------------------------------------------
 MODULE = "fastdino.kernels.gram_loss"
+# the argument types of every kernel but the features' (D a multiple of 16, as ViT widths are)
+AOT_TYPES = {"XNorm_ptr": "*fp32:16", "YNorm_ptr": "*fp32:16", "LossPart_ptr": "*fp32:16", "DX_ptr": "*fp32:16",
+             "P": "i32", "D": "i32:16", "n_blocks": "i32", "stride_xb": "i32:16", "stride_xp": "i32:16",
+             "stride_yb": "i32:16", "stride_yp": "i32:16", "eps": "fp32", "grad_scale": "fp32"}
 
 
 def _aot_jobs():
-    """Both kernels at the launch table's configs (D a multiple of 16, as ViT widths are), each dot
-    kind: bf16 features, fp32 with TF32 dots, fp32 with 3xTF32 dots; remove_neg (the most elementwise
+    """The loss-only and recompute grad kernels at GRAM_CONFIG (P = 4096, D = 768), each dot kind:
+    bf16 features, fp32 with TF32 dots, fp32 with 3xTF32 dots; remove_neg (the most elementwise
     work); the grad kernel also with the other options and without normalization for bf16 and 3xTF32
     (the rows at the register limit), and with a bf16 student and an fp32 teacher (the fp32 row)."""
-    f32 = "*fp32:16"
-    common = {"XNorm_ptr": f32, "YNorm_ptr": f32, "LossPart_ptr": f32, "DX_ptr": f32, "P": "i32", "D": "i32:16",
-              "n_blocks": "i32", "stride_xb": "i32:16", "stride_xp": "i32:16", "stride_yb": "i32:16",
-              "stride_yp": "i32:16", "eps": "fp32", "grad_scale": "fp32"}
     jobs = []
     for cap in (80, 90):
         for kind in GRAM_CONFIG:
             dt = "bf16" if kind == "bf16" else "fp32"
-            types = {**common, "X_ptr": f"*{dt}:16", "Y_ptr": f"*{dt}:16"}
+            types = {**AOT_TYPES, "X_ptr": f"*{dt}:16", "Y_ptr": f"*{dt}:16"}
             bm, bk, bdv, nw, ns = launch_config(4096, 768, kind)
             variants = [(1, True)] + ([(0, True), (2, True), (1, False)] if kind != "tf32" else [])
             base = {"DOT_PRECISION": "ieee" if kind == "bf16" else kind, "BLOCK_M": bm, "BLOCK_K": bk}
@@ -336,10 +383,52 @@ def test_aot_compile_sm80_sm90a():
     assert_compiled(jobs, aot_compile(jobs))
 
 
+def _aot_accumulate_jobs():
+    """The accumulate grad kernel at GRAM_ACCUMULATE_CONFIG (P = 4096, D = 768) for each dot kind and
+    target: remove_neg, normalized; also every other option and apply_norm=False; and a bf16 student
+    with an fp32 teacher for the fp32 rows (W and X_j in bf16, Y in fp32)."""
+    jobs = []
+    for cap in (80, 90):
+        for kind in GRAM_ACCUMULATE_CONFIG:
+            dt = "bf16" if kind == "bf16" else "fp32"
+            bm, bk, bdv, nw, ns = launch_config(4096, 768, kind, accumulate=True)
+            base = {"DOT_PRECISION": "ieee" if kind == "bf16" else kind, "BLOCK_M": bm, "BLOCK_K": bk,
+                    "BLOCK_DV": bdv}
+            students = [dt] + (["bf16"] if kind != "bf16" else [])
+            for student in students:
+                types = {**AOT_TYPES, "X_ptr": f"*{student}:16", "Y_ptr": f"*{dt}:16"}
+                variants = [(1, True), (0, True), (2, True), (1, False)] if student == dt else [(1, True)]
+                for clamp, normalize in variants:
+                    jobs.append((MODULE, "_gram_loss_grad_accumulate_kernel", types,
+                                 {**base, "CLAMP": clamp, "NORMALIZE": normalize}, {"num_warps": nw, "num_stages": ns},
+                                 cap))
+    return jobs
+
+
+def test_aot_compile_accumulate_sm80_sm90a():
+    """The accumulate grad kernel compiles for sm_80 and sm_90a at every GRAM_ACCUMULATE_CONFIG row
+    with no register spills (ptxas stack 0; the bf16 row at GRAM_CONFIG's BLOCK_DV 256 spilled on
+    sm_80, hence its own table), shared memory within the target's limit and 16-byte loads; the
+    registers, stack and shared memory of each job are printed (pytest -s)."""
+    from aot import aot_compile, assert_compiled
+
+    jobs = _aot_accumulate_jobs()
+    results = aot_compile(jobs)
+    for job, r in zip(jobs, results):
+        c = job[3]
+        print(f"{r['target']} {c['DOT_PRECISION']:6s} X {job[2]['X_ptr']:9s} CLAMP={c['CLAMP']} "
+              f"NORMALIZE={c['NORMALIZE']:d} BLOCK_M/K/DV={c['BLOCK_M']}/{c['BLOCK_K']}/{c['BLOCK_DV']}: "
+              f"{r['registers']} registers, stack {r['stack']} B, shared {r['shared']} B")
+    assert_compiled(jobs, results)
+
+
 def test_launch_config():
     assert launch_config(7, 24, "bf16")[:3] == (16, 32, 32)  # small P, D: the smallest tiles that cover them
     assert launch_config(4096, 768, "bf16") == GRAM_CONFIG["bf16"]
     assert launch_config(4096, 768, "bf16", block_m=16, block_k=16, block_dv=16)[:3] == (16, 16, 16)
+    for kind in GRAM_CONFIG:  # the accumulate grad kernel's own table
+        assert launch_config(4096, 768, kind, accumulate=True) == GRAM_ACCUMULATE_CONFIG[kind]
+    assert launch_config(7, 24, "bf16", accumulate=True)[:3] == (16, 32, 32)
     assert dot_kind(torch.bfloat16, torch.bfloat16) == "bf16"
     matmul, saved = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
     try:
@@ -355,26 +444,41 @@ def test_launch_config():
 # The benchmark, as CI runs it; real sizes on CUDA
 # ---------------------------------------------------------------------------------------------
 def test_benchmark_smoke(tmp_path):
-    """benchmarks/gram.py --smoke on CPU: reference and interpreted kernel rows, the losses agree."""
-    from aot import smoke_rows
+    """benchmarks/gram.py --smoke on CPU: the rows appended to --results, every field; the reference
+    and both grad kernels ("triton": recompute, "triton_accumulate") per configuration, the kernel
+    rows with the reference's value as baseline; the losses agree; every time positive."""
+    from aot import load_benchmark
 
-    rows = smoke_rows("gram", tmp_path / "rows.jsonl")
-    loss = {r["variant"]: r["value"] for r in rows if r["metric"] == "loss"}
-    assert abs(loss["torch"] - loss["triton"]) <= 1e-5 * abs(loss["torch"])
+    results = tmp_path / "rows.jsonl"
+    rows = load_benchmark("gram").main(["--smoke", "--results", str(results)])
+    assert [json.loads(line) for line in results.read_text().splitlines()] == rows
+    for key in ("date", "device", "torch", "triton", "command", "config", "metric", "value", "baseline"):
+        assert all(key in r for r in rows), key
+    configs = {json.dumps(r["config"], sort_keys=True) for r in rows}
+    assert len(configs) == 2
+    for config in configs:
+        mine = [r for r in rows if json.dumps(r["config"], sort_keys=True) == config]
+        assert {r["variant"] for r in mine} == {"torch", "triton", "triton_accumulate"}
+        base = {r["metric"]: r["value"] for r in mine if r["variant"] == "torch"}
+        assert all(r["baseline"] == (None if r["variant"] == "torch" else base[r["metric"]]) for r in mine)
+        loss = {r["variant"]: r["value"] for r in mine if r["metric"] == "loss"}
+        assert all(abs(v - loss["torch"]) <= 1e-5 * abs(loss["torch"]) for v in loss.values())
     assert all(r["value"] > 0 for r in rows if r["metric"] == "ms")
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="real sizes: CUDA only (the AOT test covers them on CPU)")
+@pytest.mark.parametrize("dx", DX_MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("B,P,D,img_level,option", [(8, 256, 768, True, "none"), (2, 1024, 384, True, "remove_neg"),
                                                     (2, 256, 384, False, "remove_only_teacher_neg")])
-def test_real_size_cuda(dtype, B, P, D, img_level, option):
+def test_real_size_cuda(dtype, B, P, D, img_level, option, dx):
     s, t = _features(B, P, D, dtype, seed=33)
-    _check_against_reference(s, t, img_level, option, EPS[dtype])
+    _check_against_reference(s, t, img_level, option, EPS[dtype], dx=dx)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs: CUDA only")
-def test_cuda_graph_capture():
+@pytest.mark.parametrize("dx", DX_MODES)
+def test_cuda_graph_capture(dx):
     """Forward and backward captured and replayed: no host synchronization in the op."""
     from cuda_graph import capture
 
@@ -383,13 +487,13 @@ def test_cuda_graph_capture():
 
     def step():
         x.grad = None
-        loss = gram_loss(x, t, impl="triton")
+        loss = gram_loss(x, t, impl="triton", dx=dx)
         (loss * 0.7).backward()
         return loss
 
     graph, loss = capture(step)
     graph.replay()
     torch.cuda.synchronize()
-    want = _run(gram_loss, s, t, impl="triton")
+    want = _run(gram_loss, s, t, impl="triton", dx=dx)
     torch.testing.assert_close(loss, want[0], rtol=0, atol=0)
     torch.testing.assert_close(x.grad, want[1], rtol=0, atol=0)
