@@ -229,6 +229,23 @@ def _gram_error(gs, gt, CLAMP: tl.constexpr):
 
 
 @triton.jit
+def _tile_weights(X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, x_base, y_base, norm_base, rows_i, rows_j, mask_i, mask_j,
+                  rxi, ryi, D, stride_xp, stride_yp, eps, CLAMP: tl.constexpr, NORMALIZE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """What both grad kernels take from a tile: (W r_j, the dot's left operand (W_ij s_j = (W_ij r_j) x_j: the raw
+    rows feed the dot), the rows' sums of E^2, the rows' sums of W G_s (0 without NORMALIZE))."""
+    gs, gt, rxj = _cosine_tiles(X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, x_base, y_base, norm_base, rows_i, rows_j,
+                                mask_i, mask_j, rxi, ryi, D, stride_xp, stride_yp, eps, NORMALIZE, BLOCK_M, BLOCK_K,
+                                DOT_PRECISION)
+    e, w = _gram_error(gs, gt, CLAMP)
+    rowdot = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORMALIZE:
+        rowdot = tl.sum(w * gs, axis=1)
+        w = w * rxj[None, :]
+    return w, tl.sum(e * e, axis=1), rowdot
+
+
+@triton.jit
 def _gram_loss_fwd_kernel(
     X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, LossPart_ptr,
     P, D, n_blocks, stride_xb, stride_xp, stride_yb, stride_yp, eps,
@@ -293,14 +310,11 @@ def _gram_loss_grad_kernel(
     for j0 in range(0, P, BLOCK_M):
         rows_j = j0 + tl.arange(0, BLOCK_M)
         mask_j = rows_j < P
-        gs, gt, rxj = _cosine_tiles(X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, x_base, y_base, pid_b.to(tl.int64) * P,
-                                    rows_i, rows_j, mask_i, mask_j, rxi, ryi, D, stride_xp, stride_yp, eps,
-                                    NORMALIZE, BLOCK_M, BLOCK_K, DOT_PRECISION)
-        e, w = _gram_error(gs, gt, CLAMP)
-        sq += tl.sum(e * e, axis=1)
-        if NORMALIZE:
-            rowdot += tl.sum(w * gs, axis=1)
-            w = w * rxj[None, :]  # W_ij s_j = (W_ij r_j) x_j: the raw rows feed the dot
+        w, sq_j, rowdot_j = _tile_weights(X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, x_base, y_base, pid_b.to(tl.int64) * P,
+                                          rows_i, rows_j, mask_i, mask_j, rxi, ryi, D, stride_xp, stride_yp, eps,
+                                          CLAMP, NORMALIZE, BLOCK_M, BLOCK_K, DOT_PRECISION)
+        sq += sq_j
+        rowdot += rowdot_j
         xj = tl.load(X_ptr + x_base + rows_j[:, None].to(tl.int64) * stride_xp + cols_v[None, :],
                      mask=mask_j[:, None] & mask_v[None, :], other=0.0)
         acc = tl.dot(w.to(xj.dtype), xj, acc, input_precision=DOT_PRECISION)
@@ -347,14 +361,11 @@ def _gram_loss_grad_accumulate_kernel(
     for j0 in range(0, P, BLOCK_M):
         rows_j = j0 + tl.arange(0, BLOCK_M)
         mask_j = rows_j < P
-        gs, gt, rxj = _cosine_tiles(X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, x_base, y_base, pid_b.to(tl.int64) * P,
-                                    rows_i, rows_j, mask_i, mask_j, rxi, ryi, D, stride_xp, stride_yp, eps,
-                                    NORMALIZE, BLOCK_M, BLOCK_K, DOT_PRECISION)
-        e, w = _gram_error(gs, gt, CLAMP)
-        sq += tl.sum(e * e, axis=1)
-        if NORMALIZE:
-            rowdot += tl.sum(w * gs, axis=1)
-            w = w * rxj[None, :]  # W_ij s_j = (W_ij r_j) x_j: the raw rows feed the dot
+        w, sq_j, rowdot_j = _tile_weights(X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, x_base, y_base, pid_b.to(tl.int64) * P,
+                                          rows_i, rows_j, mask_i, mask_j, rxi, ryi, D, stride_xp, stride_yp, eps,
+                                          CLAMP, NORMALIZE, BLOCK_M, BLOCK_K, DOT_PRECISION)
+        sq += sq_j
+        rowdot += rowdot_j
         w = w.to(X_ptr.dtype.element_ty)  # as the recompute kernel: rounded to bf16 for bf16 features
         for c0 in range(0, D, BLOCK_DV):
             cols_v = c0 + tl.arange(0, BLOCK_DV)
