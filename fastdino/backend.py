@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from fastdino.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_states
+from fastdino.checkpoint import CheckpointError, atomic_save, checkpoint_path, load_checkpoint, load_states
 from fastdino.clip import Clipper
 from fastdino.flat import FlatParams
 from fastdino.optim import DINOAdamW, describe_param_groups, param_groups
@@ -92,7 +92,7 @@ class LocalBackend:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint_path(self, output_dir: str) -> str:
-        return os.path.join(output_dir, "checkpoint.pth")
+        return checkpoint_path(output_dir, "local")
 
     def save(self, client: dict, output_dir: str, keep_as: str | None = None) -> None:
         """OUTPUT_DIR/checkpoint.pth (atomic), and a copy named keep_as. Every rank calls it (each

@@ -27,6 +27,12 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def checkpoint_path(output_dir: str, backend: str) -> str:
+    """Where a run of resolved backend `backend` keeps its checkpoint: OUTPUT_DIR/checkpoint.pth (local, ddp),
+    or OUTPUT_DIR/deepspeed, the folder of DeepSpeed's tags (deepspeed)."""
+    return os.path.join(output_dir, "deepspeed" if backend == "deepspeed" else "checkpoint.pth")
+
+
 def atomic_save(obj, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)

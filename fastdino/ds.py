@@ -80,7 +80,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from fastdino.checkpoint import CheckpointError, atomic_save, load_states
+from fastdino.checkpoint import CheckpointError, atomic_save, checkpoint_path, load_states
 from fastdino.config import Config, ConfigError
 from fastdino.kernels.clip_grad import clip_grad_foreach_
 from fastdino.optim import DINOAdamW, describe_param_groups, param_groups
@@ -579,7 +579,7 @@ class DeepSpeedBackend:
 
     # ---- checkpoints and export ----------------------------------------------------------------
     def checkpoint_path(self, output_dir: str) -> str:
-        return os.path.join(output_dir, "deepspeed")
+        return checkpoint_path(output_dir, "deepspeed")
 
     def save(self, client: dict, output_dir: str, keep_as: str | None = None) -> None:
         """Every rank calls this: OUTPUT_DIR/deepspeed/<tag>/ (DeepSpeed's shards, dino_rank<r>.pt),

@@ -76,6 +76,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _block_op(on: bool, device: torch.device) -> str:
+    """A fused block op's switch -> off, or the impl its "auto" runs here: triton on CUDA, torch elsewhere."""
+    return ("triton" if device.type == "cuda" else "torch") if on else "off"
+
+
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -178,8 +183,8 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
         packed_multicrop=m.packed_multicrop,
         data=resolve_data_backend(cfg.data.backend, device, len(cfg.data.crop_sets) > 1),
         compile=compile_mode,
-        residual_norm=("triton" if device.type == "cuda" else "torch") if m.fused_residual_norm else "off",  # op's auto
-        bias_gelu=("triton" if device.type == "cuda" else "torch") if m.fused_bias_gelu else "off",  # the op's auto
+        residual_norm=_block_op(m.fused_residual_norm, device),
+        bias_gelu=_block_op(m.fused_bias_gelu, device),
         residual_dtype=m.residual_dtype,
         tf32=cfg.train.allow_tf32,
         reference=cfg.train.reference,

@@ -29,7 +29,8 @@ if __name__ == "__main__" and __package__ in (None, ""):  # `python fastdino/tra
 import torch
 import torch.nn as nn
 
-from fastdino.checkpoint import CheckpointError, client_state, first_mismatch, load_checkpoint, restore_client
+from fastdino.checkpoint import (CheckpointError, checkpoint_path, client_state, first_mismatch, load_checkpoint,
+                                 restore_client)
 from fastdino.config import Config, ConfigError, load_config, split_cli_overrides
 from fastdino.distributed import DistContext, barrier, cleanup, init_distributed
 from fastdino.gram import GramAnchoring
@@ -153,10 +154,7 @@ def resumes(args: argparse.Namespace, cfg: Config, resolved: Resolved) -> bool:
     """Whether --resume will load a checkpoint (auto: the backend's checkpoint in the output folder exists)."""
     if args.resume is None:
         return False
-    if args.resume != "auto":
-        return True
-    name = "deepspeed" if resolved.backend == "deepspeed" else "checkpoint.pth"  # the backends' checkpoint_path
-    return os.path.exists(os.path.join(cfg.train.output_dir, name))
+    return args.resume != "auto" or os.path.exists(checkpoint_path(cfg.train.output_dir, resolved.backend))
 
 
 def build_recipe(cfg: Config, resolved: Resolved, student: nn.Module,

@@ -50,17 +50,13 @@ def resolve_backend(backend: str, device: torch.device, multi_resolution: bool =
 def resolve_photometric(impl: str, device: torch.device) -> str:
     """data.photometric_impl -> triton | torch: auto is triton on CUDA (when triton imports), torch
     elsewhere; triton needs CUDA (or TRITON_INTERPRET=1, the tests)."""
-    import os
+    from fastdino.resolve import _interpreting, _triton_importable
 
     device = torch.device(device)
-    try:
-        import triton  # noqa: F401
-        have_triton = True
-    except ImportError:
-        have_triton = False
+    have_triton = _triton_importable()
     if impl == "auto":
         return "triton" if device.type == "cuda" and have_triton else "torch"
-    if impl == "triton" and not (have_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+    if impl == "triton" and not (have_triton and (device.type == "cuda" or _interpreting())):
         raise DataError(f"data.photometric_impl 'triton': needs triton and a CUDA device (the device is {device}); "
                         "use auto or torch")
     if impl not in ("triton", "torch"):
