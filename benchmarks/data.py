@@ -59,11 +59,14 @@ def make_jpeg_folder(root: str, n: int, w: int = 500, h: int = 375) -> str:
     return root
 
 
-def bench(backend: str, n_local: int, args, device: torch.device, photometric: str = "auto") -> dict:
+def bench(backend: str, n_local: int, args, device: torch.device, photometric: str = "auto",
+          host_workers: int | None = None) -> dict:
     cfg = DataConfig(path=args.data, backend=backend, num_workers=args.workers, local_crops_number=n_local,
                      global_crop_size=args.global_size, local_crop_size=args.local_size,
                      photometric_impl=photometric)
     loader = build_train_loader(cfg, args.batch_size, seed=0, device=device, dtype=torch.bfloat16)
+    if loader.backend == "dali" and host_workers is not None:
+        loader.host_workers = host_workers  # processes making the host side (data.num_workers by default)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     it = loader.epoch(0)
     t0 = time.perf_counter()
@@ -87,14 +90,16 @@ def bench(backend: str, n_local: int, args, device: torch.device, photometric: s
             "images_per_s": steps * args.batch_size / dt, "ms_per_batch": 1e3 * dt / steps, "warmup_s": warm,
             "cpu_cores": len(os.sched_getaffinity(0)), "workers_or_threads": args.workers, "device": str(device)}
     if loader.backend == "dali":
+        row["host_workers"] = loader.host_workers
         row.update(dali_stages(loader, min(args.steps, 5), sync))
+        row.update(host_stream(loader, args.steps, args.busy_ms))
         loader.close()  # release the pipeline's memory before the next row
     return row
 
 
 def dali_stages(loader, reps: int, sync) -> dict:
-    """Where a DALI batch's time goes. In-loop counters (ms per batch, the host thread runs beside the
-    consumer): host_read (file reads + header checks, thread pool), host_params (vectorized draws),
+    """Where a DALI batch's time goes. In-loop counters (ms per batch; the host side runs beside the consumer,
+    in data.num_workers processes or a thread): host_read (file reads + header checks), host_params (draws),
     host_wait / dali_wait (consumer blocked on the host queue / on DALI outputs). Then each stage alone,
     synchronized: host batch, DALI graph (decode + crops, one batch, no overlap), photometric (each impl of
     data.photometric_impl on CUDA: torch's batched ops and the fused Triton kernels)."""
@@ -142,6 +147,28 @@ def dali_stages(loader, reps: int, sync) -> dict:
     return out
 
 
+def host_stream(loader, steps: int, busy_ms: float) -> dict:
+    """The host side by itself, as the loader runs it (data.num_workers worker processes, or with 0 a thread
+    of this process): ms per batch pulling `steps` batches, first with nothing else running, then with this
+    thread busy in Python for busy_ms per batch (a training step's Python work holding the GIL). A thread
+    shares the GIL with that work; worker processes do not."""
+    out = {}
+    for name, busy in (("stream", 0.0), ("stream_gil_busy", busy_ms)):
+        items = loader._host_items(0, 0)
+        n = min(steps, loader.steps_per_epoch)
+        next(items)  # workers started, first batch made
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            end = time.perf_counter() + busy / 1e3
+            while time.perf_counter() < end:  # pure Python: holds the GIL
+                pass
+            next(items)
+        out[f"host_{name}_ms"] = 1e3 * (time.perf_counter() - t0) / max(n - 1, 1)
+        items.close()
+    out["host_busy_ms"] = busy_ms
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="all", choices=["all", "torch", "dali"])
@@ -158,6 +185,11 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="CPU smoke test: few small batches")
     p.add_argument("--photometric", default="auto", choices=["auto", "torch", "triton", "both"],
                    help="data.photometric_impl of the loaders (both: a row of each)")
+    p.add_argument("--host-workers", default=None,
+                   help="DALI: comma list of host-side worker process counts to measure (0: a thread of the "
+                        "training process; default: --workers, as data.num_workers)")
+    p.add_argument("--busy-ms", type=float, default=30.0,
+                   help="DALI host stream: Python work per batch in the consumer thread (holds the GIL)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.quick:
@@ -174,24 +206,26 @@ def main(argv=None) -> None:
     if "triton" in impls and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         print("photometric triton: needs CUDA (or TRITON_INTERPRET=1), skipped")
         impls = [i for i in impls if i != "triton"] or ["torch"]
-    rows = [bench(b, int(n), args, device, impl) for b in backends for n in args.locals.split(",") for impl in impls]
+    hosts = [None] if args.host_workers is None else [int(h) for h in args.host_workers.split(",")]
+    rows = [bench(b, int(n), args, device, impl, h) for b in backends for n in args.locals.split(",") for impl in impls
+            for h in (hosts if b == "dali" else [None])]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n### data pipeline throughput ({name}, {rows[0]['cpu_cores'] if rows else '?'} CPU cores, "
           f"{args.global_size}/{args.local_size} px crops, bf16 out)\n")
-    print("| backend | photometric | crops | batch | images/s | ms/batch | warm-up s | workers/threads |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | photometric | crops | batch | images/s | ms/batch | warm-up s | workers/threads | host workers |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['photometric']} | {r['crops']} | {r['batch']} | {r['images_per_s']:.0f} | "
-              f"{r['ms_per_batch']:.1f} | {r['warmup_s']:.1f} | {r['workers_or_threads']} |")
+              f"{r['ms_per_batch']:.1f} | {r['warmup_s']:.1f} | {r['workers_or_threads']} | {r.get('host_workers', '-')} |")
     stages = [r for r in rows if "alone_dali_ms" in r]
     if stages:
         print("\n#### DALI backend: ms per batch by stage (loop: counters during the timed run; alone: each "
               "stage by itself, synchronized)\n")
-        keys = list(dict.fromkeys(k for r in stages for k in r if k.startswith(("loop_", "alone_"))))
-        print("| crops | photometric | " + " | ".join(keys) + " |")
-        print("|---|---|" + "---|" * len(keys))
+        keys = list(dict.fromkeys(k for r in stages for k in r if k.startswith(("loop_", "alone_", "host_s", "host_b"))))
+        print("| crops | photometric | host workers | " + " | ".join(keys) + " |")
+        print("|---|---|---|" + "---|" * len(keys))
         for r in stages:
-            print(f"| {r['crops']} | {r['photometric']} | "
+            print(f"| {r['crops']} | {r['photometric']} | {r['host_workers']} | "
                   + " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as f:

@@ -177,7 +177,9 @@ class DataConfig:
     # iterations per epoch, the unit of every epoch-counted schedule and checkpoint; 0: a pass over the data
     # (images // global batch). DINOv2 / DINOv3: 1250 (OFFICIAL_EPOCH_LENGTH), batches running on across passes
     epoch_length: int = 0
-    num_workers: int = 10  # DataLoader workers per process (torch backend)
+    # worker processes per training process: torch backend, DataLoader workers decoding and cropping; dali, the
+    # host side (file reads, header checks, draws; 0: a thread of the training process) and DALI's CPU threads
+    num_workers: int = 10
     dtype: str = choice("auto", "auto", "fp32", "bf16")  # crops on the device; auto: bf16 when training bf16 on a GPU
     # the colour jitter / grayscale / blur / solarize / normalization of the crops on the device: triton (the fused
     # kernels of kernels/photometric.py, 1 copy + 3 launches per crop size), torch (one batched op at a time, the

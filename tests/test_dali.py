@@ -1,6 +1,7 @@
 """DALI backend (CPU operators here, GPU operators when CUDA is present): same recipe, same draws
 and same batch layout as the torch backend; determinism; bad files."""
 import math
+import re
 import shutil
 
 import numpy as np
@@ -199,3 +200,64 @@ def test_gram_crops_from_their_epoch_and_one_crop_set_only(demo):
     c.crop_sets = [{"global": 32, "local": 16, "gram": 48, "p": 1}, {"global": 48, "local": 16, "gram": 64, "p": 1}]
     with pytest.raises(DataError, match="data.backend=torch"):
         build_train_loader(c, 12, seed=4, device=DEVICE)
+
+
+def test_host_workers_make_the_batches_of_the_in_process_host(demo, tmp_path, caplog):
+    """data.num_workers > 0: worker processes make the host side (reads, header checks, draws); the crops,
+    the unreadable-file counts and names equal those of the in-process host (num_workers 0). A file only the
+    training process knows as undecodable (found by DALI's decoder in epoch 1) is not in the workers' snapshot:
+    its batches are made again in the training process, so epoch 2 needs no second pipeline rebuild."""
+    root = tmp_path / "bad"
+    shutil.copytree(demo, root)
+    files = sorted(p for p, _ in ImageFolder(str(root)).samples)
+    data = open(files[0], "rb").read()
+    open(files[0], "wb").write(data[: len(data) // 2])  # fails the header check (in the worker)
+    garbled = bytearray(data)  # passes the header check, fails in DALI's CPU decoder
+    dht = garbled.index(b"\xff\xc4")
+    garbled[dht + 5:dht + 21] = b"\xff" * 16
+    open(files[7], "wb").write(bytes(garbled))
+
+    def run(workers):
+        c = cfg(str(root), "dali")
+        c.num_workers = workers
+        loader = build_train_loader(c, 12, seed=4, device=DEVICE)
+        epochs = [[[x.cpu() for x in crops] for crops in loader.epoch(e)] for e in (1, 2)]
+        return loader, epochs
+
+    caplog.set_level("WARNING", logger="fastdino")
+    threads, want = run(0)
+    caplog.clear()
+    workers, got = run(2)
+    assert workers.host_workers == 2 and threads.host_workers == 0
+    for a, b in zip(want, got):
+        assert len(a) == len(b) == 4
+        assert all(torch.equal(x, y) for crops_a, crops_b in zip(a, b) for x, y in zip(crops_a, crops_b))
+    named = [r.getMessage() for r in caplog.records if "skipped unreadable image" in r.getMessage()]
+    if DEVICE.type == "cpu":
+        assert workers.num_corrupt == threads.num_corrupt == 2
+        assert workers._decoder_bad == {7} and workers._pipes_built == 2  # built, rebuilt once in epoch 1 only
+        assert sorted(n.split("'")[1] for n in named) == [files[0], files[7]]  # each named once
+    assert workers.timing["batches"] == threads.timing["batches"] >= 8 and workers.timing["host_read_s"] > 0
+    procs = list(workers._workers._iterator._workers)
+    assert len(procs) == 2 and all(p.is_alive() for p in procs)
+    workers.close()
+    threads.close()
+    for p in procs:
+        p.join(timeout=30)
+    assert workers._workers is None and not any(p.is_alive() for p in procs)
+
+
+def test_host_worker_errors_are_one_line(demo, tmp_path):
+    """A batch a worker process cannot make (more than half of its files unreadable) is one DataError line
+    naming a file in the training process, not a worker traceback."""
+    root = tmp_path / "bad"
+    shutil.copytree(demo, root)
+    for p in sorted(p for p, _ in ImageFolder(str(root)).samples)[:30]:
+        open(p, "wb").write(b"\xff\xd8 not a jpeg")
+    loader = build_train_loader(cfg(str(root), "dali"), 12, seed=4, device=DEVICE)
+    assert loader.host_workers == 2
+    with pytest.raises(DataError) as e:
+        list(loader.epoch(1))
+    assert "\n" not in str(e.value) and re.search(r"of 12 images of a batch are unreadable, e.g. '.*\.jpg'",
+                                                   str(e.value)), str(e.value)
+    loader.close()

@@ -597,3 +597,31 @@ def test_fused_photometric_without_cuda_is_one_line(monkeypatch):
         resolve_photometric("triton", torch.device("cpu"))
     assert "\n" not in str(e.value)
     assert resolve_photometric("torch", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_interpreter_exits_with_a_loaders_workers_still_referenced(backend, tmp_path):
+    """A run (or test) that raised keeps its loader's iterator referenced to the end. The persistent workers
+    ignore SIGTERM (preemption is the main process's job), so multiprocessing's exit hook, which terminates
+    and joins them, would wait forever: fastdino's own exit hook stops them first."""
+    import subprocess
+    import sys
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = f"""
+import sys; sys.path.insert(0, {root!r})
+from fastdino.config import DataConfig
+from fastdino.data import build_train_loader, generate_demo_dataset
+d = generate_demo_dataset({str(tmp_path / 'd')!r}, num_images=24, num_classes=2, image_size=40, seed=2)
+cfg = DataConfig(path=d, backend={backend!r}, num_workers=2, global_crop_size=32, local_crop_size=16,
+                 local_crops_number=2)
+loader = build_train_loader(cfg, 6, seed=4)
+it = loader.epoch(0)
+next(it)
+KEPT = (loader, it)  # referenced at exit, never closed
+print("exiting", flush=True)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "exiting" in res.stdout, res.stderr[-2000:]

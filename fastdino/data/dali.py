@@ -1,8 +1,9 @@
 """DALI data path: GPU JPEG decoding and the geometric half of every crop made by DALI; the photometric
 half runs batched on the device with the same op as the torch backend (kernels/photometric.py, data.photometric_impl).
 
-Host (one background thread, plus a small thread pool for file reads): for each step, this rank's
-dataset indices (the same (data pass, step in pass) of each step, per data.epoch_length, pass
+Host (HostBatches: data.num_workers persistent DataLoader worker processes, so the file reads, header
+checks and draws never take the training process's GIL; with 0 a background thread of the training
+process, reading with a small thread pool): for each step, this rank's dataset indices (the same (data pass, step in pass) of each step, per data.epoch_length, pass
 permutation and global-batch layout as the torch backend: EpochBatches), the raw bytes (folder, file
 list or webdataset tar shards: fastdino.data.folder.ImageSource), the image size read from the
 header, and every random draw of every crop of the whole batch in one vectorized hash
@@ -34,7 +35,12 @@ Unreadable files: the host checks every file's header (JPEG SOI..EOI with a fram
 IHDR) before it enters the graph; a failing file is replaced deterministically (as in the torch
 backend) and counted. A file that passes the header check but still fails in the decoder makes the
 pipeline raise: the loader then decodes the in-flight batches' files with PIL to find the culprits,
-marks them bad, rebuilds the pipeline and redoes those batches (rare and slow, but never a crash).
+marks them bad, rebuilds the pipeline and redoes those batches (rare and slow, but never a crash). The
+worker processes do not learn of such a file; a later batch of theirs that holds it is made again in the
+training process (a replacement is a pure function of which files are unreadable, so it is the batch the
+workers would have made). A batch a worker cannot make (DataError) reaches the training process as its
+one line. The workers ignore SIGINT/SIGTERM (the training process checkpoints and stops them); close()
+stops them, and so does fastdino's exit hook for a loader nothing closed.
 """
 from __future__ import annotations
 
@@ -52,7 +58,8 @@ from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, draw_keys, photometr
                                    resized_crop_boxes, uniforms)
 from fastdino.data.crop_plan import CropPlan
 from fastdino.data.folder import DataError, ImageSource, Unreadable, image_size_from_header
-from fastdino.data.torch_loader import MAX_REPLACEMENTS, EpochBatches, check_batch_geometry
+from fastdino.data.torch_loader import (MAX_REPLACEMENTS, EpochBatches, check_batch_geometry, ignore_stop_signals,
+                                        shutdown_workers, track_workers)
 from fastdino.kernels.photometric import photometric
 
 PIPELINE_DEPTH = 2  # DALI iterations in flight (prefetch_queue_depth): one running while one is consumed
@@ -145,6 +152,125 @@ def release_dali_memory() -> None:
         pass
 
 
+# ----------------------------------------------------------------------------- the host side
+def pack_encoded(blobs) -> tuple[torch.Tensor, np.ndarray]:
+    """A batch's encoded files as one uint8 tensor + [B+1] offsets: one shared-memory block from a worker
+    process instead of B pickled byte strings."""
+    offsets = np.zeros(len(blobs) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in blobs])
+    buf = bytearray(int(offsets[-1]))
+    view = memoryview(buf)
+    for b, a in zip(blobs, offsets[:-1]):
+        view[a:a + len(b)] = b
+    return torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8), offsets
+
+
+def unpack_encoded(encoded: torch.Tensor, offsets: np.ndarray) -> list:
+    """pack_encoded's inverse, as numpy views (what DALI's feed_input takes)."""
+    buf = encoded.numpy()
+    return [buf[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+class HostBatches(torch.utils.data.Dataset):
+    """The host side of a DALI batch: key (epoch, step, layout) -> item {'feed': the pipeline's inputs
+    (encoded files packed, crop boxes) + 'photometric' params per size group, 'indices', 'masks', 'bad':
+    [(index, name, reason)] of unreadable files met, 'timing'}; {'error': one line} for a batch that
+    cannot be made (DataError). Picklable: with data.num_workers > 0 DataLoader worker processes make the
+    items (file reads, header checks and draws off the training process's GIL), with 0 a background thread
+    of the training process does (reads in a small thread pool).
+
+    `bad` (dataset indices known unreadable) is only a cache: a sample's replacement is a pure function of
+    (seed, data pass, index) and of which files are unreadable, so every process makes the same batch."""
+
+    def __init__(self, source: ImageSource, sampler: EpochBatches, plan: CropPlan, seed: int, masking=None,
+                 read_threads: int = 1, bad: set | None = None):
+        self.source, self.sampler, self.plan, self.seed, self.masking = source, sampler, plan, seed, masking
+        self.read_threads, self.bad = int(read_threads), set() if bad is None else bad
+        self._readers = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"], state["read_threads"] = None, 1  # a worker process reads serially
+        return state
+
+    def __len__(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+            self._readers = None
+
+    def read_checked(self, data_pass: int, index: int, found: list):
+        """(dataset index, bytes, w, h, tries) for one sample, replacing unreadable files (appended to
+        `found` as (index, name, reason))."""
+        n = len(self.source)
+        for k in range(MAX_REPLACEMENTS + 1):
+            i = int(index) if k == 0 else int(uniforms(self.seed, data_pass, int(index), -2 - k, 1)[0] * n)
+            if i in self.bad:
+                continue
+            try:
+                data = self.source.read(i)
+                w, h = image_size_from_header(data)
+                return i, data, w, h, k
+            except (OSError, ValueError) as e:
+                self.bad.add(i)
+                found.append((i, self.source.name(i), str(e)))
+        first = next((name for _, name, _ in found), "?")
+        raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
+                        f"e.g. '{first}'")
+
+    def batch(self, epoch: int, step: int, layout) -> dict:
+        """Step `step` of epoch `epoch`: the batch of (data pass, step in pass) = sampler.position(epoch, step)."""
+        t0 = time.perf_counter()
+        data_pass, step_in_pass = self.sampler.position(epoch, step)
+        indices = self.sampler.indices(data_pass, step_in_pass)
+        found = []
+        if self.read_threads > 1:
+            if self._readers is None:
+                self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix="fastdino-read")
+            rows = list(self._readers.map(lambda i: self.read_checked(data_pass, i, found), indices))
+        else:
+            rows = [self.read_checked(data_pass, i, found) for i in indices]
+        primary_bad = sum(r[4] > 0 for r in rows)
+        if 2 * primary_bad > len(rows):
+            raise DataError(f"{primary_bad} of {len(rows)} images of a batch are unreadable, e.g. '{found[0][1]}' "
+                            f"(check data.path)")
+        idx = np.array([r[0] for r in rows])
+        t1 = time.perf_counter()
+        feed = host_params(self.plan.specs(layout), self.seed, data_pass, idx, np.array([r[2] for r in rows]),
+                           np.array([r[3] for r in rows]))
+        feed["encoded"], feed["offsets"] = pack_encoded([r[1] for r in rows])
+        item = {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step, "layout": layout, "bad": found,
+                "timing": {"host_read_s": t1 - t0, "host_params_s": time.perf_counter() - t1}}
+        if self.masking is not None:  # keyed by the sampler's indices, as the torch loader's
+            item["masks"] = self.masking(self.seed, data_pass, indices)
+        return item
+
+    def __getitem__(self, key) -> dict:
+        try:
+            return self.batch(*key)
+        except DataError as e:  # one line to the training process, not a worker traceback
+            return {"error": str(e)}
+
+
+class _StepKeys(torch.utils.data.Sampler):
+    """The keys of an epoch's steps for the persistent host workers (set before each epoch)."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _identity(item):
+    return item
+
+
 # ----------------------------------------------------------------------------- the loader
 class DaliMultiCropLoader:
     """The DALI backend of build_train_loader: same interface as TorchMultiCropLoader, plus close()."""
@@ -175,11 +301,18 @@ class DaliMultiCropLoader:
         self._pipe, self.layout = None, None
         self._set_layout(self.plan.layout(0))
         self._pipes_built = 0  # pipelines built over the loader's life (again after decoder errors, new layouts)
-        self._readers = None
         self._bad: set[int] = set()  # dataset indices known unreadable on this rank
+        self._decoder_bad: set[int] = set()  # of which: passed the header check, failed in DALI's decoder
         self._unreadable = Unreadable("training data")  # names them in the log
-        # seconds summed over batches: host thread (file reads + header checks, parameter draws),
-        # consumer (waiting for the host queue, waiting for DALI outputs, photometric launch)
+        # the host side of each batch: in data.num_workers worker processes (persistent, started by the first
+        # epoch), or with 0 in a background thread of this process reading with a small thread pool
+        self.host_workers = int(data_cfg.num_workers)
+        self.host = HostBatches(self.source, self.sampler, self.plan, seed, masking,
+                                read_threads=max(1, min(self.num_threads, 8)), bad=self._bad)
+        self._worker_keys, self._workers = _StepKeys(), None
+        # seconds summed over batches: host side (file reads + header checks, parameter draws; in the worker
+        # processes when there are some), consumer (waiting for host batches, waiting for DALI outputs,
+        # photometric launch)
         self.timing = collections.Counter()
 
     @property
@@ -207,11 +340,13 @@ class DaliMultiCropLoader:
             release_dali_memory()
 
     def close(self) -> None:
-        """Release the DALI pipeline and its memory (a later epoch() builds a new one)."""
+        """Release the DALI pipeline and its memory, and stop the host workers (a later epoch() starts both
+        again)."""
         self._drop_pipeline()
-        if self._readers is not None:
-            self._readers.shutdown(wait=True)
-            self._readers = None
+        self.host.close()
+        if self._workers is not None:
+            shutdown_workers(self._workers)
+            self._workers = None
 
     def __del__(self):
         try:
@@ -220,54 +355,60 @@ class DaliMultiCropLoader:
             pass
 
     # host side ------------------------------------------------------------
-    def _read_checked(self, data_pass: int, index: int):
-        """(dataset index, bytes, w, h, first bad name or None) for one sample, replacing unreadable files."""
-        n, first_bad = self.num_images, None
-        for k in range(MAX_REPLACEMENTS + 1):
-            i = int(index) if k == 0 else int(uniforms(self.seed, data_pass, int(index), -2 - k, 1)[0] * n)
-            if i in self._bad:
-                continue
-            try:
-                data = self.source.read(i)
-                w, h = image_size_from_header(data)
-                return i, data, w, h, first_bad, k
-            except (OSError, ValueError) as e:
-                self._bad.add(i)
-                self._unreadable.add(self.source.name(i), str(e))
-                first_bad = first_bad or self.source.name(i)
-        raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
-                        f"e.g. '{first_bad}'")
-
-    def _host_batch(self, epoch: int, step: int) -> dict:
-        """Step `step` of epoch `epoch`: the batch of (data pass, step in pass) = sampler.position(epoch, step)."""
-        t0 = time.perf_counter()
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(max(1, min(self.num_threads, 8)), thread_name_prefix="fastdino-read")
-        data_pass, step_in_pass = self.sampler.position(epoch, step)
-        indices = self.sampler.indices(data_pass, step_in_pass)
-        rows = list(self._readers.map(lambda i: self._read_checked(data_pass, i), indices))
-        primary_bad = sum(r[5] > 0 for r in rows)
-        if 2 * primary_bad > self.batch_size:
-            first_bad = next(r[4] for r in rows if r[4])
-            raise DataError(f"{primary_bad} of {self.batch_size} images of a batch are unreadable, e.g. '{first_bad}' "
-                            f"(check data.path)")
-        idx = np.array([r[0] for r in rows])
-        t1 = time.perf_counter()
-        feed = host_params(self.specs, self.seed, data_pass, idx, np.array([r[2] for r in rows]),
-                           np.array([r[3] for r in rows]))
-        feed["encoded"] = [np.frombuffer(r[1], np.uint8) for r in rows]
-        self.timing["host_read_s"] += t1 - t0
-        self.timing["host_params_s"] += time.perf_counter() - t1
+    def _accept(self, item: dict) -> dict:
+        """A host item as the consumer uses it: its unreadable files counted and named, a batch holding a
+        file only this process knows as undecodable made again here, the encoded files unpacked."""
+        if "error" in item:
+            raise DataError(item["error"])
+        for i, name, reason in item["bad"]:
+            self._bad.add(i)
+            self._unreadable.add(name, reason)
+        if self._decoder_bad.intersection(item["indices"]):  # a worker's snapshot of the bad files is older
+            item = self.host.batch(item["epoch"], item["step"], item["layout"])
+        for k, v in item.pop("timing").items():
+            self.timing[k] += v
         self.timing["batches"] += 1
-        item = {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step}
-        if self.masking is not None:  # keyed by the sampler's indices, as the torch loader's
-            item["masks"] = self.masking(self.seed, data_pass, indices)
+        feed = item["feed"]
+        if "offsets" in feed:
+            feed["encoded"] = unpack_encoded(feed["encoded"], feed.pop("offsets"))
         return item
 
-    def _host_batches(self, epoch: int, start_step: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _host_batch(self, epoch: int, step: int) -> dict:
+        """Step `step` of epoch `epoch` made in this process (decoder recovery, benchmarks)."""
+        return self._accept(self.host.batch(epoch, step, self.layout))
+
+    def _host_items(self, epoch: int, start_step: int):
+        """Host items of steps start_step.. of this epoch, in order (not yet accepted)."""
+        keys = [(epoch, step, self.layout) for step in range(start_step, self.steps_per_epoch)]
+        if self.host_workers > 0:
+            if self._workers is None:
+                self.host.close()  # no thread pool to copy into the workers
+                self._workers = track_workers(torch.utils.data.DataLoader(
+                    self.host, batch_size=None, sampler=self._worker_keys, collate_fn=_identity,
+                    num_workers=self.host_workers, prefetch_factor=2, persistent_workers=True,
+                    worker_init_fn=ignore_stop_signals, generator=torch.Generator()))
+            self._worker_keys.keys = keys
+            yield from self._workers
+            return
+        q, stop = queue.Queue(maxsize=HOST_QUEUE), threading.Event()
+        worker = threading.Thread(target=self._host_thread, args=(keys, q, stop), daemon=True)
+        worker.start()
         try:
-            for step in range(start_step, self.steps_per_epoch):
-                item = self._host_batch(epoch, step)
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    return
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    def _host_thread(self, keys: list, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for key in keys:
+                item = self.host.batch(*key)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
@@ -343,6 +484,7 @@ class DaliMultiCropLoader:
                 except Exception as e:
                     if i not in self._bad:
                         self._bad.add(i)
+                        self._decoder_bad.add(i)
                         self._unreadable.add(self.source.name(i), str(e))
                         found = True
         if not found:
@@ -397,9 +539,7 @@ class DaliMultiCropLoader:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         # one layout per epoch: the plan's gram_from is an epoch's first step (gram_from_epoch)
         self._set_layout(self.plan.layout(int(epoch) * self.steps_per_epoch))
-        q, stop = queue.Queue(maxsize=HOST_QUEUE), threading.Event()
-        worker = threading.Thread(target=self._host_batches, args=(int(epoch), int(start_step), q, stop), daemon=True)
-        worker.start()
+        items = self._host_items(int(epoch), int(start_step))
         self._pending = collections.deque()  # fed batches whose outputs are not consumed yet, oldest first
         self._fed = 0
         self._primed = self._pipe is not None  # a reused pipeline schedules every fed batch at once
@@ -409,13 +549,12 @@ class DaliMultiCropLoader:
                 # keep PIPELINE_DEPTH batches in flight: feed the next one before taking the oldest's outputs
                 while not done and len(self._pending) < PIPELINE_DEPTH:
                     t0 = time.perf_counter()
-                    item = q.get()
+                    item = next(items, None)
                     self.timing["host_wait_s"] += time.perf_counter() - t0
-                    if isinstance(item, BaseException):
-                        raise item
                     if item is None:
                         done = True
                         break
+                    item = self._accept(item)
                     self._pending.append(item)
                     self._submit(item)
                 nxt = self._next_output() if self._pending else None
@@ -428,7 +567,6 @@ class DaliMultiCropLoader:
                 self.timing["photometric_s"] += time.perf_counter() - t0
                 yield crops if self.masking is None else (crops, item["masks"].to(self.device))
         finally:
-            stop.set()
+            items.close()
             if self._pending:
                 self._drain()
-            worker.join()

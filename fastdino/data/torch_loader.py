@@ -26,7 +26,10 @@ raises DataError naming one of them.
 """
 from __future__ import annotations
 
+import atexit
 import io
+import multiprocessing.util  # noqa: F401 (its exit hook is registered before ours)
+import weakref
 
 import numpy as np
 import torch
@@ -46,6 +49,36 @@ def ignore_stop_signals(worker_id: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shutdown_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Stop a DataLoader's persistent workers now (they ignore SIGTERM: see TorchMultiCropLoader.close)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None:
+        loader._iterator = None
+        it._shutdown_workers()
+
+
+_WORKER_LOADERS = weakref.WeakSet()  # DataLoaders with persistent workers that ignore stop signals
+
+
+def track_workers(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+    """Stop this loader's workers at interpreter exit if nothing closed it (a run or test that raised
+    while its iterator is still referenced): multiprocessing's own exit hook terminates workers with
+    SIGTERM, which they ignore, and then joins them forever."""
+    _WORKER_LOADERS.add(loader)
+    return loader
+
+
+def _shutdown_tracked_workers() -> None:
+    for loader in list(_WORKER_LOADERS):
+        try:
+            shutdown_workers(loader)
+        except Exception:
+            pass
+
+
+atexit.register(_shutdown_tracked_workers)  # after multiprocessing.util's hook is registered: runs before it
 
 
 def _decode(data: bytes):
@@ -209,24 +242,21 @@ class TorchMultiCropLoader:
             raise ValueError("TorchMultiCropLoader: several crop sets (data.crop_sets) need the masking's patch_size "
                              "(IBOTMasks(..., patch_size=p)) to mask each set's patch grid")
         workers = int(data_cfg.num_workers)
-        self._loader = torch.utils.data.DataLoader(
+        self._loader = track_workers(torch.utils.data.DataLoader(
             MultiCropDataset(self.source, self.plan, seed, masking),
             batch_sampler=LayoutBatches(self.sampler, self.plan), collate_fn=_first,
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             generator=torch.Generator(),  # the loader's base seed must not consume torch's global RNG
             worker_init_fn=ignore_stop_signals if workers > 0 else None,
-        )
+        ))
         self._bad = Unreadable("training data")
 
     def close(self) -> None:
         """Stop the persistent workers now. They ignore SIGTERM (ignore_stop_signals), so the
         interpreter's exit, which terminates and then joins them, would wait forever for a run that
         ends by an exception while their iterator is still referenced."""
-        it = getattr(self._loader, "_iterator", None)
-        if it is not None:
-            self._loader._iterator = None
-            it._shutdown_workers()
+        shutdown_workers(self._loader)
 
     @property
     def num_corrupt(self) -> int:
