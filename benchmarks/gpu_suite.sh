@@ -20,15 +20,25 @@
 #                                           # bias + GELU op (2026-11-30): its GPU tests, GB/s, ViT-S/16 end to
 #                                           # end with model.fused_bias_gelu on the reference and on fastdino;
 #                                           # the Gram kernel's two grad kernels (dx recompute vs accumulate)
+#   bash benchmarks/gpu_suite.sh H OUTDIR   # DALI (~4 min; needs the DALI wheel parts in .whl/p*, carried in
+#                                           # earlier calls): its GPU tests, 2+10 crops at batch 128 with the
+#                                           # host side in a thread vs in 8 worker processes (2026-11-30),
+#                                           # each with the torch and the fused Triton photometric ops
 #
 # Then, on this machine: python benchmarks/record.py OUTDIR (rows into benchmarks/results.jsonl), and
 # benchmarks/RESULTS.md from them.
 #
-# Wheels (optional): .whl/p0..p3 hold the parts of a tar of DALI and its needs (too large for one
-# transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python.
+# Wheels (optional): .whl/p0..p4 hold the parts of a tar of DALI and its needs (too large for one
+# transfer), .whl/ds DeepSpeed and its needs; they are installed into the running Python. The DALI parts
+# (prepared 2026-11-30 for the device's Python 3.12: nvidia-dali-cuda130 2.4.0, nvimgcodec, nvjpeg, nvjpeg2k,
+# nvtiff, libnvcomp, libcst, optree, nvtx, makefun, gast, astunparse; 60 MiB each) travel one per call, back
+# to back so the machine stays warm (`run` command `true`, carry [".whl/p0"], then p1 ... p4), then the part
+# that needs them. Remake them with: pip download --only-binary=:all: --python-version 3.12 --platform
+# manylinux_2_28_x86_64 (and the other manylinux tags) nvidia-dali-cuda130==2.4.0 -d DIR; copy the wheels the
+# image lacks into /tmp/dali; tar cf - -C /tmp dali | split -b 60m -d - part; one part per .whl/pN.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh A|B|C|D|E|F|G OUTDIR}
-out=${2:?usage: gpu_suite.sh A|B|C|D|E|F|G OUTDIR}
+part=${1:?usage: gpu_suite.sh A|B|C|D|E|F|G|H OUTDIR}
+out=${2:?usage: gpu_suite.sh A|B|C|D|E|F|G|H OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 py=python3
@@ -117,6 +127,14 @@ elif [ "$part" = G ]; then  # the fused bias + GELU op (kernels/bias_gelu.py, mo
     step throughput_vits16_fastdino_bias_gelu 65 $py benchmarks/throughput.py --config configs/vits16.json \
         --data.local_crops_number 10 --model.fused_bias_gelu true --batch-size 256 --data synthetic --rows fastdino \
         --steps 8 --warmup 4 --repeats 3 --time-budget 50 --json "$out/throughput_vits16_fastdino_bias_gelu.json"
+elif [ "$part" = H ]; then  # DALI: the host side in worker processes (data.num_workers) against a thread
+    if [ -z "${GPU_SUITE_DRY:-}" ] && ! $py -c "import nvidia.dali" 2>/dev/null; then
+        echo "H: nvidia.dali is not importable (carry the wheel parts in .whl/p0..p3 first): skipped"
+    else
+        step pytest_dali 90 $py -m pytest -q -p no:cacheprovider tests/test_dali.py
+        step data_host_workers 240 $py benchmarks/data.py --backend dali --device cuda --batch-size 128 --steps 20 \
+            --locals 10 --workers 8 --host-workers 0,8 --photometric both --json "$out/data_host_workers.json"
+    fi
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
     step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"
     step pytest_gpu 80 $py -m pytest -q -p no:cacheprovider tests/kernels/test_linear_soft_cross_entropy.py \

@@ -5,8 +5,8 @@ benchmarks/results.jsonl, one row per (variant, metric):
 
 `baseline` is the same metric of the reference variant of the same configuration (null for the
 reference itself). Sources in OUTDIR: *.jsonl (benchmarks/gram.py, residual_norm.py: rows already in
-this form), loss*.json (benchmarks/loss.py --json) and throughput*.json (benchmarks/throughput.py
---json). The suite writes OUTDIR/versions.json (torch, triton, device) and OUTDIR/commands.txt
+this form), loss*.json (benchmarks/loss.py --json), throughput*.json (benchmarks/throughput.py
+--json) and data*.json (benchmarks/data.py --json). The suite writes OUTDIR/versions.json (torch, triton, device) and OUTDIR/commands.txt
 (`NAME<TAB>command` per step); the loss rows take their versions and commands from there.
 
     python benchmarks/record.py OUTDIR [--date 2026-11-29] [--results benchmarks/results.jsonl]
@@ -24,6 +24,7 @@ LOSS_CONFIG_SKIP = set(LOSS_METRICS) | {"variant", "GBps", "cpu_us", "speedup", 
                                         "device", "loss", "entropy", "fwd_ms", "bwd_ms", "fwd_dev_ms",
                                         "bwd_dev_ms", "tflops", "TFLOPs"}
 THROUGHPUT_METRICS = ("images_per_s", "step_ms", "mfu", "peak_mem_gib")
+DATA_METRICS = ("images_per_s", "ms_per_batch", "host_stream_ms", "host_stream_gil_busy_ms")
 
 
 def _is_reference(variant: str) -> bool:
@@ -72,6 +73,37 @@ def throughput_rows(d: dict, common: dict) -> list[dict]:
     return out
 
 
+def data_rows(d: dict, common: dict) -> list[dict]:
+    """benchmarks/data.py --json: one row per loader (backend, host workers, photometric impl, crops, batch) and
+    metric. Baseline: a DALI loader with host worker processes against the same loader with the host side in
+    a thread (host workers 0); any other DALI loader against the torch backend's row of the same crops and batch."""
+    common = {**common, "device": d.get("device", common.get("device"))}
+    out = []
+
+    def key(r, **kw):
+        r = {**r, **kw}
+        return (r["backend"], r.get("host_workers"), r["photometric"], r["crops"], r["batch"])
+
+    rows = {key(r): r for r in d["results"]}
+    torch_rows = {(r["crops"], r["batch"]): r for r in d["results"] if r["backend"] == "torch"}
+    for r in d["results"]:
+        hosts = r.get("host_workers")
+        if r["backend"] != "dali":
+            ref, variant = None, "torch"
+        elif hosts:
+            ref, variant = rows.get(key(r, host_workers=0)), f"dali_host_workers{hosts}"
+        else:
+            ref, variant = torch_rows.get((r["crops"], r["batch"])), "dali" if hosts is None else "dali_host_thread"
+        config = {"crops": r["crops"], "batch": r["batch"], "photometric": r["photometric"],
+                  "cpu_cores": r.get("cpu_cores"), "workers_or_threads": r.get("workers_or_threads"),
+                  "host_workers": hosts}
+        for m in DATA_METRICS:
+            if r.get(m) is not None:
+                out.append({**common, "config": config, "variant": variant, "metric": m, "value": r[m],
+                            "baseline": None if ref is None else ref.get(m)})
+    return out
+
+
 def collect(outdir: str, date: str) -> list[dict]:
     meta = {}
     if os.path.exists(os.path.join(outdir, "versions.json")):
@@ -95,6 +127,9 @@ def collect(outdir: str, date: str) -> list[dict]:
         elif name.endswith(".json") and name.startswith("throughput"):
             with open(path) as f:
                 rows += throughput_rows(json.load(f), common)
+        elif name.endswith(".json") and name.startswith("data"):
+            with open(path) as f:
+                rows += data_rows(json.load(f), common)
     return rows
 
 
@@ -108,7 +143,7 @@ def main(argv=None) -> list[dict]:
         sys.exit(f"record.py: error: {args.outdir}: not a directory")
     rows = collect(args.outdir, args.date)
     if not rows:
-        sys.exit(f"record.py: error: {args.outdir}: no loss*.json, throughput*.json or *.jsonl results")
+        sys.exit(f"record.py: error: {args.outdir}: no loss*.json, throughput*.json, data*.json or *.jsonl results")
     with open(args.results, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

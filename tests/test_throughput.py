@@ -425,6 +425,11 @@ def test_record_turns_suite_outputs_into_result_rows(tmp_path):
                  {"name": "fastdino", "data": "synthetic", "status": "ok", "images_per_s": 250.0},
                  {"name": "+compile", "data": "synthetic", "status": "skipped", "images_per_s": None}]}))
     (out / "gram.jsonl").write_text(json.dumps({"variant": "triton", "metric": "ms", "value": 1.0}) + "\n")
+    loader = {"photometric": "triton", "crops": "2+10", "batch": 128}
+    (out / "data_host.json").write_text(json.dumps({"device": "cuda:0", "results": [
+        {**loader, "backend": "torch", "photometric": "torch", "images_per_s": 500.0},
+        {**loader, "backend": "dali", "host_workers": 0, "images_per_s": 3000.0, "host_stream_ms": 20.0},
+        {**loader, "backend": "dali", "host_workers": 8, "images_per_s": 4200.0, "host_stream_ms": 3.0}]}))
     results = tmp_path / "results.jsonl"
     record.main([str(out), "--date", "2026-01-02", "--results", str(results)])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
@@ -435,15 +440,20 @@ def test_record_turns_suite_outputs_into_result_rows(tmp_path):
     assert by[("sk_reference", "bf16", "ms")]["baseline"] is None
     assert by[("sk_fused", "fp32", "ms")]["baseline"] is None
     assert not any(r["metric"] == "cpu_us" for r in rows)
-    tp = [r for r in rows if r["metric"] == "images_per_s"]
+    tp = [r for r in rows if r["metric"] == "images_per_s" and "host_workers" not in r.get("config", {})]
     assert [(r["variant"], r["value"], r["baseline"]) for r in tp] == [("reference", 100.0, None), ("fastdino", 250.0, 100.0)]
     assert {"variant": "triton", "metric": "ms", "value": 1.0} in rows
+    data = {(r["variant"], r["metric"]): (r["value"], r["baseline"]) for r in rows if "host_workers" in r.get("config", {})}
+    assert data[("dali_host_workers8", "images_per_s")] == (4200.0, 3000.0)  # against the host thread
+    assert data[("dali_host_workers8", "host_stream_ms")] == (3.0, 20.0)
+    assert data[("dali_host_thread", "images_per_s")] == (3000.0, 500.0)  # against the torch backend
+    assert data[("torch", "images_per_s")] == (500.0, None)
     with pytest.raises(SystemExit, match="no loss"):
         (tmp_path / "empty").mkdir()
         record.main([str(tmp_path / "empty"), "--results", str(results)])
 
 
-@pytest.mark.parametrize("part", list("ABCDEFG"))
+@pytest.mark.parametrize("part", list("ABCDEFGH"))
 def test_gpu_suite_commands_are_valid(tmp_path, part):
     """benchmarks/gpu_suite.sh PART in its dry mode (GPU_SUITE_DRY=1: the commands, not run): every
     test file, script and config it names exists, and every --rows name is a throughput row, so a
