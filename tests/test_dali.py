@@ -238,6 +238,8 @@ def test_host_workers_make_the_batches_of_the_in_process_host(demo, tmp_path, ca
         assert workers._decoder_bad == {7} and workers._pipes_built == 2  # built, rebuilt once in epoch 1 only
         assert sorted(n.split("'")[1] for n in named) == [files[0], files[7]]  # each named once
     assert workers.timing["batches"] == threads.timing["batches"] >= 8 and workers.timing["host_read_s"] > 0
+    worker_host = workers._workers.dataset  # the workers' copy: serial reads, its own cache of bad files
+    assert worker_host.read_threads == 1 and worker_host.bad is not workers._bad
     procs = list(workers._workers._iterator._workers)
     assert len(procs) == 2 and all(p.is_alive() for p in procs)
     workers.close()

@@ -45,6 +45,7 @@ stops them, and so does fastdino's exit hook for a loader nothing closed.
 from __future__ import annotations
 
 import collections
+import copy
 import io
 import queue
 import threading
@@ -188,9 +189,9 @@ class HostBatches(torch.utils.data.Dataset):
         self.read_threads, self.bad = int(read_threads), set() if bad is None else bad
         self._readers = None
 
-    def __getstate__(self):
+    def __getstate__(self):  # copies (pickled, copy.copy) read serially: a worker process is one of many
         state = dict(self.__dict__)
-        state["_readers"], state["read_threads"] = None, 1  # a worker process reads serially
+        state["_readers"], state["read_threads"], state["bad"] = None, 1, set(self.bad)
         return state
 
     def __len__(self) -> int:
@@ -381,10 +382,9 @@ class DaliMultiCropLoader:
         """Host items of steps start_step.. of this epoch, in order (not yet accepted)."""
         keys = [(epoch, step, self.layout) for step in range(start_step, self.steps_per_epoch)]
         if self.host_workers > 0:
-            if self._workers is None:
-                self.host.close()  # no thread pool to copy into the workers
+            if self._workers is None:  # the workers' copy reads serially (no thread pool), bad files as known now
                 self._workers = track_workers(torch.utils.data.DataLoader(
-                    self.host, batch_size=None, sampler=self._worker_keys, collate_fn=_identity,
+                    copy.copy(self.host), batch_size=None, sampler=self._worker_keys, collate_fn=_identity,
                     num_workers=self.host_workers, prefetch_factor=2, persistent_workers=True,
                     worker_init_fn=ignore_stop_signals, generator=torch.Generator()))
             self._worker_keys.keys = keys
