@@ -38,6 +38,9 @@ setup(
         "test": ["pytest", "triton>=3.0"],
         "gpu": ["triton>=3.0", "nvidia-ml-py"],
         "dali": ["nvidia-dali-cuda130"],
+        # model.attn=flash_attn_4: FlashAttention-4 (CuTe DSL), a pre-release: the exact version this code was written
+        # against (fastdino.models.attention.FLASH_ATTN_4_VERSION); cu13 for CUDA 13 builds of torch
+        "fa4": ["flash-attn-4[cu13]==4.0.0b36"],
         "deepspeed": ["deepspeed>=0.14"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],

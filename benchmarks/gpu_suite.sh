@@ -24,6 +24,10 @@
 #                                           # earlier calls): its GPU tests, 2+10 crops at batch 128 with the
 #                                           # host side in a thread vs in 8 worker processes (2026-11-30),
 #                                           # each with the torch and the fused Triton photometric ops
+#   bash benchmarks/gpu_suite.sh I OUTDIR   # FlashAttention-4 (~6 min; needs the wheel parts .whl/fa0, fa1):
+#                                           # model.attn=flash_attn_4 against the reference and the other
+#                                           # kernels (its JIT compiles count), attention at the ViT-S/16 and
+#                                           # ViT-B/8 shapes, ViT-S/16 end to end with it
 #
 # Then, on this machine: python benchmarks/record.py OUTDIR (rows into benchmarks/results.jsonl), and
 # benchmarks/RESULTS.md from them.
@@ -36,9 +40,11 @@
 # that needs them. Remake them with: pip download --only-binary=:all: --python-version 3.12 --platform
 # manylinux_2_28_x86_64 (and the other manylinux tags) nvidia-dali-cuda130==2.4.0 -d DIR; copy the wheels the
 # image lacks into /tmp/dali; tar cf - -C /tmp dali | split -b 60m -d - part; one part per .whl/pN.
+# .whl/fa0, fa1: the same for flash-attn-4[cu13]==4.0.0b36 (setup.py's fa4 extra: flash-attn-4, quack-kernels,
+# apache-tvm-ffi, torch-c-dlpack-ext, nvidia-cutlass-dsl and its libs-base, libs-core, libs-cu13), in /tmp/fa4.
 set -uo pipefail
-part=${1:?usage: gpu_suite.sh A|B|C|D|E|F|G|H OUTDIR}
-out=${2:?usage: gpu_suite.sh A|B|C|D|E|F|G|H OUTDIR}
+part=${1:?usage: gpu_suite.sh A|B|C|D|E|F|G|H|I OUTDIR}
+out=${2:?usage: gpu_suite.sh A|B|C|D|E|F|G|H|I OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 py=python3
@@ -53,6 +59,9 @@ step() {  # step NAME TIMEOUT CMD...: run, log to OUTDIR/NAME.log, never stop th
 install_wheels() {
     if ls .whl/p0/part00 >/dev/null 2>&1 && ! $py -c "import nvidia.dali" 2>/dev/null; then
         cat .whl/p*/part* | tar x -C /tmp && $py -m pip install -q --no-index --no-deps --no-compile /tmp/dali/*.whl
+    fi
+    if ls .whl/fa0/part00 >/dev/null 2>&1 && ! $py -c "import flash_attn.cute" 2>/dev/null; then
+        cat .whl/fa*/part* | tar x -C /tmp && $py -m pip install -q --no-index --no-deps --no-compile /tmp/fa4/*.whl
     fi
     if ls .whl/ds/*.whl >/dev/null 2>&1 && ! $py -c "import deepspeed" 2>/dev/null; then
         $py -m pip install -q --no-index --no-deps --no-compile .whl/ds/*.whl
@@ -134,6 +143,21 @@ elif [ "$part" = H ]; then  # DALI: the host side in worker processes (data.num_
         step pytest_dali 90 $py -m pytest -q -p no:cacheprovider tests/test_dali.py
         step data_host_workers 240 $py benchmarks/data.py --backend dali --device cuda --batch-size 128 --steps 20 \
             --locals 10 --workers 8 --host-workers 0,8 --photometric both --json "$out/data_host_workers.json"
+    fi
+elif [ "$part" = I ]; then  # FlashAttention-4: model.attn=flash_attn_4 (fastdino/models/attention.py)
+    if [ -z "${GPU_SUITE_DRY:-}" ] && ! $py -c "from flash_attn.cute import flash_attn_varlen_func" 2>/dev/null; then
+        echo "I: flash-attn-4 is not importable (carry the wheel parts .whl/fa0, .whl/fa1 first): skipped"
+    else
+        # the kernels against the fp64 reference and torch's math kernel (dense and varlen, grads), the ViT
+        # packed and unpacked, no attention matrix saved; bf16 only (each shape is a JIT compile)
+        step pytest_fa4 240 $py -m pytest -q -p no:cacheprovider tests/test_attention.py \
+            -k "flash_attn_4 and not float16 and not float32"
+        step attention_fa4 120 $py benchmarks/attention.py --modes matmul,attn --archs S/16,B/8 \
+            --backends flash_attn_4,flash_attn,sdpa_cudnn,sdpa_flash --json "$out/attention_fa4.json"
+        step throughput_vits16_fa4 100 $py benchmarks/throughput.py --config configs/vits16.json \
+            --data.local_crops_number 10 --model.attn flash_attn_4 --batch-size 256 --data synthetic \
+            --rows reference,fastdino --steps 8 --warmup 4 --repeats 3 --time-budget 75 \
+            --json "$out/throughput_vits16_fa4.json"
     fi
 elif [ "$part" = C ]; then  # re-measure what changed after the first A/B runs (fits one 10-minute call)
     step pytest_step 120 $py -m pytest -q -p no:cacheprovider tests/test_step.py -k "cuda or synchronization"

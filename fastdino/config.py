@@ -53,7 +53,8 @@ class ModelConfig:
     head_last_layer: str = choice("weight_norm", "weight_norm", "plain")
     use_bn_in_head: bool = False
     # auto: on CUDA the fastest fused kernel for the global-crop shape (timed once), sdpa elsewhere
-    attn: str = choice("auto", "auto", "flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa", "math")
+    attn: str = choice("auto", "auto", "flash_attn", "flash_attn_4", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa",
+                       "math")
     packed_multicrop: bool = False  # student: all crops through each block together (varlen attention)
     activation_checkpointing: bool = False  # recompute each block in backward (memory for /8 models)
     compile: bool = False  # torch.compile the backbone blocks and the heads (one static graph per token layout)

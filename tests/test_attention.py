@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from fastdino.models import DINOHead, MultiCropWrapper, VisionTransformer
-from fastdino.models.attention import (BACKENDS, AttentionBackendError, attention_ref, backend_unavailable,
-                                       cu_seqlens_for, packed_attention, packed_attention_ref, resolve_backend)
+from fastdino.models.attention import (_HALF_ONLY, BACKENDS, AttentionBackendError, attention_ref,
+                                       backend_unavailable, cu_seqlens_for, flash_attn_4_packed, packed_attention,
+                                       packed_attention_ref, resolve_backend, varlen_args)
 from fastdino.models.vision_transformer import Block, vit_forward_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,8 +20,8 @@ ATOL = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
 
 
 def runs(backend, dtype):
-    """flash_attn and the CUDA sdpa_flash/cudnn kernels take fp16/bf16 only."""
-    return not (dtype == torch.float32 and DEV == "cuda" and backend in ("flash_attn", "sdpa_flash", "sdpa_cudnn"))
+    """flash_attn, flash_attn_4 and the CUDA sdpa_flash/cudnn kernels take fp16/bf16 only."""
+    return not (dtype == torch.float32 and DEV == "cuda" and backend in _HALF_ONLY)
 
 
 def qkv_packed(groups, heads, head_dim, dtype, seed=0):
@@ -48,7 +49,7 @@ GROUPS = [((3, 17),), ((1, 1),), ((2, 50),), ((2, 17), (3, 5), (1, 1))]
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("groups", GROUPS, ids=str)
 @pytest.mark.parametrize("heads,head_dim", [(3, 64), (2, 32)])
 def test_backend_matches_math_and_fp64(backend, dtype, groups, heads, head_dim):
@@ -122,12 +123,12 @@ def test_resolve_backend():
     assert resolve_backend("math", "cpu") == "math"
     with pytest.raises(AttentionBackendError, match="unknown attention backend"):
         resolve_backend("xformers")
-    for name in ("sdpa_cudnn", "sdpa_efficient", "flash_attn"):
+    for name in ("sdpa_cudnn", "sdpa_efficient", "flash_attn", "flash_attn_4"):
         with pytest.raises(AttentionBackendError, match=f"model.attn='{name}' is not available on cpu"):
             resolve_backend(name, "cpu")
 
 
-@pytest.mark.parametrize("backend", ["sdpa_cudnn", "sdpa_efficient", "flash_attn"])
+@pytest.mark.parametrize("backend", ["sdpa_cudnn", "sdpa_efficient", "flash_attn", "flash_attn_4"])
 def test_cuda_only_backend_runs_cpu_tensors_through_sdpa(backend):
     """A model built on a CUDA machine (auto: a CUDA-only kernel) and evaluated on CPU: the CPU call
     runs torch's dispatch and equals the reference, instead of failing in the kernel."""
@@ -140,6 +141,61 @@ def test_cuda_only_backend_runs_cpu_tensors_through_sdpa(backend):
 def test_cu_seqlens():
     cu, mx = cu_seqlens_for(((2, 5), (3, 2)), "cpu")
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 5, 10, 12, 14, 16] and mx == 5
+    cache = {}
+    for backend in ("flash_attn", "flash_attn_4"):  # the varlen backends get them, made once per layout
+        cu2, mx2 = varlen_args(cache, backend, ((2, 5), (3, 2)), "cpu")
+        assert cu2.tolist() == cu.tolist() and mx2 == 5 and varlen_args(cache, backend, ((2, 5), (3, 2)), "cpu")[0] is cu2
+        assert varlen_args(cache, backend, ((4, 5),), "cpu") == (None, 0)  # one group: a dense call
+    assert varlen_args(cache, "sdpa", ((2, 5), (3, 2)), "cpu") == (None, 0)
+
+
+def _fake_flash_attn_4(calls):
+    """Stand-ins with flash_attn.cute's signatures and (out, lse) returns, computing attention_ref, that record
+    what they were given: flash_attn_4_packed's layout and calls are checked on any machine (the package's
+    kernels are compared with the reference by the tests above on a GPU that has it)."""
+    def dense(q, k, v, softmax_scale=None, causal=False, **kw):
+        assert softmax_scale is None and not causal and not kw
+        calls.append(("dense", q, k, v))
+        out = attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)  # (B, S, H, D)
+        return out, None
+
+    def varlen(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, **kw):
+        assert not kw and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
+        calls.append(("varlen", q, k, v, cu_seqlens_q.tolist(), max_seqlen_q))
+        cu = cu_seqlens_q.tolist()
+        outs = [attention_ref(*(x[a:b].transpose(0, 1)[None] for x in (q, k, v)))[0].transpose(0, 1)
+                for a, b in zip(cu[:-1], cu[1:])]  # each sequence alone: (seq, H, D)
+        return torch.cat(outs), None
+
+    return dense, varlen
+
+
+@pytest.mark.parametrize("groups", GROUPS, ids=str)
+def test_flash_attn_4_wiring_takes_views_of_qkv(groups):
+    """flash_attn_4: q, k and v are strided views of the fused qkv rows (same storage, token stride 3*dim, no
+    copy), one group is one dense call, several one varlen call over cu_seqlens; output and d qkv equal the
+    per-sequence reference."""
+    heads, head_dim = 3, 16
+    qkv = qkv_packed(groups, heads, head_dim, torch.float32).cpu().detach().requires_grad_()
+    grad = torch.randn(qkv.shape[0], heads * head_dim, generator=torch.Generator().manual_seed(1))
+    cu, mx = cu_seqlens_for(groups, "cpu")
+    calls = []
+    out = flash_attn_4_packed(qkv, groups, heads, cu, mx, module=_fake_flash_attn_4(calls))
+    out.backward(grad)
+    assert len(calls) == 1 and calls[0][0] == ("dense" if len(groups) == 1 else "varlen")
+    for x in calls[0][1:4]:
+        assert x.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr() and x.stride()[-1] == 1
+        assert x.stride()[-3] == 3 * heads * head_dim  # the token stride of the packed qkv rows
+    if len(groups) > 1:
+        assert calls[0][4] == cu.tolist() and calls[0][5] == mx
+    ref = qkv.detach().clone().requires_grad_()
+    want = packed_attention_ref(ref, groups, heads)
+    want.backward(grad)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(qkv.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    if len(groups) > 1:
+        with pytest.raises(ValueError, match="flash_attn_4 over several groups needs cu_seqlens"):
+            flash_attn_4_packed(qkv, groups, heads, None, 0, module=_fake_flash_attn_4([]))
 
 
 @pytest.mark.parametrize("backend", AVAILABLE)

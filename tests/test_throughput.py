@@ -453,7 +453,7 @@ def test_record_turns_suite_outputs_into_result_rows(tmp_path):
         record.main([str(tmp_path / "empty"), "--results", str(results)])
 
 
-@pytest.mark.parametrize("part", list("ABCDEFGH"))
+@pytest.mark.parametrize("part", list("ABCDEFGHI"))
 def test_gpu_suite_commands_are_valid(tmp_path, part):
     """benchmarks/gpu_suite.sh PART in its dry mode (GPU_SUITE_DRY=1: the commands, not run): every
     test file, script and config it names exists, and every --rows name is a throughput row, so a

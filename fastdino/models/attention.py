@@ -1,10 +1,14 @@
-"""Attention for the ViT blocks: one switch over the PyTorch SDPA kernels and the flash-attn package.
+"""Attention for the ViT blocks: one switch over the PyTorch SDPA kernels and the flash-attn packages.
 
     out = softmax(q k^T * scale) v,     q, k, v: (rows, heads, seq, head_dim),  scale = head_dim^-0.5
 
 Backends (config model.attn):
     flash_attn      flash-attn package: flash_attn_qkvpacked_func, or flash_attn_varlen_qkvpacked_func
                     over the packed multi-crop tokens (one call for all crops, cu_seqlens per crop)
+    flash_attn_4    flash-attn-4 package (FlashAttention-4, CuTe DSL, a pre-release pinned by the `fa4` extra;
+                    Hopper and Blackwell kernels): flash_attn.cute's flash_attn_func, or flash_attn_varlen_func
+                    over the packed multi-crop tokens; q, k and v are strided views of the fused qkv
+                    projection's output (no copies), the output is written packed (T, heads, head_dim)
     sdpa_flash      torch SDPA, FlashAttention kernel only (CUDA fp16/bf16; PyTorch also has a CPU one)
     sdpa_cudnn      torch SDPA, cuDNN attention only (CUDA)
     sdpa_efficient  torch SDPA, memory-efficient kernel only (CUDA, any float dtype)
@@ -17,15 +21,15 @@ The fused kernels never store the attention matrix: backward recomputes it from 
 per-row log-sum-exp. The matrix is only ever materialized by `attention_ref` (tests, the
 visualization path get_last_selfattention) and by the `math` backend.
 
-flash_attn, sdpa_flash and sdpa_cudnn take fp16/bf16 on CUDA: an fp32 call (e.g. an fp32 evaluation)
-of a model built with one of them runs through torch's own SDPA dispatch instead; so does a CPU call
-of a model built with a CUDA-only backend (flash_attn, sdpa_cudnn, sdpa_efficient: `auto` on a CUDA
-machine picks one of them even for a model that then runs on CPU).
+flash_attn, flash_attn_4, sdpa_flash and sdpa_cudnn take fp16/bf16 on CUDA: an fp32 call (e.g. an fp32
+evaluation) of a model built with one of them runs through torch's own SDPA dispatch instead; so does a CPU
+call of a model built with a CUDA-only backend (flash_attn, flash_attn_4, sdpa_cudnn, sdpa_efficient: `auto`
+on a CUDA machine picks one of them even for a model that then runs on CPU).
 
 Packed multi-crop layout: tokens of all crops concatenated as (T, 3*dim) qkv rows, described by
 `groups` = ((rows_0, seq_0), (rows_1, seq_1), ...): rows_g sequences of seq_g tokens each, in order.
-Attention never crosses a sequence: flash_attn gets cu_seqlens (variable-length attention), the SDPA
-backends run one call per group (a group is a dense (rows_g, heads, seq_g, head_dim) batch).
+Attention never crosses a sequence: flash_attn and flash_attn_4 get cu_seqlens (variable-length attention),
+the SDPA backends run one call per group (a group is a dense (rows_g, heads, seq_g, head_dim) batch).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover
     SDPBackend = sdpa_kernel = None
 
-BACKENDS = ("auto", "flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa", "math")
+BACKENDS = ("auto", "flash_attn", "flash_attn_4", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa", "math")
 _SDPA_KERNEL = {
     "sdpa_flash": "FLASH_ATTENTION",
     "sdpa_cudnn": "CUDNN_ATTENTION",
@@ -48,10 +52,13 @@ _SDPA_KERNEL = {
     "math": "MATH",
 }
 # CUDA kernels that take fp16/bf16 only: fp32 inputs (an fp32 evaluation) go to torch's dispatch
-_HALF_ONLY = ("flash_attn", "sdpa_flash", "sdpa_cudnn")
-_CUDA_ONLY = ("flash_attn", "sdpa_cudnn", "sdpa_efficient")
+_HALF_ONLY = ("flash_attn", "flash_attn_4", "sdpa_flash", "sdpa_cudnn")
+_CUDA_ONLY = ("flash_attn", "flash_attn_4", "sdpa_cudnn", "sdpa_efficient")
+# Backends that take packed multi-crop tokens in one variable-length call (the models pass them cu_seqlens)
+VARLEN_BACKENDS = ("flash_attn", "flash_attn_4")
 # Candidates `auto` times on CUDA (benchmarks/attention.py shows the full comparison).
-AUTO_CANDIDATES = ("flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
+AUTO_CANDIDATES = ("flash_attn", "flash_attn_4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
+FLASH_ATTN_4_VERSION = "4.0.0b36"  # the pre-release pinned by setup.py's fa4 extra
 
 
 class AttentionBackendError(ValueError):
@@ -101,6 +108,16 @@ def _flash_attn_module():
 
 
 @functools.lru_cache(maxsize=None)
+def _flash_attn_4_module():
+    """(flash_attn_func, flash_attn_varlen_func) of the flash-attn-4 package (flash_attn.cute), or None."""
+    try:
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+    except Exception:  # ImportError, or a CuTe DSL / CUDA bindings mismatch raised at import
+        return None
+    return flash_attn_func, flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
 def _sdpa_probe(name: str, device_type: str) -> str | None:
     """Run a tiny SDPA call with only this kernel enabled (fwd+bwd); None if it works, else why not."""
     if sdpa_kernel is None:
@@ -132,6 +149,14 @@ def backend_unavailable(name: str, device_type: str) -> str | None:
             return "flash-attn runs on CUDA only"
         if _flash_attn_module() is None:
             return "the flash-attn package is not installed (pip install flash-attn --no-build-isolation)"
+        return None
+    if name == "flash_attn_4":
+        if device_type != "cuda" or not torch.cuda.is_available():
+            return "flash-attn-4 runs on CUDA only"
+        if torch.cuda.get_device_capability()[0] < 8:
+            return "flash-attn-4 needs compute capability 8.0 or newer"
+        if _flash_attn_4_module() is None:
+            return f"the flash-attn-4 package is not installed (pip install -e '.[fa4]': flash-attn-4=={FLASH_ATTN_4_VERSION})"
         return None
     if name in _SDPA_KERNEL:
         return _sdpa_probe(name, device_type)
@@ -216,13 +241,35 @@ def _sdpa(q, k, v, backend: str):
             f"(try model.attn=sdpa or auto)") from None
 
 
+def flash_attn_4_packed(qkv: torch.Tensor, groups, num_heads: int, cu_seqlens: torch.Tensor | None = None,
+                        max_seqlen: int = 0, module=None) -> torch.Tensor:
+    """flash_attn_4's packed attention: (T, 3*dim) -> (T, dim). q, k, v are strided views of qkv (token stride
+    3*dim, last dim contiguous and 16-byte aligned: FlashAttention-4 takes them without a copy); one group is a
+    dense (rows, seq, heads, head_dim) call, several are one variable-length call over cu_seqlens. `module`:
+    (flash_attn_func, flash_attn_varlen_func), default the flash-attn-4 package's."""
+    dense, varlen = module or _flash_attn_4_module()
+    T, dim3 = qkv.shape
+    head_dim = dim3 // 3 // num_heads
+    if len(groups) == 1:  # one resolution: dense batch, no cu_seqlens needed
+        rows, seq = groups[0]
+        q, k, v = qkv.view(rows, seq, 3, num_heads, head_dim).unbind(2)
+        out = dense(q, k, v)[0]
+    else:
+        if cu_seqlens is None:
+            raise ValueError("packed_attention: flash_attn_4 over several groups needs cu_seqlens")
+        q, k, v = qkv.view(T, 3, num_heads, head_dim).unbind(1)
+        out = varlen(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                     max_seqlen_k=max_seqlen)[0]
+    return out.reshape(T, dim3 // 3)
+
+
 def packed_attention(qkv: torch.Tensor, groups, num_heads: int, backend: str,
                      cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0) -> torch.Tensor:
     """Attention over packed sequences.
 
     qkv: (T, 3*dim), rows laid out as (token, [q|k|v], head, head_dim) like the standard ViT qkv
     Linear; groups: ((rows_g, seq_g), ...) with sum rows_g*seq_g = T; cu_seqlens (int32, rows+1)
-    and max_seqlen are needed by flash_attn only. Returns (T, dim).
+    and max_seqlen are needed by the VARLEN_BACKENDS only. Returns (T, dim).
     """
     T, dim3 = qkv.shape
     dim = dim3 // 3
@@ -237,6 +284,8 @@ def packed_attention(qkv: torch.Tensor, groups, num_heads: int, backend: str,
                 raise ValueError("packed_attention: flash_attn over several groups needs cu_seqlens")
             out = varlen(qkv.view(T, 3, num_heads, head_dim), cu_seqlens, max_seqlen)
         return out.reshape(T, dim)
+    if backend == "flash_attn_4" and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_4_packed(qkv, groups, num_heads, cu_seqlens, max_seqlen)
     if backend in _HALF_ONLY and qkv.is_cuda and qkv.dtype not in (torch.float16, torch.bfloat16):
         backend = "sdpa"  # an fp32 pass (e.g. fp32 evaluation) of a half-precision kernel: torch's dispatch
     if backend in _CUDA_ONLY and not qkv.is_cuda:
@@ -254,8 +303,20 @@ def packed_attention(qkv: torch.Tensor, groups, num_heads: int, backend: str,
 
 
 def cu_seqlens_for(groups, device) -> tuple[torch.Tensor, int]:
-    """Cumulative sequence starts (int32, n_seq+1) and the longest sequence, for flash_attn varlen."""
+    """Cumulative sequence starts (int32, n_seq+1) and the longest sequence, for the VARLEN_BACKENDS."""
     lens = torch.tensor([seq for rows, seq in groups for _ in range(rows)], dtype=torch.int32)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     torch.cumsum(lens, 0, out=cu[1:])
     return cu.to(device, non_blocking=True), max(seq for _, seq in groups)
+
+
+def varlen_args(cache: dict, backend: str, groups, device) -> tuple[torch.Tensor | None, int]:
+    """(cu_seqlens, max_seqlen) of a packed layout for a VARLEN_BACKENDS backend, made once per (layout, device)
+    and kept in `cache` (no host-to-device copy in the step); (None, 0) when the backend does not take them or
+    the layout is one group (a dense call)."""
+    if backend not in VARLEN_BACKENDS or len(groups) < 2:
+        return None, 0
+    key = (tuple(groups), device)
+    if key not in cache:
+        cache[key] = cu_seqlens_for(groups, device)
+    return cache[key]

@@ -77,7 +77,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastdino.models.attention import attention_weights_ref, cu_seqlens_for, packed_attention, resolve_backend
+from fastdino.models.attention import attention_weights_ref, packed_attention, resolve_backend, varlen_args
 from fastdino.models.vision_transformer import LayerScale, Mlp, PatchEmbed, residual_stream
 
 NORMS = ("layernorm", "layernormbf16", "rmsnorm")
@@ -483,13 +483,8 @@ class DINOv3VisionTransformer(nn.Module):
         return [(a, b, rows / k) for a, b, (rows, _), k in zip(first, second, groups, ks)]
 
     def _seqlens(self, groups, device):
-        """(cu_seqlens, max_seqlen) of a layout for flash_attn varlen; (None, 0) when not needed."""
-        if self.attn_backend != "flash_attn" or len(groups) < 2:
-            return None, 0
-        key = (groups, device)
-        if key not in self._cu_seqlens:  # once per layout: no host-to-device copy per step
-            self._cu_seqlens[key] = cu_seqlens_for(groups, device)
-        return self._cu_seqlens[key]
+        """(cu_seqlens, max_seqlen) of a layout for the varlen backends; (None, 0) when not needed."""
+        return varlen_args(self._cu_seqlens, self.attn_backend, groups, device)
 
     def _run_blocks(self, xs: list[torch.Tensor], grids) -> list[torch.Tensor]:
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()

@@ -72,8 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastdino.models.attention import (attention_weights_ref, cu_seqlens_for, packed_attention,
-                                       resolve_backend)
+from fastdino.models.attention import attention_weights_ref, packed_attention, resolve_backend, varlen_args
 
 FFNS = ("mlp", "swiglu", "swiglufused")  # "swiglufused" is the official DINOv2 config name of "swiglu"
 
@@ -411,13 +410,8 @@ class VisionTransformer(nn.Module):
         return self._drop_consts[key]
 
     def _seqlens(self, groups, device):
-        """(cu_seqlens, max_seqlen) of a packed layout for flash_attn varlen; (None, 0) when not needed."""
-        if self.attn_backend != "flash_attn" or len(groups) < 2:
-            return None, 0
-        key = (groups, device)
-        if key not in self._cu_seqlens:  # once per layout: no host-to-device copy in the step
-            self._cu_seqlens[key] = cu_seqlens_for(groups, device)
-        return self._cu_seqlens[key]
+        """(cu_seqlens, max_seqlen) of a packed layout for the varlen backends; (None, 0) when not needed."""
+        return varlen_args(self._cu_seqlens, self.attn_backend, groups, device)
 
     def _dense_block_args(self, rows: int, device) -> list[tuple]:
         """Per block (drop_scale, groups, cu_seqlens, max_seqlen, drop_index) for a dense (rows, N, dim) pass."""
