@@ -255,3 +255,24 @@ def test_auto_picks_an_available_fused_backend_cuda():
     name = resolve_backend("auto", "cuda", shape=(785, 12, 64))
     assert name in FAST and name != "math"
     assert resolve_backend("auto", "cuda", shape=(785, 12, 64)) == name  # cached: one timing per shape
+
+
+def test_flash_attn_4_availability_reasons(monkeypatch):
+    """model.attn=flash_attn_4 is refused in one line that says why: no CUDA, a GPU older than Hopper (the
+    pinned version's backward needs 9.0+), or the package missing (naming the fa4 extra and its version)."""
+    import fastdino.models.attention as attention
+
+    assert "CUDA only" in backend_unavailable("flash_attn_4", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert "compute capability 9.0" in backend_unavailable("flash_attn_4", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(attention, "_flash_attn_4_module", lambda: None)
+    why = backend_unavailable("flash_attn_4", "cuda")
+    assert "not installed" in why and "[fa4]" in why and attention.FLASH_ATTN_4_VERSION in why
+    monkeypatch.setattr(attention, "_flash_attn_4_module", lambda: _fake_flash_attn_4([]))
+    assert backend_unavailable("flash_attn_4", "cuda") is None
+    import os
+
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    assert f'"fa4": ["flash-attn-4[cu13]=={attention.FLASH_ATTN_4_VERSION}"]' in setup  # one pinned version
