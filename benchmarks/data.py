@@ -111,7 +111,9 @@ def dali_stages(loader, reps: int, sync) -> dict:
     t0 = time.perf_counter()
     items = [loader._host_batch(0, s % loader.steps_per_epoch) for s in range(reps)]
     out["alone_host_ms"] = 1e3 * (time.perf_counter() - t0) / reps
-    pipe = build_pipeline(loader.specs, loader.batch_size, loader.device_id, loader.num_threads, loader.seed)
+    layout = loader.layout(0, 0)
+    pipe = build_pipeline(loader.plan.specs(layout), loader.batch_size, loader.device_id, loader.num_threads,
+                          loader.seed)
 
     def run(item):
         for name in pipe.fastdino_inputs:
@@ -135,11 +137,11 @@ def dali_stages(loader, reps: int, sync) -> dict:
     own = loader.photometric
     for impl in ("torch", "triton") if loader.device.type == "cuda" else (own,):  # both impls of the colour ops
         loader.photometric = impl
-        loader.to_crops(outs, items[-1]["feed"]["photometric"])  # warm-up (Triton compiles)
+        loader.to_crops(outs, items[-1]["feed"]["photometric"], layout)  # warm-up (Triton compiles)
         sync()
         t0 = time.perf_counter()
         for i in range(reps):
-            loader.to_crops(outs, items[-1]["feed"]["photometric"])
+            loader.to_crops(outs, items[-1]["feed"]["photometric"], layout)
         sync()
         out[f"alone_photometric_{impl}_ms"] = 1e3 * (time.perf_counter() - t0) / reps
     loader.photometric = own

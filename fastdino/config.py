@@ -168,7 +168,7 @@ class DataConfig:
     # high-resolution adaptation: crops.global_crops_size / local_crops_size / gram_teacher_crops_size lists and
     # global_local_crop_pairs_ratios), e.g. [{"global": 512, "local": 112, "gram": 768, "p": 0.3}, ...]; "gram"
     # only with Gram anchoring. Replaces data.local_crop_size / gram_crop_size (not used then); data.global_crop_size
-    # stays the size of the online k-NN's crops. [] (default): one set of those three sizes. Torch data backend only
+    # stays the size of the online k-NN's crops. [] (default): one set of those three sizes. DALI: a pipeline per set
     crop_sets: list = field(default_factory=list)
     mask_probability: float = 0.5  # iBOT: fraction of the global crops that get a block mask
     mask_ratio: tuple = (0.1, 0.5)  # iBOT: masked fraction of a masked crop, stratified over [min, max]

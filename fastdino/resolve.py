@@ -181,7 +181,7 @@ def resolve(cfg: Config, device: torch.device, world_size: int = 1) -> Resolved:
         clip=_resolve_update_impl("optim.clip_impl", cfg.optim.clip_impl, device, ds),
         attn=resolve_attention(m.attn, device.type, shape=(seq, heads, dim // heads)),
         packed_multicrop=m.packed_multicrop,
-        data=resolve_data_backend(cfg.data.backend, device, len(cfg.data.crop_sets) > 1),
+        data=resolve_data_backend(cfg.data.backend, device),
         compile=compile_mode,
         residual_norm=_block_op(m.fused_residual_norm, device),
         bias_gelu=_block_op(m.fused_bias_gelu, device),

@@ -4,7 +4,6 @@ import math
 import re
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -165,7 +164,7 @@ def test_one_pipeline_reused_across_epochs_and_released(demo, epoch_dali):
     assert len(last) == 1 and all(torch.equal(a, b) for a, b in zip(last[0], epoch_dali[3]))
     assert loader._pipes_built == 1 and live() - before == 1
     loader.close()
-    assert loader._pipe is None and live() == before
+    assert not loader._pipes and live() == before
 
 
 def test_gram_teacher_crops_equal_the_torch_backend(demo):
@@ -183,9 +182,9 @@ def test_gram_teacher_crops_equal_the_torch_backend(demo):
         assert d.mean() < mean_tol and d.max() < max_tol, (d.mean(), d.max())
 
 
-def test_gram_crops_from_their_epoch_and_one_crop_set_only(demo):
-    """gram_from_epoch: DALI makes the Gram-teacher crops from that epoch on (a pipeline rebuilt for the
-    new layout), as the torch backend; several crop sets (data.crop_sets) are refused with one line."""
+def test_gram_crops_from_their_epoch(demo):
+    """gram_from_epoch: DALI makes the Gram-teacher crops from that epoch on (a pipeline built for the new
+    layout, the old one dropped), as the torch backend."""
     c = cfg(demo, "dali")
     c.gram_crop_size, c.local_crops_number = 48, 2
     loader = build_train_loader(c, 12, seed=4, device=DEVICE, gram_from_epoch=1)
@@ -196,10 +195,44 @@ def test_gram_crops_from_their_epoch_and_one_crop_set_only(demo):
     ref = next(iter(build_train_loader(t, 12, seed=4).epoch(1)))
     for x, y in zip(after, ref):
         assert ((x.cpu() - y).abs() * STD).mean() < (0.01 if DEVICE.type == "cuda" else 0.003)
+    assert list(loader._pipes) == [(0, True)]  # the layout before the Gram start is dropped
     loader.close()
-    c.crop_sets = [{"global": 32, "local": 16, "gram": 48, "p": 1}, {"global": 48, "local": 16, "gram": 64, "p": 1}]
-    with pytest.raises(DataError, match="data.backend=torch"):
-        build_train_loader(c, 12, seed=4, device=DEVICE)
+
+
+def test_crop_sets_one_pipeline_each_and_the_torch_backends_crops(demo):
+    """data.crop_sets on DALI: each step's crops have its set's sizes and are the torch backend's crops of that
+    step (the same boxes and draws; the two backends differ by their bicubic resampler only); one pipeline per
+    set, built on first use and reused; the iBOT masks on the set's patch grid equal the torch backend's; resume
+    mid-epoch and an epoch left early keep the order (each pipeline's outputs are taken in step order)."""
+    from fastdino.data.masking import IBOTMasks
+
+    sets = [{"global": 32, "local": 16, "p": 0.5}, {"global": 48, "local": 32, "p": 0.5}]
+
+    def loader(backend):
+        c = cfg(demo, backend)
+        c.crop_sets, c.local_crops_number, c.epoch_length = sets, 2, 6
+        return build_train_loader(c, 8, seed=7, device=DEVICE if backend == "dali" else None,
+                                  masking=IBOTMasks(2, patch_size=16))
+
+    dali, torch_ = loader("dali"), loader("torch")
+    got, want = list(dali.epoch(1)), list(torch_.epoch(1))
+    layouts = [dali.layout(1, s) for s in range(6)]
+    assert {k for k, _ in layouts} == {0, 1} and len(got) == len(want) == 6  # both sets occur (seed 7)
+    assert len(dali._pipes) == dali._pipes_built == 2
+    mean_tol = 0.01 if DEVICE.type == "cuda" else 0.003
+    for step, ((crops, mb), (ref, ref_mb), (k, _)) in enumerate(zip(got, want, layouts)):
+        assert [x.shape[-1] for x in crops] == [sets[k]["global"]] * 2 + [sets[k]["local"]] * 2, step
+        assert all(((x.cpu() - y).abs() * STD).mean() < mean_tol for x, y in zip(crops, ref)), step
+        assert mb.masks.shape[1] == (sets[k]["global"] // 16) ** 2 and torch.equal(mb.masks.cpu(), ref_mb.masks)
+    tail = list(dali.epoch(1, start_step=3))
+    assert all(torch.equal(x.cpu(), y.cpu()) for (a, _), (b, _) in zip(tail, got[3:]) for x, y in zip(a, b))
+    it = dali.epoch(1)
+    next(it)
+    it.close()  # left with batches of both pipelines in flight
+    again = list(dali.epoch(1))
+    assert all(torch.equal(x.cpu(), y.cpu()) for (a, _), (b, _) in zip(again, got) for x, y in zip(a, b))
+    assert dali._pipes_built == 2
+    dali.close()
 
 
 def test_host_workers_make_the_batches_of_the_in_process_host(demo, tmp_path, caplog):

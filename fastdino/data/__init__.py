@@ -33,12 +33,12 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, multi_resolution: bool = False) -> str:
-    """auto -> dali when DALI imports and the device is CUDA, else torch; torch with several crop sets
-    (data.crop_sets: a DALI pipeline makes one, and the DALI loader refuses several). dali is also
-    allowed on CPU (DALI's CPU operators: slower, used by the tests)."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto -> dali when DALI imports and the device is CUDA (with several crop sets too, data.crop_sets: the
+    DALI loader keeps a pipeline per set), else torch. dali is also allowed on CPU (DALI's CPU operators:
+    slower, used by the tests)."""
     if backend == "auto":
-        return "dali" if device.type == "cuda" and dali_available() and not multi_resolution else "torch"
+        return "dali" if device.type == "cuda" and dali_available() else "torch"
     if backend == "dali" and not dali_available():
         raise DataError("data.backend 'dali': nvidia.dali is not importable (pip install nvidia-dali-cuda130, "
                         "or set data.backend=torch)")
@@ -78,7 +78,7 @@ def build_train_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int
     if data_cfg.generate_demo:
         generate_demo_dataset(data_cfg.path, data_cfg.demo_num_images, data_cfg.demo_num_classes,
                               data_cfg.demo_image_size, seed)
-    backend = backend or resolve_backend(data_cfg.backend, device, len(getattr(data_cfg, "crop_sets", None) or ()) > 1)
+    backend = backend or resolve_backend(data_cfg.backend, device)
     photometric = photometric or resolve_photometric(getattr(data_cfg, "photometric_impl", "torch"), device)
     if backend == "dali":
         from fastdino.data.dali import DaliMultiCropLoader

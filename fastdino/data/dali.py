@@ -20,16 +20,23 @@ jitter in the sample's random order with each op, hue included, applied once per
 blur; solarize; normalization), exactly as the torch backend, so the two backends differ only by the
 bicubic resampler (DALI vs PIL).
 
+Crop layouts (fastdino/data/crop_plan.py): each step makes the crops of its layout, its crop set (data.crop_sets:
+one drawn per step) and whether the Gram-teacher crops are made (from gram_from_epoch on). The loader keeps one
+pipeline per layout, built on first use; a step's batch goes to its layout's pipeline and the outputs are taken in
+step order (each pipeline returns its own batches in the order they were fed). The pipelines of layouts an epoch
+can no longer have (before the Gram crops start) are dropped at its start.
+
 Memory. The graph is a handful of operators on uint8 data and runs on DALI's dynamic executor
 (exec_async + exec_pipelined), which frees inter-operator buffers as soon as they are consumed. At most
-PIPELINE_DEPTH iterations are in flight. Device memory held by DALI for B images of ~W x H px with
+PIPELINE_DEPTH iterations are in flight per pipeline. Device memory held by DALI for B images of ~W x H px with
 2 + N crops of G / L px: decoded images B*W*H*3 + crops 2 * B*3*(2*G^2 + N*L^2) (resize outputs and
 the stacked outputs) per iteration in flight, plus nvJPEG scratch; for B=256, 500x375 JPEGs, 2+10 crops
 of 224/96: 144 MB + 296 MB per iteration, about 1 GB in all. (The previous graph ran ~400 float32
 elementwise operators per batch on the legacy executor, which keeps every operator's output buffer
 alive: ~73 GiB at B=256.) The float32 photometric intermediates live in PyTorch's caching allocator
-(~0.3 GB per [B*F,3,S,S] tensor at B=256). One pipeline per loader, built on first use, reused by
-every epoch() call, and released by close() (or when the loader is garbage-collected).
+(~0.3 GB per [B*F,3,S,S] tensor at B=256). One pipeline per layout, built on first use, reused by
+every epoch() call, and released by close() (or when the loader is garbage-collected); several crop sets
+hold one such pipeline each.
 
 Unreadable files: the host checks every file's header (JPEG SOI..EOI with a frame header, or PNG
 IHDR) before it enters the graph; a failing file is replaced deterministically (as in the torch
@@ -244,8 +251,8 @@ class HostBatches(torch.utils.data.Dataset):
         feed["encoded"], feed["offsets"] = pack_encoded([r[1] for r in rows])
         item = {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step, "layout": layout, "bad": found,
                 "timing": {"host_read_s": t1 - t0, "host_params_s": time.perf_counter() - t1}}
-        if self.masking is not None:  # keyed by the sampler's indices, as the torch loader's
-            item["masks"] = self.masking(self.seed, data_pass, indices)
+        if self.masking is not None:  # keyed by the sampler's indices, on the set's patch grid, as the torch loader's
+            item["masks"] = self.masking.for_crop_size(self.plan.global_size(layout))(self.seed, data_pass, indices)
         return item
 
     def __getitem__(self, key) -> dict:
@@ -273,6 +280,17 @@ def _identity(item):
 
 
 # ----------------------------------------------------------------------------- the loader
+class _Pipe:
+    """One layout's DALI pipeline, its batches fed whose outputs are not taken yet, and whether its prefetch
+    is primed (a fresh pipeline's first schedule_run starts PIPELINE_DEPTH iterations; a primed one schedules
+    each fed batch at once)."""
+
+    __slots__ = ("pipe", "fed", "primed")
+
+    def __init__(self, pipe):
+        self.pipe, self.fed, self.primed = pipe, 0, False
+
+
 class DaliMultiCropLoader:
     """The DALI backend of build_train_loader: same interface as TorchMultiCropLoader, plus close()."""
 
@@ -292,15 +310,16 @@ class DaliMultiCropLoader:
         self.sampler = EpochBatches(self.num_images, batch_size, rank, world_size, seed,
                                     int(getattr(data_cfg, "epoch_length", 0)))
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        # the crops of each epoch: one crop set; the Gram-teacher crops (DINOv3) from epoch gram_from_epoch
+        # each step's crops (its layout): its crop set (data.crop_sets, a draw per step) and, from epoch
+        # gram_from_epoch on, the Gram-teacher crops (DINOv3)
         self.plan = CropPlan.from_config(data_cfg, seed, gram_from_epoch * self.steps_per_epoch)
-        if self.plan.multi_resolution:
-            raise DataError("data.backend 'dali': its pipeline is built for one set of crop sizes, and data.crop_sets "
-                            "has several (a draw per step): use data.backend=torch")
+        if self.plan.multi_resolution and masking is not None and masking.patch_size is None:
+            raise ValueError("DaliMultiCropLoader: several crop sets (data.crop_sets) need the masking's patch_size "
+                             "(IBOTMasks(..., patch_size=p)) to mask each set's patch grid")
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.num_threads = int(num_threads or max(1, min(int(data_cfg.num_workers) or 1, 16)))
-        self._pipe, self.layout = None, None
-        self._set_layout(self.plan.layout(0))
+        # one DALI pipeline per layout met, built on first use (one with one crop set and no Gram start)
+        self._pipes: dict = {}
         self._pipes_built = 0  # pipelines built over the loader's life (again after decoder errors, new layouts)
         self._bad: set[int] = set()  # dataset indices known unreadable on this rank
         self._decoder_bad: set[int] = set()  # of which: passed the header check, failed in DALI's decoder
@@ -321,29 +340,30 @@ class DaliMultiCropLoader:
         """Distinct unreadable files met so far on this rank."""
         return len(self._bad)
 
-    def _set_layout(self, layout) -> None:
-        """Make this layout's crops (CropPlan): a new layout (the Gram crops starting) rebuilds the pipeline."""
-        if self.layout == layout:
-            return
-        self.layout, self.specs = layout, self.plan.specs(layout)
-        self.groups = size_groups(self.specs)
-        self._drop_pipeline()
+    def layout(self, epoch: int, step: int):
+        """The crop layout (CropPlan) of step `step` of epoch `epoch`."""
+        return self.plan.layout(int(epoch) * self.steps_per_epoch + int(step))
 
-    def _pipeline(self):
-        if self._pipe is None:
-            self._pipe = build_pipeline(self.specs, self.batch_size, self.device_id, self.num_threads, self.seed)
+    def _pipeline(self, layout) -> _Pipe:
+        if layout not in self._pipes:
+            self._pipes[layout] = _Pipe(build_pipeline(self.plan.specs(layout), self.batch_size, self.device_id,
+                                                       self.num_threads, self.seed))
             self._pipes_built += 1
-        return self._pipe
+        return self._pipes[layout]
 
-    def _drop_pipeline(self) -> None:
-        if self._pipe is not None:
-            self._pipe = None  # the last reference: DALI frees the executor and its buffers
+    def _drop_pipelines(self, keep=lambda layout: False) -> None:
+        """Drop the pipelines whose layout `keep` refuses (their last references: DALI frees the executors and
+        their buffers) and give the memory back."""
+        dropped = [layout for layout in self._pipes if not keep(layout)]
+        for layout in dropped:
+            del self._pipes[layout]
+        if dropped:
             release_dali_memory()
 
     def close(self) -> None:
-        """Release the DALI pipeline and its memory, and stop the host workers (a later epoch() starts both
+        """Release the DALI pipelines and their memory, and stop the host workers (a later epoch() starts both
         again)."""
-        self._drop_pipeline()
+        self._drop_pipelines()
         self.host.close()
         if self._workers is not None:
             shutdown_workers(self._workers)
@@ -376,11 +396,11 @@ class DaliMultiCropLoader:
 
     def _host_batch(self, epoch: int, step: int) -> dict:
         """Step `step` of epoch `epoch` made in this process (decoder recovery, benchmarks)."""
-        return self._accept(self.host.batch(epoch, step, self.layout))
+        return self._accept(self.host.batch(epoch, step, self.layout(epoch, step)))
 
     def _host_items(self, epoch: int, start_step: int):
         """Host items of steps start_step.. of this epoch, in order (not yet accepted)."""
-        keys = [(epoch, step, self.layout) for step in range(start_step, self.steps_per_epoch)]
+        keys = [(epoch, step, self.layout(epoch, step)) for step in range(start_step, self.steps_per_epoch)]
         if self.host_workers > 0:
             if self._workers is None:  # the workers' copy reads serially (no thread pool), bad files as known now
                 self._workers = track_workers(torch.utils.data.DataLoader(
@@ -423,31 +443,36 @@ class DaliMultiCropLoader:
 
     # device side ----------------------------------------------------------
     def _submit(self, item: dict) -> None:
-        """Feed one batch and schedule its DALI iteration (returns at once: the executor is async).
-        A fresh pipeline's first schedule_run starts PIPELINE_DEPTH iterations, so its first call
-        is deferred until that many batches are fed (see _flush)."""
-        pipe = self._pipeline()
-        for name in pipe.fastdino_inputs:
-            pipe.feed_input(name, item["feed"][name])
-        self._fed += 1
-        if self._primed:
-            pipe.schedule_run()
-        elif self._fed == PIPELINE_DEPTH:
-            pipe.schedule_run()
-            self._primed = True
+        """Feed one batch to its layout's pipeline and schedule its DALI iteration (returns at once: the
+        executor is async). A fresh pipeline's first schedule_run starts PIPELINE_DEPTH iterations, so its
+        first call is deferred until that many batches are fed (see _flush)."""
+        p = self._pipeline(item["layout"])
+        for name in p.pipe.fastdino_inputs:
+            p.pipe.feed_input(name, item["feed"][name])
+        p.fed += 1
+        if p.primed:
+            p.pipe.schedule_run()
+        elif p.fed == PIPELINE_DEPTH:
+            p.pipe.schedule_run()
+            p.primed = True
 
-    def _flush(self) -> None:
-        """Make sure every fed batch is scheduled (a fresh pipeline fed fewer than PIPELINE_DEPTH
-        batches: feed a copy of the last one to fill the prefetch, its output is dropped)."""
-        if not self._primed and self._fed:
-            item = self._pending[-1]
-            self._pending.append(dict(item, duplicate=True))
-            while not self._primed:
-                self._submit(item)
+    def _flush(self, item: dict) -> None:
+        """Make sure `item`'s batch is scheduled: its pipeline, fresh and fed fewer than PIPELINE_DEPTH batches,
+        gets copies of its last batch to fill the prefetch (pending after every batch it was fed; their outputs
+        are dropped)."""
+        p = self._pipes[item["layout"]]
+        if not p.primed and p.fed:
+            last = next(it for it in reversed(self._pending) if it["layout"] == item["layout"])
+            while not p.primed:
+                self._pending.append(dict(last, duplicate=True))
+                self._submit(last)
 
-    def _outputs(self) -> list:
+    def _outputs(self, item: dict) -> list:
         stream = torch.cuda.current_stream(self.device) if self.device_id is not None else None
-        return self._pipe.outputs(cuda_stream=stream)
+        p = self._pipes[item["layout"]]
+        outs = p.pipe.outputs(cuda_stream=stream)
+        p.fed -= 1
+        return outs
 
     def _to_torch(self, tl) -> torch.Tensor:
         """DALI uint8 batch [B, F, S, S, 3] -> torch uint8 on the device (stream-ordered copy on CUDA)."""
@@ -460,10 +485,12 @@ class DaliMultiCropLoader:
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out
 
-    def to_crops(self, outs, params: list) -> list:
-        """DALI outputs (uint8 per size group) + host params -> crop-major list of normalized [B,3,S,S]."""
-        crops = [None] * len(self.specs)
-        for ids, tl, p in zip(self.groups, outs, params):
+    def to_crops(self, outs, params: list, layout) -> list:
+        """DALI outputs (uint8 per size group) of a layout's pipeline + host params -> crop-major list of
+        normalized [B,3,S,S]."""
+        specs = self.plan.specs(layout)
+        crops = [None] * len(specs)
+        for ids, tl, p in zip(size_groups(specs), outs, params):
             x = self._to_torch(tl)  # [B, F, S, S, 3]
             B, F, H, W, _ = x.shape
             x = x.permute(1, 0, 4, 2, 3).reshape(F * B, 3, H, W)  # crop-major, as the torch backend
@@ -489,47 +516,49 @@ class DaliMultiCropLoader:
                         found = True
         if not found:
             raise err
-        self._drop_pipeline()
+        self._drop_pipelines()
         items = [self._host_batch(it["epoch"], it["step"]) for it in self._pending if not it.get("duplicate")]
         self._pending.clear()
-        self._fed, self._primed = 0, False
         for it in items:
             self._pending.append(it)
             self._submit(it)
 
+    def _in_flight(self) -> int:
+        """Batches in flight, prefetch duplicates not counted."""
+        return sum(not item.get("duplicate") for item in self._pending)
+
     def _next_output(self) -> tuple[dict, list] | None:
-        """Outputs of the oldest in-flight batch (skipping a prefetch duplicate); None when only
-        duplicates were left."""
-        for _ in range(4):
-            if not self._pending:
-                return None
+        """Outputs of the oldest in-flight batch (taking and dropping the prefetch duplicates before it); None
+        when only duplicates were left."""
+        failures = 0
+        while self._pending:
             try:
-                self._flush()
+                item = self._pending[0]
+                self._flush(item)
                 t0 = time.perf_counter()
-                outs = self._outputs()
+                outs = self._outputs(item)
                 self.timing["dali_wait_s"] += time.perf_counter() - t0
-                item = self._pending.popleft()
-                self._fed -= 1
+                self._pending.popleft()
                 if item.get("duplicate"):
                     continue
                 return item, outs
             except RuntimeError as e:
+                failures += 1
+                if failures == 4:
+                    raise DataError(f"data source '{self.source.path}': the DALI pipeline keeps failing on a batch")
                 self._recover(e)
-        raise DataError(f"data source '{self.source.path}': the DALI pipeline keeps failing on a batch")
+        return None
 
     def _drain(self) -> None:
         """Consume the outputs of batches still in flight (early exit from an epoch), so the reused
-        pipeline starts the next epoch empty; a pipeline that cannot be drained is dropped."""
+        pipelines start the next epoch empty; pipelines that cannot be drained are dropped."""
         try:
-            self._flush()
             while self._pending:
-                self._outputs()
-                self._pending.popleft()
-                self._fed -= 1
+                self._flush(self._pending[0])
+                self._outputs(self._pending.popleft())
         except Exception:
-            self._drop_pipeline()
+            self._drop_pipelines()
         self._pending.clear()
-        self._fed = 0
 
     def epoch(self, epoch: int, start_step: int = 0):
         """Yields, for steps start_step..steps_per_epoch-1, the crop-major list of 2+N tensors (+2 Gram-teacher
@@ -537,17 +566,17 @@ class DaliMultiCropLoader:
         batch of sampler.position(epoch, s)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
-        # one layout per epoch: the plan's gram_from is an epoch's first step (gram_from_epoch)
-        self._set_layout(self.plan.layout(int(epoch) * self.steps_per_epoch))
+        # the Gram-teacher crops start at an epoch's first step (gram_from_epoch): the pipelines of the layouts
+        # this epoch cannot have (those before the start) are dropped with their memory
+        gram = int(epoch) * self.steps_per_epoch >= self.plan.gram_from
+        self._drop_pipelines(keep=lambda layout: layout[1] == (gram and bool(self.plan.sets[layout[0]].gram_size)))
         items = self._host_items(int(epoch), int(start_step))
         self._pending = collections.deque()  # fed batches whose outputs are not consumed yet, oldest first
-        self._fed = 0
-        self._primed = self._pipe is not None  # a reused pipeline schedules every fed batch at once
         done = False
         try:
             while True:
                 # keep PIPELINE_DEPTH batches in flight: feed the next one before taking the oldest's outputs
-                while not done and len(self._pending) < PIPELINE_DEPTH:
+                while not done and self._in_flight() < PIPELINE_DEPTH:
                     t0 = time.perf_counter()
                     item = next(items, None)
                     self.timing["host_wait_s"] += time.perf_counter() - t0
@@ -557,12 +586,12 @@ class DaliMultiCropLoader:
                     item = self._accept(item)
                     self._pending.append(item)
                     self._submit(item)
-                nxt = self._next_output() if self._pending else None
+                nxt = self._next_output() if self._in_flight() else None
                 if nxt is None:
                     return
                 item, outs = nxt
                 t0 = time.perf_counter()
-                crops = self.to_crops(outs, item["feed"]["photometric"])
+                crops = self.to_crops(outs, item["feed"]["photometric"], item["layout"])
                 del outs
                 self.timing["photometric_s"] += time.perf_counter() - t0
                 yield crops if self.masking is None else (crops, item["masks"].to(self.device))
