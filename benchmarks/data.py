@@ -214,16 +214,19 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n### data pipeline throughput ({name}, {rows[0]['cpu_cores'] if rows else '?'} CPU cores, "
           f"{args.global_size}/{args.local_size} px crops, bf16 out)\n")
-    print("| backend | photometric | crops | batch | images/s | ms/batch | warm-up s | workers/threads | host workers |")
+    print("| backend | photometric | crops | batch | images/s | ms/batch | warm-up s | workers/threads "
+          "| host workers |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['photometric']} | {r['crops']} | {r['batch']} | {r['images_per_s']:.0f} | "
-              f"{r['ms_per_batch']:.1f} | {r['warmup_s']:.1f} | {r['workers_or_threads']} | {r.get('host_workers', '-')} |")
+              f"{r['ms_per_batch']:.1f} | {r['warmup_s']:.1f} | {r['workers_or_threads']} | "
+              f"{r.get('host_workers', '-')} |")
     stages = [r for r in rows if "alone_dali_ms" in r]
     if stages:
         print("\n#### DALI backend: ms per batch by stage (loop: counters during the timed run; alone: each "
               "stage by itself, synchronized)\n")
-        keys = list(dict.fromkeys(k for r in stages for k in r if k.startswith(("loop_", "alone_", "host_s", "host_b"))))
+        prefixes = ("loop_", "alone_", "host_s", "host_b")
+        keys = list(dict.fromkeys(k for r in stages for k in r if k.startswith(prefixes)))
         print("| crops | photometric | host workers | " + " | ".join(keys) + " |")
         print("|---|---|---|" + "---|" * len(keys))
         for r in stages:

@@ -6,8 +6,9 @@ benchmarks/results.jsonl, one row per (variant, metric):
 `baseline` is the same metric of the reference variant of the same configuration (null for the
 reference itself). Sources in OUTDIR: *.jsonl (benchmarks/gram.py, residual_norm.py: rows already in
 this form), loss*.json (benchmarks/loss.py --json), throughput*.json (benchmarks/throughput.py
---json) and data*.json (benchmarks/data.py --json). The suite writes OUTDIR/versions.json (torch, triton, device) and OUTDIR/commands.txt
-(`NAME<TAB>command` per step); the loss rows take their versions and commands from there.
+--json) and data*.json (benchmarks/data.py --json). The suite writes OUTDIR/versions.json (torch, triton,
+device) and OUTDIR/commands.txt (`NAME<TAB>command` per step); the loss rows take their versions and
+commands from there.
 
     python benchmarks/record.py OUTDIR [--date 2026-11-29] [--results benchmarks/results.jsonl]
 """

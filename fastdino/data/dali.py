@@ -3,13 +3,14 @@ half runs batched on the device with the same op as the torch backend (kernels/p
 
 Host (HostBatches: data.num_workers persistent DataLoader worker processes, so the file reads, header
 checks and draws never take the training process's GIL; with 0 a background thread of the training
-process, reading with a small thread pool): for each step, this rank's dataset indices (the same (data pass, step in pass) of each step, per data.epoch_length, pass
-permutation and global-batch layout as the torch backend: EpochBatches), the raw bytes (folder, file
-list or webdataset tar shards: fastdino.data.folder.ImageSource), the image size read from the
-header, and every random draw of every crop of the whole batch in one vectorized hash
-(augment.uniforms keyed by seed, data pass, dataset index, crop: one numpy call of [B, 2+N, 36] draws
-per batch). So both backends use identical crop boxes and parameters for a given key, and the output is
-a pure function of the key: resume (start_step), world size and thread counts do not change it.
+process, reading with a small thread pool): for each step, this rank's dataset indices (the same (data
+pass, step in pass) of each step, per data.epoch_length, pass permutation and global-batch layout as the
+torch backend: EpochBatches), the raw bytes (folder, file list or webdataset tar shards:
+fastdino.data.folder.ImageSource), the image size read from the header, and every random draw of every
+crop of the whole batch in one vectorized hash (augment.uniforms keyed by seed, data pass, dataset
+index, crop: one numpy call of [B, 2+N, 36] draws per batch). So both backends use identical crop boxes
+and parameters for a given key, and the output is a pure function of the key: resume (start_step), world
+size and thread counts do not change it.
 
 Graph (fed with feed_input; "mixed" decoder on GPU, "cpu" operators when device_id=None):
     decode once -> per crop: resize of the crop box (bicubic, antialiased; a flipped box flips), uint8
@@ -66,8 +67,8 @@ from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, draw_keys, photometr
                                    resized_crop_boxes, uniforms)
 from fastdino.data.crop_plan import CropPlan
 from fastdino.data.folder import DataError, ImageSource, Unreadable, image_size_from_header
-from fastdino.data.torch_loader import (MAX_REPLACEMENTS, EpochBatches, check_batch_geometry, ignore_stop_signals,
-                                        shutdown_workers, track_workers)
+from fastdino.data.torch_loader import (MAX_REPLACEMENTS, EpochBatches, _first, check_batch_geometry,
+                                        ignore_stop_signals, shutdown_workers, track_workers)
 from fastdino.kernels.photometric import photometric
 
 PIPELINE_DEPTH = 2  # DALI iterations in flight (prefetch_queue_depth): one running while one is consumed
@@ -275,10 +276,6 @@ class _StepKeys(torch.utils.data.Sampler):
         return len(self.keys)
 
 
-def _identity(item):
-    return item
-
-
 # ----------------------------------------------------------------------------- the loader
 class _Pipe:
     """One layout's DALI pipeline, its batches fed whose outputs are not taken yet, and whether its prefetch
@@ -404,7 +401,7 @@ class DaliMultiCropLoader:
         if self.host_workers > 0:
             if self._workers is None:  # the workers' copy reads serially (no thread pool), bad files as known now
                 self._workers = track_workers(torch.utils.data.DataLoader(
-                    copy.copy(self.host), batch_size=None, sampler=self._worker_keys, collate_fn=_identity,
+                    copy.copy(self.host), batch_size=None, sampler=self._worker_keys, collate_fn=_first,
                     num_workers=self.host_workers, prefetch_factor=2, persistent_workers=True,
                     worker_init_fn=ignore_stop_signals, generator=torch.Generator()))
             self._worker_keys.keys = keys

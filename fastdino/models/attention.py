@@ -156,7 +156,8 @@ def backend_unavailable(name: str, device_type: str) -> str | None:
         if torch.cuda.get_device_capability()[0] < 9:  # 4.0.0b36's backward asserts 9.x-12.x
             return "flash-attn-4's backward needs compute capability 9.0 or newer (Hopper, Blackwell)"
         if _flash_attn_4_module() is None:
-            return f"the flash-attn-4 package is not installed (pip install -e '.[fa4]': flash-attn-4=={FLASH_ATTN_4_VERSION})"
+            return (f"the flash-attn-4 package is not installed "
+                    f"(pip install -e '.[fa4]': flash-attn-4=={FLASH_ATTN_4_VERSION})")
         return None
     if name in _SDPA_KERNEL:
         return _sdpa_probe(name, device_type)
