@@ -67,8 +67,8 @@ from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, draw_keys, photometr
                                    resized_crop_boxes, uniforms)
 from fastdino.data.crop_plan import CropPlan
 from fastdino.data.folder import DataError, ImageSource, Unreadable, image_size_from_header
-from fastdino.data.torch_loader import (MAX_REPLACEMENTS, EpochBatches, _first, check_batch_geometry,
-                                        ignore_stop_signals, shutdown_workers, track_workers)
+from fastdino.data.torch_loader import (EpochBatches, _first, check_batch_geometry, check_readable_batch,
+                                        ignore_stop_signals, read_replacing, shutdown_workers, track_workers)
 from fastdino.kernels.photometric import photometric
 
 PIPELINE_DEPTH = 2  # DALI iterations in flight (prefetch_queue_depth): one running while one is consumed
@@ -211,23 +211,17 @@ class HostBatches(torch.utils.data.Dataset):
             self._readers = None
 
     def read_checked(self, data_pass: int, index: int, found: list):
-        """(dataset index, bytes, w, h, tries) for one sample, replacing unreadable files (appended to
-        `found` as (index, name, reason))."""
-        n = len(self.source)
-        for k in range(MAX_REPLACEMENTS + 1):
-            i = int(index) if k == 0 else int(uniforms(self.seed, data_pass, int(index), -2 - k, 1)[0] * n)
-            if i in self.bad:
-                continue
-            try:
-                data = self.source.read(i)
-                w, h = image_size_from_header(data)
-                return i, data, w, h, k
-            except (OSError, ValueError) as e:
-                self.bad.add(i)
-                found.append((i, self.source.name(i), str(e)))
-        first = next((name for _, name, _ in found), "?")
-        raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
-                        f"e.g. '{first}'")
+        """(dataset index, (bytes, (w, h)), tries) for one sample, unreadable files replaced as in the torch
+        backend (read_replacing; a file passes when its header does) and appended to `found` as (index, name,
+        reason)."""
+        def bad(i, error):
+            self.bad.add(i)
+            found.append((i, self.source.name(i), str(error)))
+
+        def with_size(data: bytes):
+            return data, image_size_from_header(data)
+
+        return read_replacing(self.source, self.seed, data_pass, index, with_size, skip=self.bad, on_bad=bad)
 
     def batch(self, epoch: int, step: int, layout) -> dict:
         """Step `step` of epoch `epoch`: the batch of (data pass, step in pass) = sampler.position(epoch, step)."""
@@ -241,15 +235,12 @@ class HostBatches(torch.utils.data.Dataset):
             rows = list(self._readers.map(lambda i: self.read_checked(data_pass, i, found), indices))
         else:
             rows = [self.read_checked(data_pass, i, found) for i in indices]
-        primary_bad = sum(r[4] > 0 for r in rows)
-        if 2 * primary_bad > len(rows):
-            raise DataError(f"{primary_bad} of {len(rows)} images of a batch are unreadable, e.g. '{found[0][1]}' "
-                            f"(check data.path)")
-        idx = np.array([r[0] for r in rows])
+        check_readable_batch(sum(tries > 0 for _, _, tries in rows), len(rows), found[0][1] if found else "")
+        idx = np.array([i for i, _, _ in rows])
+        sizes = np.array([size for _, (_, size), _ in rows])  # [B, 2]: (w, h)
         t1 = time.perf_counter()
-        feed = host_params(self.plan.specs(layout), self.seed, data_pass, idx, np.array([r[2] for r in rows]),
-                           np.array([r[3] for r in rows]))
-        feed["encoded"], feed["offsets"] = pack_encoded([r[1] for r in rows])
+        feed = host_params(self.plan.specs(layout), self.seed, data_pass, idx, sizes[:, 0], sizes[:, 1])
+        feed["encoded"], feed["offsets"] = pack_encoded([data for _, (data, _), _ in rows])
         item = {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step, "layout": layout, "bad": found,
                 "timing": {"host_read_s": t1 - t0, "host_params_s": time.perf_counter() - t1}}
         if self.masking is not None:  # keyed by the sampler's indices, on the set's patch grid, as the torch loader's

@@ -51,6 +51,36 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def read_replacing(source: ImageSource, seed: int, data_pass: int, index: int, load, skip=frozenset(),
+                   on_bad=lambda i, error: None) -> tuple[int, object, int]:
+    """Sample `index` of pass `data_pass` as load(its bytes), or, when its file is unreadable (the read or `load`
+    raises), the first readable of its keyed replacements: try k > 0 reads dataset index
+    uniforms(seed, pass, index, -2 - k) * n. Both data backends replace files by this one rule, so a batch is a
+    pure function of which files are unreadable. Indices in `skip` (known unreadable) are passed over unread;
+    on_bad(i, error) is called for each file that fails. Returns (dataset index, load(bytes), tries before it).
+    Raises DataError after MAX_REPLACEMENTS + 1 unreadable files in a row."""
+    n, first = len(source), None
+    for k in range(MAX_REPLACEMENTS + 1):
+        i = int(index) if k == 0 else int(uniforms(seed, data_pass, int(index), -2 - k, 1)[0] * n)
+        if i in skip:
+            continue
+        try:
+            return i, load(source.read(i)), k
+        except Exception as e:  # any read or decode failure (OSError, SyntaxError, DecompressionBomb, struct.error...)
+            first = first or source.name(i)
+            on_bad(i, e)
+    raise DataError(f"data source '{source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
+                    f"e.g. '{first or source.name(int(index))}'")
+
+
+def check_readable_batch(primary_bad: int, batch_size: int, first_bad: str) -> None:
+    """One DataError line when more than half of a batch's own files are unreadable (a wrong data.path, not a
+    few bad files)."""
+    if 2 * primary_bad > batch_size:
+        raise DataError(f"{primary_bad} of {batch_size} images of a batch are unreadable, e.g. '{first_bad}' "
+                        f"(check data.path)")
+
+
 def shutdown_workers(loader: torch.utils.data.DataLoader) -> None:
     """Stop a DataLoader's persistent workers now (they ignore SIGTERM: see TorchMultiCropLoader.close)."""
     it = getattr(loader, "_iterator", None)
@@ -101,20 +131,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _load(self, data_pass: int, index: int, bad: list) -> tuple[int, object]:
-        n = len(self.source)
-        for k in range(MAX_REPLACEMENTS + 1):
-            i = index if k == 0 else int(uniforms(self.seed, data_pass, index, -2 - k, 1)[0] * n)
-            try:
-                return i, _decode(self.source.read(i))
-            except Exception:  # any decode or read failure (OSError, SyntaxError, DecompressionBomb...)
-                bad.append(self.source.name(i))
-        raise DataError(f"data source '{self.source.path}': {MAX_REPLACEMENTS + 1} unreadable files in a row, "
-                        f"e.g. '{bad[-1]}'")
-
     def sample(self, data_pass: int, index: int, specs, bad: list) -> tuple[list, list]:
-        """(list of uint8 [3,S,S] crops, list of param dicts) of one image."""
-        i, img = self._load(data_pass, index, bad)
+        """(list of uint8 [3,S,S] crops, list of param dicts) of one image (its names of unreadable files
+        appended to `bad`)."""
+        i, img, _ = read_replacing(self.source, self.seed, data_pass, index, _decode,
+                                   on_bad=lambda j, error: bad.append(self.source.name(j)))
         crops, params = [], []
         for c, spec in enumerate(specs):
             p = draw_params(self.seed, data_pass, i, c, spec, img.width, img.height)
@@ -273,9 +294,7 @@ class TorchMultiCropLoader:
         for batch in self._loader:
             for name in batch["bad"]:
                 self._bad.add(name)
-            if 2 * batch["primary_bad"] > self.batch_size:
-                raise DataError(f"{batch['primary_bad']} of {self.batch_size} images of a batch are unreadable, "
-                                f"e.g. '{batch['bad'][0]}' (check data.path)")
+            check_readable_batch(batch["primary_bad"], self.batch_size, batch["bad"][0] if batch["bad"] else "")
             crops = self.to_device(batch["crops"], batch["params"], self.plan.specs(batch["layout"]))
             yield crops if self.masking is None else (crops, batch["masks"].to(self.device, non_blocking=True))
 
