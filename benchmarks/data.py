@@ -111,7 +111,7 @@ def dali_stages(loader, reps: int, sync) -> dict:
     t0 = time.perf_counter()
     items = [loader._host_batch(0, s % loader.steps_per_epoch) for s in range(reps)]
     out["alone_host_ms"] = 1e3 * (time.perf_counter() - t0) / reps
-    layout = loader.layout(0, 0)
+    layout = loader.plan.layout(0)
     pipe = build_pipeline(loader.plan.specs(layout), loader.batch_size, loader.device_id, loader.num_threads,
                           loader.seed)
 

@@ -216,7 +216,7 @@ def test_crop_sets_one_pipeline_each_and_the_torch_backends_crops(demo):
 
     dali, torch_ = loader("dali"), loader("torch")
     got, want = list(dali.epoch(1)), list(torch_.epoch(1))
-    layouts = [dali.layout(1, s) for s in range(6)]
+    layouts = [dali.plan.layout(6 + s) for s in range(6)]  # epoch 1 = global iterations 6..11
     assert {k for k, _ in layouts} == {0, 1} and len(got) == len(want) == 6  # both sets occur (seed 7)
     assert len(dali._pipes) == dali._pipes_built == 2
     mean_tol = 0.01 if DEVICE.type == "cuda" else 0.003

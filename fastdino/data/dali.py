@@ -67,7 +67,7 @@ from fastdino.data.augment import (PARAM_KEYS, UNDISTORTED, draw_keys, photometr
                                    resized_crop_boxes, uniforms)
 from fastdino.data.crop_plan import CropPlan
 from fastdino.data.folder import DataError, ImageSource, Unreadable, image_size_from_header
-from fastdino.data.torch_loader import (EpochBatches, _first, check_batch_geometry, check_readable_batch,
+from fastdino.data.torch_loader import (EpochBatches, LayoutBatches, _first, check_batch_geometry, check_readable_batch,
                                         ignore_stop_signals, read_replacing, shutdown_workers, track_workers)
 from fastdino.kernels.photometric import photometric
 
@@ -181,19 +181,19 @@ def unpack_encoded(encoded: torch.Tensor, offsets: np.ndarray) -> list:
 
 
 class HostBatches(torch.utils.data.Dataset):
-    """The host side of a DALI batch: key (epoch, step, layout) -> item {'feed': the pipeline's inputs
-    (encoded files packed, crop boxes) + 'photometric' params per size group, 'indices', 'masks', 'bad':
-    [(index, name, reason)] of unreadable files met, 'timing'}; {'error': one line} for a batch that
-    cannot be made (DataError). Picklable: with data.num_workers > 0 DataLoader worker processes make the
-    items (file reads, header checks and draws off the training process's GIL), with 0 a background thread
-    of the training process does (reads in a small thread pool).
+    """The host side of a DALI batch: a step's keys [(data pass, index, layout), ...] (LayoutBatches, as the
+    torch loader's) -> item {'feed': the pipeline's inputs (encoded files packed, crop boxes) + 'photometric'
+    params per size group, 'indices', 'masks', 'bad': [(index, name, reason)] of unreadable files met,
+    'timing'}; {'error': one line} for a batch that cannot be made (DataError). Picklable: with data.num_workers
+    > 0 DataLoader worker processes make the items (file reads, header checks and draws off the training
+    process's GIL), with 0 a background thread of the training process does (reads in a small thread pool).
 
     `bad` (dataset indices known unreadable) is only a cache: a sample's replacement is a pure function of
     (seed, data pass, index) and of which files are unreadable, so every process makes the same batch."""
 
-    def __init__(self, source: ImageSource, sampler: EpochBatches, plan: CropPlan, seed: int, masking=None,
-                 read_threads: int = 1, bad: set | None = None):
-        self.source, self.sampler, self.plan, self.seed, self.masking = source, sampler, plan, seed, masking
+    def __init__(self, source: ImageSource, plan: CropPlan, seed: int, masking=None, read_threads: int = 1,
+                 bad: set | None = None):
+        self.source, self.plan, self.seed, self.masking = source, plan, seed, masking
         self.read_threads, self.bad = int(read_threads), set() if bad is None else bad
         self._readers = None
 
@@ -201,9 +201,6 @@ class HostBatches(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_readers"], state["read_threads"], state["bad"] = None, 1, set(self.bad)
         return state
-
-    def __len__(self) -> int:
-        return self.sampler.steps_per_epoch
 
     def close(self) -> None:
         if self._readers is not None:
@@ -223,11 +220,11 @@ class HostBatches(torch.utils.data.Dataset):
 
         return read_replacing(self.source, self.seed, data_pass, index, with_size, skip=self.bad, on_bad=bad)
 
-    def batch(self, epoch: int, step: int, layout) -> dict:
-        """Step `step` of epoch `epoch`: the batch of (data pass, step in pass) = sampler.position(epoch, step)."""
+    def batch(self, keys: list) -> dict:
+        """The batch of a step's keys [(data pass, index, layout), ...] (LayoutBatches)."""
         t0 = time.perf_counter()
-        data_pass, step_in_pass = self.sampler.position(epoch, step)
-        indices = self.sampler.indices(data_pass, step_in_pass)
+        data_pass, layout = keys[0][0], keys[0][2]
+        indices = [index for _, index, _ in keys]
         found = []
         if self.read_threads > 1:
             if self._readers is None:
@@ -241,30 +238,17 @@ class HostBatches(torch.utils.data.Dataset):
         t1 = time.perf_counter()
         feed = host_params(self.plan.specs(layout), self.seed, data_pass, idx, sizes[:, 0], sizes[:, 1])
         feed["encoded"], feed["offsets"] = pack_encoded([data for _, (data, _), _ in rows])
-        item = {"feed": feed, "indices": idx.tolist(), "epoch": epoch, "step": step, "layout": layout, "bad": found,
+        item = {"feed": feed, "indices": idx.tolist(), "keys": keys, "layout": layout, "bad": found,
                 "timing": {"host_read_s": t1 - t0, "host_params_s": time.perf_counter() - t1}}
         if self.masking is not None:  # keyed by the sampler's indices, on the set's patch grid, as the torch loader's
             item["masks"] = self.masking.for_crop_size(self.plan.global_size(layout))(self.seed, data_pass, indices)
         return item
 
-    def __getitem__(self, key) -> dict:
+    def __getitems__(self, keys: list) -> dict:  # a DataLoader worker: a step's keys from LayoutBatches
         try:
-            return self.batch(*key)
+            return self.batch(keys)
         except DataError as e:  # one line to the training process, not a worker traceback
             return {"error": str(e)}
-
-
-class _StepKeys(torch.utils.data.Sampler):
-    """The keys of an epoch's steps for the persistent host workers (set before each epoch)."""
-
-    def __init__(self):
-        self.keys = []
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -315,9 +299,10 @@ class DaliMultiCropLoader:
         # the host side of each batch: in data.num_workers worker processes (persistent, started by the first
         # epoch), or with 0 in a background thread of this process reading with a small thread pool
         self.host_workers = int(data_cfg.num_workers)
-        self.host = HostBatches(self.source, self.sampler, self.plan, seed, masking,
-                                read_threads=max(1, min(self.num_threads, 8)), bad=self._bad)
-        self._worker_keys, self._workers = _StepKeys(), None
+        self.batches = LayoutBatches(self.sampler, self.plan)  # each step's keys, as the torch loader's
+        self.host = HostBatches(self.source, self.plan, seed, masking, read_threads=max(1, min(self.num_threads, 8)),
+                                bad=self._bad)
+        self._workers = None
         # seconds summed over batches: host side (file reads + header checks, parameter draws; in the worker
         # processes when there are some), consumer (waiting for host batches, waiting for DALI outputs,
         # photometric launch)
@@ -327,10 +312,6 @@ class DaliMultiCropLoader:
     def num_corrupt(self) -> int:
         """Distinct unreadable files met so far on this rank."""
         return len(self._bad)
-
-    def layout(self, epoch: int, step: int):
-        """The crop layout (CropPlan) of step `step` of epoch `epoch`."""
-        return self.plan.layout(int(epoch) * self.steps_per_epoch + int(step))
 
     def _pipeline(self, layout) -> _Pipe:
         if layout not in self._pipes:
@@ -373,7 +354,7 @@ class DaliMultiCropLoader:
             self._bad.add(i)
             self._unreadable.add(name, reason)
         if self._decoder_bad.intersection(item["indices"]):  # a worker's snapshot of the bad files is older
-            item = self.host.batch(item["epoch"], item["step"], item["layout"])
+            item = self.host.batch(item["keys"])
         for k, v in item.pop("timing").items():
             self.timing[k] += v
         self.timing["batches"] += 1
@@ -384,22 +365,22 @@ class DaliMultiCropLoader:
 
     def _host_batch(self, epoch: int, step: int) -> dict:
         """Step `step` of epoch `epoch` made in this process (decoder recovery, benchmarks)."""
-        return self._accept(self.host.batch(epoch, step, self.layout(epoch, step)))
+        return self._accept(self.host.batch(self.batches.keys(epoch, step)))
 
     def _host_items(self, epoch: int, start_step: int):
-        """Host items of steps start_step.. of this epoch, in order (not yet accepted)."""
-        keys = [(epoch, step, self.layout(epoch, step)) for step in range(start_step, self.steps_per_epoch)]
+        """Host items of steps start_step.. of this epoch, in order (not yet accepted): LayoutBatches' keys of
+        each step, made into a batch by HostBatches in the workers or the thread."""
+        self.sampler.epoch, self.sampler.start_step = epoch, start_step
         if self.host_workers > 0:
             if self._workers is None:  # the workers' copy reads serially (no thread pool), bad files as known now
                 self._workers = track_workers(torch.utils.data.DataLoader(
-                    copy.copy(self.host), batch_size=None, sampler=self._worker_keys, collate_fn=_first,
+                    copy.copy(self.host), batch_sampler=self.batches, collate_fn=_first,
                     num_workers=self.host_workers, prefetch_factor=2, persistent_workers=True,
                     worker_init_fn=ignore_stop_signals, generator=torch.Generator()))
-            self._worker_keys.keys = keys
             yield from self._workers
             return
         q, stop = queue.Queue(maxsize=HOST_QUEUE), threading.Event()
-        worker = threading.Thread(target=self._host_thread, args=(keys, q, stop), daemon=True)
+        worker = threading.Thread(target=self._host_thread, args=(q, stop), daemon=True)
         worker.start()
         try:
             while True:
@@ -413,10 +394,10 @@ class DaliMultiCropLoader:
             stop.set()
             worker.join()
 
-    def _host_thread(self, keys: list, out: queue.Queue, stop: threading.Event) -> None:
+    def _host_thread(self, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            for key in keys:
-                item = self.host.batch(*key)
+            for keys in self.batches:  # this epoch's steps (sampler.epoch / start_step, set before the thread starts)
+                item = self.host.batch(keys)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
@@ -505,7 +486,7 @@ class DaliMultiCropLoader:
         if not found:
             raise err
         self._drop_pipelines()
-        items = [self._host_batch(it["epoch"], it["step"]) for it in self._pending if not it.get("duplicate")]
+        items = [self._accept(self.host.batch(it["keys"])) for it in self._pending if not it.get("duplicate")]
         self._pending.clear()
         for it in items:
             self._pending.append(it)

@@ -212,17 +212,23 @@ class EpochBatches:
 
 
 class LayoutBatches:
-    """Batch sampler of the torch loader: EpochBatches' keys of each step, each with the step's crop
-    layout (CropPlan.layout of its global iteration): [(data pass, index, layout), ...]."""
+    """Batch sampler of both loaders: EpochBatches' keys of each step (steps start_step.. of its epoch), each
+    with the step's crop layout (CropPlan.layout of its global iteration): [(data pass, index, layout), ...]."""
 
     def __init__(self, sampler: EpochBatches, plan: CropPlan):
         self.sampler, self.plan = sampler, plan
 
+    def keys(self, epoch: int, step: int) -> list:
+        """The keys of step `step` of epoch `epoch`."""
+        s = self.sampler
+        data_pass, step_in_pass = s.position(epoch, step)
+        layout = self.plan.layout(epoch * s.steps_per_epoch + step)
+        return [(data_pass, int(i), layout) for i in s.indices(data_pass, step_in_pass)]
+
     def __iter__(self):
         s = self.sampler
-        for step, keys in enumerate(s, start=s.start_step):
-            layout = self.plan.layout(s.epoch * s.steps_per_epoch + step)
-            yield [(data_pass, index, layout) for data_pass, index in keys]
+        for step in range(s.start_step, s.steps_per_epoch):
+            yield self.keys(s.epoch, step)
 
     def __len__(self) -> int:
         return len(self.sampler)
