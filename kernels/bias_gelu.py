@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .soft_cross_entropy import check_runnable
+from .soft_cross_entropy import check_float_tensors, check_runnable
 
 IMPLS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.bfloat16)
@@ -63,12 +63,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(h, bias) -> None:
     """One-line ValueErrors naming the culprit."""
-    for name, t in (("h", h), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"bias_gelu: {name} must be a floating-point tensor, got {what}")
-    if bias.device != h.device:
-        raise ValueError(f"bias_gelu: bias on {bias.device} but h on {h.device}")
+    check_float_tensors("bias_gelu", {"h": h, "bias": bias})
     if h.dim() < 1 or h.shape[-1] < 1 or h.numel() == 0:
         raise ValueError(f"bias_gelu: h must be (..., H) with H >= 1 and rows, got {tuple(h.shape)}")
     if tuple(bias.shape) != (h.shape[-1],):

@@ -100,7 +100,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .soft_cross_entropy import check_runnable
+from .soft_cross_entropy import check_float_tensors, check_runnable
 
 log = logging.getLogger("fastdino")
 
@@ -113,10 +113,7 @@ CLAMPS = {"none": 0, "remove_neg": 1, "remove_only_teacher_neg": 2}
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(student, teacher, img_level, remove_neg, remove_only_teacher_neg) -> int:
     """One-line ValueErrors; returns the CLAMP code of the removal options."""
-    for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"gram_loss: {name} must be a floating-point tensor, got {what}")
+    check_float_tensors("gram_loss", {"student": student, "teacher": teacher})
     if student.shape != teacher.shape:
         raise ValueError(f"gram_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
                          f"features must have one shape")
@@ -125,8 +122,6 @@ def _check_inputs(student, teacher, img_level, remove_neg, remove_only_teacher_n
         want = "(B, P, D)" if img_level else "(B, P, D) or (N, D)"
         raise ValueError(f"gram_loss: features must be {want} with every size >= 1 "
                          f"(img_level={img_level}), got {tuple(student.shape)}")
-    if student.device != teacher.device:
-        raise ValueError(f"gram_loss: student on {student.device} but teacher on {teacher.device}")
     if remove_neg and remove_only_teacher_neg:
         raise ValueError("gram_loss: remove_neg and remove_only_teacher_neg exclude each other")
     return CLAMPS["remove_neg" if remove_neg else "remove_only_teacher_neg" if remove_only_teacher_neg else "none"]
@@ -246,6 +241,21 @@ def _tile_weights(X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, x_base, y_base, norm_base,
 
 
 @triton.jit
+def _row_block(XNorm_ptr, YNorm_ptr, pid_b, pid_i, P, eps, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row block pid_i of image pid_b, as every kernel here starts: its rows, their mask, their index into the
+    (B*P,) norms, and the inverse norms of its x and y rows (ones, unused, unless NORMALIZE)."""
+    rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_i = rows_i < P
+    norm_i = pid_b.to(tl.int64) * P + rows_i
+    rxi = tl.full([BLOCK_M], 1.0, tl.float32)
+    ryi = rxi
+    if NORMALIZE:
+        rxi = _inv_norm(XNorm_ptr, norm_i, mask_i, eps)
+        ryi = _inv_norm(YNorm_ptr, norm_i, mask_i, eps)
+    return rows_i, mask_i, norm_i, rxi, ryi
+
+
+@triton.jit
 def _gram_loss_fwd_kernel(
     X_ptr, Y_ptr, XNorm_ptr, YNorm_ptr, LossPart_ptr,
     P, D, n_blocks, stride_xb, stride_xp, stride_yb, stride_yp, eps,
@@ -259,14 +269,7 @@ def _gram_loss_fwd_kernel(
     x_base = pid_b.to(tl.int64) * stride_xb
     y_base = pid_b.to(tl.int64) * stride_yb
     i0 = pid_i * BLOCK_M
-    rows_i = i0 + tl.arange(0, BLOCK_M)
-    mask_i = rows_i < P
-    norm_i = pid_b.to(tl.int64) * P + rows_i
-    rxi = tl.full([BLOCK_M], 1.0, tl.float32)  # unused unless NORMALIZE
-    ryi = rxi
-    if NORMALIZE:
-        rxi = _inv_norm(XNorm_ptr, norm_i, mask_i, eps)
-        ryi = _inv_norm(YNorm_ptr, norm_i, mask_i, eps)
+    rows_i, mask_i, norm_i, rxi, ryi = _row_block(XNorm_ptr, YNorm_ptr, pid_b, pid_i, P, eps, NORMALIZE, BLOCK_M)
     sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(i0, P, BLOCK_M):
         rows_j = j0 + tl.arange(0, BLOCK_M)
@@ -293,17 +296,11 @@ def _gram_loss_grad_kernel(
     pid_c = tl.program_id(2)
     x_base = pid_b.to(tl.int64) * stride_xb
     y_base = pid_b.to(tl.int64) * stride_yb
-    rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_i = rows_i < P
+    rows_i, mask_i, norm_i, rxi, ryi = _row_block(XNorm_ptr, YNorm_ptr, pid_b, pid_i, P, eps, NORMALIZE, BLOCK_M)
     cols_v = pid_c * BLOCK_DV + tl.arange(0, BLOCK_DV)
     mask_v = cols_v < D
-    norm_i = pid_b.to(tl.int64) * P + rows_i
-    rxi = tl.full([BLOCK_M], 1.0, tl.float32)  # unused unless NORMALIZE
-    ryi = rxi
     if NORMALIZE:
-        rxi = _inv_norm(XNorm_ptr, norm_i, mask_i, eps)
         keep_i = tl.load(XNorm_ptr + norm_i, mask=mask_i, other=1.0) >= eps  # F.normalize: no projection below eps
-        ryi = _inv_norm(YNorm_ptr, norm_i, mask_i, eps)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # sum_j W_ij r_j x_j over this D chunk
     rowdot = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j W_ij G_s,ij = s_i . sum_j W_ij s_j
     sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -347,15 +344,8 @@ def _gram_loss_grad_accumulate_kernel(
     pid_i = tl.program_id(1)
     x_base = pid_b.to(tl.int64) * stride_xb
     y_base = pid_b.to(tl.int64) * stride_yb
-    rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_i = rows_i < P
-    norm_i = pid_b.to(tl.int64) * P + rows_i
+    rows_i, mask_i, norm_i, rxi, ryi = _row_block(XNorm_ptr, YNorm_ptr, pid_b, pid_i, P, eps, NORMALIZE, BLOCK_M)
     dx_rows = DX_ptr + pid_b.to(tl.int64) * P * D + rows_i[:, None].to(tl.int64) * D  # (BLOCK_M, 1) row starts
-    rxi = tl.full([BLOCK_M], 1.0, tl.float32)  # unused unless NORMALIZE
-    ryi = rxi
-    if NORMALIZE:
-        rxi = _inv_norm(XNorm_ptr, norm_i, mask_i, eps)
-        ryi = _inv_norm(YNorm_ptr, norm_i, mask_i, eps)
     rowdot = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_j W_ij G_s,ij = s_i . sum_j W_ij s_j
     sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(0, P, BLOCK_M):

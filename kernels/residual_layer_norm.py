@@ -66,7 +66,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .soft_cross_entropy import check_runnable
+from .soft_cross_entropy import check_float_tensors, check_runnable
 
 IMPLS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.bfloat16)
@@ -77,14 +77,8 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(x, y, weight, bias, scale, gamma) -> None:
     """One-line ValueErrors naming the culprit."""
-    for name, t in (("x", x), ("y", y), ("weight", weight), ("bias", bias), ("scale", scale), ("gamma", gamma)):
-        if t is None and name in ("scale", "gamma"):
-            continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"residual_layer_norm: {name} must be a floating-point tensor, got {what}")
-        if t.device != x.device:
-            raise ValueError(f"residual_layer_norm: {name} on {t.device} but x on {x.device}")
+    check_float_tensors("residual_layer_norm", {"x": x, "y": y, "weight": weight, "bias": bias, "scale": scale,
+                                                "gamma": gamma}, optional=("scale", "gamma"))
     if x.dim() < 1 or x.shape[-1] < 1 or x.numel() == 0:
         raise ValueError(f"residual_layer_norm: x must be (..., C) with C >= 1 and rows, got {tuple(x.shape)}")
     C = x.shape[-1]

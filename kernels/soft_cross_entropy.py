@@ -454,6 +454,22 @@ def check_runnable(t: torch.Tensor, what: str) -> None:
                            "TRITON_INTERPRET=1 to interpret them on CPU, or use impl='torch'")
 
 
+def check_float_tensors(op: str, tensors: dict, optional=()) -> None:
+    """One-line ValueError naming the first of `op`'s arguments {name: value} that is not a floating-point tensor
+    (None is allowed for the names in `optional`), or that is on another device than the first one."""
+    first = None
+    for name, t in tensors.items():
+        if t is None and name in optional:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {what}")
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{op}: {name} on {t.device} but {first[0]} on {first[1]}")
+
+
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
