@@ -77,19 +77,18 @@ def build_backbone(model_cfg, teacher: bool, attn: str | None = None) -> VisionT
         backbone = DINOV3_ARCHS[model_cfg.arch](
             depth=spec["depth"], drop_path_rate=kwargs["drop_path_rate"], attn=kwargs["attn"],
             activation_checkpointing=kwargs["activation_checkpointing"], **rope)
-        backbone.residual_dtype = RESIDUAL_DTYPES[getattr(model_cfg, "residual_dtype", "fp32")]
-        if getattr(model_cfg, "fused_bias_gelu", False):
-            set_bias_gelu(backbone, "auto")
-        return backbone.eval() if teacher else backbone  # official SSLMetaArch: teacher.eval(), no RoPE augmentation
-    if model_cfg.arch in DINOV2_ARCHS:
-        ffn = getattr(model_cfg, "ffn", "auto")
-        if ffn != "auto":
-            kwargs["ffn"] = ffn
-        backbone = DINOV2_ARCHS[model_cfg.arch](num_register_tokens=model_cfg.num_register_tokens, **kwargs)
+        if teacher:
+            backbone.eval()  # official SSLMetaArch: teacher.eval(), no RoPE augmentation
     else:
-        backbone = ARCHS[model_cfg.arch](patch_size=model_cfg.patch_size, **kwargs)
-    if getattr(model_cfg, "fused_residual_norm", False):
-        set_residual_norm(backbone, "auto")
+        if model_cfg.arch in DINOV2_ARCHS:
+            ffn = getattr(model_cfg, "ffn", "auto")
+            if ffn != "auto":
+                kwargs["ffn"] = ffn
+            backbone = DINOV2_ARCHS[model_cfg.arch](num_register_tokens=model_cfg.num_register_tokens, **kwargs)
+        else:
+            backbone = ARCHS[model_cfg.arch](patch_size=model_cfg.patch_size, **kwargs)
+        if getattr(model_cfg, "fused_residual_norm", False):  # the ViT blocks' chain (not the DINOv3 blocks)
+            set_residual_norm(backbone, "auto")
     if getattr(model_cfg, "fused_bias_gelu", False):
         set_bias_gelu(backbone, "auto")
     backbone.residual_dtype = RESIDUAL_DTYPES[getattr(model_cfg, "residual_dtype", "fp32")]
