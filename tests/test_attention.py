@@ -277,3 +277,13 @@ def test_flash_attn_4_availability_reasons(monkeypatch):
 
     setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
     assert f'"fa4": ["flash-attn-4[cu13]=={attention.FLASH_ATTN_4_VERSION}"]' in setup  # one pinned version
+
+
+def test_config_choices_are_the_backends():
+    """model.attn's config choices (fastdino/config.py stays torch-free, so it spells them) are BACKENDS."""
+    import dataclasses
+
+    from fastdino.config import ModelConfig
+
+    attn = {f.name: f for f in dataclasses.fields(ModelConfig)}["attn"]
+    assert tuple(attn.metadata["choices"]) == BACKENDS
