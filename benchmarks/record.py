@@ -25,7 +25,7 @@ LOSS_CONFIG_SKIP = set(LOSS_METRICS) | {"variant", "GBps", "cpu_us", "speedup", 
                                         "device", "loss", "entropy", "fwd_ms", "bwd_ms", "fwd_dev_ms",
                                         "bwd_dev_ms", "tflops", "TFLOPs"}
 THROUGHPUT_METRICS = ("images_per_s", "step_ms", "mfu", "peak_mem_gib")
-DATA_METRICS = ("images_per_s", "ms_per_batch", "host_stream_ms", "host_stream_gil_busy_ms")
+DATA_METRICS = ("images_per_s", "ms_per_batch", "loop_host_read_ms", "host_stream_ms", "host_stream_gil_busy_ms")
 
 
 def _is_reference(variant: str) -> bool:
